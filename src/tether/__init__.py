@@ -1,0 +1,80 @@
+"""tether: the runtime control plane for production AI agents.
+
+An agent decides what to do; tether decides whether it may, does it safely,
+and records everything.
+"""
+
+from tether._version import __version__
+from tether.app import Run, Tether
+from tether.capability import CallContext, Capability, Effect, Idempotency, capability
+from tether.errors import (
+    ApprovalRequired,
+    BreakerOpen,
+    CapabilityFailed,
+    ConfigError,
+    Denied,
+    IdempotencyConflict,
+    IllegalTransition,
+    InDoubt,
+    IntegrityError,
+    InvalidKey,
+    InvalidOutput,
+    KeyInUse,
+    LeaseLost,
+    LimitExceeded,
+    NotFound,
+    PreconditionFailed,
+    Refused,
+    StepTimeout,
+    StoreError,
+    TetherError,
+    UsageError,
+    ValidationFailed,
+)
+from tether.policy import Decision, DecisionRequest, Policy, Verdict
+from tether.principal import Principal
+from tether.record import Outcome, OutcomeStatus, Secret, VerifyReport
+from tether.run import RunState
+
+__all__ = [
+    "ApprovalRequired",
+    "BreakerOpen",
+    "CallContext",
+    "Capability",
+    "CapabilityFailed",
+    "ConfigError",
+    "Decision",
+    "DecisionRequest",
+    "Denied",
+    "Effect",
+    "IdempotencyConflict",
+    "Idempotency",
+    "IllegalTransition",
+    "InDoubt",
+    "IntegrityError",
+    "InvalidKey",
+    "InvalidOutput",
+    "KeyInUse",
+    "LeaseLost",
+    "LimitExceeded",
+    "NotFound",
+    "Outcome",
+    "OutcomeStatus",
+    "Policy",
+    "PreconditionFailed",
+    "Principal",
+    "Refused",
+    "Run",
+    "RunState",
+    "Secret",
+    "StepTimeout",
+    "StoreError",
+    "Tether",
+    "TetherError",
+    "UsageError",
+    "ValidationFailed",
+    "Verdict",
+    "VerifyReport",
+    "__version__",
+    "capability",
+]

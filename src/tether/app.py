@@ -1,0 +1,482 @@
+"""The `Tether` façade: one app holds its registry, store, policy and clock.
+
+`Tether.run()` opens a run; the `Run` it returns is the caller's handle, with
+`call`/`acall` for steps and the lifecycle kept by the state machine in `run.py`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+from functools import partial
+from types import TracebackType
+from typing import Any, TypeVar, overload
+
+import anyio.to_thread
+from pydantic import BaseModel
+
+from tether import _canonical, gateway, record
+from tether import config as _config
+from tether.capability import Capability, Registry
+from tether.clock import Clock, Ids, RandomIds, SystemClock
+from tether.errors import LeaseLost, NotFound, StoreError, TetherError, UsageError
+from tether.policy import Policy, PolicySet
+from tether.principal import Principal
+from tether.record import Outcome
+from tether.run import FINAL_STATES, RunState, check_transition
+from tether.store import Batch, Claim, Committed, KeyUpdate, NewRun, Store, open_store
+
+__all__ = ["Run", "Tether"]
+
+Out = TypeVar("Out", bound=BaseModel)
+C = TypeVar("C", bound=Capability[Any, Any])
+
+
+class Tether:
+    """The app: capabilities, the store they record to, and the policy over them.
+
+    Args:
+        db: database URL; default `TETHER_DB`, else `sqlite:///.tether/tether.db`.
+            `memory://` keeps records in memory (for unit tests).
+        config: path to `tether.yaml`; default `TETHER_CONFIG`, else `./tether.yaml`
+            when present.
+        clock: where time is read (tests pass `tether.testing.FakeClock`).
+        ids: where run ids come from.
+        env: the environment to read `TETHER_*` variables from (default `os.environ`).
+
+    Example:
+        ```python
+        app = tether.Tether(db="memory://")
+        app.register(ping)
+        with app.run(principal=tether.Principal("bot"), request="check") as run:
+            print(run.call("net.ping", {"host": "db-1"}).up)
+        #> True
+        ```
+    """
+
+    def __init__(
+        self,
+        db: str | None = None,
+        config: str | os.PathLike[str] | None = None,
+        *,
+        clock: Clock | None = None,
+        ids: Ids | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        env = os.environ if env is None else env
+        self.db_url = _config.resolve_db(db, env)
+        self.config_path = _config.resolve_config_path(config, env)
+        self.settings, version = _config.load_settings(self.config_path)
+        self.clock: Clock = clock or SystemClock()
+        self.ids: Ids = ids or RandomIds(self.clock)
+        self.capabilities = Registry()
+        self.policy = PolicySet(version=version)
+        self.store: Store = open_store(
+            self.db_url, record_key=_config.record_key(self.db_url, env)
+        )
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
+
+    # -- setup --------------------------------------------------------------------
+
+    def register(self, *capabilities: C) -> C:
+        """Make capabilities callable through this app; returns the first one.
+
+        Raises:
+            UsageError: not a capability, or its name and version are taken.
+        """
+        if not capabilities:
+            raise UsageError("register() needs at least one capability")
+        for cap in capabilities:
+            self.capabilities.add(cap)
+        return capabilities[0]
+
+    def add_policy(self, policy: Policy) -> None:
+        """Add a Python policy; it takes part in the same precedence as rules.
+
+        Raises:
+            UsageError: `policy` has no `id` or no `evaluate` method.
+        """
+        if not isinstance(policy, Policy):
+            raise UsageError(
+                f"{policy!r} is not a policy; give it an `id` and an "
+                "`evaluate(request) -> Decision | None` method"
+            )
+        self.policy = self.policy.add(policy)
+
+    # -- runs ----------------------------------------------------------------------
+
+    def run(
+        self,
+        *,
+        principal: Principal,
+        request: str,
+        context: Mapping[str, Any] | None = None,
+    ) -> Run:
+        """Open a run; use it as a context manager (`with` or `async with`)."""
+        if not isinstance(principal, Principal):
+            raise UsageError(f"principal must be a tether.Principal, got {principal!r}")
+        return Run(self, principal=principal, request=request, context=dict(context or {}))
+
+    def verify(self, run_id: str, *, head: str | None = None) -> record.VerifyReport:
+        """Recompute a run's hash chain and check its signed head (and `head`, if given).
+
+        Raises:
+            NotFound: no such run.
+        """
+        row = self.store.get_run(run_id)
+        return record.verify(
+            row.run_id,
+            self.store.events(row.run_id),
+            head_seq=row.head_seq,
+            head_hash=row.head_hash,
+            head_sig=row.head_sig,
+            key=self.store.record_key,
+            expected_head=head,
+        )
+
+    def export(self, run_id: str) -> Iterator[bytes]:
+        """Yield a run's record as JSON lines: a header, then one line per event.
+
+        The header holds the run, its chain head and the declarations of the
+        capabilities it called, so the file can be checked and replayed elsewhere.
+
+        Raises:
+            NotFound: no such run.
+        """
+        row = self.store.get_run(run_id)
+        events = self.store.events(row.run_id)
+        names = sorted({e.data().get("capability") for e in events} - {None})
+        caps = {}
+        for name in names:
+            try:
+                caps[name] = self.capabilities.get(str(name)).describe()
+            except NotFound:
+                caps[name] = None
+        yield _canonical.dumps({
+            "format": record.FORMAT,
+            "type": "tether.run",
+            "run_id": row.run_id,
+            "status": row.status,
+            "tenant": row.tenant,
+            "principal": row.principal_id,
+            "request": row.request,
+            "created_at": row.created_at,
+            "head_seq": row.head_seq,
+            "head": row.head_hash.hex(),
+            "policy_version": self.policy.version,
+            "capabilities": caps,
+        })
+        for ev in events:
+            yield _canonical.dumps({"seq": ev.seq, "hash": ev.hash.hex(),
+                                    "event": _canonical.loads(ev.body)})
+
+    # -- resources -------------------------------------------------------------------
+
+    def _thread_pool(self) -> ThreadPoolExecutor:
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(thread_name_prefix="tether-handler")
+            return self._pool
+
+    def close(self) -> None:
+        """Close the store and stop the handler threads (abandoning any that hang)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+        self.store.close()
+
+    def __enter__(self) -> Tether:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Run:
+    """One agent task from request to outcome; every step goes through `call`.
+
+    Made by `Tether.run`; open it with `with` (or `async with`). Leaving the block
+    normally ends the run `succeeded`; leaving it with an exception ends it
+    `failed`, recording the error's code.
+    """
+
+    def __init__(
+        self, app: Tether, *, principal: Principal, request: str, context: dict[str, Any]
+    ) -> None:
+        self.app = app
+        self.id = self.run_id = app.ids.new_id("run_")
+        self.principal = principal
+        self.request = request
+        self.context = context
+        self.status = RunState.PENDING
+        self.steps = 0
+        self.clock = app.clock
+        self.store = app.store
+        self.policy = app.policy
+        self.retention = app.settings.idempotency.retention
+        self.claim_ttl = app.settings.idempotency.claim_ttl
+        self.pool = app._thread_pool
+        self._epoch = 1
+        self._head_seq = 0
+        self._head_hash = record.genesis(self.id)
+        self._pending: list[dict[str, Any]] = []
+        self._lock = threading.RLock()
+
+    def __repr__(self) -> str:
+        return f"<Run {self.id} {self.status.value}>"
+
+    # -- RunPort ---------------------------------------------------------------------
+
+    def next_step(self) -> int:
+        """Return the next step number (from 1)."""
+        with self._lock:
+            self.steps += 1
+            return self.steps
+
+    def commit(
+        self,
+        events: Sequence[record.Event],
+        *,
+        claim: Claim | None = None,
+        key_update: KeyUpdate | None = None,
+        keep_on_failure: bool = False,
+    ) -> gateway.StoreOp:
+        """Return the effect that appends `events` (and a key claim or update) to the record."""
+        return gateway.StoreOp(
+            partial(self._commit, {"events": events, "claim": claim,
+                                   "key_update": key_update}, keep_on_failure)
+        )
+
+    def _commit(self, parts: dict[str, Any], keep_on_failure: bool = False) -> Committed:
+        with self._lock:
+            try:
+                while self._pending:
+                    self._write(self._pending[0])
+                    self._pending.pop(0)
+                return self._write(parts)
+            except StoreError as exc:
+                # A step that already acted keeps its result until the store takes it;
+                # the next write on this run retries it first.
+                if keep_on_failure and not isinstance(exc, LeaseLost):
+                    self._pending.append(parts)
+                raise
+
+    def _write(self, parts: Mapping[str, Any]) -> Committed:
+        fields = {"at": None, **parts}
+        fields["at"] = fields["at"] or self.clock.now()
+        batch = Batch(run_id=self.id, epoch=self._epoch, base_seq=self._head_seq,
+                      base_hash=self._head_hash, **fields)
+        committed = self.store.commit(batch)
+        if committed.conflict is None:
+            self._head_seq, self._head_hash = committed.head_seq, committed.head_hash
+        return committed
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def _start_parts(self) -> dict[str, Any]:
+        check_transition(self.status, RunState.EXECUTING)
+        now = self.clock.now()
+        return {
+            "at": now,
+            "events": [
+                record.RunStarted(at=now, request=self.request,
+                                  principal=self.principal.describe(), context=self.context),
+                record.RunStatus(at=now, previous=RunState.PENDING.value,
+                                 status=RunState.EXECUTING.value),
+            ],
+            "new_run": NewRun(tenant=self.principal.tenant, principal_id=self.principal.id,
+                              request=self.request, status=RunState.EXECUTING.value,
+                              created_at=now),
+        }
+
+    def _finish_parts(self, error: BaseException | None) -> dict[str, Any]:
+        target = RunState.SUCCEEDED if error is None else RunState.FAILED
+        check_transition(self.status, target)
+        now = self.clock.now()
+        code = None if error is None else getattr(error, "code", "internal")
+        message = None
+        if error is not None:
+            message = error.message if isinstance(error, TetherError) else type(error).__name__
+        return {
+            "at": now,
+            "events": [
+                record.RunStatus(at=now, previous=self.status.value, status=target.value),
+                record.RunFinished(at=now, status=target.value, error_code=code,
+                                   message=message),
+            ],
+            "status": target.value,
+            "error_code": code,
+            "_target": target,
+        }
+
+    def _apply(self, parts: dict[str, Any]) -> None:
+        target = parts.pop("_target", RunState.EXECUTING)
+        self._commit(parts)
+        self.status = target
+
+    def __enter__(self) -> Run:
+        self._apply(self._start_parts())
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self.status in FINAL_STATES:
+            return
+        try:
+            self._apply(self._finish_parts(exc))
+        except StoreError:
+            if exc is None:
+                raise
+            # The body's error is the one the caller needs; the store's is secondary.
+
+    async def __aenter__(self) -> Run:
+        parts = self._start_parts()
+        await anyio.to_thread.run_sync(self._apply, parts)
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self.status in FINAL_STATES:
+            return
+        try:
+            await anyio.to_thread.run_sync(self._apply, self._finish_parts(exc))
+        except StoreError:
+            if exc is None:
+                raise
+
+    # -- steps ---------------------------------------------------------------------------
+
+    def _request(
+        self, capability: str | Capability[Any, Any], args: object, key: str | None,
+        dry_run: bool,
+    ) -> gateway.StepRequest:
+        if self.status is not RunState.EXECUTING:
+            raise UsageError(
+                f"run {self.id} is {self.status.value}; call steps inside "
+                "`with app.run(...) as run:`"
+            )
+        if isinstance(capability, Capability):
+            cap = self.app.capabilities.get(capability.name, capability.version)
+        else:
+            cap = self.app.capabilities.get(capability)
+        return gateway.StepRequest(capability=cap, args={} if args is None else args,
+                                   key=key, dry_run=dry_run)
+
+    def step(
+        self,
+        capability: str | Capability[Any, Any],
+        args: Mapping[str, Any] | BaseModel | str | bytes | None = None,
+        *,
+        idempotency_key: str | None = None,
+        dry_run: bool = False,
+    ) -> Outcome:
+        """Take one step and return its `Outcome` (refusals and failures included).
+
+        Raises:
+            UsageError: the run is not open, or the handler is async and this
+                thread runs an event loop (use `astep`).
+            NotFound: no capability by that name.
+            StoreError: the record could not be written; nothing ran after a failed
+                intent write.
+        """
+        req = self._request(capability, args, idempotency_key, dry_run)
+        handler = req.capability.dry_run_handler if dry_run else req.capability.handler
+        if handler is not None and handler.is_async and _loop_running():
+            raise UsageError(
+                f"{req.capability.name} is async and an event loop is running here; "
+                "use `await run.acall(...)`"
+            )
+        return gateway.drive(gateway.step(self, req))
+
+    async def astep(
+        self,
+        capability: str | Capability[Any, Any],
+        args: Mapping[str, Any] | BaseModel | str | bytes | None = None,
+        *,
+        idempotency_key: str | None = None,
+        dry_run: bool = False,
+    ) -> Outcome:
+        """Take one step without blocking the event loop; see `step`."""
+        req = self._request(capability, args, idempotency_key, dry_run)
+        return await gateway.adrive(gateway.step(self, req))
+
+    @overload
+    def call(
+        self, capability: Capability[Any, Out],
+        args: Mapping[str, Any] | BaseModel | str | bytes | None = None, *,
+        idempotency_key: str | None = None, dry_run: bool = False,
+    ) -> Out: ...
+    @overload
+    def call(
+        self, capability: str,
+        args: Mapping[str, Any] | BaseModel | str | bytes | None = None, *,
+        idempotency_key: str | None = None, dry_run: bool = False,
+    ) -> BaseModel: ...
+    def call(
+        self,
+        capability: str | Capability[Any, Any],
+        args: Mapping[str, Any] | BaseModel | str | bytes | None = None,
+        *,
+        idempotency_key: str | None = None,
+        dry_run: bool = False,
+    ) -> BaseModel:
+        """Call a capability through the gateway and return its output.
+
+        Args:
+            capability: its name (or the capability object, for a typed result).
+            args: a mapping, a model instance or JSON text.
+            idempotency_key: a retry with the same key and args returns the stored
+                result without running again, from any process.
+            dry_run: run the dry-run handler instead of the real one.
+
+        Raises:
+            ValidationFailed: the args do not match the input schema.
+            Refused: a precondition, policy, limit or key in use said no
+                (`Denied`, `ApprovalRequired`, `KeyInUse`, ...).
+            IdempotencyConflict: the key was used with other args.
+            CapabilityFailed: the handler raised (retry under the same key).
+            InDoubt: a `none` capability started and failed: a person must check.
+        """
+        return self.step(capability, args, idempotency_key=idempotency_key,
+                         dry_run=dry_run).unwrap()
+
+    @overload
+    async def acall(
+        self, capability: Capability[Any, Out],
+        args: Mapping[str, Any] | BaseModel | str | bytes | None = None, *,
+        idempotency_key: str | None = None, dry_run: bool = False,
+    ) -> Out: ...
+    @overload
+    async def acall(
+        self, capability: str,
+        args: Mapping[str, Any] | BaseModel | str | bytes | None = None, *,
+        idempotency_key: str | None = None, dry_run: bool = False,
+    ) -> BaseModel: ...
+    async def acall(
+        self,
+        capability: str | Capability[Any, Any],
+        args: Mapping[str, Any] | BaseModel | str | bytes | None = None,
+        *,
+        idempotency_key: str | None = None,
+        dry_run: bool = False,
+    ) -> BaseModel:
+        """Call a capability without blocking the event loop; see `call`."""
+        outcome = await self.astep(capability, args, idempotency_key=idempotency_key,
+                                   dry_run=dry_run)
+        return outcome.unwrap()
+
+
+def _loop_running() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True

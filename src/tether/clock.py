@@ -1,0 +1,64 @@
+"""Time, ids and randomness, handed in so that replay and tests are exact.
+
+Core code never reads the wall clock or makes ids itself: it asks the `Clock`
+and `Ids` it was given. This is the only module allowed to touch the real ones.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from datetime import UTC, datetime
+from typing import Protocol, runtime_checkable
+
+__all__ = ["Clock", "Ids", "RandomIds", "SystemClock"]
+
+
+@runtime_checkable
+class Clock(Protocol):
+    """Where tether reads time."""
+
+    def now(self) -> datetime:
+        """Return the current time, aware, in UTC."""
+        ...
+
+    def monotonic(self) -> float:
+        """Return seconds from an arbitrary origin that never goes backwards."""
+        ...
+
+
+class SystemClock:
+    """The real clock."""
+
+    __slots__ = ()
+
+    def now(self) -> datetime:
+        """Return the wall-clock time in UTC."""
+        return datetime.now(UTC)
+
+    def monotonic(self) -> float:
+        """Return `time.perf_counter()`."""
+        return time.perf_counter()
+
+
+@runtime_checkable
+class Ids(Protocol):
+    """Where tether gets new identifiers."""
+
+    def new_id(self, prefix: str) -> str:
+        """Return a new unique id starting with `prefix`."""
+        ...
+
+
+class RandomIds:
+    """Time-ordered ids: 48 bits of milliseconds, then 80 random bits, in hex."""
+
+    __slots__ = ("_clock",)
+
+    def __init__(self, clock: Clock | None = None) -> None:
+        self._clock = clock or SystemClock()
+
+    def new_id(self, prefix: str) -> str:
+        """Return `prefix` + 32 hex digits that sort by creation time."""
+        ms = int(self._clock.now().timestamp() * 1000) & 0xFFFFFFFFFFFF
+        return f"{prefix}{ms:012x}{os.urandom(10).hex()}"

@@ -1,0 +1,167 @@
+"""Where settings come from, read in one place: flags, `TETHER_*` variables, files.
+
+Precedence, for every setting: flag > `TETHER_*` variable > `tether.yaml` >
+default. The database: `--db`, then `TETHER_DB`, then
+`sqlite:///.tether/tether.db`. The key that signs record chain heads:
+`TETHER_RECORD_KEY`, else a key file beside the SQLite database (created on
+first use, mode 0600).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+from collections.abc import Mapping
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Any
+
+import pydantic
+import yaml
+
+from tether.errors import ConfigError
+from tether.store import sqlite_path
+
+__all__ = [
+    "DEFAULT_DB",
+    "Settings",
+    "load_settings",
+    "parse_duration",
+    "record_key",
+    "resolve_config_path",
+    "resolve_db",
+]
+
+DEFAULT_DB = "sqlite:///.tether/tether.db"
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(value: object) -> timedelta:
+    """Parse `"30s"`, `"5m"`, `"24h"`, `"7d"`, `"250ms"` or a number of seconds.
+
+    Raises:
+        ValueError: the value is not a duration.
+    """
+    if isinstance(value, timedelta):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
+        return timedelta(seconds=value)
+    m = _DURATION.match(str(value))
+    if not m:
+        raise ValueError(f"{value!r} is not a duration; write e.g. '30s', '5m', '24h'")
+    return timedelta(seconds=float(m.group(1)) * _UNITS[m.group(2)])
+
+
+Duration = Annotated[timedelta, pydantic.BeforeValidator(parse_duration)]
+
+
+class IdempotencySettings(pydantic.BaseModel, extra="forbid", frozen=True):
+    """How long keys live."""
+
+    retention: Duration = timedelta(hours=24)
+    """How long a completed call's result answers retries under its key."""
+    claim_ttl: Duration = timedelta(minutes=5)
+    """How long an in-progress claim holds before another worker may take it over."""
+
+
+class Settings(pydantic.BaseModel, extra="forbid", frozen=True):
+    """The contents of `tether.yaml` that this version understands."""
+
+    version: int = 1
+    """Format version of the file."""
+    idempotency: IdempotencySettings = IdempotencySettings()
+
+
+def resolve_db(flag: str | None = None, env: Mapping[str, str] | None = None) -> str:
+    """Return the database URL: `flag`, else `TETHER_DB`, else the default."""
+    env = os.environ if env is None else env
+    return flag or env.get("TETHER_DB") or DEFAULT_DB
+
+
+def resolve_config_path(
+    flag: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None
+) -> Path | None:
+    """Return the config file: `flag`, else `TETHER_CONFIG`, else `./tether.yaml` if present."""
+    env = os.environ if env is None else env
+    if flag is not None:
+        return Path(flag)
+    if env.get("TETHER_CONFIG"):
+        return Path(env["TETHER_CONFIG"])
+    default = Path("tether.yaml")
+    return default if default.is_file() else None
+
+
+def load_settings(path: Path | None) -> tuple[Settings, str]:
+    """Load and validate a config file; return it and its version hash.
+
+    Raises:
+        ConfigError: the file cannot be read or is invalid; the message names the
+            path inside the file.
+    """
+    if path is None:
+        return Settings(), "none"
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config file ({exc.strerror})") from exc
+    try:
+        data: Any = yaml.safe_load(raw) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    try:
+        settings = Settings.model_validate(data)
+    except pydantic.ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(f"{path}: {where}: {first['msg']}") from exc
+    return settings, "sha256:" + hashlib.sha256(raw).hexdigest()[:16]
+
+
+def record_key(db_url: str, env: Mapping[str, str] | None = None) -> bytes | None:
+    """Return the key that signs chain heads for the database at `db_url`.
+
+    `TETHER_RECORD_KEY` wins (hex, or any text); else, for a SQLite file, the
+    key file beside it, created on first use with mode 0600; else None.
+    """
+    env = os.environ if env is None else env
+    given = env.get("TETHER_RECORD_KEY")
+    if given:
+        try:
+            return bytes.fromhex(given)
+        except ValueError:
+            return given.encode()
+    path = sqlite_path(db_url)
+    if not path:
+        return None
+    key_file = Path(path + ".key")
+    try:
+        if not key_file.exists():
+            _create_key_file(key_file)
+        return bytes.fromhex(key_file.read_text().strip())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"{key_file}: cannot read the record key ({exc}); set TETHER_RECORD_KEY "
+            "or fix the file"
+        ) from exc
+
+
+def _create_key_file(key_file: Path) -> None:
+    # Written aside, then linked into place: link fails if another process won the
+    # race, and no reader ever sees a half-written key.
+    key_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = key_file.with_name(f"{key_file.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(os.urandom(32).hex() + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        with contextlib.suppress(FileExistsError):
+            os.link(tmp, key_file)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -1,0 +1,534 @@
+"""The one call path: every step takes it, in DESIGN.md's order.
+
+`step()` is a generator that reads top to bottom like the design's list. Each
+stage decides with a small function and records one event; what touches the
+world (the store, the handler) is *yielded* as an effect and its result sent
+back in. `drive` and `adrive` perform the effects, for sync and async callers:
+one pipeline, two ten-line loops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+from collections.abc import Callable, Generator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from contextlib import nullcontext
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, Protocol, TypeAlias
+
+import anyio
+import anyio.to_thread
+from pydantic import BaseModel, ValidationError
+
+from tether import _canonical, record
+from tether.capability import CallContext, Capability, Effect, Idempotency
+from tether.clock import Clock
+from tether.errors import (
+    CapabilityFailed,
+    Denied,
+    IdempotencyConflict,
+    InDoubt,
+    InvalidKey,
+    InvalidOutput,
+    KeyInUse,
+    PreconditionFailed,
+    StepTimeout,
+    TetherError,
+    UsageError,
+    ValidationFailed,
+)
+from tether.policy import Decision, DecisionRequest, PolicySet, Verdict
+from tether.principal import Principal
+from tether.record import Outcome, OutcomeStatus
+from tether.store import Claim, Committed, KeyId, KeyRecord, KeyState, KeyUpdate, Store
+
+__all__ = [
+    "Execute",
+    "Executed",
+    "Flow",
+    "RunPort",
+    "StepRequest",
+    "StoreOp",
+    "adrive",
+    "drive",
+    "step",
+]
+
+MAX_KEY_LENGTH = 255
+MAX_MESSAGE = 2000
+
+
+# -- effects --------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class StoreOp:
+    """A store call; run in a worker thread by `adrive` so the loop never blocks."""
+
+    fn: Callable[[], Any]
+
+    def perform(self) -> Any:
+        """Call the store."""
+        return self.fn()
+
+    async def aperform(self) -> Any:
+        """Call the store in a worker thread."""
+        return await anyio.to_thread.run_sync(self.fn)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Executed:
+    """What a handler did: its return value or its exception; never raised."""
+
+    value: object = None
+    error: BaseException | None = None
+    timed_out: bool = False
+    duration_us: int
+
+
+@dataclass(slots=True, kw_only=True)
+class Execute:
+    """Run a handler (real or dry-run) with its timeout."""
+
+    fn: Callable[..., Any]
+    is_async: bool
+    call_args: tuple[object, ...]
+    timeout: timedelta | None
+    clock: Clock
+    pool: Callable[[], ThreadPoolExecutor]
+
+    def _done(self, start: float, **kw: Any) -> Executed:
+        return Executed(duration_us=int((self.clock.monotonic() - start) * 1e6), **kw)
+
+    def perform(self) -> Executed:
+        """Run the handler in this thread (a worker thread when it has a timeout)."""
+        start = self.clock.monotonic()
+        try:
+            if self.is_async:
+                value = asyncio.run(self._acall())
+            elif self.timeout is not None:
+                future = self.pool().submit(self.fn, *self.call_args)
+                value = future.result(self.timeout.total_seconds())
+            else:
+                value = self.fn(*self.call_args)
+        except (TimeoutError, FutureTimeout) as exc:
+            return self._done(start, error=exc, timed_out=True)
+        except Exception as exc:  # noqa: BLE001  # a user handler may raise anything
+            return self._done(start, error=exc)
+        return self._done(start, value=value)
+
+    async def _acall(self) -> Any:
+        with anyio.fail_after(self.timeout.total_seconds()) if self.timeout else nullcontext():
+            return await self.fn(*self.call_args)
+
+    async def aperform(self) -> Executed:
+        """Await the handler (a sync one in a worker thread)."""
+        start = self.clock.monotonic()
+        try:
+            if self.is_async:
+                value = await self._acall()
+            else:
+                limit = self.timeout.total_seconds() if self.timeout else None
+                with anyio.fail_after(limit):
+                    value = await anyio.to_thread.run_sync(
+                        self.fn, *self.call_args, abandon_on_cancel=True
+                    )
+        except TimeoutError as exc:
+            return self._done(start, error=exc, timed_out=True)
+        except Exception as exc:  # noqa: BLE001  # a user handler may raise anything
+            return self._done(start, error=exc)
+        return self._done(start, value=value)
+
+
+GatewayEffect: TypeAlias = StoreOp | Execute
+Flow: TypeAlias = Generator[GatewayEffect, Any, Outcome]
+
+
+def drive(flow: Flow) -> Outcome:
+    """Perform a flow's effects in this thread and return its outcome."""
+    reply: object = None
+    while True:
+        try:
+            effect = flow.send(reply)
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]  # the flow's return value
+        reply = effect.perform()
+
+
+async def adrive(flow: Flow) -> Outcome:
+    """Perform a flow's effects without blocking the event loop."""
+    reply: object = None
+    while True:
+        try:
+            effect = flow.send(reply)
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]  # the flow's return value
+        reply = await effect.aperform()
+
+
+# -- what the flow needs from its run --------------------------------------------
+
+
+class RunPort(Protocol):
+    """The run a step belongs to, as the gateway sees it."""
+
+    run_id: str
+    principal: Principal
+    context: Mapping[str, Any]
+    steps: int
+    clock: Clock
+    store: Store
+    policy: PolicySet
+    retention: timedelta
+    claim_ttl: timedelta
+    pool: Callable[[], ThreadPoolExecutor]
+
+    def next_step(self) -> int:
+        """Return the next step number."""
+        ...
+
+    def commit(
+        self,
+        events: Sequence[record.Event],
+        *,
+        claim: Claim | None = None,
+        key_update: KeyUpdate | None = None,
+        keep_on_failure: bool = False,
+    ) -> StoreOp:
+        """Return the effect that appends `events` to the run's record."""
+        ...
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StepRequest:
+    """One call of a capability, as the caller made it."""
+
+    capability: Capability[Any, Any]
+    args: object
+    key: str | None = None
+    dry_run: bool = False
+
+
+# -- the call path ---------------------------------------------------------------
+
+
+def step(run: RunPort, req: StepRequest) -> Flow:  # noqa: C901, PLR0912  # the design's list, in order
+    """Take one step through the call path and return its outcome."""
+    cap = req.capability
+    number = run.next_step()
+    now = run.clock.now()
+    events: list[record.Event] = []
+
+    def refuse(stage: str, error: TetherError, status: OutcomeStatus) -> Flow:
+        events.append(
+            record.Failed(at=now, step=number, stage=stage, error_code=error.code,
+                          error_type=type(error).__name__, message=error.message)
+        )
+        yield run.commit(events)
+        outcome = Outcome(status=status, step=number, capability=cap.name, error=error)
+        error.outcome = outcome
+        return outcome
+
+    # validate args against the input schema
+    try:
+        if req.key is not None:
+            _check_key(req.key)
+        args = cap.validate_args(req.args)
+        args_json: dict[str, Any] = args.model_dump(mode="json")
+        args_bytes = _canonical.dumps(args_json)
+    except ValidationFailed as exc:
+        return (yield from refuse("validate", exc, OutcomeStatus.INVALID))
+    except _canonical.CanonicalError as exc:
+        err = ValidationFailed(f"{cap.name}: arguments have no exact JSON form: {exc}")
+        return (yield from refuse("validate", err, OutcomeStatus.INVALID))
+    events.append(
+        record.Validated(at=now, step=number, capability=cap.name, version=cap.version,
+                         args=args_json)
+    )
+
+    # preconditions
+    if cap.preconditions:
+        failed = _preconditions(cap, args, events, now, number)
+        if failed is not None:
+            return (yield from refuse("precondition", failed, OutcomeStatus.REFUSED))
+
+    # policy decision (deny stops; require_approval parks the step)
+    decision = run.policy.decide(
+        DecisionRequest(principal=run.principal, capability=cap.name, version=cap.version,
+                        effect=cap.effect.value, scopes=cap.scopes, args=args_json,
+                        context=run.context, steps_so_far=number - 1)
+    )
+    events.append(_decided(decision, run.principal, now, number))
+    dry_run = req.dry_run or decision.verdict is Verdict.DRY_RUN_ONLY
+    if decision.verdict is Verdict.DENY or decision.verdict is Verdict.REQUIRE_APPROVAL:
+        return (yield from refuse("policy", _policy_error(cap, decision), OutcomeStatus.REFUSED))
+    handler = cap.dry_run_handler if dry_run else cap.handler
+    if handler is None:
+        if cap.effect is not Effect.READ:
+            err = Denied(f"{cap.name}: a dry run was required but the capability has no "
+                         "dry-run handler; add dry_run=... to its declaration")
+            return (yield from refuse("policy", err, OutcomeStatus.REFUSED))
+        handler = cap.handler  # a read acts on nothing: running it is its own dry run
+
+    # idempotency lookup (completed: stored result, no charge; in progress: refused)
+    key = req.key
+    if key is None and cap.idempotency is Idempotency.KEYED:
+        key = f"{run.run_id}/{number}"
+    key_id = fingerprint = None
+    took_over_state: KeyState | None = None
+    if key is not None and not dry_run:
+        key_id = KeyId(tenant=run.principal.tenant, principal_id=run.principal.id,
+                       capability=cap.name, key=key)
+        fingerprint = _fingerprint(run.store.record_key, args_bytes)
+        existing = yield StoreOp(lambda: run.store.lookup_key(key_id))
+        if existing is not None:
+            verdict = _classify(existing, fingerprint, cap, now, run.retention)
+            if isinstance(verdict, TetherError):
+                return (yield from refuse("idempotency", verdict, _status_of(verdict)))
+            if verdict == "hit":
+                return (yield from _hit(run, cap, existing, key, events, now, number))
+
+    # limits: reserve; breaker -- hooks for the limits issue; nothing to check yet
+
+    # claim key + record intent (fenced by the run's lease epoch)
+    cost = cap.estimate_cost(args)
+    needs_intent = not dry_run and (cap.effect is not Effect.READ or key_id is not None)
+    if needs_intent:
+        claim = None
+        if key_id is not None and fingerprint is not None:
+            claim = Claim(id=key_id, fingerprint=fingerprint, run_id=run.run_id, step=number,
+                          now=now, lease_until=now + run.claim_ttl, retention=run.retention,
+                          take_over_stale=cap.idempotency is not Idempotency.NONE)
+        intent = record.Intent(at=now, step=number, capability=cap.name, version=cap.version,
+                               key=key, cost_estimate=cost)
+        committed: Committed = yield run.commit([*events, intent], claim=claim)
+        if committed.conflict is not None:
+            assert fingerprint is not None
+            verdict = _classify(committed.conflict, fingerprint, cap, now, run.retention)
+            if isinstance(verdict, TetherError):
+                return (yield from refuse("idempotency", verdict, _status_of(verdict)))
+            if verdict == "hit":
+                return (yield from _hit(run, cap, committed.conflict, key, events, now, number))
+            raise AssertionError("the store refused a claim that may replace its record")
+        if committed.took_over is not None:
+            took_over_state = committed.took_over.state
+        events = []
+
+    # execute (real, or dry-run), with timeout
+    ctx_args: tuple[object, ...] = (args,)
+    if handler.wants_ctx:
+        ctx_args = (args, CallContext(run_id=run.run_id, step=number, capability=cap.name,
+                                      idempotency_key=key, dry_run=dry_run))
+    done: Executed = yield Execute(fn=handler.fn, is_async=handler.is_async,
+                                   call_args=ctx_args, timeout=cap.timeout,
+                                   clock=run.clock, pool=run.pool)
+    end = run.clock.now()
+
+    # validate output
+    output: BaseModel | None = None
+    error: TetherError | None = None
+    if done.error is None:
+        try:
+            output = _validate_output(cap, done.value)
+            out_json = output.model_dump(mode="json")
+            out_bytes = _canonical.dumps(out_json)
+        except InvalidOutput as exc:
+            error = exc
+        except _canonical.CanonicalError as exc:
+            error = InvalidOutput(f"{cap.name}: output has no exact JSON form: {exc}")
+    else:
+        error = _execution_error(cap, args, done)
+
+    # limits: settle; breaker: record outcome -- hooks for the limits issue
+
+    # record result
+    if took_over_state is not None:
+        assert key is not None
+        events.append(record.KeyExpired(at=now, step=number, key=key,
+                                        previous_state=took_over_state.value))
+    update = None
+    if error is None:
+        assert output is not None
+        events.append(record.Executed(at=end, step=number, output=out_json,
+                                      duration_us=done.duration_us, cost=cost,
+                                      dry_run=dry_run))
+        if key_id is not None and needs_intent:
+            update = KeyUpdate(id=key_id, run_id=run.run_id, step=number,
+                               state=KeyState.COMPLETED, output=out_bytes, now=end)
+        yield run.commit(events, key_update=update, keep_on_failure=needs_intent)
+        status = OutcomeStatus.DRY_RUN if dry_run else OutcomeStatus.EXECUTED
+        return Outcome(status=status, step=number, capability=cap.name, output=output)
+
+    in_doubt = (not dry_run and cap.effect is not Effect.READ
+                and cap.idempotency is Idempotency.NONE)
+    if in_doubt:
+        message = f"{cap.name} step {number} started and did not finish cleanly " \
+                  f"({error.message}); its effect is unknown, so it is not retried: " \
+                  "check the upstream and resolve it by hand"
+        error = InDoubt(message)
+        events.append(record.InDoubtRecorded(at=end, step=number,
+                                             error_type=type(done.error or error).__name__,
+                                             message=error.message,
+                                             duration_us=done.duration_us))
+    else:
+        events.append(record.Failed(at=end, step=number,
+                                    stage="output" if done.error is None else "execute",
+                                    error_code=error.code,
+                                    error_type=type(done.error or error).__name__,
+                                    message=error.message, duration_us=done.duration_us))
+    if key_id is not None and needs_intent:
+        update = KeyUpdate(id=key_id, run_id=run.run_id, step=number,
+                           state=KeyState.IN_DOUBT if in_doubt else KeyState.FAILED, now=end)
+    yield run.commit(events, key_update=update, keep_on_failure=needs_intent)
+    status = OutcomeStatus.IN_DOUBT if in_doubt else OutcomeStatus.FAILED
+    outcome = Outcome(status=status, step=number, capability=cap.name, error=error)
+    error.outcome = outcome
+    return outcome
+
+
+# -- stages ------------------------------------------------------------------------
+
+
+def _check_key(key: str) -> None:
+    if not isinstance(key, str) or not 0 < len(key) <= MAX_KEY_LENGTH or not key.isprintable():
+        raise InvalidKey(
+            f"idempotency key {key!r:.80} is invalid; use 1 to {MAX_KEY_LENGTH} printable "
+            "characters (no control characters)"
+        )
+
+
+def _preconditions(
+    cap: Capability[Any, Any], args: BaseModel, events: list[record.Event],
+    now: datetime, number: int,
+) -> PreconditionFailed | None:
+    names: list[str] = []
+    for check in cap.preconditions:
+        name = getattr(check, "__name__", type(check).__name__)
+        names.append(name)
+        try:
+            held = check(args)
+        except Exception as exc:  # noqa: BLE001  # a user check may raise anything
+            held = f"{type(exc).__name__}: {exc}"
+        if held is True or held is None:
+            continue
+        reason = held if isinstance(held, str) and held else f"{name} does not hold"
+        events.append(record.PreconditionChecked(at=now, step=number, checks=tuple(names),
+                                                 failed=name, reason=reason))
+        return PreconditionFailed(f"{cap.name}: precondition {name!r} failed: {reason}")
+    events.append(record.PreconditionChecked(at=now, step=number, checks=tuple(names)))
+    return None
+
+
+def _decided(decision: Decision, principal: Principal, now: datetime, number: int) -> record.Decided:
+    return record.Decided(at=now, step=number, verdict=decision.verdict.value,
+                          rule_ids=decision.rule_ids, reasons=decision.reasons,
+                          policy_version=decision.policy_version, principal=principal.id,
+                          on_behalf_of=principal.on_behalf_of)
+
+
+def _policy_error(cap: Capability[Any, Any], decision: Decision) -> TetherError:
+    why = "; ".join(decision.reasons) or "no reason given"
+    rules = ", ".join(decision.rule_ids) or "the default"
+    if decision.verdict is Verdict.DENY:
+        return Denied(f"{cap.name}: denied by {rules}: {why}",
+                      rule_ids=decision.rule_ids, reasons=decision.reasons)
+    from tether.errors import ApprovalRequired
+
+    return ApprovalRequired(f"{cap.name}: needs a person's approval ({rules}: {why})")
+
+
+def _fingerprint(key: bytes | None, args_bytes: bytes) -> bytes:
+    # Keyed, so a stored fingerprint cannot be used to guess low-entropy args offline.
+    return hmac.new(key or b"tether-fingerprint", args_bytes, hashlib.sha256).digest()
+
+
+def _classify(
+    existing: KeyRecord, fingerprint: bytes, cap: Capability[Any, Any], now: datetime,
+    retention: timedelta,
+) -> TetherError | str:
+    """Say what a key's record means for a new call: an error, "hit" or "proceed"."""
+    state = existing.state
+    if state is KeyState.COMPLETED:
+        assert existing.completed_at is not None
+        if existing.completed_at + retention <= now:
+            return "proceed"
+    if existing.fingerprint != fingerprint:
+        return IdempotencyConflict(
+            f"{cap.name}: idempotency key was first used with other arguments "
+            f"(run {existing.run_id}, step {existing.step}); use a new key for new arguments"
+        )
+    if state is KeyState.COMPLETED:
+        return "hit"
+    if state is KeyState.IN_PROGRESS:
+        if existing.lease_until > now:
+            return KeyInUse(
+                f"{cap.name}: a call under this idempotency key is in progress "
+                f"(run {existing.run_id}, step {existing.step}); retry after it finishes"
+            )
+        if cap.idempotency is Idempotency.NONE:
+            return InDoubt(
+                f"{cap.name}: an earlier call under this key (run {existing.run_id}, step "
+                f"{existing.step}) stopped mid-call; its effect is unknown: resolve it by hand"
+            )
+        return "proceed"
+    if state is KeyState.IN_DOUBT:
+        return InDoubt(
+            f"{cap.name}: the call under this key (run {existing.run_id}, step "
+            f"{existing.step}) is in doubt; resolve it by hand before retrying"
+        )
+    return "proceed"  # failed: a retry under the same key may run again
+
+
+def _status_of(error: TetherError) -> OutcomeStatus:
+    return OutcomeStatus.IN_DOUBT if isinstance(error, InDoubt) else OutcomeStatus.REFUSED
+
+
+def _hit(
+    run: RunPort, cap: Capability[Any, Any], existing: KeyRecord, key: str | None,
+    events: list[record.Event], now: datetime, number: int,
+) -> Flow:
+    assert existing.output is not None and key is not None
+    output = cap.output_model.model_validate_json(existing.output)
+    events.append(record.IdempotentHit(at=now, step=number, key=key,
+                                       original_run=existing.run_id,
+                                       original_step=existing.step,
+                                       output=_canonical.loads(existing.output)))
+    yield run.commit(events)
+    return Outcome(status=OutcomeStatus.IDEMPOTENT_HIT, step=number, capability=cap.name,
+                   output=output)
+
+
+def _validate_output(cap: Capability[Any, Any], value: object) -> BaseModel:
+    model = cap.output_model
+    if type(value) is model:
+        return value  # type: ignore[return-value]  # checked above
+    try:
+        if isinstance(value, BaseModel):
+            value = value.model_dump()
+        return model.model_validate(value)
+    except ValidationError as exc:
+        from tether.capability import _one_line
+
+        raise InvalidOutput(_one_line(cap.name, "output", exc)) from exc
+
+
+def _execution_error(cap: Capability[Any, Any], args: BaseModel, done: Executed) -> TetherError:
+    exc = done.error
+    assert exc is not None
+    if done.timed_out:
+        limit = cap.timeout.total_seconds() if cap.timeout else 0
+        return StepTimeout(f"{cap.name}: did not finish within its {limit:g}s timeout")
+    text = f"{type(exc).__name__}: {exc}"
+    if cap.has_secrets:
+        text = record.redact_text(text, record.secret_values(args))
+    if len(text) > MAX_MESSAGE:
+        text = text[:MAX_MESSAGE] + "..."
+    failed = CapabilityFailed(f"{cap.name}: {text}")
+    failed.__cause__ = exc
+    if isinstance(exc, UsageError):
+        return exc
+    return failed

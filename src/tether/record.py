@@ -1,0 +1,466 @@
+"""Run records: the event kinds, their canonical bytes, the hash chain and redaction.
+
+A run's record is an append-only list of events. Each stored event is the
+canonical JSON of one dataclass below (without its sequence number, which the
+store keeps beside it) and a SHA-256 hash over the previous hash, the sequence
+number and those bytes. The chain's head (last sequence number and hash) is
+signed with an HMAC key kept outside the database, so that rewriting the chain
+or cutting its tail is caught by `verify`, not only editing a row in the middle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from datetime import datetime
+from decimal import Decimal
+from enum import StrEnum
+from typing import Annotated, Any, Literal, TypeAlias
+
+import pydantic
+from pydantic import BaseModel, SecretBytes, SecretStr
+
+from tether import _canonical
+from tether.errors import TetherError
+
+__all__ = [
+    "FORMAT",
+    "SECRET_MASK",
+    "Decided",
+    "Event",
+    "Executed",
+    "Failed",
+    "IdempotentHit",
+    "InDoubtRecorded",
+    "Intent",
+    "KeyExpired",
+    "Outcome",
+    "OutcomeStatus",
+    "PreconditionChecked",
+    "RunFinished",
+    "RunStarted",
+    "RunStatus",
+    "Secret",
+    "StoredEvent",
+    "Validated",
+    "VerifyReport",
+    "chain_hash",
+    "decode",
+    "encode",
+    "genesis",
+    "redact_text",
+    "secret_values",
+    "sign_head",
+    "verify",
+]
+
+FORMAT = 1
+"""Version of the record format; stored in every `run_started` event."""
+
+SECRET_MASK = "**********"
+"""What a secret field becomes in a record (the same mask pydantic's `SecretStr` uses)."""
+
+
+class _SecretMarker:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "tether.Secret"
+
+
+_SECRET = _SecretMarker()
+
+Secret = Annotated[
+    str,
+    _SECRET,
+    pydantic.PlainSerializer(lambda _v: SECRET_MASK, return_type=str, when_used="json"),
+    pydantic.WithJsonSchema({"type": "string", "writeOnly": True, "x-tether-secret": True}),
+]
+"""A `str` field that tether never stores or prints in clear (like `SecretStr`, but
+the handler gets a plain `str`)."""
+
+
+# -- events -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Base:
+    at: datetime
+    """When the stage ran, aware UTC."""
+    step: int | None = None
+    """The step's number in the run, from 1; None for run-level events."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunStarted(_Base):
+    """The run began: who asked, for what, in which context."""
+
+    kind: Literal["run_started"] = "run_started"
+    format: int = FORMAT
+    """Record format version."""
+    request: str
+    principal: dict[str, Any]
+    context: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunStatus(_Base):
+    """A lifecycle transition."""
+
+    kind: Literal["run_status"] = "run_status"
+    previous: str
+    status: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunFinished(_Base):
+    """The run reached a final status."""
+
+    kind: Literal["run_finished"] = "run_finished"
+    status: str
+    error_code: str | None = None
+    message: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Validated(_Base):
+    """The step's args matched the input schema (secrets masked)."""
+
+    kind: Literal["validated"] = "validated"
+    capability: str
+    version: str
+    args: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PreconditionChecked(_Base):
+    """The capability's preconditions were checked, in order."""
+
+    kind: Literal["precondition_checked"] = "precondition_checked"
+    checks: tuple[str, ...]
+    """Names of the checks that ran."""
+    failed: str | None = None
+    """The first check that did not hold, if any."""
+    reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Decided(_Base):
+    """Policy's decision for the step."""
+
+    kind: Literal["decided"] = "decided"
+    verdict: str
+    rule_ids: tuple[str, ...] = ()
+    reasons: tuple[str, ...] = ()
+    policy_version: str
+    principal: str
+    on_behalf_of: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class IdempotentHit(_Base):
+    """A completed call under the same key answered; nothing ran, nothing was charged."""
+
+    kind: Literal["idempotent_hit"] = "idempotent_hit"
+    key: str
+    original_run: str
+    original_step: int
+    output: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class KeyExpired(_Base):
+    """The key's stored result was past retention (or its claim stale); the call runs anew."""
+
+    kind: Literal["key_expired"] = "key_expired"
+    key: str
+    previous_state: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Intent(_Base):
+    """The step is about to act; durable before the handler runs."""
+
+    kind: Literal["intent"] = "intent"
+    capability: str
+    version: str
+    key: str | None
+    dry_run: bool = False
+    cost_estimate: Decimal = Decimal(0)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Executed(_Base):
+    """The handler returned a valid output."""
+
+    kind: Literal["executed"] = "executed"
+    output: dict[str, Any]
+    duration_us: int
+    cost: Decimal = Decimal(0)
+    dry_run: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Failed(_Base):
+    """The step failed or was refused at `stage`; what was wrong, by type and message."""
+
+    kind: Literal["failed"] = "failed"
+    stage: str
+    """`resolve`, `validate`, `precondition`, `policy`, `idempotency`, `execute`, `output`."""
+    error_code: str
+    error_type: str
+    message: str
+    duration_us: int | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class InDoubtRecorded(_Base):
+    """The step started and its outcome is unknown: it is never re-run automatically."""
+
+    kind: Literal["in_doubt"] = "in_doubt"
+    error_type: str
+    message: str
+    duration_us: int
+
+
+Event: TypeAlias = (
+    RunStarted
+    | RunStatus
+    | RunFinished
+    | Validated
+    | PreconditionChecked
+    | Decided
+    | IdempotentHit
+    | KeyExpired
+    | Intent
+    | Executed
+    | Failed
+    | InDoubtRecorded
+)
+
+_ADAPTER: pydantic.TypeAdapter[Event] = pydantic.TypeAdapter(
+    Annotated[Event, pydantic.Field(discriminator="kind")]
+)
+_FIELDS: dict[type, tuple[str, ...]] = {}
+
+
+def encode(event: Event) -> bytes:
+    """Return the canonical bytes of `event`."""
+    cls = type(event)
+    names = _FIELDS.get(cls)
+    if names is None:
+        names = _FIELDS[cls] = tuple(f.name for f in fields(cls))
+    return _canonical.dumps({n: getattr(event, n) for n in names})
+
+
+def decode(body: bytes | str) -> Event:
+    """Read an event back from its canonical bytes.
+
+    Raises:
+        pydantic.ValidationError: the bytes are not an event of this format.
+    """
+    return _ADAPTER.validate_json(body)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StoredEvent:
+    """One event as the store holds it."""
+
+    seq: int
+    """Position in the run's record, from 1, contiguous."""
+    body: bytes
+    """Canonical JSON of the event."""
+    hash: bytes
+    """SHA-256 over the previous hash, `seq` and `body`."""
+
+    def data(self) -> dict[str, Any]:
+        """Return the event as a JSON-ready dict with its `seq`."""
+        out: dict[str, Any] = _canonical.loads(self.body)
+        out["seq"] = self.seq
+        return out
+
+
+# -- the chain ----------------------------------------------------------------
+
+
+def genesis(run_id: str) -> bytes:
+    """Return the hash that the run's first event chains from (binds events to the run)."""
+    return hashlib.sha256(b"tether-record-v1\x00" + run_id.encode()).digest()
+
+
+def chain_hash(previous: bytes, seq: int, body: bytes) -> bytes:
+    """Return the hash of event `seq` with canonical `body` after `previous`."""
+    return hashlib.sha256(previous + seq.to_bytes(8, "big") + body).digest()
+
+
+def sign_head(key: bytes, run_id: str, seq: int, head: bytes) -> bytes:
+    """Return the HMAC-SHA256 of the chain head, with a key kept outside the database."""
+    msg = run_id.encode() + b"\x00" + seq.to_bytes(8, "big") + head
+    return hmac.new(key, msg, hashlib.sha256).digest()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class VerifyReport:
+    """What `verify` found."""
+
+    run_id: str
+    ok: bool
+    events: int
+    """Events checked."""
+    head: str
+    """Hex hash of the last good event (the chain head)."""
+    first_bad_seq: int | None = None
+    """Sequence number of the first event that fails, if one does."""
+    reason: str | None = None
+    """One line on what failed."""
+
+    def raise_for_failure(self) -> None:
+        """Raise `IntegrityError` when the chain does not verify."""
+        if not self.ok:
+            from tether.errors import IntegrityError
+
+            raise IntegrityError(f"run {self.run_id}: {self.reason}")
+
+    def to_json(self) -> dict[str, object]:
+        """Return the report as a JSON document."""
+        return {
+            "format": 1,
+            "run_id": self.run_id,
+            "ok": self.ok,
+            "events": self.events,
+            "head": self.head,
+            "first_bad_seq": self.first_bad_seq,
+            "reason": self.reason,
+        }
+
+
+def verify(
+    run_id: str,
+    events: Sequence[StoredEvent],
+    *,
+    head_seq: int,
+    head_hash: bytes,
+    head_sig: bytes | None,
+    key: bytes | None,
+    expected_head: str | None = None,
+) -> VerifyReport:
+    """Recompute a run's chain and check its stored, signed and exported heads.
+
+    Without a signature key (or an exported head) a consistent rewrite of the
+    whole chain by someone with write access to the database cannot be told from
+    the original: that is the unanchored case, and the report says so.
+    """
+    previous = genesis(run_id)
+    expected_seq = 1
+    for ev in events:
+        if ev.seq != expected_seq:
+            return _bad(run_id, expected_seq, previous, expected_seq - 1,
+                        f"event {expected_seq} is missing (found {ev.seq} next)")
+        h = chain_hash(previous, ev.seq, ev.body)
+        if not hmac.compare_digest(h, ev.hash):
+            return _bad(run_id, ev.seq, previous, expected_seq - 1,
+                        f"event {ev.seq} does not match its hash (altered, moved or forged)")
+        previous = h
+        expected_seq += 1
+    count = expected_seq - 1
+    if head_seq != count or not hmac.compare_digest(head_hash, previous):
+        return _bad(run_id, count + 1 if head_seq > count else head_seq, previous, count,
+                    f"the stored head is event {head_seq} but the chain ends at {count} "
+                    "(events removed from the end, or the head rewritten)")
+    if key is not None and head_sig is not None:
+        good = sign_head(key, run_id, head_seq, head_hash)
+        if not hmac.compare_digest(good, head_sig):
+            return _bad(run_id, None, previous, count,
+                        "the signed head does not match: the record was rewritten or "
+                        "truncated by someone without the record key")
+    if expected_head is not None and expected_head.lower() != previous.hex():
+        return _bad(run_id, None, previous, count,
+                    f"the head {previous.hex()} differs from the exported head {expected_head}")
+    return VerifyReport(run_id=run_id, ok=True, events=count, head=previous.hex())
+
+
+def _bad(run_id: str, seq: int | None, head: bytes, count: int, reason: str) -> VerifyReport:
+    return VerifyReport(run_id=run_id, ok=False, events=count, head=head.hex(),
+                        first_bad_seq=seq, reason=reason)
+
+
+# -- redaction ----------------------------------------------------------------
+
+
+def secret_values(model: BaseModel) -> list[str]:
+    """Return the clear values of every secret field in `model`, nested included."""
+    found: list[str] = []
+    _collect(model, found, 0)
+    return [s for s in found if s]
+
+
+def _collect(value: object, found: list[str], depth: int) -> None:
+    if depth > 32:
+        return
+    if isinstance(value, SecretStr):
+        found.append(value.get_secret_value())
+    elif isinstance(value, SecretBytes):
+        found.append(value.get_secret_value().decode(errors="replace"))
+    elif isinstance(value, BaseModel):
+        for name, info in type(value).model_fields.items():
+            item = getattr(value, name, None)
+            if isinstance(item, str) and _SECRET in info.metadata:
+                found.append(item)
+            else:
+                _collect(item, found, depth + 1)
+    elif isinstance(value, Mapping):
+        for item in value.values():
+            _collect(item, found, depth + 1)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            _collect(item, found, depth + 1)
+
+
+def redact_text(text: str, secrets: Iterable[str]) -> str:
+    """Replace every occurrence of each secret in `text` with the mask."""
+    for s in sorted(secrets, key=len, reverse=True):
+        text = text.replace(s, SECRET_MASK)
+    return text
+
+
+# -- outcomes -----------------------------------------------------------------
+
+
+class OutcomeStatus(StrEnum):
+    """How a step ended."""
+
+    EXECUTED = "executed"
+    DRY_RUN = "dry_run"
+    IDEMPOTENT_HIT = "idempotent_hit"
+    REFUSED = "refused"
+    INVALID = "invalid"
+    FAILED = "failed"
+    IN_DOUBT = "in_doubt"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Outcome:
+    """The gateway's answer for one step; `Run.call` returns its output or raises its error."""
+
+    status: OutcomeStatus
+    step: int
+    """The step's number in the run."""
+    capability: str
+    output: BaseModel | None = None
+    """The validated output (also for dry runs and idempotent hits)."""
+    error: TetherError | None = None
+    """The error `call` raises, for every status but executed, dry_run and idempotent_hit."""
+
+    @property
+    def dry_run(self) -> bool:
+        """True when the dry-run handler produced the output."""
+        return self.status is OutcomeStatus.DRY_RUN
+
+    def unwrap(self) -> BaseModel:
+        """Return the output, or raise the step's error."""
+        if self.error is not None:
+            raise self.error
+        assert self.output is not None
+        return self.output

@@ -1,0 +1,90 @@
+"""Durable state: the store interface and its backends.
+
+`open_store(url)` picks the backend from the URL: `sqlite:///path/to/file.db`
+(optionally `?synchronous=normal`) or `memory://`.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import parse_qs, urlsplit
+
+from tether.errors import ConfigError
+from tether.store._base import (
+    Batch,
+    Claim,
+    Committed,
+    KeyId,
+    KeyRecord,
+    KeyState,
+    KeyUpdate,
+    NewRun,
+    RunRow,
+    Store,
+)
+from tether.store.memory import MemoryStore
+from tether.store.sqlite import SQLiteStore
+
+__all__ = [
+    "Batch",
+    "Claim",
+    "Committed",
+    "KeyId",
+    "KeyRecord",
+    "KeyState",
+    "KeyUpdate",
+    "MemoryStore",
+    "NewRun",
+    "RunRow",
+    "SQLiteStore",
+    "Store",
+    "open_store",
+    "sqlite_path",
+]
+
+
+def sqlite_path(url: str) -> str | None:
+    """Return the file path of a `sqlite:///` URL, or None for other URLs."""
+    parts = urlsplit(url)
+    if parts.scheme != "sqlite":
+        return None
+    # sqlite:///rel/path -> "rel/path"; sqlite:////abs/path -> "/abs/path"
+    return parts.path[1:] if parts.path.startswith("/") else parts.path
+
+
+def open_store(url: str, *, record_key: bytes | None = None) -> Store:
+    """Open the store named by `url`.
+
+    Raises:
+        ConfigError: the URL names no backend tether has.
+        StoreError: the database cannot be opened.
+    """
+    parts = urlsplit(url)
+    if parts.scheme == "memory":
+        return MemoryStore()
+    if parts.scheme == "sqlite":
+        path = sqlite_path(url)
+        if not path:
+            raise ConfigError(
+                f"database URL {url!r} has no file path; write sqlite:///path/to/file.db"
+            )
+        query = parse_qs(parts.query)
+        sync = query.pop("synchronous", ["full"])[0].lower()
+        if query:
+            raise ConfigError(
+                f"database URL {url!r}: unknown option(s) {', '.join(sorted(query))}; "
+                "only ?synchronous=full|normal is known"
+            )
+        if sync not in ("full", "normal"):
+            raise ConfigError(
+                f"database URL {url!r}: synchronous must be full or normal, got {sync!r}"
+            )
+        return SQLiteStore(path, synchronous=sync, record_key=record_key)  # type: ignore[arg-type]  # checked above
+    if parts.scheme.startswith("postgres"):
+        raise ConfigError(
+            f"database URL {url!r}: the PostgreSQL backend is not built yet; "
+            "use sqlite:///path/to/file.db"
+        )
+    raise ConfigError(
+        f"database URL {url!r} is not one tether knows; use sqlite:///path/to/file.db "
+        "or memory://"
+    )

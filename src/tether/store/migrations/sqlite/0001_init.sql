@@ -1,0 +1,42 @@
+-- Runs, their hash-chained events and idempotency keys.
+CREATE TABLE runs (
+    run_id       TEXT PRIMARY KEY,
+    status       TEXT NOT NULL,
+    tenant       TEXT NOT NULL,
+    principal_id TEXT NOT NULL,
+    request      TEXT NOT NULL,
+    created_at   TEXT NOT NULL,
+    updated_at   TEXT NOT NULL,
+    epoch        INTEGER NOT NULL,   -- lease epoch: every write for the run checks it
+    head_seq     INTEGER NOT NULL,   -- last event's seq (0: none yet)
+    head_hash    BLOB NOT NULL,      -- last event's hash
+    head_sig     BLOB,               -- HMAC of the head with the record key
+    error_code   TEXT
+) STRICT;
+CREATE INDEX runs_by_created ON runs (created_at DESC);
+
+CREATE TABLE events (
+    run_id TEXT NOT NULL REFERENCES runs (run_id),
+    seq    INTEGER NOT NULL,
+    kind   TEXT NOT NULL,
+    step   INTEGER,
+    body   BLOB NOT NULL,            -- canonical JSON
+    hash   BLOB NOT NULL,            -- sha256(previous hash, seq, body)
+    PRIMARY KEY (run_id, seq)
+) STRICT, WITHOUT ROWID;
+
+CREATE TABLE idempotency_keys (
+    tenant       TEXT NOT NULL,
+    principal_id TEXT NOT NULL,
+    capability   TEXT NOT NULL,
+    key          TEXT NOT NULL,
+    fingerprint  BLOB NOT NULL,      -- keyed hash of the canonical args
+    state        TEXT NOT NULL,      -- in_progress | completed | failed | in_doubt
+    run_id       TEXT NOT NULL,
+    step         INTEGER NOT NULL,
+    output       BLOB,               -- canonical JSON of the result (completed only)
+    claimed_at   TEXT NOT NULL,
+    lease_until  TEXT NOT NULL,      -- an in-progress claim older than this is stale
+    completed_at TEXT,
+    PRIMARY KEY (tenant, principal_id, capability, key)
+) STRICT, WITHOUT ROWID;

@@ -1,0 +1,369 @@
+"""The embedded SQLite backend: one file, WAL, safe for several processes on one host.
+
+Every connection is set up the same way (WAL, `synchronous` as configured,
+`busy_timeout` 10 s, foreign keys on) and every writing transaction begins with
+`BEGIN IMMEDIATE`: a deferred transaction that upgrades to a write gets
+SQLITE_BUSY at once, ignoring `busy_timeout`.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from importlib import resources
+from pathlib import Path
+from typing import Literal, TypeVar
+
+from tether import record
+from tether.errors import LeaseLost, NotFound, StoreError
+from tether.store._base import (
+    Batch,
+    Claim,
+    Committed,
+    KeyId,
+    KeyRecord,
+    KeyState,
+    RunRow,
+    Store,
+    may_replace,
+)
+
+__all__ = ["BUSY_TIMEOUT_MS", "SQLiteStore", "Synchronous"]
+
+Synchronous = Literal["full", "normal"]
+BUSY_TIMEOUT_MS = 10_000
+"""How long a writer waits for the file lock before the store reports it busy."""
+
+T = TypeVar("T")
+
+_RUN_COLUMNS = (
+    "run_id, status, tenant, principal_id, request, created_at, updated_at, "
+    "epoch, head_seq, head_hash, head_sig, error_code"
+)
+
+
+def _ts(value: datetime) -> str:
+    return value.isoformat()
+
+
+def _dt(value: str) -> datetime:
+    return datetime.fromisoformat(value)
+
+
+class SQLiteStore(Store):
+    """A store in one SQLite file.
+
+    Args:
+        path: the database file; its folder is created when missing.
+        synchronous: `"full"` (default: a step is on disk before `call` returns,
+            through power loss too) or `"normal"` (several times faster; survives
+            a process crash, but the last steps may be lost if the machine loses
+            power).
+        record_key: the key that signs chain heads; None leaves heads unsigned.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        synchronous: Synchronous = "full",
+        record_key: bytes | None = None,
+    ) -> None:
+        if synchronous not in ("full", "normal"):
+            raise StoreError(
+                f"synchronous must be 'full' or 'normal', got {synchronous!r}"
+            )
+        self.path = Path(path)
+        self.synchronous = synchronous
+        self.record_key = record_key
+        self.url = f"sqlite:///{self.path}"
+        self._lock = threading.Lock()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._con = sqlite3.connect(
+                self.path,
+                isolation_level=None,  # we issue BEGIN IMMEDIATE ourselves
+                check_same_thread=False,  # guarded by self._lock
+                timeout=BUSY_TIMEOUT_MS / 1000,
+            )
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError(
+                f"cannot open the database {str(self.path)!r}: {exc}; check the path "
+                "and its permissions, or pass --db"
+            ) from exc
+        try:
+            self._configure()
+            self._migrate()
+        except sqlite3.DatabaseError as exc:
+            self._con.close()
+            raise StoreError(
+                f"{str(self.path)!r} is not a usable tether database ({exc}); "
+                "point --db at another file"
+            ) from exc
+
+    # -- setup ------------------------------------------------------------------
+
+    def _configure(self) -> None:
+        con = self._con
+        mode = con.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if mode != "wal":
+            raise StoreError(
+                f"{str(self.path)!r}: cannot switch to WAL mode (got {mode!r}); "
+                "use a local file system"
+            )
+        con.execute(f"PRAGMA synchronous={self.synchronous.upper()}")
+        con.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        con.execute("PRAGMA foreign_keys=ON")
+
+    def _migrate(self) -> None:
+        scripts = sorted(
+            (int(f.name.split("_", 1)[0]), f)
+            for f in resources.files("tether.store.migrations").joinpath("sqlite").iterdir()
+            if f.name.endswith(".sql")
+        )
+        latest = scripts[-1][0] if scripts else 0
+        with self._write() as con:
+            current = con.execute("PRAGMA user_version").fetchone()[0]
+            if current > latest:
+                raise StoreError(
+                    f"{str(self.path)!r} has schema version {current}, newer than this "
+                    f"tether knows ({latest}); upgrade tether"
+                )
+            for number, script in scripts:
+                if number > current:
+                    for statement in script.read_text().split(";\n"):
+                        if statement.strip():
+                            con.execute(statement)
+                    con.execute(f"PRAGMA user_version={number}")
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            con = self._con
+            # BEGIN IMMEDIATE: a deferred transaction that upgrades to write gets
+            # SQLITE_BUSY at once, ignoring busy_timeout.
+            con.execute("BEGIN IMMEDIATE")
+            try:
+                yield con
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+            con.execute("COMMIT")
+
+    def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        try:
+            with self._lock:
+                return fn(self._con)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read {str(self.path)!r}: {exc}") from exc
+
+    # -- writes -----------------------------------------------------------------
+
+    def commit(self, batch: Batch) -> Committed:
+        """Write `batch` in one transaction (one fsync with `synchronous=full`)."""
+        try:
+            with self._write() as con:
+                return self._commit(con, batch)
+        except _Conflict as c:
+            return Committed(
+                head_seq=batch.base_seq, head_hash=batch.base_hash, conflict=c.record
+            )
+        except sqlite3.Error as exc:
+            raise StoreError(
+                f"cannot write run {batch.run_id} to {str(self.path)!r}: {exc}; "
+                "nothing was executed after this failed write"
+            ) from exc
+
+    def _commit(self, con: sqlite3.Connection, batch: Batch) -> Committed:
+        took_over = None
+        if batch.claim is not None:
+            took_over = self._claim(con, batch.claim)
+        seq, head = batch.base_seq, batch.base_hash
+        rows = []
+        for event in batch.events:
+            seq += 1
+            body = record.encode(event)
+            head = record.chain_hash(head, seq, body)
+            rows.append((batch.run_id, seq, event.kind, event.step, body, head))
+        sig = (
+            None
+            if self.record_key is None
+            else record.sign_head(self.record_key, batch.run_id, seq, head)
+        )
+        now = _ts(batch.at)
+        if batch.new_run is not None:
+            new = batch.new_run
+            con.execute(
+                f"INSERT INTO runs ({_RUN_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",  # noqa: S608  # constant column list
+                (batch.run_id, new.status, new.tenant, new.principal_id, new.request,
+                 _ts(new.created_at), now, batch.epoch, seq, head, sig, None),
+            )
+        else:
+            cur = con.execute(
+                "UPDATE runs SET head_seq=?, head_hash=?, head_sig=?, updated_at=?, "
+                "status=COALESCE(?, status), error_code=COALESCE(?, error_code) "
+                "WHERE run_id=? AND epoch=? AND head_seq=?",
+                (seq, head, sig, now, batch.status, batch.error_code,
+                 batch.run_id, batch.epoch, batch.base_seq),
+            )
+            if cur.rowcount != 1:
+                self._fence_failure(con, batch)
+        con.executemany(
+            "INSERT INTO events (run_id, seq, kind, step, body, hash) VALUES (?,?,?,?,?,?)",
+            rows,
+        )
+        if batch.key_update is not None:
+            u = batch.key_update
+            con.execute(
+                "UPDATE idempotency_keys SET state=?, output=?, completed_at=? "
+                "WHERE tenant=? AND principal_id=? AND capability=? AND key=? "
+                "AND run_id=? AND step=?",
+                (u.state.value, u.output, _ts(u.now), u.id.tenant, u.id.principal_id,
+                 u.id.capability, u.id.key, u.run_id, u.step),
+            )
+        return Committed(head_seq=seq, head_hash=head, took_over=took_over)
+
+    def _fence_failure(self, con: sqlite3.Connection, batch: Batch) -> None:
+        row = con.execute(
+            "SELECT epoch, head_seq FROM runs WHERE run_id=?", (batch.run_id,)
+        ).fetchone()
+        if row is None:
+            raise NotFound(f"no run {batch.run_id!r} in {str(self.path)!r}")
+        epoch, head_seq = row
+        if epoch != batch.epoch:
+            raise LeaseLost(
+                f"run {batch.run_id} is held by lease epoch {epoch}, not {batch.epoch}; "
+                "this worker's writes are refused"
+            )
+        raise StoreError(
+            f"run {batch.run_id}: the record moved to event {head_seq} while this "
+            f"writer expected {batch.base_seq}; two writers hold the run"
+        )
+
+    def _claim(self, con: sqlite3.Connection, claim: Claim) -> KeyRecord | None:
+        k = claim.id
+        where = (k.tenant, k.principal_id, k.capability, k.key)
+        existing = _key_record(con, k)
+        if existing is not None:
+            if not may_replace(existing, claim):
+                raise _Conflict(existing)
+            con.execute(
+                "UPDATE idempotency_keys SET fingerprint=?, state=?, run_id=?, step=?, "
+                "output=NULL, claimed_at=?, lease_until=?, completed_at=NULL "
+                "WHERE tenant=? AND principal_id=? AND capability=? AND key=?",
+                (claim.fingerprint, KeyState.IN_PROGRESS.value, claim.run_id, claim.step,
+                 _ts(claim.now), _ts(claim.lease_until), *where),
+            )
+            return existing
+        con.execute(
+            "INSERT INTO idempotency_keys (tenant, principal_id, capability, key, "
+            "fingerprint, state, run_id, step, claimed_at, lease_until) "
+            "VALUES (?,?,?,?,?,?,?,?,?,?)",
+            (*where, claim.fingerprint, KeyState.IN_PROGRESS.value, claim.run_id,
+             claim.step, _ts(claim.now), _ts(claim.lease_until)),
+        )
+        return None
+
+    # -- reads ------------------------------------------------------------------
+
+    def lookup_key(self, key: KeyId) -> KeyRecord | None:
+        """Return the record of `key`, if any."""
+        return self._read(lambda con: _key_record(con, key))
+
+    def get_run(self, run_id: str) -> RunRow:
+        """Return one run, by id or by a unique prefix of at least 6 characters."""
+
+        def query(con: sqlite3.Connection) -> list[tuple[object, ...]]:
+            rows = con.execute(
+                f"SELECT {_RUN_COLUMNS} FROM runs WHERE run_id=?", (run_id,)  # noqa: S608
+            ).fetchall()
+            if not rows and len(run_id) >= 6:
+                rows = con.execute(
+                    f"SELECT {_RUN_COLUMNS} FROM runs WHERE run_id >= ? AND run_id < ? "  # noqa: S608
+                    "LIMIT 2",
+                    (run_id, run_id + "\U0010ffff"),
+                ).fetchall()
+            return rows
+
+        rows = self._read(query)
+        if len(rows) != 1:
+            hint = "it matches several runs; give more of it" if rows else (
+                "see `tether runs list`"
+            )
+            raise NotFound(f"no run {run_id!r} in {str(self.path)!r}; {hint}")
+        return _run_row(rows[0])
+
+    def list_runs(self, *, limit: int = 50, status: str | None = None) -> list[RunRow]:
+        """Return the newest runs first."""
+        sql = f"SELECT {_RUN_COLUMNS} FROM runs"  # noqa: S608  # constant column list
+        params: tuple[object, ...] = ()
+        if status is not None:
+            sql += " WHERE status=?"
+            params = (status,)
+        sql += " ORDER BY created_at DESC, run_id DESC LIMIT ?"
+        rows = self._read(lambda con: con.execute(sql, (*params, limit)).fetchall())
+        return [_run_row(r) for r in rows]
+
+    def events(self, run_id: str) -> list[record.StoredEvent]:
+        """Return a run's events in order."""
+        rows = self._read(
+            lambda con: con.execute(
+                "SELECT seq, body, hash FROM events WHERE run_id=? ORDER BY seq",
+                (run_id,),
+            ).fetchall()
+        )
+        return [record.StoredEvent(seq=s, body=b, hash=h) for s, b, h in rows]
+
+    def close(self) -> None:
+        """Close the connection."""
+        with self._lock:
+            self._con.close()
+
+
+class _Conflict(Exception):  # noqa: N818  # control flow, never escapes this module
+    def __init__(self, existing: KeyRecord) -> None:
+        self.record = existing
+
+
+def _key_record(con: sqlite3.Connection, k: KeyId) -> KeyRecord | None:
+    row = con.execute(
+        "SELECT state, fingerprint, run_id, step, output, claimed_at, lease_until, "
+        "completed_at FROM idempotency_keys "
+        "WHERE tenant=? AND principal_id=? AND capability=? AND key=?",
+        (k.tenant, k.principal_id, k.capability, k.key),
+    ).fetchone()
+    if row is None:
+        return None
+    state, fp, run_id, step, output, claimed, lease, completed = row
+    return KeyRecord(
+        state=KeyState(state),
+        fingerprint=fp,
+        run_id=run_id,
+        step=step,
+        output=output,
+        claimed_at=_dt(claimed),
+        lease_until=_dt(lease),
+        completed_at=None if completed is None else _dt(completed),
+    )
+
+
+def _run_row(row: tuple[object, ...]) -> RunRow:
+    (run_id, status, tenant, principal_id, request, created, updated, epoch, head_seq,
+     head_hash, head_sig, error_code) = row
+    return RunRow(
+        run_id=str(run_id),
+        status=str(status),
+        tenant=str(tenant),
+        principal_id=str(principal_id),
+        request=str(request),
+        created_at=_dt(str(created)),
+        updated_at=_dt(str(updated)),
+        epoch=int(epoch),  # type: ignore[call-overload]  # INTEGER column
+        head_seq=int(head_seq),  # type: ignore[call-overload]  # INTEGER column
+        head_hash=bytes(head_hash),  # type: ignore[arg-type]  # BLOB column
+        head_sig=None if head_sig is None else bytes(head_sig),  # type: ignore[arg-type]
+        error_code=None if error_code is None else str(error_code),
+    )
