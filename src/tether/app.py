@@ -11,7 +11,6 @@ import os
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from datetime import timedelta
 from functools import partial
 from types import TracebackType
 from typing import Any, TypeVar, overload
@@ -120,7 +119,9 @@ class Tether:
         """Open a run; use it as a context manager (`with` or `async with`)."""
         if not isinstance(principal, Principal):
             raise UsageError(f"principal must be a tether.Principal, got {principal!r}")
-        return Run(self, principal=principal, request=request, context=dict(context or {}))
+        return Run(
+            self, principal=principal, request=request, context=dict(context or {})
+        )
 
     def verify(self, run_id: str, *, head: str | None = None) -> record.VerifyReport:
         """Recompute a run's hash chain and check its signed head (and `head`, if given).
@@ -157,23 +158,30 @@ class Tether:
                 caps[name] = self.capabilities.get(str(name)).describe()
             except NotFound:
                 caps[name] = None
-        yield _canonical.dumps({
-            "format": record.FORMAT,
-            "type": "tether.run",
-            "run_id": row.run_id,
-            "status": row.status,
-            "tenant": row.tenant,
-            "principal": row.principal_id,
-            "request": row.request,
-            "created_at": row.created_at,
-            "head_seq": row.head_seq,
-            "head": row.head_hash.hex(),
-            "policy_version": self.policy.version,
-            "capabilities": caps,
-        })
+        yield _canonical.dumps(
+            {
+                "format": record.FORMAT,
+                "type": "tether.run",
+                "run_id": row.run_id,
+                "status": row.status,
+                "tenant": row.tenant,
+                "principal": row.principal_id,
+                "request": row.request,
+                "created_at": row.created_at,
+                "head_seq": row.head_seq,
+                "head": row.head_hash.hex(),
+                "policy_version": self.policy.version,
+                "capabilities": caps,
+            }
+        )
         for ev in events:
-            yield _canonical.dumps({"seq": ev.seq, "hash": ev.hash.hex(),
-                                    "event": _canonical.loads(ev.body)})
+            yield _canonical.dumps(
+                {
+                    "seq": ev.seq,
+                    "hash": ev.hash.hex(),
+                    "event": _canonical.loads(ev.body),
+                }
+            )
 
     # -- resources -------------------------------------------------------------------
 
@@ -205,7 +213,12 @@ class Run:
     """
 
     def __init__(
-        self, app: Tether, *, principal: Principal, request: str, context: dict[str, Any]
+        self,
+        app: Tether,
+        *,
+        principal: Principal,
+        request: str,
+        context: dict[str, Any],
     ) -> None:
         self.app = app
         self.id = self.run_id = app.ids.new_id("run_")
@@ -247,11 +260,16 @@ class Run:
     ) -> gateway.StoreOp:
         """Return the effect that appends `events` (and a key claim or update) to the record."""
         return gateway.StoreOp(
-            partial(self._commit, {"events": events, "claim": claim,
-                                   "key_update": key_update}, keep_on_failure)
+            partial(
+                self._commit,
+                {"events": events, "claim": claim, "key_update": key_update},
+                keep_on_failure,
+            )
         )
 
-    def _commit(self, parts: dict[str, Any], keep_on_failure: bool = False) -> Committed:
+    def _commit(
+        self, parts: dict[str, Any], keep_on_failure: bool = False
+    ) -> Committed:
         with self._lock:
             try:
                 while self._pending:
@@ -268,8 +286,13 @@ class Run:
     def _write(self, parts: Mapping[str, Any]) -> Committed:
         fields = {"at": None, **parts}
         fields["at"] = fields["at"] or self.clock.now()
-        batch = Batch(run_id=self.id, epoch=self._epoch, base_seq=self._head_seq,
-                      base_hash=self._head_hash, **fields)
+        batch = Batch(
+            run_id=self.id,
+            epoch=self._epoch,
+            base_seq=self._head_seq,
+            base_hash=self._head_hash,
+            **fields,
+        )
         committed = self.store.commit(batch)
         if committed.conflict is None:
             self._head_seq, self._head_hash = committed.head_seq, committed.head_hash
@@ -283,14 +306,25 @@ class Run:
         return {
             "at": now,
             "events": [
-                record.RunStarted(at=now, request=self.request,
-                                  principal=self.principal.describe(), context=self.context),
-                record.RunStatus(at=now, previous=RunState.PENDING.value,
-                                 status=RunState.EXECUTING.value),
+                record.RunStarted(
+                    at=now,
+                    request=self.request,
+                    principal=self.principal.describe(),
+                    context=self.context,
+                ),
+                record.RunStatus(
+                    at=now,
+                    previous=RunState.PENDING.value,
+                    status=RunState.EXECUTING.value,
+                ),
             ],
-            "new_run": NewRun(tenant=self.principal.tenant, principal_id=self.principal.id,
-                              request=self.request, status=RunState.EXECUTING.value,
-                              created_at=now),
+            "new_run": NewRun(
+                tenant=self.principal.tenant,
+                principal_id=self.principal.id,
+                request=self.request,
+                status=RunState.EXECUTING.value,
+                created_at=now,
+            ),
         }
 
     def _finish_parts(self, error: BaseException | None) -> dict[str, Any]:
@@ -300,13 +334,20 @@ class Run:
         code = None if error is None else getattr(error, "code", "internal")
         message = None
         if error is not None:
-            message = error.message if isinstance(error, TetherError) else type(error).__name__
+            message = (
+                error.message
+                if isinstance(error, TetherError)
+                else type(error).__name__
+            )
         return {
             "at": now,
             "events": [
-                record.RunStatus(at=now, previous=self.status.value, status=target.value),
-                record.RunFinished(at=now, status=target.value, error_code=code,
-                                   message=message),
+                record.RunStatus(
+                    at=now, previous=self.status.value, status=target.value
+                ),
+                record.RunFinished(
+                    at=now, status=target.value, error_code=code, message=message
+                ),
             ],
             "status": target.value,
             "error_code": code,
@@ -318,12 +359,39 @@ class Run:
         self._commit(parts)
         self.status = target
 
+    def transition(self, target: RunState) -> None:
+        """Move the run to `target`, recording a `run_status` event.
+
+        Raises:
+            IllegalTransition: the lifecycle forbids the move.
+            StoreError: the event could not be written; the status is unchanged.
+        """
+        if target in FINAL_STATES:
+            raise UsageError(
+                f"end a run by leaving its `with` block, not with transition({target.value!r})"
+            )
+        check_transition(self.status, target)
+        now = self.clock.now()
+        event = record.RunStatus(at=now, previous=self.status.value, status=target.value)
+        self._commit({"events": [event], "status": target.value, "at": now})
+        self.status = target
+
+    def append(self, *events: record.Event) -> None:
+        """Append events that no step writes (a proposed plan, say) to the record.
+
+        Raises:
+            StoreError: the events could not be written.
+        """
+        self._commit({"events": list(events)})
+
     def __enter__(self) -> Run:
         self._apply(self._start_parts())
         return self
 
     def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
         if self.status in FINAL_STATES:
@@ -341,7 +409,9 @@ class Run:
         return self
 
     async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
         if self.status in FINAL_STATES:
@@ -355,7 +425,10 @@ class Run:
     # -- steps ---------------------------------------------------------------------------
 
     def _request(
-        self, capability: str | Capability[Any, Any], args: object, key: str | None,
+        self,
+        capability: str | Capability[Any, Any],
+        args: object,
+        key: str | None,
         dry_run: bool,
     ) -> gateway.StepRequest:
         if self.status is not RunState.EXECUTING:
@@ -367,8 +440,9 @@ class Run:
             cap = self.app.capabilities.get(capability.name, capability.version)
         else:
             cap = self.app.capabilities.get(capability)
-        return gateway.StepRequest(capability=cap, args={} if args is None else args,
-                                   key=key, dry_run=dry_run)
+        return gateway.StepRequest(
+            capability=cap, args={} if args is None else args, key=key, dry_run=dry_run
+        )
 
     def step(
         self,
@@ -410,15 +484,21 @@ class Run:
 
     @overload
     def call(
-        self, capability: Capability[Any, Out],
-        args: Mapping[str, Any] | BaseModel | str | bytes | None = None, *,
-        idempotency_key: str | None = None, dry_run: bool = False,
+        self,
+        capability: Capability[Any, Out],
+        args: Mapping[str, Any] | BaseModel | str | bytes | None = None,
+        *,
+        idempotency_key: str | None = None,
+        dry_run: bool = False,
     ) -> Out: ...
     @overload
     def call(
-        self, capability: str,
-        args: Mapping[str, Any] | BaseModel | str | bytes | None = None, *,
-        idempotency_key: str | None = None, dry_run: bool = False,
+        self,
+        capability: str,
+        args: Mapping[str, Any] | BaseModel | str | bytes | None = None,
+        *,
+        idempotency_key: str | None = None,
+        dry_run: bool = False,
     ) -> BaseModel: ...
     def call(
         self,
@@ -445,20 +525,27 @@ class Run:
             CapabilityFailed: the handler raised (retry under the same key).
             InDoubt: a `none` capability started and failed: a person must check.
         """
-        return self.step(capability, args, idempotency_key=idempotency_key,
-                         dry_run=dry_run).unwrap()
+        return self.step(
+            capability, args, idempotency_key=idempotency_key, dry_run=dry_run
+        ).unwrap()
 
     @overload
     async def acall(
-        self, capability: Capability[Any, Out],
-        args: Mapping[str, Any] | BaseModel | str | bytes | None = None, *,
-        idempotency_key: str | None = None, dry_run: bool = False,
+        self,
+        capability: Capability[Any, Out],
+        args: Mapping[str, Any] | BaseModel | str | bytes | None = None,
+        *,
+        idempotency_key: str | None = None,
+        dry_run: bool = False,
     ) -> Out: ...
     @overload
     async def acall(
-        self, capability: str,
-        args: Mapping[str, Any] | BaseModel | str | bytes | None = None, *,
-        idempotency_key: str | None = None, dry_run: bool = False,
+        self,
+        capability: str,
+        args: Mapping[str, Any] | BaseModel | str | bytes | None = None,
+        *,
+        idempotency_key: str | None = None,
+        dry_run: bool = False,
     ) -> BaseModel: ...
     async def acall(
         self,
@@ -469,8 +556,9 @@ class Run:
         dry_run: bool = False,
     ) -> BaseModel:
         """Call a capability without blocking the event loop; see `call`."""
-        outcome = await self.astep(capability, args, idempotency_key=idempotency_key,
-                                   dry_run=dry_run)
+        outcome = await self.astep(
+            capability, args, idempotency_key=idempotency_key, dry_run=dry_run
+        )
         return outcome.unwrap()
 
 

@@ -260,7 +260,9 @@ class Capability(Generic[In, Out]):
             if isinstance(exc, ValidationFailed):
                 raise
             # orjson.JSONDecodeError: invalid JSON text or UTF-8.
-            raise ValidationFailed(f"{self.name}: arguments are not JSON: {exc}") from exc
+            raise ValidationFailed(
+                f"{self.name}: arguments are not JSON: {exc}"
+            ) from exc
 
     def estimate_cost(self, args: BaseModel) -> Decimal:
         """Return the declared cost for these arguments.
@@ -306,7 +308,9 @@ class Capability(Generic[In, Out]):
                     "parameters": params,
                 },
             }
-        raise UsageError(f"unknown tool schema flavor {flavor!r}; use 'mcp' or 'openai'")
+        raise UsageError(
+            f"unknown tool schema flavor {flavor!r}; use 'mcp' or 'openai'"
+        )
 
     def describe(self) -> dict[str, object]:
         """Return the capability's declaration as JSON-ready data (for records)."""
@@ -340,7 +344,9 @@ def _one_line(name: str, what: str, exc: pydantic.ValidationError) -> str:
 def _schema_may_hold_floats(schema: Mapping[str, object]) -> bool:
     text = _canonical.dumps(schema)
     # "number" anywhere, or a property with no type at all (Any), may carry a float.
-    return b'"number"' in text or b"{}" in text or b'"additionalProperties":true' in text
+    return (
+        b'"number"' in text or b"{}" in text or b'"additionalProperties":true' in text
+    )
 
 
 def _has_secrets(model: type[BaseModel]) -> bool:
@@ -436,14 +442,18 @@ def capability(
         )
     try:
         eff = Effect(effect)
-        idem = Idempotency(idempotency) if idempotency is not None else (
-            Idempotency.NATIVE if eff is Effect.READ else Idempotency.NONE
+        idem = (
+            Idempotency(idempotency)
+            if idempotency is not None
+            else (Idempotency.NATIVE if eff is Effect.READ else Idempotency.NONE)
         )
     except ValueError as exc:
         raise UsageError(f"capability {name!r}: {exc}") from exc
     if isinstance(timeout, (int, float)):
         if timeout <= 0:
-            raise UsageError(f"capability {name!r}: timeout must be > 0, got {timeout!r}")
+            raise UsageError(
+                f"capability {name!r}: timeout must be > 0, got {timeout!r}"
+            )
         timeout = timedelta(seconds=timeout)
     return _Decorator(
         {

@@ -106,11 +106,15 @@ def load_settings(path: Path | None) -> tuple[Settings, str]:
     try:
         raw = path.read_bytes()
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the config file ({exc.strerror})") from exc
+        raise ConfigError(
+            f"{path}: cannot read the config file ({exc.strerror})"
+        ) from exc
     try:
         data: Any = yaml.safe_load(raw) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from exc
+        raise ConfigError(
+            f"{path}: not valid YAML: {str(exc).splitlines()[0]}"
+        ) from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     try:

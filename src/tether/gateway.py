@@ -122,7 +122,11 @@ class Execute:
         return self._done(start, value=value)
 
     async def _acall(self) -> Any:
-        with anyio.fail_after(self.timeout.total_seconds()) if self.timeout else nullcontext():
+        with (
+            anyio.fail_after(self.timeout.total_seconds())
+            if self.timeout
+            else nullcontext()
+        ):
             return await self.fn(*self.call_args)
 
     async def aperform(self) -> Executed:
@@ -216,7 +220,7 @@ class StepRequest:
 # -- the call path ---------------------------------------------------------------
 
 
-def step(run: RunPort, req: StepRequest) -> Flow:  # noqa: C901, PLR0912  # the design's list, in order
+def step(run: RunPort, req: StepRequest) -> Flow:  # the design's list, in order
     """Take one step through the call path and return its outcome."""
     cap = req.capability
     number = run.next_step()
@@ -225,8 +229,14 @@ def step(run: RunPort, req: StepRequest) -> Flow:  # noqa: C901, PLR0912  # the 
 
     def refuse(stage: str, error: TetherError, status: OutcomeStatus) -> Flow:
         events.append(
-            record.Failed(at=now, step=number, stage=stage, error_code=error.code,
-                          error_type=type(error).__name__, message=error.message)
+            record.Failed(
+                at=now,
+                step=number,
+                stage=stage,
+                error_code=error.code,
+                error_type=type(error).__name__,
+                message=error.message,
+            )
         )
         yield run.commit(events)
         outcome = Outcome(status=status, step=number, capability=cap.name, error=error)
@@ -246,8 +256,13 @@ def step(run: RunPort, req: StepRequest) -> Flow:  # noqa: C901, PLR0912  # the 
         err = ValidationFailed(f"{cap.name}: arguments have no exact JSON form: {exc}")
         return (yield from refuse("validate", err, OutcomeStatus.INVALID))
     events.append(
-        record.Validated(at=now, step=number, capability=cap.name, version=cap.version,
-                         args=args_json)
+        record.Validated(
+            at=now,
+            step=number,
+            capability=cap.name,
+            version=cap.version,
+            args=args_json,
+        )
     )
 
     # preconditions
@@ -258,19 +273,32 @@ def step(run: RunPort, req: StepRequest) -> Flow:  # noqa: C901, PLR0912  # the 
 
     # policy decision (deny stops; require_approval parks the step)
     decision = run.policy.decide(
-        DecisionRequest(principal=run.principal, capability=cap.name, version=cap.version,
-                        effect=cap.effect.value, scopes=cap.scopes, args=args_json,
-                        context=run.context, steps_so_far=number - 1)
+        DecisionRequest(
+            principal=run.principal,
+            capability=cap.name,
+            version=cap.version,
+            effect=cap.effect.value,
+            scopes=cap.scopes,
+            args=args_json,
+            context=run.context,
+            steps_so_far=number - 1,
+        )
     )
     events.append(_decided(decision, run.principal, now, number))
     dry_run = req.dry_run or decision.verdict is Verdict.DRY_RUN_ONLY
     if decision.verdict is Verdict.DENY or decision.verdict is Verdict.REQUIRE_APPROVAL:
-        return (yield from refuse("policy", _policy_error(cap, decision), OutcomeStatus.REFUSED))
+        return (
+            yield from refuse(
+                "policy", _policy_error(cap, decision), OutcomeStatus.REFUSED
+            )
+        )
     handler = cap.dry_run_handler if dry_run else cap.handler
     if handler is None:
         if cap.effect is not Effect.READ:
-            err = Denied(f"{cap.name}: a dry run was required but the capability has no "
-                         "dry-run handler; add dry_run=... to its declaration")
+            err = Denied(
+                f"{cap.name}: a dry run was required but the capability has no "
+                "dry-run handler; add dry_run=... to its declaration"
+            )
             return (yield from refuse("policy", err, OutcomeStatus.REFUSED))
         handler = cap.handler  # a read acts on nothing: running it is its own dry run
 
@@ -281,8 +309,12 @@ def step(run: RunPort, req: StepRequest) -> Flow:  # noqa: C901, PLR0912  # the 
     key_id = fingerprint = None
     took_over_state: KeyState | None = None
     if key is not None and not dry_run:
-        key_id = KeyId(tenant=run.principal.tenant, principal_id=run.principal.id,
-                       capability=cap.name, key=key)
+        key_id = KeyId(
+            tenant=run.principal.tenant,
+            principal_id=run.principal.id,
+            capability=cap.name,
+            key=key,
+        )
         fingerprint = _fingerprint(run.store.record_key, args_bytes)
         existing = yield StoreOp(lambda: run.store.lookup_key(key_id))
         if existing is not None:
@@ -300,20 +332,41 @@ def step(run: RunPort, req: StepRequest) -> Flow:  # noqa: C901, PLR0912  # the 
     if needs_intent:
         claim = None
         if key_id is not None and fingerprint is not None:
-            claim = Claim(id=key_id, fingerprint=fingerprint, run_id=run.run_id, step=number,
-                          now=now, lease_until=now + run.claim_ttl, retention=run.retention,
-                          take_over_stale=cap.idempotency is not Idempotency.NONE)
-        intent = record.Intent(at=now, step=number, capability=cap.name, version=cap.version,
-                               key=key, cost_estimate=cost)
+            claim = Claim(
+                id=key_id,
+                fingerprint=fingerprint,
+                run_id=run.run_id,
+                step=number,
+                now=now,
+                lease_until=now + run.claim_ttl,
+                retention=run.retention,
+                take_over_stale=cap.idempotency is not Idempotency.NONE,
+            )
+        intent = record.Intent(
+            at=now,
+            step=number,
+            capability=cap.name,
+            version=cap.version,
+            key=key,
+            cost_estimate=cost,
+        )
         committed: Committed = yield run.commit([*events, intent], claim=claim)
         if committed.conflict is not None:
             assert fingerprint is not None
-            verdict = _classify(committed.conflict, fingerprint, cap, now, run.retention)
+            verdict = _classify(
+                committed.conflict, fingerprint, cap, now, run.retention
+            )
             if isinstance(verdict, TetherError):
                 return (yield from refuse("idempotency", verdict, _status_of(verdict)))
             if verdict == "hit":
-                return (yield from _hit(run, cap, committed.conflict, key, events, now, number))
-            raise AssertionError("the store refused a claim that may replace its record")
+                return (
+                    yield from _hit(
+                        run, cap, committed.conflict, key, events, now, number
+                    )
+                )
+            raise AssertionError(
+                "the store refused a claim that may replace its record"
+            )
         if committed.took_over is not None:
             took_over_state = committed.took_over.state
         events = []
@@ -321,11 +374,24 @@ def step(run: RunPort, req: StepRequest) -> Flow:  # noqa: C901, PLR0912  # the 
     # execute (real, or dry-run), with timeout
     ctx_args: tuple[object, ...] = (args,)
     if handler.wants_ctx:
-        ctx_args = (args, CallContext(run_id=run.run_id, step=number, capability=cap.name,
-                                      idempotency_key=key, dry_run=dry_run))
-    done: Executed = yield Execute(fn=handler.fn, is_async=handler.is_async,
-                                   call_args=ctx_args, timeout=cap.timeout,
-                                   clock=run.clock, pool=run.pool)
+        ctx_args = (
+            args,
+            CallContext(
+                run_id=run.run_id,
+                step=number,
+                capability=cap.name,
+                idempotency_key=key,
+                dry_run=dry_run,
+            ),
+        )
+    done: Executed = yield Execute(
+        fn=handler.fn,
+        is_async=handler.is_async,
+        call_args=ctx_args,
+        timeout=cap.timeout,
+        clock=run.clock,
+        pool=run.pool,
+    )
     end = run.clock.now()
 
     # validate output
@@ -348,41 +414,78 @@ def step(run: RunPort, req: StepRequest) -> Flow:  # noqa: C901, PLR0912  # the 
     # record result
     if took_over_state is not None:
         assert key is not None
-        events.append(record.KeyExpired(at=now, step=number, key=key,
-                                        previous_state=took_over_state.value))
+        events.append(
+            record.KeyExpired(
+                at=now, step=number, key=key, previous_state=took_over_state.value
+            )
+        )
     update = None
     if error is None:
         assert output is not None
-        events.append(record.Executed(at=end, step=number, output=out_json,
-                                      duration_us=done.duration_us, cost=cost,
-                                      dry_run=dry_run))
+        events.append(
+            record.Executed(
+                at=end,
+                step=number,
+                output=out_json,
+                duration_us=done.duration_us,
+                cost=cost,
+                dry_run=dry_run,
+            )
+        )
         if key_id is not None and needs_intent:
-            update = KeyUpdate(id=key_id, run_id=run.run_id, step=number,
-                               state=KeyState.COMPLETED, output=out_bytes, now=end)
+            update = KeyUpdate(
+                id=key_id,
+                run_id=run.run_id,
+                step=number,
+                state=KeyState.COMPLETED,
+                output=out_bytes,
+                now=end,
+            )
         yield run.commit(events, key_update=update, keep_on_failure=needs_intent)
         status = OutcomeStatus.DRY_RUN if dry_run else OutcomeStatus.EXECUTED
         return Outcome(status=status, step=number, capability=cap.name, output=output)
 
-    in_doubt = (not dry_run and cap.effect is not Effect.READ
-                and cap.idempotency is Idempotency.NONE)
+    in_doubt = (
+        not dry_run
+        and cap.effect is not Effect.READ
+        and cap.idempotency is Idempotency.NONE
+    )
     if in_doubt:
-        message = f"{cap.name} step {number} started and did not finish cleanly " \
-                  f"({error.message}); its effect is unknown, so it is not retried: " \
-                  "check the upstream and resolve it by hand"
+        message = (
+            f"{cap.name} step {number} started and did not finish cleanly "
+            f"({error.message}); its effect is unknown, so it is not retried: "
+            "check the upstream and resolve it by hand"
+        )
         error = InDoubt(message)
-        events.append(record.InDoubtRecorded(at=end, step=number,
-                                             error_type=type(done.error or error).__name__,
-                                             message=error.message,
-                                             duration_us=done.duration_us))
+        events.append(
+            record.InDoubtRecorded(
+                at=end,
+                step=number,
+                error_type=type(done.error or error).__name__,
+                message=error.message,
+                duration_us=done.duration_us,
+            )
+        )
     else:
-        events.append(record.Failed(at=end, step=number,
-                                    stage="output" if done.error is None else "execute",
-                                    error_code=error.code,
-                                    error_type=type(done.error or error).__name__,
-                                    message=error.message, duration_us=done.duration_us))
+        events.append(
+            record.Failed(
+                at=end,
+                step=number,
+                stage="output" if done.error is None else "execute",
+                error_code=error.code,
+                error_type=type(done.error or error).__name__,
+                message=error.message,
+                duration_us=done.duration_us,
+            )
+        )
     if key_id is not None and needs_intent:
-        update = KeyUpdate(id=key_id, run_id=run.run_id, step=number,
-                           state=KeyState.IN_DOUBT if in_doubt else KeyState.FAILED, now=end)
+        update = KeyUpdate(
+            id=key_id,
+            run_id=run.run_id,
+            step=number,
+            state=KeyState.IN_DOUBT if in_doubt else KeyState.FAILED,
+            now=end,
+        )
     yield run.commit(events, key_update=update, keep_on_failure=needs_intent)
     status = OutcomeStatus.IN_DOUBT if in_doubt else OutcomeStatus.FAILED
     outcome = Outcome(status=status, step=number, capability=cap.name, error=error)
@@ -394,7 +497,11 @@ def step(run: RunPort, req: StepRequest) -> Flow:  # noqa: C901, PLR0912  # the 
 
 
 def _check_key(key: str) -> None:
-    if not isinstance(key, str) or not 0 < len(key) <= MAX_KEY_LENGTH or not key.isprintable():
+    if (
+        not isinstance(key, str)
+        or not 0 < len(key) <= MAX_KEY_LENGTH
+        or not key.isprintable()
+    ):
         raise InvalidKey(
             f"idempotency key {key!r:.80} is invalid; use 1 to {MAX_KEY_LENGTH} printable "
             "characters (no control characters)"
@@ -402,8 +509,11 @@ def _check_key(key: str) -> None:
 
 
 def _preconditions(
-    cap: Capability[Any, Any], args: BaseModel, events: list[record.Event],
-    now: datetime, number: int,
+    cap: Capability[Any, Any],
+    args: BaseModel,
+    events: list[record.Event],
+    now: datetime,
+    number: int,
 ) -> PreconditionFailed | None:
     names: list[str] = []
     for check in cap.preconditions:
@@ -416,26 +526,40 @@ def _preconditions(
         if held is True or held is None:
             continue
         reason = held if isinstance(held, str) and held else f"{name} does not hold"
-        events.append(record.PreconditionChecked(at=now, step=number, checks=tuple(names),
-                                                 failed=name, reason=reason))
+        events.append(
+            record.PreconditionChecked(
+                at=now, step=number, checks=tuple(names), failed=name, reason=reason
+            )
+        )
         return PreconditionFailed(f"{cap.name}: precondition {name!r} failed: {reason}")
     events.append(record.PreconditionChecked(at=now, step=number, checks=tuple(names)))
     return None
 
 
-def _decided(decision: Decision, principal: Principal, now: datetime, number: int) -> record.Decided:
-    return record.Decided(at=now, step=number, verdict=decision.verdict.value,
-                          rule_ids=decision.rule_ids, reasons=decision.reasons,
-                          policy_version=decision.policy_version, principal=principal.id,
-                          on_behalf_of=principal.on_behalf_of)
+def _decided(
+    decision: Decision, principal: Principal, now: datetime, number: int
+) -> record.Decided:
+    return record.Decided(
+        at=now,
+        step=number,
+        verdict=decision.verdict.value,
+        rule_ids=decision.rule_ids,
+        reasons=decision.reasons,
+        policy_version=decision.policy_version,
+        principal=principal.id,
+        on_behalf_of=principal.on_behalf_of,
+    )
 
 
 def _policy_error(cap: Capability[Any, Any], decision: Decision) -> TetherError:
     why = "; ".join(decision.reasons) or "no reason given"
     rules = ", ".join(decision.rule_ids) or "the default"
     if decision.verdict is Verdict.DENY:
-        return Denied(f"{cap.name}: denied by {rules}: {why}",
-                      rule_ids=decision.rule_ids, reasons=decision.reasons)
+        return Denied(
+            f"{cap.name}: denied by {rules}: {why}",
+            rule_ids=decision.rule_ids,
+            reasons=decision.reasons,
+        )
     from tether.errors import ApprovalRequired
 
     return ApprovalRequired(f"{cap.name}: needs a person's approval ({rules}: {why})")
@@ -447,7 +571,10 @@ def _fingerprint(key: bytes | None, args_bytes: bytes) -> bytes:
 
 
 def _classify(
-    existing: KeyRecord, fingerprint: bytes, cap: Capability[Any, Any], now: datetime,
+    existing: KeyRecord,
+    fingerprint: bytes,
+    cap: Capability[Any, Any],
+    now: datetime,
     retention: timedelta,
 ) -> TetherError | str:
     """Say what a key's record means for a new call: an error, "hit" or "proceed"."""
@@ -484,22 +611,39 @@ def _classify(
 
 
 def _status_of(error: TetherError) -> OutcomeStatus:
-    return OutcomeStatus.IN_DOUBT if isinstance(error, InDoubt) else OutcomeStatus.REFUSED
+    return (
+        OutcomeStatus.IN_DOUBT if isinstance(error, InDoubt) else OutcomeStatus.REFUSED
+    )
 
 
 def _hit(
-    run: RunPort, cap: Capability[Any, Any], existing: KeyRecord, key: str | None,
-    events: list[record.Event], now: datetime, number: int,
+    run: RunPort,
+    cap: Capability[Any, Any],
+    existing: KeyRecord,
+    key: str | None,
+    events: list[record.Event],
+    now: datetime,
+    number: int,
 ) -> Flow:
     assert existing.output is not None and key is not None
     output = cap.output_model.model_validate_json(existing.output)
-    events.append(record.IdempotentHit(at=now, step=number, key=key,
-                                       original_run=existing.run_id,
-                                       original_step=existing.step,
-                                       output=_canonical.loads(existing.output)))
+    events.append(
+        record.IdempotentHit(
+            at=now,
+            step=number,
+            key=key,
+            original_run=existing.run_id,
+            original_step=existing.step,
+            output=_canonical.loads(existing.output),
+        )
+    )
     yield run.commit(events)
-    return Outcome(status=OutcomeStatus.IDEMPOTENT_HIT, step=number, capability=cap.name,
-                   output=output)
+    return Outcome(
+        status=OutcomeStatus.IDEMPOTENT_HIT,
+        step=number,
+        capability=cap.name,
+        output=output,
+    )
 
 
 def _validate_output(cap: Capability[Any, Any], value: object) -> BaseModel:
@@ -516,7 +660,9 @@ def _validate_output(cap: Capability[Any, Any], value: object) -> BaseModel:
         raise InvalidOutput(_one_line(cap.name, "output", exc)) from exc
 
 
-def _execution_error(cap: Capability[Any, Any], args: BaseModel, done: Executed) -> TetherError:
+def _execution_error(
+    cap: Capability[Any, Any], args: BaseModel, done: Executed
+) -> TetherError:
     exc = done.error
     assert exc is not None
     if done.timed_out:

@@ -31,7 +31,7 @@ class Principal:
 
     def __init__(
         self,
-        id: str,  # noqa: A002  # the DESIGN vocabulary names it `id`
+        id: str,  # the DESIGN vocabulary names it `id`
         *,
         roles: Sequence[str] = (),
         scopes: Sequence[str] = (),

@@ -38,6 +38,7 @@ __all__ = [
     "KeyExpired",
     "Outcome",
     "OutcomeStatus",
+    "PlanProposed",
     "PreconditionChecked",
     "RunFinished",
     "RunStarted",
@@ -76,7 +77,9 @@ Secret = Annotated[
     str,
     _SECRET,
     pydantic.PlainSerializer(lambda _v: SECRET_MASK, return_type=str, when_used="json"),
-    pydantic.WithJsonSchema({"type": "string", "writeOnly": True, "x-tether-secret": True}),
+    pydantic.WithJsonSchema(
+        {"type": "string", "writeOnly": True, "x-tether-secret": True}
+    ),
 ]
 """A `str` field that tether never stores or prints in clear (like `SecretStr`, but
 the handler gets a plain `str`)."""
@@ -122,6 +125,20 @@ class RunFinished(_Base):
     status: str
     error_code: str | None = None
     message: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PlanProposed(_Base):
+    """A planner proposed the next steps (capability, args, rationale each)."""
+
+    kind: Literal["plan_proposed"] = "plan_proposed"
+    planner: str
+    steps: tuple[dict[str, Any], ...]
+    """Each proposed step: `{"capability", "args", "rationale"}`."""
+    finish: bool = False
+    """True when the planner said the task is done."""
+    answer: str | None = None
+    """The planner's final answer, when it finished."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -229,6 +246,7 @@ Event: TypeAlias = (
     RunStarted
     | RunStatus
     | RunFinished
+    | PlanProposed
     | Validated
     | PreconditionChecked
     | Decided
@@ -356,34 +374,67 @@ def verify(
     expected_seq = 1
     for ev in events:
         if ev.seq != expected_seq:
-            return _bad(run_id, expected_seq, previous, expected_seq - 1,
-                        f"event {expected_seq} is missing (found {ev.seq} next)")
+            return _bad(
+                run_id,
+                expected_seq,
+                previous,
+                expected_seq - 1,
+                f"event {expected_seq} is missing (found {ev.seq} next)",
+            )
         h = chain_hash(previous, ev.seq, ev.body)
         if not hmac.compare_digest(h, ev.hash):
-            return _bad(run_id, ev.seq, previous, expected_seq - 1,
-                        f"event {ev.seq} does not match its hash (altered, moved or forged)")
+            return _bad(
+                run_id,
+                ev.seq,
+                previous,
+                expected_seq - 1,
+                f"event {ev.seq} does not match its hash (altered, moved or forged)",
+            )
         previous = h
         expected_seq += 1
     count = expected_seq - 1
     if head_seq != count or not hmac.compare_digest(head_hash, previous):
-        return _bad(run_id, count + 1 if head_seq > count else head_seq, previous, count,
-                    f"the stored head is event {head_seq} but the chain ends at {count} "
-                    "(events removed from the end, or the head rewritten)")
+        return _bad(
+            run_id,
+            count + 1 if head_seq > count else head_seq,
+            previous,
+            count,
+            f"the stored head is event {head_seq} but the chain ends at {count} "
+            "(events removed from the end, or the head rewritten)",
+        )
     if key is not None and head_sig is not None:
         good = sign_head(key, run_id, head_seq, head_hash)
         if not hmac.compare_digest(good, head_sig):
-            return _bad(run_id, None, previous, count,
-                        "the signed head does not match: the record was rewritten or "
-                        "truncated by someone without the record key")
+            return _bad(
+                run_id,
+                None,
+                previous,
+                count,
+                "the signed head does not match: the record was rewritten or "
+                "truncated by someone without the record key",
+            )
     if expected_head is not None and expected_head.lower() != previous.hex():
-        return _bad(run_id, None, previous, count,
-                    f"the head {previous.hex()} differs from the exported head {expected_head}")
+        return _bad(
+            run_id,
+            None,
+            previous,
+            count,
+            f"the head {previous.hex()} differs from the exported head {expected_head}",
+        )
     return VerifyReport(run_id=run_id, ok=True, events=count, head=previous.hex())
 
 
-def _bad(run_id: str, seq: int | None, head: bytes, count: int, reason: str) -> VerifyReport:
-    return VerifyReport(run_id=run_id, ok=False, events=count, head=head.hex(),
-                        first_bad_seq=seq, reason=reason)
+def _bad(
+    run_id: str, seq: int | None, head: bytes, count: int, reason: str
+) -> VerifyReport:
+    return VerifyReport(
+        run_id=run_id,
+        ok=False,
+        events=count,
+        head=head.hex(),
+        first_bad_seq=seq,
+        reason=reason,
+    )
 
 
 # -- redaction ----------------------------------------------------------------

@@ -29,7 +29,14 @@ TRANSITIONS: dict[RunState, frozenset[RunState]] = {
         {_S.EXECUTING, _S.AWAITING_APPROVAL, _S.SUCCEEDED, _S.FAILED, _S.ABORTED}
     ),
     _S.EXECUTING: frozenset(
-        {_S.PLANNING, _S.AWAITING_APPROVAL, _S.SUCCEEDED, _S.FAILED, _S.ABORTED, _S.DEGRADED}
+        {
+            _S.PLANNING,
+            _S.AWAITING_APPROVAL,
+            _S.SUCCEEDED,
+            _S.FAILED,
+            _S.ABORTED,
+            _S.DEGRADED,
+        }
     ),
     _S.AWAITING_APPROVAL: frozenset({_S.EXECUTING, _S.PLANNING, _S.ABORTED}),
     _S.DEGRADED: frozenset({_S.EXECUTING}),

@@ -50,7 +50,9 @@ class MemoryStore(Store):
                 existing = self._keys.get(claim.id)
                 if existing is not None and not may_replace(existing, claim):
                     return Committed(
-                        head_seq=batch.base_seq, head_hash=batch.base_hash, conflict=existing
+                        head_seq=batch.base_seq,
+                        head_hash=batch.base_hash,
+                        conflict=existing,
                     )
                 took_over = existing
                 self._keys[claim.id] = KeyRecord(
@@ -68,10 +70,17 @@ class MemoryStore(Store):
                 new = batch.new_run
                 run = self._runs[batch.run_id] = _Run(
                     RunRow(
-                        run_id=batch.run_id, status=new.status, tenant=new.tenant,
-                        principal_id=new.principal_id, request=new.request,
-                        created_at=new.created_at, updated_at=batch.at, epoch=batch.epoch,
-                        head_seq=0, head_hash=batch.base_hash, head_sig=None,
+                        run_id=batch.run_id,
+                        status=new.status,
+                        tenant=new.tenant,
+                        principal_id=new.principal_id,
+                        request=new.request,
+                        created_at=new.created_at,
+                        updated_at=batch.at,
+                        epoch=batch.epoch,
+                        head_seq=0,
+                        head_hash=batch.base_hash,
+                        head_sig=None,
                         error_code=None,
                     )
                 )
@@ -79,7 +88,9 @@ class MemoryStore(Store):
                 raise NotFound(f"no run {batch.run_id!r} in memory")
             row = run.row
             if row.epoch != batch.epoch:
-                raise LeaseLost(f"run {batch.run_id} is held by lease epoch {row.epoch}")
+                raise LeaseLost(
+                    f"run {batch.run_id} is held by lease epoch {row.epoch}"
+                )
             if len(run.events) != batch.base_seq:
                 raise StoreError(f"run {batch.run_id}: the record moved; two writers")
             run.events.extend(batch.events)
@@ -90,9 +101,14 @@ class MemoryStore(Store):
                 old = self._keys.get(u.id)
                 if old is not None and old.run_id == u.run_id and old.step == u.step:
                     self._keys[u.id] = KeyRecord(
-                        state=u.state, fingerprint=old.fingerprint, run_id=old.run_id,
-                        step=old.step, output=u.output, claimed_at=old.claimed_at,
-                        lease_until=old.lease_until, completed_at=u.now,
+                        state=u.state,
+                        fingerprint=old.fingerprint,
+                        run_id=old.run_id,
+                        step=old.step,
+                        output=u.output,
+                        claimed_at=old.claimed_at,
+                        lease_until=old.lease_until,
+                        completed_at=u.now,
                     )
             return Committed(
                 head_seq=len(run.events), head_hash=b"", took_over=took_over
@@ -112,17 +128,26 @@ class MemoryStore(Store):
         head = events[-1].hash if events else record.genesis(run_id)
         r = run.row
         return RunRow(
-            run_id=r.run_id, status=r.status, tenant=r.tenant,
-            principal_id=r.principal_id, request=r.request, created_at=r.created_at,
-            updated_at=r.updated_at, epoch=r.epoch, head_seq=len(events), head_hash=head,
-            head_sig=None, error_code=r.error_code,
+            run_id=r.run_id,
+            status=r.status,
+            tenant=r.tenant,
+            principal_id=r.principal_id,
+            request=r.request,
+            created_at=r.created_at,
+            updated_at=r.updated_at,
+            epoch=r.epoch,
+            head_seq=len(events),
+            head_hash=head,
+            head_sig=None,
+            error_code=r.error_code,
         )
 
     def list_runs(self, *, limit: int = 50, status: str | None = None) -> list[RunRow]:
         """Return the newest runs first."""
         with self._lock:
             ids = [
-                rid for rid, r in self._runs.items()
+                rid
+                for rid, r in self._runs.items()
                 if status is None or r.row.status == status
             ]
         return [self.get_run(rid) for rid in reversed(ids)][:limit]
@@ -146,9 +171,16 @@ class MemoryStore(Store):
 
 def _replace_status(row: RunRow, batch: Batch) -> RunRow:
     return RunRow(
-        run_id=row.run_id, status=batch.status or row.status, tenant=row.tenant,
-        principal_id=row.principal_id, request=row.request, created_at=row.created_at,
-        updated_at=batch.at, epoch=row.epoch, head_seq=row.head_seq,
-        head_hash=row.head_hash, head_sig=row.head_sig,
+        run_id=row.run_id,
+        status=batch.status or row.status,
+        tenant=row.tenant,
+        principal_id=row.principal_id,
+        request=row.request,
+        created_at=row.created_at,
+        updated_at=batch.at,
+        epoch=row.epoch,
+        head_seq=row.head_seq,
+        head_hash=row.head_hash,
+        head_sig=row.head_sig,
         error_code=batch.error_code or row.error_code,
     )

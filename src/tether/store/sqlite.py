@@ -121,7 +121,9 @@ class SQLiteStore(Store):
     def _migrate(self) -> None:
         scripts = sorted(
             (int(f.name.split("_", 1)[0]), f)
-            for f in resources.files("tether.store.migrations").joinpath("sqlite").iterdir()
+            for f in resources.files("tether.store.migrations")
+            .joinpath("sqlite")
+            .iterdir()
             if f.name.endswith(".sql")
         )
         latest = scripts[-1][0] if scripts else 0
@@ -198,16 +200,37 @@ class SQLiteStore(Store):
             new = batch.new_run
             con.execute(
                 f"INSERT INTO runs ({_RUN_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",  # noqa: S608  # constant column list
-                (batch.run_id, new.status, new.tenant, new.principal_id, new.request,
-                 _ts(new.created_at), now, batch.epoch, seq, head, sig, None),
+                (
+                    batch.run_id,
+                    new.status,
+                    new.tenant,
+                    new.principal_id,
+                    new.request,
+                    _ts(new.created_at),
+                    now,
+                    batch.epoch,
+                    seq,
+                    head,
+                    sig,
+                    None,
+                ),
             )
         else:
             cur = con.execute(
                 "UPDATE runs SET head_seq=?, head_hash=?, head_sig=?, updated_at=?, "
                 "status=COALESCE(?, status), error_code=COALESCE(?, error_code) "
                 "WHERE run_id=? AND epoch=? AND head_seq=?",
-                (seq, head, sig, now, batch.status, batch.error_code,
-                 batch.run_id, batch.epoch, batch.base_seq),
+                (
+                    seq,
+                    head,
+                    sig,
+                    now,
+                    batch.status,
+                    batch.error_code,
+                    batch.run_id,
+                    batch.epoch,
+                    batch.base_seq,
+                ),
             )
             if cur.rowcount != 1:
                 self._fence_failure(con, batch)
@@ -221,8 +244,17 @@ class SQLiteStore(Store):
                 "UPDATE idempotency_keys SET state=?, output=?, completed_at=? "
                 "WHERE tenant=? AND principal_id=? AND capability=? AND key=? "
                 "AND run_id=? AND step=?",
-                (u.state.value, u.output, _ts(u.now), u.id.tenant, u.id.principal_id,
-                 u.id.capability, u.id.key, u.run_id, u.step),
+                (
+                    u.state.value,
+                    u.output,
+                    _ts(u.now),
+                    u.id.tenant,
+                    u.id.principal_id,
+                    u.id.capability,
+                    u.id.key,
+                    u.run_id,
+                    u.step,
+                ),
             )
         return Committed(head_seq=seq, head_hash=head, took_over=took_over)
 
@@ -254,16 +286,30 @@ class SQLiteStore(Store):
                 "UPDATE idempotency_keys SET fingerprint=?, state=?, run_id=?, step=?, "
                 "output=NULL, claimed_at=?, lease_until=?, completed_at=NULL "
                 "WHERE tenant=? AND principal_id=? AND capability=? AND key=?",
-                (claim.fingerprint, KeyState.IN_PROGRESS.value, claim.run_id, claim.step,
-                 _ts(claim.now), _ts(claim.lease_until), *where),
+                (
+                    claim.fingerprint,
+                    KeyState.IN_PROGRESS.value,
+                    claim.run_id,
+                    claim.step,
+                    _ts(claim.now),
+                    _ts(claim.lease_until),
+                    *where,
+                ),
             )
             return existing
         con.execute(
             "INSERT INTO idempotency_keys (tenant, principal_id, capability, key, "
             "fingerprint, state, run_id, step, claimed_at, lease_until) "
             "VALUES (?,?,?,?,?,?,?,?,?,?)",
-            (*where, claim.fingerprint, KeyState.IN_PROGRESS.value, claim.run_id,
-             claim.step, _ts(claim.now), _ts(claim.lease_until)),
+            (
+                *where,
+                claim.fingerprint,
+                KeyState.IN_PROGRESS.value,
+                claim.run_id,
+                claim.step,
+                _ts(claim.now),
+                _ts(claim.lease_until),
+            ),
         )
         return None
 
@@ -278,7 +324,8 @@ class SQLiteStore(Store):
 
         def query(con: sqlite3.Connection) -> list[tuple[object, ...]]:
             rows = con.execute(
-                f"SELECT {_RUN_COLUMNS} FROM runs WHERE run_id=?", (run_id,)  # noqa: S608
+                f"SELECT {_RUN_COLUMNS} FROM runs WHERE run_id=?",
+                (run_id,),
             ).fetchall()
             if not rows and len(run_id) >= 6:
                 rows = con.execute(
@@ -290,8 +337,10 @@ class SQLiteStore(Store):
 
         rows = self._read(query)
         if len(rows) != 1:
-            hint = "it matches several runs; give more of it" if rows else (
-                "see `tether runs list`"
+            hint = (
+                "it matches several runs; give more of it"
+                if rows
+                else ("see `tether runs list`")
             )
             raise NotFound(f"no run {run_id!r} in {str(self.path)!r}; {hint}")
         return _run_row(rows[0])
@@ -323,7 +372,7 @@ class SQLiteStore(Store):
             self._con.close()
 
 
-class _Conflict(Exception):  # noqa: N818  # control flow, never escapes this module
+class _Conflict(Exception):  # control flow, never escapes this module
     def __init__(self, existing: KeyRecord) -> None:
         self.record = existing
 
@@ -351,8 +400,20 @@ def _key_record(con: sqlite3.Connection, k: KeyId) -> KeyRecord | None:
 
 
 def _run_row(row: tuple[object, ...]) -> RunRow:
-    (run_id, status, tenant, principal_id, request, created, updated, epoch, head_seq,
-     head_hash, head_sig, error_code) = row
+    (
+        run_id,
+        status,
+        tenant,
+        principal_id,
+        request,
+        created,
+        updated,
+        epoch,
+        head_seq,
+        head_hash,
+        head_sig,
+        error_code,
+    ) = row
     return RunRow(
         run_id=str(run_id),
         status=str(status),
