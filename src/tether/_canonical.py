@@ -18,7 +18,7 @@ from typing import Any
 
 import orjson
 
-__all__ = ["CanonicalError", "dumps", "has_non_finite", "loads"]
+__all__ = ["CanonicalError", "dumps", "dumps_fields", "has_non_finite", "loads"]
 
 _OPTIONS = orjson.OPT_SORT_KEYS | orjson.OPT_UTC_Z | orjson.OPT_NAIVE_UTC
 
@@ -75,3 +75,15 @@ def has_non_finite(value: object, _depth: int = 0) -> bool:
     if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
         return any(has_non_finite(v, _depth + 1) for v in value)
     return False
+
+
+_FIELDS: dict[type, tuple[str, ...]] = {}
+
+
+def dumps_fields(obj: object) -> bytes:
+    """Encode a dataclass instance canonically (fields sorted, like any mapping)."""
+    cls = type(obj)
+    names = _FIELDS.get(cls)
+    if names is None:
+        names = _FIELDS[cls] = tuple(f.name for f in dataclasses.fields(cls))  # type: ignore[arg-type]  # a dataclass by contract
+    return dumps({n: getattr(obj, n) for n in names})

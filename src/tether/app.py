@@ -151,13 +151,13 @@ class Tether:
         """
         row = self.store.get_run(run_id)
         events = self.store.events(row.run_id)
-        names = sorted({e.data().get("capability") for e in events} - {None})
-        caps = {}
+        names = sorted({str(e.data().get("capability")) for e in events} - {"None"})
+        caps: dict[str, dict[str, object] | None] = {}
         for name in names:
             try:
-                caps[name] = self.capabilities.get(str(name)).describe()
+                caps[name] = self.capabilities.get(name).describe()
             except NotFound:
-                caps[name] = None
+                caps[name] = None  # recorded under a capability this app lacks
         yield _canonical.dumps(
             {
                 "format": record.FORMAT,
@@ -224,7 +224,7 @@ class Run:
         self.id = self.run_id = app.ids.new_id("run_")
         self.principal = principal
         self.request = request
-        self.context = context
+        self.context: Mapping[str, Any] = context
         self.status = RunState.PENDING
         self.steps = 0
         self.clock = app.clock
@@ -310,7 +310,7 @@ class Run:
                     at=now,
                     request=self.request,
                     principal=self.principal.describe(),
-                    context=self.context,
+                    context=dict(self.context),
                 ),
                 record.RunStatus(
                     at=now,
@@ -372,7 +372,9 @@ class Run:
             )
         check_transition(self.status, target)
         now = self.clock.now()
-        event = record.RunStatus(at=now, previous=self.status.value, status=target.value)
+        event = record.RunStatus(
+            at=now, previous=self.status.value, status=target.value
+        )
         self._commit({"events": [event], "status": target.value, "at": now})
         self.status = target
 

@@ -30,6 +30,7 @@ __all__ = [
     "Idempotency",
     "Registry",
     "capability",
+    "one_line_error",
 ]
 
 In = TypeVar("In", bound=BaseModel)
@@ -102,7 +103,9 @@ class _HandlerShape:
     wants_ctx: bool
 
 
-def _shape(fn: _Handler, name: str, role: str) -> tuple[_HandlerShape, type, type]:
+def _shape(
+    fn: _Handler, name: str, role: str
+) -> tuple[_HandlerShape, type[BaseModel], type[BaseModel]]:
     if not callable(fn):
         raise UsageError(f"capability {name!r}: {role} {fn!r} is not callable")
     params = list(inspect.signature(fn).parameters.values())
@@ -118,20 +121,23 @@ def _shape(fn: _Handler, name: str, role: str) -> tuple[_HandlerShape, type, typ
             f"capability {name!r}: cannot resolve the annotations of "
             f"{fn.__qualname__} ({exc}); define the models at module level"
         ) from exc
-    in_model = hints.get(params[0].name)
-    out_model = hints.get("return")
-    for what, model in (("argument", in_model), ("return", out_model)):
-        if not (isinstance(model, type) and issubclass(model, BaseModel)):
-            raise UsageError(
-                f"capability {name!r}: {fn.__qualname__}'s {what} annotation must be "
-                f"a pydantic BaseModel subclass, got {model!r}"
-            )
+    in_model = _model(hints.get(params[0].name), name, fn, "argument")
+    out_model = _model(hints.get("return"), name, fn, "return")
     shape = _HandlerShape(
         fn=fn,
         is_async=inspect.iscoroutinefunction(fn),
         wants_ctx=len(params) == 2,
     )
-    return shape, in_model, out_model  # type: ignore[return-value]  # checked above
+    return shape, in_model, out_model
+
+
+def _model(annotation: object, name: str, fn: _Handler, what: str) -> type[BaseModel]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    raise UsageError(
+        f"capability {name!r}: {fn.__qualname__}'s {what} annotation must be "
+        f"a pydantic BaseModel subclass, got {annotation!r}"
+    )
 
 
 class Capability(Generic[In, Out]):
@@ -179,7 +185,11 @@ class Capability(Generic[In, Out]):
         self.version = version
         self.effect = effect
         self.idempotency = idempotency
-        self._handler, self.input_model, self.output_model = _shape(fn, name, "handler")
+        self.input_model: type[In]
+        self.output_model: type[Out]
+        self._handler, self.input_model, self.output_model = _shape(  # type: ignore[assignment]  # the decorator's overloads bind In/Out to these models
+            fn, name, "handler"
+        )
         self._dry_run: _HandlerShape | None = None
         if dry_run is not None:
             self._dry_run, dry_in, dry_out = _shape(dry_run, name, "dry-run handler")
@@ -232,14 +242,14 @@ class Capability(Generic[In, Out]):
         model = self.input_model
         try:
             if isinstance(raw, model):
-                return raw  # type: ignore[return-value]  # isinstance above
+                return raw
             if isinstance(raw, (str, bytes, bytearray)):
                 if len(raw) > limit:
                     raise ValidationFailed(
                         f"{self.name}: arguments are {len(raw)} bytes, over the "
                         f"{limit}-byte limit; send less data"
                     )
-                parsed = _canonical.loads(raw)
+                parsed = _canonical.loads(raw if isinstance(raw, str) else bytes(raw))
             elif isinstance(raw, BaseModel):
                 parsed = raw.model_dump(mode="json")
             else:
@@ -249,9 +259,9 @@ class Capability(Generic[In, Out]):
                     f"{self.name}: arguments hold NaN or Infinity, which JSON "
                     "cannot carry; send a finite number"
                 )
-            return model.model_validate(parsed)  # type: ignore[return-value]
+            return model.model_validate(parsed)
         except pydantic.ValidationError as exc:
-            raise ValidationFailed(_one_line(self.name, "arguments", exc)) from exc
+            raise ValidationFailed(one_line_error(self.name, "arguments", exc)) from exc
         except RecursionError as exc:
             raise ValidationFailed(
                 f"{self.name}: arguments are nested too deeply; flatten them"
@@ -273,7 +283,7 @@ class Capability(Generic[In, Out]):
         cost = self.cost
         if isinstance(cost, Decimal):
             return cost
-        return _to_decimal(cost(args), f"{self.name!r} cost({args!r})")  # type: ignore[operator]
+        return _to_decimal(cost(args), f"{self.name!r} cost({args!r})")
 
     def tool_schema(self, flavor: str = "mcp") -> dict[str, object]:
         """Return this capability as an LLM tool definition.
@@ -333,7 +343,8 @@ class Capability(Generic[In, Out]):
         return f"<Capability {self.name}@{self.version} {self.effect.value}>"
 
 
-def _one_line(name: str, what: str, exc: pydantic.ValidationError) -> str:
+def one_line_error(name: str, what: str, exc: pydantic.ValidationError) -> str:
+    """Return `exc` as one line: the capability, what broke, the first bad field."""
     first = exc.errors(include_url=False, include_input=False)[0]
     where = ".".join(str(p) for p in first["loc"]) or "(root)"
     more = exc.error_count() - 1

@@ -25,7 +25,13 @@ import anyio.to_thread
 from pydantic import BaseModel, ValidationError
 
 from tether import _canonical, record
-from tether.capability import CallContext, Capability, Effect, Idempotency
+from tether.capability import (
+    CallContext,
+    Capability,
+    Effect,
+    Idempotency,
+    one_line_error,
+)
 from tether.clock import Clock
 from tether.errors import (
     CapabilityFailed,
@@ -295,11 +301,11 @@ def step(run: RunPort, req: StepRequest) -> Flow:  # the design's list, in order
     handler = cap.dry_run_handler if dry_run else cap.handler
     if handler is None:
         if cap.effect is not Effect.READ:
-            err = Denied(
+            no_dry_run = Denied(
                 f"{cap.name}: a dry run was required but the capability has no "
                 "dry-run handler; add dry_run=... to its declaration"
             )
-            return (yield from refuse("policy", err, OutcomeStatus.REFUSED))
+            return (yield from refuse("policy", no_dry_run, OutcomeStatus.REFUSED))
         handler = cap.handler  # a read acts on nothing: running it is its own dry run
 
     # idempotency lookup (completed: stored result, no charge; in progress: refused)
@@ -497,11 +503,7 @@ def step(run: RunPort, req: StepRequest) -> Flow:  # the design's list, in order
 
 
 def _check_key(key: str) -> None:
-    if (
-        not isinstance(key, str)
-        or not 0 < len(key) <= MAX_KEY_LENGTH
-        or not key.isprintable()
-    ):
+    if not 0 < len(key) <= MAX_KEY_LENGTH or not key.isprintable():
         raise InvalidKey(
             f"idempotency key {key!r:.80} is invalid; use 1 to {MAX_KEY_LENGTH} printable "
             "characters (no control characters)"
@@ -625,7 +627,8 @@ def _hit(
     now: datetime,
     number: int,
 ) -> Flow:
-    assert existing.output is not None and key is not None
+    assert existing.output is not None
+    assert key is not None
     output = cap.output_model.model_validate_json(existing.output)
     events.append(
         record.IdempotentHit(
@@ -649,15 +652,15 @@ def _hit(
 def _validate_output(cap: Capability[Any, Any], value: object) -> BaseModel:
     model = cap.output_model
     if type(value) is model:
-        return value  # type: ignore[return-value]  # checked above
+        assert isinstance(value, BaseModel)
+        return value
     try:
         if isinstance(value, BaseModel):
             value = value.model_dump()
-        return model.model_validate(value)
+        validated: BaseModel = model.model_validate(value)
     except ValidationError as exc:
-        from tether.capability import _one_line
-
-        raise InvalidOutput(_one_line(cap.name, "output", exc)) from exc
+        raise InvalidOutput(one_line_error(cap.name, "output", exc)) from exc
+    return validated
 
 
 def _execution_error(

@@ -10,10 +10,9 @@ or cutting its tail is caught by `verify`, not only editing a row in the middle.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
 from enum import StrEnum
@@ -23,6 +22,7 @@ import pydantic
 from pydantic import BaseModel, SecretBytes, SecretStr
 
 from tether import _canonical
+from tether._chain import StoredEvent, chain_hash, genesis, sign_head
 from tether.errors import TetherError
 
 __all__ = [
@@ -60,7 +60,7 @@ __all__ = [
 FORMAT = 1
 """Version of the record format; stored in every `run_started` event."""
 
-SECRET_MASK = "**********"
+SECRET_MASK = "**********"  # noqa: S105  # a mask, not a password
 """What a secret field becomes in a record (the same mask pydantic's `SecretStr` uses)."""
 
 
@@ -261,16 +261,11 @@ Event: TypeAlias = (
 _ADAPTER: pydantic.TypeAdapter[Event] = pydantic.TypeAdapter(
     Annotated[Event, pydantic.Field(discriminator="kind")]
 )
-_FIELDS: dict[type, tuple[str, ...]] = {}
 
 
 def encode(event: Event) -> bytes:
     """Return the canonical bytes of `event`."""
-    cls = type(event)
-    names = _FIELDS.get(cls)
-    if names is None:
-        names = _FIELDS[cls] = tuple(f.name for f in fields(cls))
-    return _canonical.dumps({n: getattr(event, n) for n in names})
+    return _canonical.dumps_fields(event)
 
 
 def decode(body: bytes | str) -> Event:
@@ -282,41 +277,7 @@ def decode(body: bytes | str) -> Event:
     return _ADAPTER.validate_json(body)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class StoredEvent:
-    """One event as the store holds it."""
-
-    seq: int
-    """Position in the run's record, from 1, contiguous."""
-    body: bytes
-    """Canonical JSON of the event."""
-    hash: bytes
-    """SHA-256 over the previous hash, `seq` and `body`."""
-
-    def data(self) -> dict[str, Any]:
-        """Return the event as a JSON-ready dict with its `seq`."""
-        out: dict[str, Any] = _canonical.loads(self.body)
-        out["seq"] = self.seq
-        return out
-
-
 # -- the chain ----------------------------------------------------------------
-
-
-def genesis(run_id: str) -> bytes:
-    """Return the hash that the run's first event chains from (binds events to the run)."""
-    return hashlib.sha256(b"tether-record-v1\x00" + run_id.encode()).digest()
-
-
-def chain_hash(previous: bytes, seq: int, body: bytes) -> bytes:
-    """Return the hash of event `seq` with canonical `body` after `previous`."""
-    return hashlib.sha256(previous + seq.to_bytes(8, "big") + body).digest()
-
-
-def sign_head(key: bytes, run_id: str, seq: int, head: bytes) -> bytes:
-    """Return the HMAC-SHA256 of the chain head, with a key kept outside the database."""
-    msg = run_id.encode() + b"\x00" + seq.to_bytes(8, "big") + head
-    return hmac.new(key, msg, hashlib.sha256).digest()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -13,8 +13,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
-from tether.record import Event, StoredEvent
+from tether._chain import StoredEvent
+
+if TYPE_CHECKING:
+    from tether.record import Event
 
 __all__ = [
     "Batch",

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from tether import record
+from tether import _canonical, _chain
 from tether.errors import LeaseLost, NotFound, StoreError
 from tether.store._base import (
     Batch,
@@ -22,13 +23,16 @@ from tether.store._base import (
     may_replace,
 )
 
+if TYPE_CHECKING:
+    from tether.record import Event
+
 __all__ = ["MemoryStore"]
 
 
 @dataclass(slots=True)
 class _Run:
     row: RunRow
-    events: list[record.Event] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
 
 
 class MemoryStore(Store):
@@ -125,7 +129,7 @@ class MemoryStore(Store):
             if run is None:
                 raise NotFound(f"no run {run_id!r} in memory")
             events = self._stored(run_id, run.events)
-        head = events[-1].hash if events else record.genesis(run_id)
+        head = events[-1].hash if events else _chain.genesis(run_id)
         r = run.row
         return RunRow(
             run_id=r.run_id,
@@ -152,20 +156,20 @@ class MemoryStore(Store):
             ]
         return [self.get_run(rid) for rid in reversed(ids)][:limit]
 
-    def events(self, run_id: str) -> list[record.StoredEvent]:
+    def events(self, run_id: str) -> list[_chain.StoredEvent]:
         """Return a run's events, encoded and chained now."""
         with self._lock:
             run = self._runs.get(run_id)
             return [] if run is None else self._stored(run_id, run.events)
 
     @staticmethod
-    def _stored(run_id: str, events: list[record.Event]) -> list[record.StoredEvent]:
-        head = record.genesis(run_id)
+    def _stored(run_id: str, events: list[Event]) -> list[_chain.StoredEvent]:
+        head = _chain.genesis(run_id)
         out = []
         for seq, event in enumerate(events, 1):
-            body = record.encode(event)
-            head = record.chain_hash(head, seq, body)
-            out.append(record.StoredEvent(seq=seq, body=body, hash=head))
+            body = _canonical.dumps_fields(event)
+            head = _chain.chain_hash(head, seq, body)
+            out.append(_chain.StoredEvent(seq=seq, body=body, hash=head))
         return out
 
 

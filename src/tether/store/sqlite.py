@@ -17,7 +17,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Literal, TypeVar
 
-from tether import record
+from tether import _canonical, _chain
 from tether.errors import LeaseLost, NotFound, StoreError
 from tether.store._base import (
     Batch,
@@ -187,13 +187,13 @@ class SQLiteStore(Store):
         rows = []
         for event in batch.events:
             seq += 1
-            body = record.encode(event)
-            head = record.chain_hash(head, seq, body)
+            body = _canonical.dumps_fields(event)
+            head = _chain.chain_hash(head, seq, body)
             rows.append((batch.run_id, seq, event.kind, event.step, body, head))
         sig = (
             None
             if self.record_key is None
-            else record.sign_head(self.record_key, batch.run_id, seq, head)
+            else _chain.sign_head(self.record_key, batch.run_id, seq, head)
         )
         now = _ts(batch.at)
         if batch.new_run is not None:
@@ -324,7 +324,7 @@ class SQLiteStore(Store):
 
         def query(con: sqlite3.Connection) -> list[tuple[object, ...]]:
             rows = con.execute(
-                f"SELECT {_RUN_COLUMNS} FROM runs WHERE run_id=?",
+                f"SELECT {_RUN_COLUMNS} FROM runs WHERE run_id=?",  # noqa: S608  # constant column list
                 (run_id,),
             ).fetchall()
             if not rows and len(run_id) >= 6:
@@ -356,7 +356,7 @@ class SQLiteStore(Store):
         rows = self._read(lambda con: con.execute(sql, (*params, limit)).fetchall())
         return [_run_row(r) for r in rows]
 
-    def events(self, run_id: str) -> list[record.StoredEvent]:
+    def events(self, run_id: str) -> list[_chain.StoredEvent]:
         """Return a run's events in order."""
         rows = self._read(
             lambda con: con.execute(
@@ -364,7 +364,7 @@ class SQLiteStore(Store):
                 (run_id,),
             ).fetchall()
         )
-        return [record.StoredEvent(seq=s, body=b, hash=h) for s, b, h in rows]
+        return [_chain.StoredEvent(seq=s, body=b, hash=h) for s, b, h in rows]
 
     def close(self) -> None:
         """Close the connection."""
@@ -424,7 +424,12 @@ def _run_row(row: tuple[object, ...]) -> RunRow:
         updated_at=_dt(str(updated)),
         epoch=int(epoch),  # type: ignore[call-overload]  # INTEGER column
         head_seq=int(head_seq),  # type: ignore[call-overload]  # INTEGER column
-        head_hash=bytes(head_hash),  # type: ignore[arg-type]  # BLOB column
-        head_sig=None if head_sig is None else bytes(head_sig),  # type: ignore[arg-type]
+        head_hash=_blob(head_hash),
+        head_sig=None if head_sig is None else _blob(head_sig),
         error_code=None if error_code is None else str(error_code),
     )
+
+
+def _blob(value: object) -> bytes:
+    assert isinstance(value, bytes), value  # BLOB columns read back as bytes
+    return value

@@ -1,0 +1,1 @@
+"""Versioned schema migrations, one folder per backend, applied in order on open."""
