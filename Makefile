@@ -4,7 +4,7 @@ export UV_PYTHON_DOWNLOADS := never
 UV ?= $(shell command -v uv 2>/dev/null || echo .bootstrap/bin/uv)
 RUN := $(UV) run --frozen
 
-.PHONY: install format lint typecheck test soak demo bench check wheel-test clean
+.PHONY: install format lint typecheck test soak demo bench check wheel-test schemas clean
 
 $(UV):
 	python3 -m venv .bootstrap && .bootstrap/bin/pip install --quiet 'uv==0.13.9'
@@ -31,6 +31,9 @@ test: install  ## every test, with the bounded chaos tests; slow soaks are `make
 
 soak: install
 	$(RUN) pytest -m slow -p no:cacheprovider
+
+schemas: install  ## regenerate the published JSON Schemas in src/tether/schemas/
+	$(RUN) python -m tether.schemas
 
 demo: install  ## run the built-in cloud-ops incident end to end
 	$(RUN) tether demo

@@ -77,16 +77,16 @@ def test_every_public_name_exists() -> None:
 
 def test_every_module_declares_all() -> None:
     """Every module of the package declares `__all__`."""
-    lacking = [m for m in _modules() if not hasattr(importlib.import_module(m), "__all__")]
+    lacking = [
+        m for m in _modules() if not hasattr(importlib.import_module(m), "__all__")
+    ]
 
     assert lacking == []
 
 
 def test_error_codes_are_unique_and_snake_case() -> None:
     """Each error class has its own stable snake_case code."""
-    classes = [
-        getattr(tether.errors, n) for n in tether.errors.__all__
-    ]
+    classes = [getattr(tether.errors, n) for n in tether.errors.__all__]
     codes = [c.code for c in classes]
 
     assert len(codes) == len(set(codes))

@@ -32,11 +32,17 @@ def test_code_blocks_run_and_print_what_they_say(
 
     for number, code in enumerate(_blocks(path), 1):
         expected = [
-            line.strip()[3:] for line in code.splitlines() if line.strip().startswith("#> ")
+            line.strip()[3:]
+            for line in code.splitlines()
+            if line.strip().startswith("#> ")
         ]
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
-            exec(compile(code, f"{path.name}[{number}]", "exec"), namespace)  # noqa: S102  # the docs' own code
+            exec(
+                compile(code, f"{path.name}[{number}]", "exec"), namespace
+            )  # the docs' own code
 
         if expected:
-            assert out.getvalue().splitlines() == expected, f"{path.name} block {number}"
+            assert out.getvalue().splitlines() == expected, (
+                f"{path.name} block {number}"
+            )

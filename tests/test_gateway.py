@@ -172,7 +172,9 @@ class TestValidation:
             outcome = take(run, mode, "net.broken", {"host": "a"})
 
         assert isinstance(outcome.error, tether.InvalidOutput)
-        failed = [e.data() for e in app.store.events(run.id) if e.data()["kind"] == "failed"]
+        failed = [
+            e.data() for e in app.store.events(run.id) if e.data()["kind"] == "failed"
+        ]
         assert failed[0]["stage"] == "output"
 
 
@@ -184,7 +186,11 @@ class TestPreconditions:
         ran = []
 
         def not_prod(args: HostIn) -> bool | str:
-            return "production hosts are off limits" if args.host.startswith("prod") else True
+            return (
+                "production hosts are off limits"
+                if args.host.startswith("prod")
+                else True
+            )
 
         @tether.capability("host.drain", effect="write", preconditions=[not_prod])
         def drain(args: HostIn) -> HostOut:
@@ -201,7 +207,9 @@ class TestPreconditions:
         assert allowed.status is OutcomeStatus.EXECUTED
         assert ran == ["dev-1"]
         checked = [
-            e.data() for e in app.store.events(run.id) if e.data()["kind"] == "precondition_checked"
+            e.data()
+            for e in app.store.events(run.id)
+            if e.data()["kind"] == "precondition_checked"
         ]
         assert checked[0]["failed"] == "not_prod"
         assert checked[1]["failed"] is None
@@ -235,7 +243,9 @@ class TestPolicy:
         assert isinstance(outcome.error, tether.Denied)
         assert outcome.error.rule_ids == ("no-wipes",)
         assert calls.n == {}
-        decided = [e.data() for e in ops.store.events(run.id) if e.data()["kind"] == "decided"]
+        decided = [
+            e.data() for e in ops.store.events(run.id) if e.data()["kind"] == "decided"
+        ]
         assert decided[0]["verdict"] == "deny"
         assert decided[0]["rule_ids"] == ["no-wipes"]
 
@@ -258,7 +268,9 @@ class TestPolicy:
         self, ops: tether.Tether, principal: tether.Principal, calls: Calls
     ) -> None:
         """`require_approval` stops the step with `ApprovalRequired`; nothing runs."""
-        ops.add_policy(RulePolicy("ask", "host.reboot", tether.Verdict.REQUIRE_APPROVAL))
+        ops.add_policy(
+            RulePolicy("ask", "host.reboot", tether.Verdict.REQUIRE_APPROVAL)
+        )
         with (
             ops.run(principal=principal, request="reboot") as run,
             pytest.raises(tether.ApprovalRequired),
@@ -282,7 +294,9 @@ class TestPolicy:
             return HostOut(host=args.host, up=False)
 
         app.register(destroy)
-        app.add_policy(RulePolicy("preview", "host.destroy", tether.Verdict.DRY_RUN_ONLY))
+        app.add_policy(
+            RulePolicy("preview", "host.destroy", tether.Verdict.DRY_RUN_ONLY)
+        )
         with app.run(principal=principal, request="destroy") as run:
             outcome = take(run, mode, "host.destroy", {"host": "a"})
 
@@ -314,7 +328,12 @@ class TestWriteStep:
             take(run, mode, "host.tag", {"host": "a"})
 
         assert seen[0][-1] == "intent"
-        assert kinds(app, run.id, step=1) == ["validated", "decided", "intent", "executed"]
+        assert kinds(app, run.id, step=1) == [
+            "validated",
+            "decided",
+            "intent",
+            "executed",
+        ]
 
     def test_keyed_capability_gets_a_derived_key_from_run_and_step(
         self, ops: tether.Tether, principal: tether.Principal, calls: Calls
@@ -450,7 +469,7 @@ class TestRunLifecycle:
         """Calling a step on a run that is not open says how to open it."""
         run = ops.run(principal=principal, request="x")
 
-        with pytest.raises(tether.UsageError, match="with app.run"):
+        with pytest.raises(tether.UsageError, match=r"with app\.run"):
             run.call("net.ping", {"host": "a"})
 
     def test_illegal_transition_raises(
@@ -481,7 +500,9 @@ class TestRunLifecycle:
 
 
 class TestMemoryStore:
-    def test_memory_store_records_the_same_events(self, principal: tether.Principal) -> None:
+    def test_memory_store_records_the_same_events(
+        self, principal: tether.Principal
+    ) -> None:
         """With `memory://` the record holds the same events and verifies."""
         app = tether.Tether(db="memory://", env={})
 
@@ -494,7 +515,12 @@ class TestMemoryStore:
             run.call("net.ping", {"host": "a"})
 
         assert kinds(app, run.id) == [
-            "run_started", "run_status", "validated", "decided", "executed",
-            "run_status", "run_finished",
+            "run_started",
+            "run_status",
+            "validated",
+            "decided",
+            "executed",
+            "run_status",
+            "run_finished",
         ]
         assert app.verify(run.id).ok

@@ -11,13 +11,21 @@ from tether.run import FINAL_STATES, TRANSITIONS, RunState, check_transition
 
 S = RunState
 DESIGN = {
-    (S.PENDING, S.PLANNING), (S.PENDING, S.EXECUTING),
-    (S.PLANNING, S.EXECUTING), (S.PLANNING, S.AWAITING_APPROVAL),
-    (S.PLANNING, S.SUCCEEDED), (S.PLANNING, S.FAILED), (S.PLANNING, S.ABORTED),
-    (S.EXECUTING, S.PLANNING), (S.EXECUTING, S.AWAITING_APPROVAL),
-    (S.EXECUTING, S.SUCCEEDED), (S.EXECUTING, S.FAILED), (S.EXECUTING, S.ABORTED),
+    (S.PENDING, S.PLANNING),
+    (S.PENDING, S.EXECUTING),
+    (S.PLANNING, S.EXECUTING),
+    (S.PLANNING, S.AWAITING_APPROVAL),
+    (S.PLANNING, S.SUCCEEDED),
+    (S.PLANNING, S.FAILED),
+    (S.PLANNING, S.ABORTED),
+    (S.EXECUTING, S.PLANNING),
+    (S.EXECUTING, S.AWAITING_APPROVAL),
+    (S.EXECUTING, S.SUCCEEDED),
+    (S.EXECUTING, S.FAILED),
+    (S.EXECUTING, S.ABORTED),
     (S.EXECUTING, S.DEGRADED),
-    (S.AWAITING_APPROVAL, S.EXECUTING), (S.AWAITING_APPROVAL, S.PLANNING),
+    (S.AWAITING_APPROVAL, S.EXECUTING),
+    (S.AWAITING_APPROVAL, S.PLANNING),
     (S.AWAITING_APPROVAL, S.ABORTED),
     (S.DEGRADED, S.EXECUTING),
 }
@@ -50,5 +58,8 @@ def test_run_cannot_be_ended_by_transition(
     app: tether.Tether, principal: tether.Principal
 ) -> None:
     """Ending a run goes through its `with` block, so its final event is always written."""
-    with app.run(principal=principal, request="x") as run, pytest.raises(tether.UsageError):
+    with (
+        app.run(principal=principal, request="x") as run,
+        pytest.raises(tether.UsageError),
+    ):
         run.transition(RunState.SUCCEEDED)

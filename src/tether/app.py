@@ -11,6 +11,7 @@ import os
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from functools import partial
 from types import TracebackType
 from typing import Any, TypeVar, overload
@@ -236,7 +237,7 @@ class Run:
         self._epoch = 1
         self._head_seq = 0
         self._head_hash = record.genesis(self.id)
-        self._pending: list[dict[str, Any]] = []
+        self._pending: list[Batch] = []
         self._lock = threading.RLock()
 
     def __repr__(self) -> str:
@@ -259,40 +260,32 @@ class Run:
         keep_on_failure: bool = False,
     ) -> gateway.StoreOp:
         """Return the effect that appends `events` (and a key claim or update) to the record."""
-        return gateway.StoreOp(
-            partial(
-                self._commit,
-                {"events": events, "claim": claim, "key_update": key_update},
-                keep_on_failure,
-            )
+        batch = Batch(
+            run_id=self.id, events=events, claim=claim, key_update=key_update,
+            at=events[-1].at,
         )
+        return gateway.StoreOp(partial(self._commit, batch, keep_on_failure))
 
-    def _commit(
-        self, parts: dict[str, Any], keep_on_failure: bool = False
-    ) -> Committed:
+    def _commit(self, batch: Batch, keep_on_failure: bool = False) -> Committed:
         with self._lock:
             try:
                 while self._pending:
                     self._write(self._pending[0])
                     self._pending.pop(0)
-                return self._write(parts)
+                return self._write(batch)
             except StoreError as exc:
                 # A step that already acted keeps its result until the store takes it;
                 # the next write on this run retries it first.
                 if keep_on_failure and not isinstance(exc, LeaseLost):
-                    self._pending.append(parts)
+                    self._pending.append(batch)
                 raise
 
-    def _write(self, parts: Mapping[str, Any]) -> Committed:
-        fields = {"at": None, **parts}
-        fields["at"] = fields["at"] or self.clock.now()
-        batch = Batch(
-            run_id=self.id,
-            epoch=self._epoch,
-            base_seq=self._head_seq,
-            base_hash=self._head_hash,
-            **fields,
-        )
+    def _write(self, batch: Batch) -> Committed:
+        # The chain head and epoch are read at write time: a batch kept after a
+        # failed write extends whatever the head is when it is retried.
+        batch.epoch = self._epoch
+        batch.base_seq = self._head_seq
+        batch.base_hash = self._head_hash
         committed = self.store.commit(batch)
         if committed.conflict is None:
             self._head_seq, self._head_hash = committed.head_seq, committed.head_hash
@@ -300,64 +293,58 @@ class Run:
 
     # -- lifecycle ---------------------------------------------------------------------
 
-    def _start_parts(self) -> dict[str, Any]:
+    def _start(self) -> Batch:
         check_transition(self.status, RunState.EXECUTING)
         now = self.clock.now()
-        return {
-            "at": now,
-            "events": [
-                record.RunStarted(
-                    at=now,
-                    request=self.request,
-                    principal=self.principal.describe(),
-                    context=dict(self.context),
-                ),
-                record.RunStatus(
-                    at=now,
-                    previous=RunState.PENDING.value,
-                    status=RunState.EXECUTING.value,
-                ),
-            ],
-            "new_run": NewRun(
-                tenant=self.principal.tenant,
-                principal_id=self.principal.id,
-                request=self.request,
-                status=RunState.EXECUTING.value,
-                created_at=now,
-            ),
-        }
+        started = record.RunStarted(
+            at=now,
+            request=self.request,
+            principal=self.principal.describe(),
+            context=dict(self.context),
+        )
+        new_run = NewRun(
+            tenant=self.principal.tenant,
+            principal_id=self.principal.id,
+            request=self.request,
+            status=RunState.EXECUTING.value,
+            created_at=now,
+        )
+        return self._moving(RunState.EXECUTING, now, started, new_run=new_run)
 
-    def _finish_parts(self, error: BaseException | None) -> dict[str, Any]:
+    def _finish(self, error: BaseException | None) -> Batch:
         target = RunState.SUCCEEDED if error is None else RunState.FAILED
         check_transition(self.status, target)
         now = self.clock.now()
-        code = None if error is None else getattr(error, "code", "internal")
-        message = None
-        if error is not None:
-            message = (
-                error.message
-                if isinstance(error, TetherError)
-                else type(error).__name__
-            )
-        return {
-            "at": now,
-            "events": [
-                record.RunStatus(
-                    at=now, previous=self.status.value, status=target.value
-                ),
-                record.RunFinished(
-                    at=now, status=target.value, error_code=code, message=message
-                ),
-            ],
-            "status": target.value,
-            "error_code": code,
-            "_target": target,
-        }
+        code = message = None
+        if isinstance(error, TetherError):
+            code, message = error.code, error.message
+        elif error is not None:
+            code, message = "internal", type(error).__name__
+        finished = record.RunFinished(
+            at=now, status=target.value, error_code=code, message=message
+        )
+        batch = self._moving(target, now, after=finished)
+        batch.error_code = code
+        return batch
 
-    def _apply(self, parts: dict[str, Any]) -> None:
-        target = parts.pop("_target", RunState.EXECUTING)
-        self._commit(parts)
-        self.status = target
+    def _moving(
+        self,
+        target: RunState,
+        now: datetime,
+        *before: record.Event,
+        after: record.Event | None = None,
+        new_run: NewRun | None = None,
+    ) -> Batch:
+        moved = record.RunStatus(at=now, previous=self.status.value, status=target.value)
+        events = [*before, moved, *([after] if after else [])]
+        return Batch(
+            run_id=self.id, events=events, at=now, status=target.value, new_run=new_run
+        )
+
+    def _apply(self, batch: Batch) -> None:
+        self._commit(batch)
+        assert batch.status is not None
+        self.status = RunState(batch.status)
 
     def transition(self, target: RunState) -> None:
         """Move the run to `target`, recording a `run_status` event.
@@ -371,12 +358,7 @@ class Run:
                 f"end a run by leaving its `with` block, not with transition({target.value!r})"
             )
         check_transition(self.status, target)
-        now = self.clock.now()
-        event = record.RunStatus(
-            at=now, previous=self.status.value, status=target.value
-        )
-        self._commit({"events": [event], "status": target.value, "at": now})
-        self.status = target
+        self._apply(self._moving(target, self.clock.now()))
 
     def append(self, *events: record.Event) -> None:
         """Append events that no step writes (a proposed plan, say) to the record.
@@ -384,10 +366,11 @@ class Run:
         Raises:
             StoreError: the events could not be written.
         """
-        self._commit({"events": list(events)})
+        if events:
+            self._commit(Batch(run_id=self.id, events=events, at=events[-1].at))
 
     def __enter__(self) -> Run:
-        self._apply(self._start_parts())
+        self._apply(self._start())
         return self
 
     def __exit__(
@@ -399,15 +382,14 @@ class Run:
         if self.status in FINAL_STATES:
             return
         try:
-            self._apply(self._finish_parts(exc))
+            self._apply(self._finish(exc))
         except StoreError:
             if exc is None:
                 raise
             # The body's error is the one the caller needs; the store's is secondary.
 
     async def __aenter__(self) -> Run:
-        parts = self._start_parts()
-        await anyio.to_thread.run_sync(self._apply, parts)
+        await anyio.to_thread.run_sync(self._apply, self._start())
         return self
 
     async def __aexit__(
@@ -419,7 +401,7 @@ class Run:
         if self.status in FINAL_STATES:
             return
         try:
-            await anyio.to_thread.run_sync(self._apply, self._finish_parts(exc))
+            await anyio.to_thread.run_sync(self._apply, self._finish(exc))
         except StoreError:
             if exc is None:
                 raise

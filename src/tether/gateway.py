@@ -86,7 +86,7 @@ class StoreOp:
         return await anyio.to_thread.run_sync(self.fn)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class Executed:
     """What a handler did: its return value or its exception; never raised."""
 
@@ -107,8 +107,15 @@ class Execute:
     clock: Clock
     pool: Callable[[], ThreadPoolExecutor]
 
-    def _done(self, start: float, **kw: Any) -> Executed:
-        return Executed(duration_us=int((self.clock.monotonic() - start) * 1e6), **kw)
+    def _done(
+        self,
+        start: float,
+        value: object = None,
+        error: BaseException | None = None,
+        timed_out: bool = False,
+    ) -> Executed:
+        elapsed = int((self.clock.monotonic() - start) * 1e6)
+        return Executed(value=value, error=error, timed_out=timed_out, duration_us=elapsed)
 
     def perform(self) -> Executed:
         """Run the handler in this thread (a worker thread when it has a timeout)."""
@@ -213,7 +220,7 @@ class RunPort(Protocol):
         ...
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class StepRequest:
     """One call of a capability, as the caller made it."""
 
@@ -278,18 +285,21 @@ def step(run: RunPort, req: StepRequest) -> Flow:  # the design's list, in order
             return (yield from refuse("precondition", failed, OutcomeStatus.REFUSED))
 
     # policy decision (deny stops; require_approval parks the step)
-    decision = run.policy.decide(
-        DecisionRequest(
-            principal=run.principal,
-            capability=cap.name,
-            version=cap.version,
-            effect=cap.effect.value,
-            scopes=cap.scopes,
-            args=args_json,
-            context=run.context,
-            steps_so_far=number - 1,
+    policy = run.policy
+    decision = policy.default
+    if policy:  # no policies: skip building the request nobody would read
+        decision = policy.decide(
+            DecisionRequest(
+                principal=run.principal,
+                capability=cap.name,
+                version=cap.version,
+                effect=cap.effect.value,
+                scopes=cap.scopes,
+                args=args_json,
+                context=run.context,
+                steps_so_far=number - 1,
+            )
         )
-    )
     events.append(_decided(decision, run.principal, now, number))
     dry_run = req.dry_run or decision.verdict is Verdict.DRY_RUN_ONLY
     if decision.verdict is Verdict.DENY or decision.verdict is Verdict.REQUIRE_APPROVAL:

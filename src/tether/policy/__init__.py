@@ -93,13 +93,18 @@ class Policy(Protocol):
 class PolicySet:
     """Every policy of an app, combined by precedence (the strictest verdict wins)."""
 
-    __slots__ = ("_policies", "version")
+    __slots__ = ("_policies", "default", "version")
 
     def __init__(
         self, policies: Sequence[Policy] = (), *, version: str = DEFAULT_POLICY_VERSION
     ) -> None:
         self._policies = tuple(policies)
         self.version = version
+        self.default = Decision(verdict=Verdict.ALLOW, policy_version=version)
+        """The decision when every policy abstains (or there is none)."""
+
+    def __bool__(self) -> bool:
+        return bool(self._policies)
 
     def add(self, policy: Policy) -> PolicySet:
         """Return a new set with `policy` added last."""
@@ -120,7 +125,7 @@ class PolicySet:
                 ids.extend(got.rule_ids)
                 reasons.extend(got.reasons)
         if best is None:
-            return Decision(verdict=Verdict.ALLOW, policy_version=self.version)
+            return self.default
         return Decision(
             verdict=best.verdict,
             rule_ids=tuple(ids),

@@ -70,7 +70,7 @@ class KeyRecord:
     completed_at: datetime | None
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class Claim:
     """Take a key for a call that is about to start."""
 
@@ -87,7 +87,7 @@ class Claim:
     """Whether a stale in-progress claim may be taken (never for `none` capabilities)."""
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class KeyUpdate:
     """Settle a claimed key: completed with its output, failed, or in doubt."""
 
@@ -99,7 +99,7 @@ class KeyUpdate:
     now: datetime
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class NewRun:
     """Create the run row together with the batch's events."""
 
@@ -110,25 +110,32 @@ class NewRun:
     created_at: datetime
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+# Batches, claims and key updates are commands on their way to the store, not
+# facts: they are plain (unfrozen) slotted dataclasses, which are half the cost to
+# build on the call path, and the run fills a batch's chain head when it writes it.
+
+
+@dataclass(slots=True, kw_only=True)
 class Batch:
     """One atomic write for a run: events, and optionally a key claim or update."""
 
     run_id: str
-    epoch: int
-    base_seq: int
-    """The chain head this batch extends; the write fails if the head moved."""
-    base_hash: bytes
     events: Sequence[Event]
+    at: datetime
+    """When the write was made (the time of its last event)."""
+    epoch: int = 0
+    """The writer's lease epoch; the write fails if a newer epoch holds the run."""
+    base_seq: int = 0
+    """The chain head this batch extends; the write fails if the head moved."""
+    base_hash: bytes = b""
     new_run: NewRun | None = None
     status: str | None = None
     error_code: str | None = None
     claim: Claim | None = None
     key_update: KeyUpdate | None = None
-    at: datetime
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class Committed:
     """The result of `Store.commit`."""
 

@@ -81,6 +81,8 @@ class SQLiteStore(Store):
         self.record_key = record_key
         self.url = f"sqlite:///{self.path}"
         self._lock = threading.Lock()
+        self._pks: dict[str, int] = {}
+        """Integer keys of the runs this store wrote, by run id."""
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._con = sqlite3.connect(
@@ -174,6 +176,8 @@ class SQLiteStore(Store):
                 head_seq=batch.base_seq, head_hash=batch.base_hash, conflict=c.record
             )
         except sqlite3.Error as exc:
+            if batch.new_run is not None:
+                self._pks.pop(batch.run_id, None)  # its creation was rolled back
             raise StoreError(
                 f"cannot write run {batch.run_id} to {str(self.path)!r}: {exc}; "
                 "nothing was executed after this failed write"
@@ -189,7 +193,7 @@ class SQLiteStore(Store):
             seq += 1
             body = _canonical.dumps_fields(event)
             head = _chain.chain_hash(head, seq, body)
-            rows.append((batch.run_id, seq, event.kind, event.step, body, head))
+            rows.append((seq, event.kind, event.step, body, head))
         sig = (
             None
             if self.record_key is None
@@ -198,7 +202,7 @@ class SQLiteStore(Store):
         now = _ts(batch.at)
         if batch.new_run is not None:
             new = batch.new_run
-            con.execute(
+            pk = con.execute(
                 f"INSERT INTO runs ({_RUN_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",  # noqa: S608  # constant column list
                 (
                     batch.run_id,
@@ -214,12 +218,13 @@ class SQLiteStore(Store):
                     sig,
                     None,
                 ),
-            )
+            ).lastrowid
         else:
+            pk = self._pks.get(batch.run_id) or self._pk(con, batch.run_id)
             cur = con.execute(
                 "UPDATE runs SET head_seq=?, head_hash=?, head_sig=?, updated_at=?, "
                 "status=COALESCE(?, status), error_code=COALESCE(?, error_code) "
-                "WHERE run_id=? AND epoch=? AND head_seq=?",
+                "WHERE id=? AND epoch=? AND head_seq=?",
                 (
                     seq,
                     head,
@@ -227,7 +232,7 @@ class SQLiteStore(Store):
                     now,
                     batch.status,
                     batch.error_code,
-                    batch.run_id,
+                    pk,
                     batch.epoch,
                     batch.base_seq,
                 ),
@@ -235,9 +240,11 @@ class SQLiteStore(Store):
             if cur.rowcount != 1:
                 self._fence_failure(con, batch)
         con.executemany(
-            "INSERT INTO events (run_id, seq, kind, step, body, hash) VALUES (?,?,?,?,?,?)",
+            f"INSERT INTO events (run, seq, kind, step, body, hash) VALUES ({pk},?,?,?,?,?)",  # noqa: S608  # pk is an int from SQLite
             rows,
         )
+        assert isinstance(pk, int)
+        self._pks[batch.run_id] = pk
         if batch.key_update is not None:
             u = batch.key_update
             con.execute(
@@ -257,6 +264,12 @@ class SQLiteStore(Store):
                 ),
             )
         return Committed(head_seq=seq, head_hash=head, took_over=took_over)
+
+    def _pk(self, con: sqlite3.Connection, run_id: str) -> int:
+        row = con.execute("SELECT id FROM runs WHERE run_id=?", (run_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"no run {run_id!r} in {str(self.path)!r}")
+        return int(row[0])
 
     def _fence_failure(self, con: sqlite3.Connection, batch: Batch) -> None:
         row = con.execute(
@@ -360,7 +373,8 @@ class SQLiteStore(Store):
         """Return a run's events in order."""
         rows = self._read(
             lambda con: con.execute(
-                "SELECT seq, body, hash FROM events WHERE run_id=? ORDER BY seq",
+                "SELECT e.seq, e.body, e.hash FROM events e JOIN runs r ON r.id = e.run "
+                "WHERE r.run_id=? ORDER BY e.seq",
                 (run_id,),
             ).fetchall()
         )
