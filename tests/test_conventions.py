@@ -94,8 +94,8 @@ def test_error_codes_are_unique_and_snake_case() -> None:
     assert all(issubclass(c, tether.TetherError) for c in classes)
 
 
-def test_record_events_are_frozen_keyword_only_dataclasses() -> None:
-    """Record events are facts: frozen, slotted, keyword-only dataclasses with a kind."""
+def test_record_events_are_slotted_keyword_only_dataclasses() -> None:
+    """Record events are slotted, keyword-only dataclasses (unfrozen for speed: see record.py)."""
     events = [
         getattr(tether.record, n)
         for n in tether.record.__all__
@@ -104,8 +104,6 @@ def test_record_events_are_frozen_keyword_only_dataclasses() -> None:
 
     assert len(events) > 10
     for cls in events:
-        params = cls.__dataclass_params__  # type: ignore[attr-defined]
-        assert params.frozen, cls
         assert hasattr(cls, "__slots__"), cls
         fields = dataclasses.fields(cls)
         assert all(f.kw_only for f in fields), cls

@@ -7,12 +7,12 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
-from functools import partial
 from types import TracebackType
 from typing import Any, TypeVar, overload
 
@@ -228,6 +228,7 @@ class Run:
         self.context: Mapping[str, Any] = context
         self.status = RunState.PENDING
         self.steps = 0
+        self._numbers = itertools.count(1)
         self.clock = app.clock
         self.store = app.store
         self.policy = app.policy
@@ -247,9 +248,9 @@ class Run:
 
     def next_step(self) -> int:
         """Return the next step number (from 1)."""
-        with self._lock:
-            self.steps += 1
-            return self.steps
+        # next() on a count is atomic under the GIL: no lock on the hot path.
+        self.steps = number = next(self._numbers)
+        return number
 
     def commit(
         self,
@@ -261,10 +262,13 @@ class Run:
     ) -> gateway.StoreOp:
         """Return the effect that appends `events` (and a key claim or update) to the record."""
         batch = Batch(
-            run_id=self.id, events=events, claim=claim, key_update=key_update,
+            run_id=self.id,
+            events=events,
+            claim=claim,
+            key_update=key_update,
             at=events[-1].at,
         )
-        return gateway.StoreOp(partial(self._commit, batch, keep_on_failure))
+        return gateway.StoreOp(self._commit, batch, keep_on_failure)
 
     def _commit(self, batch: Batch, keep_on_failure: bool = False) -> Committed:
         with self._lock:
@@ -335,7 +339,9 @@ class Run:
         after: record.Event | None = None,
         new_run: NewRun | None = None,
     ) -> Batch:
-        moved = record.RunStatus(at=now, previous=self.status.value, status=target.value)
+        moved = record.RunStatus(
+            at=now, previous=self.status.value, status=target.value
+        )
         events = [*before, moved, *([after] if after else [])]
         return Batch(
             run_id=self.id, events=events, at=now, status=target.value, new_run=new_run

@@ -27,6 +27,7 @@ __all__ = [
     "CallContext",
     "Capability",
     "Effect",
+    "Handler",
     "Idempotency",
     "Registry",
     "capability",
@@ -97,15 +98,20 @@ def _to_decimal(value: object, what: str) -> Decimal:
 
 
 @dataclass(frozen=True, slots=True)
-class _HandlerShape:
+class Handler:
+    """A handler function with what the gateway needs to know to call it."""
+
     fn: _Handler
+    """The function itself."""
     is_async: bool
+    """True for a coroutine function."""
     wants_ctx: bool
+    """True when it takes a second `ctx: CallContext` parameter."""
 
 
 def _shape(
     fn: _Handler, name: str, role: str
-) -> tuple[_HandlerShape, type[BaseModel], type[BaseModel]]:
+) -> tuple[Handler, type[BaseModel], type[BaseModel]]:
     if not callable(fn):
         raise UsageError(f"capability {name!r}: {role} {fn!r} is not callable")
     params = list(inspect.signature(fn).parameters.values())
@@ -123,7 +129,7 @@ def _shape(
         ) from exc
     in_model = _model(hints.get(params[0].name), name, fn, "argument")
     out_model = _model(hints.get("return"), name, fn, "return")
-    shape = _HandlerShape(
+    shape = Handler(
         fn=fn,
         is_async=inspect.iscoroutinefunction(fn),
         wants_ctx=len(params) == 2,
@@ -147,12 +153,12 @@ class Capability(Generic[In, Out]):
     """
 
     __slots__ = (
-        "_dry_run",
-        "_handler",
         "_secret_paths",
         "cost",
         "description",
+        "dry_run_handler",
         "effect",
+        "handler",
         "idempotency",
         "input_model",
         "may_hold_floats",
@@ -187,12 +193,14 @@ class Capability(Generic[In, Out]):
         self.idempotency = idempotency
         self.input_model: type[In]
         self.output_model: type[Out]
-        self._handler, self.input_model, self.output_model = _shape(  # type: ignore[assignment]  # the decorator's overloads bind In/Out to these models
+        self.handler, self.input_model, self.output_model = _shape(  # type: ignore[assignment]  # the decorator's overloads bind In/Out to these models
             fn, name, "handler"
         )
-        self._dry_run: _HandlerShape | None = None
+        self.dry_run_handler: Handler | None = None
         if dry_run is not None:
-            self._dry_run, dry_in, dry_out = _shape(dry_run, name, "dry-run handler")
+            self.dry_run_handler, dry_in, dry_out = _shape(
+                dry_run, name, "dry-run handler"
+            )
             if dry_in is not self.input_model or dry_out is not self.output_model:
                 raise UsageError(
                     f"capability {name!r}: the dry-run handler must take "
@@ -219,16 +227,6 @@ class Capability(Generic[In, Out]):
     # -- what the gateway asks -------------------------------------------------
 
     @property
-    def handler(self) -> _HandlerShape:
-        """The real handler, with its shape."""
-        return self._handler
-
-    @property
-    def dry_run_handler(self) -> _HandlerShape | None:
-        """The dry-run handler, if the capability has one."""
-        return self._dry_run
-
-    @property
     def has_secrets(self) -> bool:
         """True when the input or output model has a secret field."""
         return self._secret_paths
@@ -241,9 +239,11 @@ class Capability(Generic[In, Out]):
         """
         model = self.input_model
         try:
-            if isinstance(raw, model):
+            if type(raw) is dict:  # the common case first: the call path is hot
+                parsed: object = raw
+            elif isinstance(raw, model):
                 return raw
-            if isinstance(raw, (str, bytes, bytearray)):
+            elif isinstance(raw, (str, bytes, bytearray)):
                 if len(raw) > limit:
                     raise ValidationFailed(
                         f"{self.name}: arguments are {len(raw)} bytes, over the "
@@ -273,6 +273,30 @@ class Capability(Generic[In, Out]):
             raise ValidationFailed(
                 f"{self.name}: arguments are not JSON: {exc}"
             ) from exc
+
+    def dump_args(
+        self, args: BaseModel, *, limit: int = MAX_ARGS_BYTES
+    ) -> tuple[dict[str, Any], bytes]:
+        """Return validated args as JSON data (secrets masked) and canonical bytes.
+
+        Raises:
+            ValidationFailed: the args are over `limit` bytes as JSON, or hold a
+                value JSON cannot carry exactly (an integer beyond 64 bits, say).
+        """
+        data: dict[str, Any] = args.model_dump(mode="json")
+        try:
+            encoded = _canonical.dumps(data)
+        except _canonical.CanonicalError as exc:
+            raise ValidationFailed(
+                f"{self.name}: arguments have no exact JSON form ({exc}); send "
+                "smaller numbers or valid text"
+            ) from exc
+        if len(encoded) > limit:
+            raise ValidationFailed(
+                f"{self.name}: arguments are {len(encoded)} bytes as JSON, over the "
+                f"{limit}-byte limit; send less data"
+            )
+        return data, encoded
 
     def estimate_cost(self, args: BaseModel) -> Decimal:
         """Return the declared cost for these arguments.
@@ -329,7 +353,7 @@ class Capability(Generic[In, Out]):
             "version": self.version,
             "effect": self.effect.value,
             "idempotency": self.idempotency.value,
-            "dry_run": self._dry_run is not None,
+            "dry_run": self.dry_run_handler is not None,
             "scopes": list(self.scopes),
             "resource": self.resource,
             "timeout_ms": None
@@ -486,10 +510,11 @@ def capability(
 class Registry:
     """The capabilities one app can call, by name and version."""
 
-    __slots__ = ("_by_name",)
+    __slots__ = ("_by_name", "_latest")
 
     def __init__(self) -> None:
         self._by_name: dict[str, dict[str, Capability[Any, Any]]] = {}
+        self._latest: dict[str, Capability[Any, Any]] = {}
 
     def add(self, cap: Capability[Any, Any]) -> None:
         """Add `cap`; the version registered last is the one `get(name)` returns.
@@ -511,6 +536,7 @@ class Registry:
             )
         versions.pop(cap.version, None)
         versions[cap.version] = cap
+        self._latest[cap.name] = cap
 
     def get(self, name: str, version: str | None = None) -> Capability[Any, Any]:
         """Return the capability `name` (its latest version unless `version`).
@@ -518,6 +544,10 @@ class Registry:
         Raises:
             NotFound: no such capability or version.
         """
+        if version is None:
+            latest = self._latest.get(name)
+            if latest is not None:
+                return latest
         versions = self._by_name.get(name)
         if not versions:
             known = ", ".join(sorted(self._by_name)) or "none"

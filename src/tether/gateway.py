@@ -71,19 +71,22 @@ MAX_MESSAGE = 2000
 # -- effects --------------------------------------------------------------------
 
 
-@dataclass(slots=True)
 class StoreOp:
     """A store call; run in a worker thread by `adrive` so the loop never blocks."""
 
-    fn: Callable[[], Any]
+    __slots__ = ("args", "fn")
+
+    def __init__(self, fn: Callable[..., Any], *args: object) -> None:
+        self.fn = fn
+        self.args = args
 
     def perform(self) -> Any:
         """Call the store."""
-        return self.fn()
+        return self.fn(*self.args)
 
     async def aperform(self) -> Any:
         """Call the store in a worker thread."""
-        return await anyio.to_thread.run_sync(self.fn)
+        return await anyio.to_thread.run_sync(self.fn, *self.args)
 
 
 @dataclass(slots=True, kw_only=True)
@@ -115,7 +118,9 @@ class Execute:
         timed_out: bool = False,
     ) -> Executed:
         elapsed = int((self.clock.monotonic() - start) * 1e6)
-        return Executed(value=value, error=error, timed_out=timed_out, duration_us=elapsed)
+        return Executed(
+            value=value, error=error, timed_out=timed_out, duration_us=elapsed
+        )
 
     def perform(self) -> Executed:
         """Run the handler in this thread (a worker thread when it has a timeout)."""
@@ -240,34 +245,18 @@ def step(run: RunPort, req: StepRequest) -> Flow:  # the design's list, in order
     now = run.clock.now()
     events: list[record.Event] = []
 
-    def refuse(stage: str, error: TetherError, status: OutcomeStatus) -> Flow:
-        events.append(
-            record.Failed(
-                at=now,
-                step=number,
-                stage=stage,
-                error_code=error.code,
-                error_type=type(error).__name__,
-                message=error.message,
-            )
-        )
-        yield run.commit(events)
-        outcome = Outcome(status=status, step=number, capability=cap.name, error=error)
-        error.outcome = outcome
-        return outcome
-
     # validate args against the input schema
     try:
         if req.key is not None:
             _check_key(req.key)
         args = cap.validate_args(req.args)
-        args_json: dict[str, Any] = args.model_dump(mode="json")
-        args_bytes = _canonical.dumps(args_json)
+        args_json, args_bytes = cap.dump_args(args)
     except ValidationFailed as exc:
-        return (yield from refuse("validate", exc, OutcomeStatus.INVALID))
-    except _canonical.CanonicalError as exc:
-        err = ValidationFailed(f"{cap.name}: arguments have no exact JSON form: {exc}")
-        return (yield from refuse("validate", err, OutcomeStatus.INVALID))
+        return (
+            yield from _refuse(
+                run, cap, events, now, number, "validate", exc, OutcomeStatus.INVALID
+            )
+        )
     events.append(
         record.Validated(
             at=now,
@@ -282,7 +271,18 @@ def step(run: RunPort, req: StepRequest) -> Flow:  # the design's list, in order
     if cap.preconditions:
         failed = _preconditions(cap, args, events, now, number)
         if failed is not None:
-            return (yield from refuse("precondition", failed, OutcomeStatus.REFUSED))
+            return (
+                yield from _refuse(
+                    run,
+                    cap,
+                    events,
+                    now,
+                    number,
+                    "precondition",
+                    failed,
+                    OutcomeStatus.REFUSED,
+                )
+            )
 
     # policy decision (deny stops; require_approval parks the step)
     policy = run.policy
@@ -300,12 +300,31 @@ def step(run: RunPort, req: StepRequest) -> Flow:  # the design's list, in order
                 steps_so_far=number - 1,
             )
         )
-    events.append(_decided(decision, run.principal, now, number))
-    dry_run = req.dry_run or decision.verdict is Verdict.DRY_RUN_ONLY
-    if decision.verdict is Verdict.DENY or decision.verdict is Verdict.REQUIRE_APPROVAL:
+    verdict = decision.verdict
+    events.append(
+        record.Decided(
+            at=now,
+            step=number,
+            verdict=verdict,  # a StrEnum: encodes as its value
+            rule_ids=decision.rule_ids,
+            reasons=decision.reasons,
+            policy_version=decision.policy_version,
+            principal=run.principal.id,
+            on_behalf_of=run.principal.on_behalf_of,
+        )
+    )
+    dry_run = req.dry_run or verdict is Verdict.DRY_RUN_ONLY
+    if verdict is Verdict.DENY or verdict is Verdict.REQUIRE_APPROVAL:
         return (
-            yield from refuse(
-                "policy", _policy_error(cap, decision), OutcomeStatus.REFUSED
+            yield from _refuse(
+                run,
+                cap,
+                events,
+                now,
+                number,
+                "policy",
+                _policy_error(cap, decision),
+                OutcomeStatus.REFUSED,
             )
         )
     handler = cap.dry_run_handler if dry_run else cap.handler
@@ -315,7 +334,18 @@ def step(run: RunPort, req: StepRequest) -> Flow:  # the design's list, in order
                 f"{cap.name}: a dry run was required but the capability has no "
                 "dry-run handler; add dry_run=... to its declaration"
             )
-            return (yield from refuse("policy", no_dry_run, OutcomeStatus.REFUSED))
+            return (
+                yield from _refuse(
+                    run,
+                    cap,
+                    events,
+                    now,
+                    number,
+                    "policy",
+                    no_dry_run,
+                    OutcomeStatus.REFUSED,
+                )
+            )
         handler = cap.handler  # a read acts on nothing: running it is its own dry run
 
     # idempotency lookup (completed: stored result, no charge; in progress: refused)
@@ -332,12 +362,23 @@ def step(run: RunPort, req: StepRequest) -> Flow:  # the design's list, in order
             key=key,
         )
         fingerprint = _fingerprint(run.store.record_key, args_bytes)
-        existing = yield StoreOp(lambda: run.store.lookup_key(key_id))
+        existing = yield StoreOp(run.store.lookup_key, key_id)
         if existing is not None:
-            verdict = _classify(existing, fingerprint, cap, now, run.retention)
-            if isinstance(verdict, TetherError):
-                return (yield from refuse("idempotency", verdict, _status_of(verdict)))
-            if verdict == "hit":
+            answer = _classify(existing, fingerprint, cap, now, run.retention)
+            if isinstance(answer, TetherError):
+                return (
+                    yield from _refuse(
+                        run,
+                        cap,
+                        events,
+                        now,
+                        number,
+                        "idempotency",
+                        answer,
+                        _status_of(answer),
+                    )
+                )
+            if answer == "hit":
                 return (yield from _hit(run, cap, existing, key, events, now, number))
 
     # limits: reserve; breaker -- hooks for the limits issue; nothing to check yet
@@ -369,12 +410,21 @@ def step(run: RunPort, req: StepRequest) -> Flow:  # the design's list, in order
         committed: Committed = yield run.commit([*events, intent], claim=claim)
         if committed.conflict is not None:
             assert fingerprint is not None
-            verdict = _classify(
-                committed.conflict, fingerprint, cap, now, run.retention
-            )
-            if isinstance(verdict, TetherError):
-                return (yield from refuse("idempotency", verdict, _status_of(verdict)))
-            if verdict == "hit":
+            answer = _classify(committed.conflict, fingerprint, cap, now, run.retention)
+            if isinstance(answer, TetherError):
+                return (
+                    yield from _refuse(
+                        run,
+                        cap,
+                        events,
+                        now,
+                        number,
+                        "idempotency",
+                        answer,
+                        _status_of(answer),
+                    )
+                )
+            if answer == "hit":
                 return (
                     yield from _hit(
                         run, cap, committed.conflict, key, events, now, number
@@ -417,6 +467,8 @@ def step(run: RunPort, req: StepRequest) -> Flow:  # the design's list, in order
         try:
             output = _validate_output(cap, done.value)
             out_json = output.model_dump(mode="json")
+            # Encoded here even without a key: a value JSON cannot hold exactly
+            # must fail the step now, not the store's write later.
             out_bytes = _canonical.dumps(out_json)
         except InvalidOutput as exc:
             error = exc
@@ -512,6 +564,33 @@ def step(run: RunPort, req: StepRequest) -> Flow:  # the design's list, in order
 # -- stages ------------------------------------------------------------------------
 
 
+def _refuse(
+    run: RunPort,
+    cap: Capability[Any, Any],
+    events: list[record.Event],
+    now: datetime,
+    number: int,
+    stage: str,
+    error: TetherError,
+    status: OutcomeStatus,
+) -> Flow:
+    """Record why the step stopped at `stage` and return its outcome."""
+    events.append(
+        record.Failed(
+            at=now,
+            step=number,
+            stage=stage,
+            error_code=error.code,
+            error_type=type(error).__name__,
+            message=error.message,
+        )
+    )
+    yield run.commit(events)
+    outcome = Outcome(status=status, step=number, capability=cap.name, error=error)
+    error.outcome = outcome
+    return outcome
+
+
 def _check_key(key: str) -> None:
     if not 0 < len(key) <= MAX_KEY_LENGTH or not key.isprintable():
         raise InvalidKey(
@@ -546,21 +625,6 @@ def _preconditions(
         return PreconditionFailed(f"{cap.name}: precondition {name!r} failed: {reason}")
     events.append(record.PreconditionChecked(at=now, step=number, checks=tuple(names)))
     return None
-
-
-def _decided(
-    decision: Decision, principal: Principal, now: datetime, number: int
-) -> record.Decided:
-    return record.Decided(
-        at=now,
-        step=number,
-        verdict=decision.verdict.value,
-        rule_ids=decision.rule_ids,
-        reasons=decision.reasons,
-        policy_version=decision.policy_version,
-        principal=principal.id,
-        on_behalf_of=principal.on_behalf_of,
-    )
 
 
 def _policy_error(cap: Capability[Any, Any], decision: Decision) -> TetherError:
