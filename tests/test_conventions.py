@@ -109,6 +109,19 @@ def test_record_events_are_slotted_keyword_only_dataclasses() -> None:
         assert all(f.kw_only for f in fields), cls
 
 
+def test_record_events_declare_fields_sorted() -> None:
+    """Each event declares its fields sorted, which makes orjson's native output canonical."""
+    unsorted = []
+    for name in tether.record.__all__:
+        cls = getattr(tether.record, name)
+        if dataclasses.is_dataclass(cls) and hasattr(cls, "kind"):
+            names = [f.name for f in dataclasses.fields(cls)]
+            if names != sorted(names):
+                unsorted.append(name)
+
+    assert unsorted == []
+
+
 def test_event_kinds_are_unique() -> None:
     """No two event classes share a `kind`."""
     kinds = [

@@ -20,7 +20,9 @@ import orjson
 
 __all__ = ["CanonicalError", "dumps", "dumps_fields", "has_non_finite", "loads"]
 
-_OPTIONS = orjson.OPT_SORT_KEYS | orjson.OPT_UTC_Z | orjson.OPT_NAIVE_UTC
+_NATIVE = orjson.OPT_SORT_KEYS | orjson.OPT_UTC_Z | orjson.OPT_NAIVE_UTC
+# Every dataclass goes through `_default`, which sorts its fields like a mapping's.
+_OPTIONS = _NATIVE | orjson.OPT_PASSTHROUGH_DATACLASS
 
 
 class CanonicalError(ValueError):
@@ -77,13 +79,23 @@ def has_non_finite(value: object, _depth: int = 0) -> bool:
     return False
 
 
-_FIELDS: dict[type, tuple[str, ...]] = {}
+_SORTED: dict[type, bool] = {}
 
 
 def dumps_fields(obj: object) -> bytes:
-    """Encode a dataclass instance canonically (fields sorted, like any mapping)."""
+    """Encode a dataclass instance canonically (its fields sorted, like a mapping's).
+
+    A dataclass that declares its fields in sorted order (record events do) is
+    written by orjson natively, several times faster than through a dict.
+    """
     cls = type(obj)
-    names = _FIELDS.get(cls)
-    if names is None:
-        names = _FIELDS[cls] = tuple(f.name for f in dataclasses.fields(cls))  # type: ignore[arg-type]  # a dataclass by contract
-    return dumps({n: getattr(obj, n) for n in names})
+    is_sorted = _SORTED.get(cls)
+    if is_sorted is None:
+        names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]  # a dataclass by contract
+        is_sorted = _SORTED[cls] = names == sorted(names)
+    if not is_sorted:
+        return dumps(obj)
+    try:
+        return orjson.dumps(obj, default=_default, option=_NATIVE)
+    except orjson.JSONEncodeError as exc:
+        raise CanonicalError(str(exc)) from exc

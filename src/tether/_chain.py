@@ -47,4 +47,4 @@ def chain_hash(previous: bytes, seq: int, body: bytes) -> bytes:
 def sign_head(key: bytes, run_id: str, seq: int, head: bytes) -> bytes:
     """Return the HMAC-SHA256 of the chain head, with a key kept outside the database."""
     msg = run_id.encode() + b"\x00" + seq.to_bytes(8, "big") + head
-    return hmac.new(key, msg, hashlib.sha256).digest()
+    return hmac.digest(key, msg, "sha256")
