@@ -5,6 +5,7 @@ and records everything.
 """
 
 from tether._version import __version__
+from tether.agent import ScriptedPlanner
 from tether.app import Run, Tether
 from tether.capability import CallContext, Capability, Effect, Idempotency, capability
 from tether.errors import (
@@ -66,6 +67,7 @@ __all__ = [
     "Refused",
     "Run",
     "RunState",
+    "ScriptedPlanner",
     "Secret",
     "StepTimeout",
     "StoreError",

@@ -75,9 +75,11 @@ class Tether:
         self.ids: Ids = ids or RandomIds(self.clock)
         self.capabilities = Registry()
         self.policy = PolicySet(version=version)
-        self.store: Store = open_store(
-            self.db_url, record_key=_config.record_key(self.db_url, env)
-        )
+        self.store: Store = open_store(self.db_url)
+        # The key file is made only once the database opened: a bad --db must not
+        # leave a key file beside some other file.
+        if self.store.signs_heads:
+            self.store.record_key = _config.record_key(self.db_url, env)
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
 

@@ -22,6 +22,8 @@ TetherError
 ├── StoreError                    store_error
 │   └── LeaseLost                 lease_lost              a newer epoch holds the run
 ├── NotFound(LookupError)         not_found               no such run, capability or event
+├── StepLimitReached              max_steps_exceeded      a planner wanted more steps than allowed
+├── PlannerGaveUp                 planner_gave_up         a planner ended without doing the task
 └── IntegrityError                integrity_error         the chain or its signed head fails
 ```
 
@@ -52,8 +54,10 @@ __all__ = [
     "LeaseLost",
     "LimitExceeded",
     "NotFound",
+    "PlannerGaveUp",
     "PreconditionFailed",
     "Refused",
+    "StepLimitReached",
     "StepTimeout",
     "StoreError",
     "TetherError",
@@ -214,6 +218,18 @@ class NotFound(TetherError, LookupError):
     """No run, capability or record by that id."""
 
     code = "not_found"
+
+
+class StepLimitReached(TetherError):
+    """The planner wanted more steps than the run's `max_steps` allows."""
+
+    code = "max_steps_exceeded"
+
+
+class PlannerGaveUp(TetherError):
+    """The planner finished without doing the task (`Proposal(gave_up=True)`)."""
+
+    code = "planner_gave_up"
 
 
 class IntegrityError(TetherError):

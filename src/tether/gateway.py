@@ -263,6 +263,7 @@ def step(run: RunPort, req: StepRequest) -> Flow:  # the design's list, in order
             step=number,
             capability=cap.name,
             version=cap.version,
+            effect=cap.effect,  # a StrEnum: encodes as its value
             args=args_json,
         )
     )

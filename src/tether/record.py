@@ -169,6 +169,8 @@ class Validated:
     at: datetime
     """When the stage ran, aware UTC."""
     capability: str
+    effect: str
+    """The capability's declared effect: `read`, `write` or `destructive`."""
     kind: Literal["validated"] = "validated"
     step: int | None = None
     """The step's number in the run, from 1; None for run-level events."""
@@ -418,6 +420,15 @@ def verify(
             count,
             f"the stored head is event {head_seq} but the chain ends at {count} "
             "(events removed from the end, or the head rewritten)",
+        )
+    if key is not None and head_sig is None:
+        return _bad(
+            run_id,
+            None,
+            previous,
+            count,
+            "the head is not signed although a record key is configured: the "
+            "signature was removed, so the record may have been rewritten",
         )
     if key is not None and head_sig is not None:
         good = sign_head(key, run_id, head_seq, head_hash)

@@ -1,7 +1,7 @@
 """What users need to test their own agents and capabilities against tether.
 
 `FakeClock` moves only when told; `temporary_app()` gives a `Tether` on a
-throwaway SQLite file.
+throwaway SQLite file; `ScriptedPlanner` proposes steps from a list.
 """
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from tether.agent import ScriptedPlanner
 from tether.app import Tether
 
-__all__ = ["FakeClock", "temporary_app"]
+__all__ = ["FakeClock", "ScriptedPlanner", "temporary_app"]
 
 
 class FakeClock:

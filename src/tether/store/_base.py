@@ -172,6 +172,8 @@ class Store(abc.ABC):
     """Where the store lives, without secrets."""
     record_key: bytes | None
     """The key that signs chain heads, when the backend signs them."""
+    signs_heads: bool = True
+    """Whether the backend keeps signed chain heads (the in-memory one does not)."""
 
     @abc.abstractmethod
     def commit(self, batch: Batch) -> Committed:

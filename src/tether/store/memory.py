@@ -18,6 +18,8 @@ from tether.store._base import (
     KeyId,
     KeyRecord,
     KeyState,
+    KeyUpdate,
+    NewRun,
     RunRow,
     Store,
     may_replace,
@@ -38,6 +40,8 @@ class _Run:
 class MemoryStore(Store):
     """Runs, records and keys in a dict; thread-safe, not shared between processes."""
 
+    signs_heads = False
+
     def __init__(self) -> None:
         self.url = "memory://"
         self.record_key = None
@@ -46,11 +50,23 @@ class MemoryStore(Store):
         self._keys: dict[KeyId, KeyRecord] = {}
 
     def commit(self, batch: Batch) -> Committed:
-        """Apply `batch` under a lock."""
+        """Apply `batch` under a lock: every check first, then every change."""
         with self._lock:
-            took_over = None
-            if batch.claim is not None:
-                claim = batch.claim
+            run = self._runs.get(batch.run_id)
+            if batch.new_run is not None:
+                if run is not None:
+                    raise StoreError(f"run {batch.run_id} exists already")
+            elif run is None:
+                raise NotFound(f"no run {batch.run_id!r} in memory")
+            elif run.row.epoch != batch.epoch:
+                raise LeaseLost(
+                    f"run {batch.run_id} is held by lease epoch {run.row.epoch}"
+                )
+            elif len(run.events) != batch.base_seq:
+                raise StoreError(f"run {batch.run_id}: the record moved; two writers")
+            claim = batch.claim
+            existing = None
+            if claim is not None:
                 existing = self._keys.get(claim.id)
                 if existing is not None and not may_replace(existing, claim):
                     return Committed(
@@ -58,7 +74,8 @@ class MemoryStore(Store):
                         head_hash=batch.base_hash,
                         conflict=existing,
                     )
-                took_over = existing
+            # -- nothing below can fail --
+            if claim is not None:
                 self._keys[claim.id] = KeyRecord(
                     state=KeyState.IN_PROGRESS,
                     fingerprint=claim.fingerprint,
@@ -69,53 +86,30 @@ class MemoryStore(Store):
                     lease_until=claim.lease_until,
                     completed_at=None,
                 )
-            run = self._runs.get(batch.run_id)
-            if batch.new_run is not None:
-                new = batch.new_run
-                run = self._runs[batch.run_id] = _Run(
-                    RunRow(
-                        run_id=batch.run_id,
-                        status=new.status,
-                        tenant=new.tenant,
-                        principal_id=new.principal_id,
-                        request=new.request,
-                        created_at=new.created_at,
-                        updated_at=batch.at,
-                        epoch=batch.epoch,
-                        head_seq=0,
-                        head_hash=batch.base_hash,
-                        head_sig=None,
-                        error_code=None,
-                    )
-                )
             if run is None:
-                raise NotFound(f"no run {batch.run_id!r} in memory")
-            row = run.row
-            if row.epoch != batch.epoch:
-                raise LeaseLost(
-                    f"run {batch.run_id} is held by lease epoch {row.epoch}"
-                )
-            if len(run.events) != batch.base_seq:
-                raise StoreError(f"run {batch.run_id}: the record moved; two writers")
+                assert batch.new_run is not None
+                run = self._runs[batch.run_id] = _Run(_new_row(batch, batch.new_run))
             run.events.extend(batch.events)
             if batch.status is not None or batch.error_code is not None:
-                run.row = _replace_status(row, batch)
+                run.row = _replace_status(run.row, batch)
             if batch.key_update is not None:
-                u = batch.key_update
-                old = self._keys.get(u.id)
-                if old is not None and old.run_id == u.run_id and old.step == u.step:
-                    self._keys[u.id] = KeyRecord(
-                        state=u.state,
-                        fingerprint=old.fingerprint,
-                        run_id=old.run_id,
-                        step=old.step,
-                        output=u.output,
-                        claimed_at=old.claimed_at,
-                        lease_until=old.lease_until,
-                        completed_at=u.now,
-                    )
+                self._update_key(batch.key_update)
             return Committed(
-                head_seq=len(run.events), head_hash=b"", took_over=took_over
+                head_seq=len(run.events), head_hash=b"", took_over=existing
+            )
+
+    def _update_key(self, u: KeyUpdate) -> None:
+        old = self._keys.get(u.id)
+        if old is not None and old.run_id == u.run_id and old.step == u.step:
+            self._keys[u.id] = KeyRecord(
+                state=u.state,
+                fingerprint=old.fingerprint,
+                run_id=old.run_id,
+                step=old.step,
+                output=u.output,
+                claimed_at=old.claimed_at,
+                lease_until=old.lease_until,
+                completed_at=u.now,
             )
 
     def lookup_key(self, key: KeyId) -> KeyRecord | None:
@@ -171,6 +165,23 @@ class MemoryStore(Store):
             head = _chain.chain_hash(head, seq, body)
             out.append(_chain.StoredEvent(seq=seq, body=body, hash=head))
         return out
+
+
+def _new_row(batch: Batch, new: NewRun) -> RunRow:
+    return RunRow(
+        run_id=batch.run_id,
+        status=new.status,
+        tenant=new.tenant,
+        principal_id=new.principal_id,
+        request=new.request,
+        created_at=new.created_at,
+        updated_at=batch.at,
+        epoch=batch.epoch,
+        head_seq=0,
+        head_hash=batch.base_hash,
+        head_sig=None,
+        error_code=None,
+    )
 
 
 def _replace_status(row: RunRow, batch: Batch) -> RunRow:

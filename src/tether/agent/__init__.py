@@ -1,0 +1,32 @@
+"""The reasoning loop and its planners: the agent proposes, the gateway disposes.
+
+`run_agent(app, planner, ...)` drives one run; `ScriptedPlanner` is the
+deterministic planner for demos and tests. Any object with
+`propose(PlannerInput) -> Proposal` is a planner.
+"""
+
+from __future__ import annotations
+
+from tether.agent.loop import PlannerGaveUp, StepLimitReached, run_agent
+from tether.agent.planner import (
+    Observation,
+    Planner,
+    PlannerInput,
+    Proposal,
+    ProposedStep,
+    ScriptedPlanner,
+    ScriptedStep,
+)
+
+__all__ = [
+    "Observation",
+    "Planner",
+    "PlannerGaveUp",
+    "PlannerInput",
+    "Proposal",
+    "ProposedStep",
+    "ScriptedPlanner",
+    "ScriptedStep",
+    "StepLimitReached",
+    "run_agent",
+]

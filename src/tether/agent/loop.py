@@ -1,0 +1,206 @@
+"""The reasoning loop: ask the planner, record its plan, take the steps, repeat.
+
+The loop owns no rule: every step goes through `Run.step` (the gateway), and a
+refusal or a failure comes back as an observation the planner sees on its next
+turn. The run passes through `planning` between steps, so its record shows
+when the agent thought and when it acted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from tether import _canonical, record
+from tether.agent.planner import (
+    Observation,
+    Planner,
+    PlannerInput,
+    Proposal,
+    ProposedStep,
+)
+from tether.app import Run, Tether
+from tether.capability import Capability
+from tether.errors import (
+    NotFound,
+    PlannerGaveUp,
+    StepLimitReached,
+    UsageError,
+    ValidationFailed,
+)
+from tether.principal import Principal
+from tether.record import OutcomeStatus
+from tether.run import RunState
+
+__all__ = ["PlannerGaveUp", "StepLimitReached", "run_agent"]
+
+
+def run_agent(
+    app: Tether,
+    planner: Planner,
+    *,
+    principal: Principal,
+    request: str,
+    context: Mapping[str, Any] | None = None,
+    max_steps: int = 50,
+    planner_name: str = "scripted",
+) -> Run:
+    """Drive one run with `planner` until it finishes or runs out of steps.
+
+    Each turn moves the run to `planning`, asks the planner, records its
+    proposal (`plan_proposed`), moves to `executing` and takes the proposed
+    steps through the gateway. The run ends `succeeded` when the planner
+    finishes, and `failed` when it gives up or would pass `max_steps` (the
+    record's `run_finished` event says which, by error code).
+
+    Args:
+        app: the app whose capabilities, policy and store the run uses.
+        planner: decides the steps; sees every outcome, refusals included.
+        principal: who the run acts as.
+        request: the task, in words.
+        context: recorded with the run and shown to policies and the planner.
+        max_steps: the most steps the run may take (default 50).
+        planner_name: recorded in every `plan_proposed` event.
+
+    Returns:
+        The finished run; read `run.status` (`succeeded` or `failed`).
+
+    Raises:
+        UsageError: `planner` has no `propose` method, returned something that
+            is not a `Proposal`, or `max_steps` is below 1.
+        StoreError: the record could not be written (the run is left as far as
+            the store has it).
+
+    Example:
+        ```python
+        planner = tether.ScriptedPlanner([("net.ping", {"host": "db-1"})])
+        run = run_agent(app, planner, principal=bot, request="is db-1 up?")
+        print(run.status)
+        #> succeeded
+        ```
+    """
+    if not isinstance(planner, Planner):
+        raise UsageError(
+            f"{planner!r} is not a planner; give it a "
+            "`propose(state: PlannerInput) -> Proposal` method"
+        )
+    if max_steps < 1:
+        raise UsageError(f"max_steps must be at least 1, got {max_steps}")
+    run = app.run(principal=principal, request=request, context=context)
+    try:
+        with run:
+            _drive(app, run, planner, max_steps=max_steps, planner_name=planner_name)
+    except (StepLimitReached, PlannerGaveUp):
+        pass  # recorded as the run's failure; the caller reads `run.status`
+    return run
+
+
+def _drive(
+    app: Tether, run: Run, planner: Planner, *, max_steps: int, planner_name: str
+) -> None:
+    tools = tuple(app.capabilities.tool_schemas())
+    observations: list[Observation] = []
+    while True:
+        run.transition(RunState.PLANNING)
+        steps_left = max_steps - len(observations)
+        proposal = planner.propose(
+            PlannerInput(
+                request=run.request,
+                tools=tools,
+                observations=tuple(observations),
+                context=dict(run.context),
+                steps_left=steps_left,
+            )
+        )
+        if not isinstance(proposal, Proposal):
+            raise UsageError(
+                f"{type(planner).__name__}.propose returned {proposal!r:.80}; "
+                "return a tether.agent.Proposal"
+            )
+        run.append(
+            record.PlanProposed(
+                at=run.clock.now(),
+                planner=planner_name,
+                steps=tuple(_recordable(app, s) for s in proposal.steps),
+                finish=proposal.finish,
+                answer=proposal.answer,
+            )
+        )
+        if len(proposal.steps) > steps_left:
+            raise StepLimitReached(
+                f"the planner proposed {len(proposal.steps)} more step(s) after "
+                f"{len(observations)}, over max_steps={max_steps}; raise max_steps "
+                "or check the planner for a loop"
+            )
+        if proposal.steps:
+            run.transition(RunState.EXECUTING)
+            observations.extend(_take(app, run, s) for s in proposal.steps)
+        if proposal.finish:
+            if proposal.gave_up:
+                raise PlannerGaveUp(proposal.answer or "the planner gave up")
+            return
+
+
+def _take(app: Tether, run: Run, proposed: ProposedStep) -> Observation:
+    """Take one proposed step through the gateway and say what happened."""
+    try:
+        app.capabilities.get(proposed.capability)
+    except NotFound as exc:
+        # A planner (an LLM above all) may name a tool that does not exist: that is
+        # an observation for it, recorded at the `resolve` stage, not a crash.
+        number = run.next_step()
+        run.append(
+            record.Failed(
+                at=run.clock.now(),
+                step=number,
+                stage="resolve",
+                error_code=exc.code,
+                error_type=type(exc).__name__,
+                message=exc.message,
+            )
+        )
+        return Observation(
+            step=number,
+            capability=proposed.capability,
+            args=proposed.args,
+            status=OutcomeStatus.INVALID,
+            error_code=exc.code,
+            error_message=exc.message,
+        )
+    outcome = run.step(
+        proposed.capability,
+        dict(proposed.args),
+        idempotency_key=proposed.idempotency_key,
+        dry_run=proposed.dry_run,
+    )
+    return Observation(
+        step=outcome.step,
+        capability=outcome.capability,
+        args=proposed.args,
+        status=outcome.status,
+        output=None
+        if outcome.output is None
+        else outcome.output.model_dump(mode="json"),
+        error_code=None if outcome.error is None else outcome.error.code,
+        error_message=None if outcome.error is None else outcome.error.message,
+    )
+
+
+def _recordable(app: Tether, proposed: ProposedStep) -> dict[str, Any]:
+    """Return the step as the record may hold it: secrets masked, JSON only."""
+    data = proposed.describe()
+    try:
+        cap: Capability[Any, Any] | None = app.capabilities.get(proposed.capability)
+    except NotFound:
+        cap = None
+    if cap is not None and cap.has_secrets:
+        try:
+            data["args"] = cap.validate_args(data["args"]).model_dump(mode="json")
+        except ValidationFailed:
+            # Invalid args of a capability with secrets may hold one in clear.
+            data["args"] = {"_redacted": record.SECRET_MASK}
+    try:
+        _canonical.dumps(data)
+    except (_canonical.CanonicalError, TypeError):
+        data["args"] = {"_unrecordable": "the args are not JSON data"}
+    return data
