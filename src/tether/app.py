@@ -272,12 +272,25 @@ class Run:
         )
         return gateway.StoreOp(self._commit, batch, keep_on_failure)
 
+    def has_pending(self) -> bool:
+        """Tell whether a result write failed and waits to be retried."""
+        return bool(self._pending)
+
+    def flush_pending(self) -> None:
+        """Write the results kept after failed writes.
+
+        Raises:
+            StoreError: the store still fails; the results stay kept.
+        """
+        with self._lock:
+            while self._pending:
+                self._write(self._pending[0])
+                self._pending.pop(0)
+
     def _commit(self, batch: Batch, keep_on_failure: bool = False) -> Committed:
         with self._lock:
             try:
-                while self._pending:
-                    self._write(self._pending[0])
-                    self._pending.pop(0)
+                self.flush_pending()
                 return self._write(batch)
             except StoreError as exc:
                 # A step that already acted keeps its result until the store takes it;

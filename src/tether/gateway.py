@@ -213,6 +213,14 @@ class RunPort(Protocol):
         """Return the next step number."""
         ...
 
+    def has_pending(self) -> bool:
+        """Tell whether a result write failed and waits to be retried."""
+        ...
+
+    def flush_pending(self) -> None:
+        """Write the results kept after failed writes (raises `StoreError` if it fails)."""
+        ...
+
     def commit(
         self,
         events: Sequence[record.Event],
@@ -363,9 +371,11 @@ def step(run: RunPort, req: StepRequest) -> Flow:  # the design's list, in order
             key=key,
         )
         fingerprint = _fingerprint(run.store.record_key, args_bytes)
+        if run.has_pending():  # a result kept after a failed write answers first
+            yield StoreOp(run.flush_pending)
         existing = yield StoreOp(run.store.lookup_key, key_id)
         if existing is not None:
-            answer = _classify(existing, fingerprint, cap, now, run.retention)
+            answer = _classify(existing, fingerprint, cap, key, now, run.retention)
             if isinstance(answer, TetherError):
                 return (
                     yield from _refuse(
@@ -411,7 +421,10 @@ def step(run: RunPort, req: StepRequest) -> Flow:  # the design's list, in order
         committed: Committed = yield run.commit([*events, intent], claim=claim)
         if committed.conflict is not None:
             assert fingerprint is not None
-            answer = _classify(committed.conflict, fingerprint, cap, now, run.retention)
+            assert key is not None
+            answer = _classify(
+                committed.conflict, fingerprint, cap, key, now, run.retention
+            )
             if isinstance(answer, TetherError):
                 return (
                     yield from _refuse(
@@ -651,6 +664,7 @@ def _classify(
     existing: KeyRecord,
     fingerprint: bytes,
     cap: Capability[Any, Any],
+    key: str,
     now: datetime,
     retention: timedelta,
 ) -> TetherError | str:
@@ -662,7 +676,7 @@ def _classify(
             return "proceed"
     if existing.fingerprint != fingerprint:
         return IdempotencyConflict(
-            f"{cap.name}: idempotency key was first used with other arguments "
+            f"{cap.name}: idempotency key {key!r:.80} was first used with other arguments "
             f"(run {existing.run_id}, step {existing.step}); use a new key for new arguments"
         )
     if state is KeyState.COMPLETED:

@@ -120,8 +120,13 @@ class MemoryStore(Store):
         """Return one run, with its chain head computed now."""
         with self._lock:
             run = self._runs.get(run_id)
+            if run is None and len(run_id) >= 6:
+                found = [rid for rid in self._runs if rid.startswith(run_id)]
+                if len(found) == 1:
+                    run_id = found[0]
+                    run = self._runs[run_id]
             if run is None:
-                raise NotFound(f"no run {run_id!r} in memory")
+                raise NotFound(f"no run {run_id!r} in memory; see `tether runs list`")
             events = self._stored(run_id, run.events)
         head = events[-1].hash if events else _chain.genesis(run_id)
         r = run.row

@@ -8,6 +8,7 @@ SQLITE_BUSY at once, ignoring `busy_timeout`.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
@@ -99,6 +100,9 @@ class SQLiteStore(Store):
         try:
             self._configure()
             self._migrate()
+        except StoreError:
+            self._con.close()
+            raise
         except sqlite3.DatabaseError as exc:
             self._con.close()
             raise StoreError(
@@ -152,10 +156,10 @@ class SQLiteStore(Store):
             con.execute("BEGIN IMMEDIATE")
             try:
                 yield con
+                con.execute("COMMIT")
             except BaseException:
-                con.execute("ROLLBACK")
+                _rollback(con)
                 raise
-            con.execute("COMMIT")
 
     def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         try:
@@ -176,10 +180,10 @@ class SQLiteStore(Store):
                 con.execute("BEGIN IMMEDIATE")  # see _write
                 try:
                     committed = self._commit(con, batch)
+                    con.execute("COMMIT")
                 except BaseException:
-                    con.execute("ROLLBACK")
+                    _rollback(con)
                     raise
-                con.execute("COMMIT")
                 return committed
         except _Conflict as c:
             return Committed(
@@ -394,6 +398,14 @@ class SQLiteStore(Store):
         """Close the connection."""
         with self._lock:
             self._con.close()
+
+
+def _rollback(con: sqlite3.Connection) -> None:
+    # A failed COMMIT (SQLITE_BUSY, I/O error) may leave the transaction open;
+    # without this every later write fails "within a transaction".
+    if con.in_transaction:
+        with contextlib.suppress(sqlite3.Error):
+            con.execute("ROLLBACK")
 
 
 class _Conflict(Exception):  # control flow, never escapes this module

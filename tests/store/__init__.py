@@ -1,0 +1,1 @@
+"""Tests of the store backends and their shared conformance suite."""

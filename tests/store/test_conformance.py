@@ -1,0 +1,487 @@
+"""One conformance suite for every store backend (RELIABILITY.md F.37).
+
+Each test runs against every backend through the `store` fixture; a backend
+that behaves differently from the others fails here, on a laptop, before any
+call path notices. PostgreSQL joins the parameter list when its backend lands.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+import tether
+from tether import record
+from tether.store import (
+    Batch,
+    Claim,
+    Committed,
+    KeyId,
+    KeyRecord,
+    KeyState,
+    KeyUpdate,
+    NewRun,
+    Store,
+    open_store,
+)
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+TTL = timedelta(minutes=5)
+RETENTION = timedelta(hours=24)
+KEY = KeyId(tenant="acme", principal_id="pay-bot", capability="pay.charge", key="k-1")
+ARGS_FP = b"\x01" * 32
+OTHER_FP = b"\x02" * 32
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    """A fresh, empty store of each backend."""
+    urls = {
+        "memory": "memory://",
+        "sqlite": f"sqlite:///{tmp_path / 'tether.db'}?synchronous=normal",
+    }
+    s = open_store(urls[request.param], record_key=b"conformance-key")
+    yield s
+    s.close()
+
+
+# -- helpers -------------------------------------------------------------------------
+
+
+def create_run(
+    store: Store,
+    run_id: str,
+    *,
+    epoch: int = 1,
+    at: datetime = T0,
+    claim: Claim | None = None,
+) -> Committed:
+    """Create a run with its first two events."""
+    return store.commit(
+        Batch(
+            run_id=run_id,
+            epoch=epoch,
+            base_seq=0,
+            base_hash=record.genesis(run_id),
+            events=[
+                record.RunStarted(at=at, request="charge", principal={"id": "pay-bot"}),
+                record.RunStatus(at=at, previous="pending", status="executing"),
+            ],
+            new_run=NewRun(
+                tenant="acme",
+                principal_id="pay-bot",
+                request="charge",
+                status="executing",
+                created_at=at,
+            ),
+            claim=claim,
+            at=at,
+        )
+    )
+
+
+def append(
+    store: Store,
+    run_id: str,
+    events: Sequence[record.Event] = (),
+    *,
+    epoch: int = 1,
+    base_seq: int | None = None,
+    claim: Claim | None = None,
+    key_update: KeyUpdate | None = None,
+    status: str | None = None,
+    at: datetime = T0,
+) -> Committed:
+    """Append a batch to a run, extending its current head unless told otherwise."""
+    row = store.get_run(run_id)
+    return store.commit(
+        Batch(
+            run_id=run_id,
+            epoch=epoch,
+            base_seq=row.head_seq if base_seq is None else base_seq,
+            base_hash=row.head_hash,
+            events=list(events),
+            claim=claim,
+            key_update=key_update,
+            status=status,
+            at=at,
+        )
+    )
+
+
+def intent(step: int, at: datetime = T0) -> record.Intent:
+    """The intent event of a `pay.charge` step."""
+    return record.Intent(
+        at=at, step=step, capability="pay.charge", version="1", key=KEY.key
+    )
+
+
+def claim(
+    run_id: str,
+    *,
+    step: int = 1,
+    at: datetime = T0,
+    fingerprint: bytes = ARGS_FP,
+    take_over_stale: bool = True,
+) -> Claim:
+    """A claim of `KEY` by a run's step at time `at`."""
+    return Claim(
+        id=KEY,
+        fingerprint=fingerprint,
+        run_id=run_id,
+        step=step,
+        now=at,
+        lease_until=at + TTL,
+        retention=RETENTION,
+        take_over_stale=take_over_stale,
+    )
+
+
+def settle(
+    store: Store, run_id: str, state: KeyState, *, step: int = 1, at: datetime = T0
+) -> None:
+    """Settle the key claimed by `run_id`'s step to `state`."""
+    output = b'{"charge_id":"ch-1"}' if state is KeyState.COMPLETED else None
+    append(
+        store,
+        run_id,
+        [record.Executed(at=at, step=step, output={}, duration_us=1)],
+        key_update=KeyUpdate(
+            id=KEY, run_id=run_id, step=step, state=state, output=output, now=at
+        ),
+        at=at,
+    )
+
+
+def kinds(store: Store, run_id: str) -> list[tuple[int, str]]:
+    """Return a run's events as (seq, kind) pairs."""
+    return [(e.seq, e.data()["kind"]) for e in store.events(run_id)]
+
+
+# -- commits ----------------------------------------------------------------------------
+
+
+def test_batches_append_events_in_order_under_one_verifying_chain(store: Store) -> None:
+    """Committed batches append their events in order, move the head, and the chain verifies."""
+    create_run(store, "run_a")
+
+    committed = append(
+        store,
+        "run_a",
+        [intent(1), record.Executed(at=T0, step=1, output={}, duration_us=5)],
+    )
+
+    row = store.get_run("run_a")
+    events = store.events("run_a")
+    assert committed.conflict is None
+    assert committed.head_seq == row.head_seq == 4
+    assert kinds(store, "run_a") == [
+        (1, "run_started"),
+        (2, "run_status"),
+        (3, "intent"),
+        (4, "executed"),
+    ]
+    report = record.verify(
+        "run_a",
+        events,
+        head_seq=row.head_seq,
+        head_hash=row.head_hash,
+        head_sig=row.head_sig,
+        key=store.record_key,
+    )
+    assert report.ok, report.reason
+
+
+def test_runs_keep_their_own_records_when_commits_interleave(store: Store) -> None:
+    """Interleaved commits to two runs leave each run its own events, numbered from 1 without gaps."""
+    create_run(store, "run_a")
+    create_run(store, "run_b")
+
+    for step in (1, 2):
+        append(store, "run_a", [intent(step)])
+        append(store, "run_b", [intent(step), intent(step)])
+
+    assert [s for s, _ in kinds(store, "run_a")] == [1, 2, 3, 4]
+    assert [s for s, _ in kinds(store, "run_b")] == [1, 2, 3, 4, 5, 6]
+    assert store.events("run_missing") == []
+
+
+def test_a_batch_with_a_stale_epoch_is_refused_and_writes_nothing(store: Store) -> None:
+    """A batch whose lease epoch is not the run's raises `LeaseLost`; neither its events nor its claim are written."""
+    create_run(store, "run_a", epoch=2)
+    before = store.get_run("run_a")
+
+    with pytest.raises(tether.LeaseLost):
+        append(store, "run_a", [intent(1)], epoch=1, claim=claim("run_a"))
+
+    assert store.get_run("run_a").head_seq == before.head_seq
+    assert len(store.events("run_a")) == 2
+    assert store.lookup_key(KEY) is None
+
+
+def test_a_batch_from_a_stale_head_is_refused_and_writes_nothing(store: Store) -> None:
+    """A batch that extends an old chain head raises `StoreError` (not `LeaseLost`); neither its events nor its claim are written."""
+    create_run(store, "run_a")
+    append(store, "run_a", [intent(1)])
+
+    with pytest.raises(tether.StoreError) as caught:
+        append(store, "run_a", [intent(2)], base_seq=2, claim=claim("run_a", step=2))
+
+    assert not isinstance(caught.value, tether.LeaseLost)
+    assert store.get_run("run_a").head_seq == 3
+    assert len(store.events("run_a")) == 3
+    assert store.lookup_key(KEY) is None
+
+
+def test_creating_a_run_that_exists_is_refused_and_keeps_its_record(
+    store: Store,
+) -> None:
+    """A batch that creates a run under an id already taken raises `StoreError` and leaves the first run's record whole."""
+    create_run(store, "run_a")
+    append(store, "run_a", [intent(1)])
+
+    with pytest.raises(tether.StoreError):
+        create_run(store, "run_a", at=T0 + timedelta(hours=1))
+
+    assert [k for _, k in kinds(store, "run_a")] == [
+        "run_started",
+        "run_status",
+        "intent",
+    ]
+    assert store.get_run("run_a").created_at == T0
+
+
+# -- idempotency keys ---------------------------------------------------------------------
+
+
+def test_a_fresh_claim_is_unique(store: Store) -> None:
+    """A second claim of a key in progress conflicts with the first and writes none of its batch."""
+    create_run(store, "run_a", claim=claim("run_a"))
+    create_run(store, "run_b")
+
+    second = append(store, "run_b", [intent(1)], claim=claim("run_b"))
+
+    assert second.conflict is not None
+    assert (second.conflict.state, second.conflict.run_id) == (
+        KeyState.IN_PROGRESS,
+        "run_a",
+    )
+    assert len(store.events("run_b")) == 2
+    held = store.lookup_key(KEY)
+    assert held is not None
+    assert held.run_id == "run_a"
+
+
+def test_a_conflicting_claim_does_not_create_its_run(store: Store) -> None:
+    """A run-creating batch whose claim conflicts writes nothing: the run does not exist afterwards."""
+    create_run(store, "run_a", claim=claim("run_a"))
+
+    got = create_run(store, "run_b", claim=claim("run_b"))
+
+    assert got.conflict is not None
+    assert got.conflict.run_id == "run_a"
+    assert [r.run_id for r in store.list_runs()] == ["run_a"]
+    with pytest.raises(tether.NotFound):
+        store.get_run("run_b")
+
+
+@dataclass(frozen=True)
+class Case:
+    """A key left in `state` at T0, and a new claim at `T0 + later`."""
+
+    state: KeyState
+    later: timedelta
+    fingerprint: bytes = ARGS_FP
+    take_over_stale: bool = True
+
+
+REPLACE_CASES = {
+    "completed within retention": (
+        Case(KeyState.COMPLETED, RETENTION - timedelta(seconds=1)),
+        False,
+    ),
+    "completed after retention": (
+        Case(KeyState.COMPLETED, RETENTION + timedelta(seconds=1)),
+        True,
+    ),
+    "completed after retention, other args": (
+        Case(KeyState.COMPLETED, RETENTION + timedelta(seconds=1), OTHER_FP),
+        True,
+    ),
+    "in progress within its ttl": (
+        Case(KeyState.IN_PROGRESS, TTL - timedelta(seconds=1)),
+        False,
+    ),
+    "in progress, stale, take over": (
+        Case(KeyState.IN_PROGRESS, TTL + timedelta(seconds=1)),
+        True,
+    ),
+    "in progress, stale, no take over": (
+        Case(KeyState.IN_PROGRESS, TTL + timedelta(seconds=1), take_over_stale=False),
+        False,
+    ),
+    "failed, same args": (Case(KeyState.FAILED, timedelta(seconds=1)), True),
+    "failed, other args": (
+        Case(KeyState.FAILED, timedelta(seconds=1), OTHER_FP),
+        False,
+    ),
+    "in doubt": (Case(KeyState.IN_DOUBT, timedelta(seconds=1)), False),
+    "in doubt, a month later": (Case(KeyState.IN_DOUBT, timedelta(days=30)), False),
+}
+
+
+@pytest.mark.parametrize(
+    ("case", "replaced"), REPLACE_CASES.values(), ids=REPLACE_CASES.keys()
+)
+def test_a_claim_replaces_a_key_record_only_when_may_replace_allows(
+    store: Store, case: Case, replaced: bool
+) -> None:
+    """A claim on a key with a record takes it over exactly when the record's state, age and fingerprint allow."""
+    create_run(store, "run_a", claim=claim("run_a"))
+    if case.state is not KeyState.IN_PROGRESS:
+        settle(store, "run_a", case.state)
+    previous = store.lookup_key(KEY)
+    at = T0 + case.later
+    create_run(store, "run_b", at=at)
+
+    got = append(
+        store,
+        "run_b",
+        [intent(1, at)],
+        claim=claim(
+            "run_b",
+            at=at,
+            fingerprint=case.fingerprint,
+            take_over_stale=case.take_over_stale,
+        ),
+        at=at,
+    )
+
+    now_held = store.lookup_key(KEY)
+    assert now_held is not None
+    if replaced:
+        assert got.conflict is None
+        assert got.took_over == previous
+        assert (now_held.state, now_held.run_id, now_held.fingerprint) == (
+            KeyState.IN_PROGRESS,
+            "run_b",
+            case.fingerprint,
+        )
+        assert len(store.events("run_b")) == 3
+    else:
+        assert got.conflict == previous
+        assert now_held == previous
+        assert len(store.events("run_b")) == 2
+
+
+def test_only_the_claiming_run_and_step_settle_a_key(store: Store) -> None:
+    """A key update from another run or another step leaves the key as it was; the claimer's update settles it."""
+    create_run(store, "run_a", claim=claim("run_a"))
+    create_run(store, "run_b")
+    claimed = store.lookup_key(KEY)
+
+    settle(store, "run_b", KeyState.COMPLETED)
+    settle(store, "run_a", KeyState.COMPLETED, step=2)
+    after_strangers = store.lookup_key(KEY)
+    settle(store, "run_a", KeyState.COMPLETED, at=T0 + timedelta(seconds=3))
+
+    assert after_strangers == claimed
+    settled = store.lookup_key(KEY)
+    assert settled is not None
+    assert settled.state is KeyState.COMPLETED
+    assert settled.output == b'{"charge_id":"ch-1"}'
+    assert settled.completed_at == T0 + timedelta(seconds=3)
+    assert (settled.run_id, settled.step, settled.fingerprint) == ("run_a", 1, ARGS_FP)
+
+
+def test_an_unknown_key_has_no_record(store: Store) -> None:
+    """Looking up a key nobody claimed returns None, even when a sibling key of another scope exists."""
+    create_run(store, "run_a", claim=claim("run_a"))
+
+    others = [
+        KeyId(
+            tenant="other",
+            principal_id=KEY.principal_id,
+            capability=KEY.capability,
+            key=KEY.key,
+        ),
+        KeyId(
+            tenant=KEY.tenant,
+            principal_id="other",
+            capability=KEY.capability,
+            key=KEY.key,
+        ),
+        KeyId(
+            tenant=KEY.tenant,
+            principal_id=KEY.principal_id,
+            capability="pay.other",
+            key=KEY.key,
+        ),
+        KeyId(
+            tenant=KEY.tenant,
+            principal_id=KEY.principal_id,
+            capability=KEY.capability,
+            key="k-2",
+        ),
+    ]
+
+    assert [store.lookup_key(k) for k in others] == [None] * 4
+    assert isinstance(store.lookup_key(KEY), KeyRecord)
+
+
+# -- runs -----------------------------------------------------------------------------------
+
+
+def test_list_runs_returns_the_newest_first_with_limit_and_status_filter(
+    store: Store,
+) -> None:
+    """`list_runs` orders by creation, newest first, honours `limit`, and filters by status."""
+    for i, run_id in enumerate(["run_1", "run_2", "run_3"]):
+        create_run(store, run_id, at=T0 + timedelta(seconds=i))
+    append(store, "run_2", [], status="succeeded", at=T0 + timedelta(seconds=9))
+
+    newest = [r.run_id for r in store.list_runs()]
+    two = [r.run_id for r in store.list_runs(limit=2)]
+    succeeded = [r.run_id for r in store.list_runs(status="succeeded")]
+    executing = [r.run_id for r in store.list_runs(status="executing")]
+
+    assert newest == ["run_3", "run_2", "run_1"]
+    assert two == ["run_3", "run_2"]
+    assert succeeded == ["run_2"]
+    assert executing == ["run_3", "run_1"]
+    assert store.list_runs(status="failed") == []
+
+
+def test_get_run_finds_a_run_by_id_or_unique_prefix(store: Store) -> None:
+    """`get_run` takes a full id or a unique prefix of six or more characters."""
+    for run_id in ["run_aaaaaa1", "run_aaaaaa2", "run_bbbbbb1"]:
+        create_run(store, run_id)
+
+    by_id = store.get_run("run_aaaaaa2")
+    by_prefix = store.get_run("run_bbb")
+
+    assert by_id.run_id == "run_aaaaaa2"
+    assert by_prefix.run_id == "run_bbbbbb1"
+    assert (by_prefix.tenant, by_prefix.principal_id, by_prefix.status) == (
+        "acme",
+        "pay-bot",
+        "executing",
+    )
+
+
+@pytest.mark.parametrize("ref", ["run_aaa", "run_b", "nope-1234", ""])
+def test_get_run_refuses_an_ambiguous_short_or_unknown_id(
+    store: Store, ref: str
+) -> None:
+    """`get_run` raises `NotFound` for an ambiguous prefix, a prefix under six characters, or an unknown id."""
+    for run_id in ["run_aaaaaa1", "run_aaaaaa2", "run_bbbbbb1"]:
+        create_run(store, run_id)
+
+    with pytest.raises(tether.NotFound) as caught:
+        store.get_run(ref)
+
+    assert caught.value.code == "not_found"
