@@ -9,6 +9,7 @@ standard library on the call path and rejects what JSON cannot hold exactly
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections.abc import Mapping, Sequence
 from datetime import datetime
@@ -18,7 +19,14 @@ from typing import Any
 
 import orjson
 
-__all__ = ["CanonicalError", "dumps", "dumps_fields", "has_non_finite", "loads"]
+__all__ = [
+    "CanonicalError",
+    "dumps",
+    "dumps_fields",
+    "inexact",
+    "loads",
+    "loads_strict",
+]
 
 _NATIVE = orjson.OPT_SORT_KEYS | orjson.OPT_UTC_Z | orjson.OPT_NAIVE_UTC
 # Every dataclass goes through `_default`, which sorts its fields like a mapping's.
@@ -63,20 +71,74 @@ def loads(data: bytes | str) -> Any:
     return orjson.loads(data)
 
 
-def has_non_finite(value: object, _depth: int = 0) -> bool:
-    """Tell whether `value` holds a NaN or infinite float anywhere.
+def inexact(value: object, _depth: int = 0) -> str | None:
+    """Say what in `value` a record could not keep exactly, or None.
 
-    orjson writes those as `null`, silently; a record must never change a value.
+    orjson writes NaN and infinities as `null`, and pydantic's JSON mode rewrites
+    a mapping key holding a lone surrogate; a record must never change a value.
     """
     if isinstance(value, float):
-        return not math.isfinite(value)
+        return None if math.isfinite(value) else "NaN or Infinity"
     if _depth > 256:
-        return False  # deeper than any encoder accepts; the encoder refuses it
+        return None  # deeper than any encoder accepts; the encoder refuses it
     if isinstance(value, Mapping):
-        return any(has_non_finite(v, _depth + 1) for v in value.values())
-    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
-        return any(has_non_finite(v, _depth + 1) for v in value)
+        for k, v in value.items():
+            if isinstance(k, str) and not k.isascii() and _has_surrogate(k):
+                return "a key that is not valid UTF-8 (a lone surrogate)"
+            found = inexact(v, _depth + 1)
+            if found:
+                return found
+    elif isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        for v in value:
+            found = inexact(v, _depth + 1)
+            if found:
+                return found
+    return None
+
+
+def _has_surrogate(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return True
     return False
+
+
+def loads_strict(text: str | bytes) -> Any:
+    """Parse JSON text that a record can keep exactly, or raise `CanonicalError`.
+
+    Refuses duplicate keys (no reading of them is exact), integers beyond 64 bits
+    (orjson would make them floats) and NaN/Infinity. The standard library's
+    parser is used for its hooks; only text input takes this path.
+    """
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in items:
+            if k in out:
+                raise CanonicalError(f"duplicate key {k!r:.40}")
+            out[k] = v
+        return out
+
+    def integer(digits: str) -> int:
+        n = int(digits)
+        if not -(2**63) <= n < 2**64:
+            raise CanonicalError(f"integer {digits:.30} is beyond 64 bits")
+        return n
+
+    def constant(name: str) -> Any:
+        raise CanonicalError(f"{name} is not JSON")
+
+    try:
+        return json.loads(
+            text, object_pairs_hook=pairs, parse_int=integer, parse_constant=constant
+        )
+    except RecursionError as exc:
+        raise CanonicalError("nested too deeply") from exc
+    except (ValueError, UnicodeDecodeError) as exc:
+        if isinstance(exc, CanonicalError):
+            raise
+        raise CanonicalError(f"not JSON: {exc}") from exc
 
 
 _SORTED: dict[type, bool] = {}

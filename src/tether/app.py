@@ -133,15 +133,45 @@ class Tether:
             NotFound: no such run.
         """
         row = self.store.get_run(run_id)
-        return record.verify(
+        events = self.store.events(row.run_id)
+        report = record.verify(
             row.run_id,
-            self.store.events(row.run_id),
+            events,
             head_seq=row.head_seq,
             head_hash=row.head_hash,
             head_sig=row.head_sig,
             key=self.store.record_key,
             expected_head=head,
         )
+        if not report.ok or not events:
+            return report
+        # The runs row is an index over the record, not part of the chain: what it
+        # shows (and `runs list` prints) must agree with the chained events.
+        started = events[0].data()
+        last_status = None
+        for event in reversed(events):
+            data = event.data()
+            if data["kind"] == "run_status":
+                last_status = data["status"]
+                break
+        principal = started.get("principal") or {}
+        facts = {
+            "request": (row.request, started.get("request")),
+            "principal": (row.principal_id, principal.get("id")),
+            "tenant": (row.tenant, principal.get("tenant")),
+            "status": (row.status, last_status),
+        }
+        for name, (shown, recorded) in facts.items():
+            if shown != recorded:
+                return record.VerifyReport(
+                    run_id=row.run_id,
+                    ok=False,
+                    events=report.events,
+                    head=report.head,
+                    reason=f"the run's {name} {shown!r} differs from the record's "
+                    f"{recorded!r}: the runs table was edited",
+                )
+        return report
 
     def export(self, run_id: str) -> Iterator[bytes]:
         """Yield a run's record as JSON lines: a header, then one line per event.
@@ -161,7 +191,7 @@ class Tether:
                 caps[name] = self.capabilities.get(name).describe()
             except NotFound:
                 caps[name] = None  # recorded under a capability this app lacks
-        yield _canonical.dumps(
+        yield _line_safe(
             {
                 "format": record.FORMAT,
                 "type": "tether.run",
@@ -178,7 +208,7 @@ class Tether:
             }
         )
         for ev in events:
-            yield _canonical.dumps(
+            yield _line_safe(
                 {
                     "seq": ev.seq,
                     "hash": ev.hash.hex(),
@@ -565,6 +595,23 @@ class Run:
             capability, args, idempotency_key=idempotency_key, dry_run=dry_run
         )
         return outcome.unwrap()
+
+
+def _line_safe(document: object) -> bytes:
+    """Encode one JSONL line, escaping the characters text readers take for breaks.
+
+    JSON allows U+2028, U+2029 and U+0085 raw, but `str.splitlines` and many
+    log tools split lines on them.
+    """
+    line = _canonical.dumps(document)
+    for char, escaped in _LINE_BREAKS:
+        line = line.replace(char, escaped)
+    return line
+
+
+_LINE_BREAKS = tuple(
+    (ch.encode(), f"\\u{ord(ch):04x}".encode()) for ch in ("\u2028", "\u2029", "\x85")
+)
 
 
 def _loop_running() -> bool:

@@ -23,6 +23,7 @@ from typing import Any, Protocol, TypeAlias
 import anyio
 import anyio.to_thread
 from pydantic import BaseModel, ValidationError
+from pydantic_core import PydanticSerializationError
 
 from tether import _canonical, record
 from tether.capability import (
@@ -479,8 +480,7 @@ def step(run: RunPort, req: StepRequest) -> Flow:  # the design's list, in order
     error: TetherError | None = None
     if done.error is None:
         try:
-            output = _validate_output(cap, done.value)
-            out_json = output.model_dump(mode="json")
+            output, out_json = _validate_output(cap, done.value)
             # Encoded here even without a key: a value JSON cannot hold exactly
             # must fail the step now, not the store's write later.
             out_bytes = _canonical.dumps(out_json)
@@ -631,6 +631,8 @@ def _preconditions(
         if held is True or held is None:
             continue
         reason = held if isinstance(held, str) and held else f"{name} does not hold"
+        if cap.has_secrets:
+            reason = record.redact_text(reason, record.secret_values(args))
         events.append(
             record.PreconditionChecked(
                 at=now, step=number, checks=tuple(names), failed=name, reason=reason
@@ -738,18 +740,39 @@ def _hit(
     )
 
 
-def _validate_output(cap: Capability[Any, Any], value: object) -> BaseModel:
+def _validate_output(
+    cap: Capability[Any, Any], value: object
+) -> tuple[BaseModel, dict[str, Any]]:
+    """Return the output and its JSON form, both checked against the output schema.
+
+    The JSON form is what the record keeps, so it is what is validated: an
+    instance made with `model_construct()` or changed by attribute assignment
+    skipped pydantic's checks, and is caught here.
+    """
     model = cap.output_model
-    if type(value) is model:
-        assert isinstance(value, BaseModel)
-        return value
     try:
-        if isinstance(value, BaseModel):
-            value = value.model_dump()
-        validated: BaseModel = model.model_validate(value)
+        output = value if type(value) is model else _as_model(model, value)
+        assert isinstance(output, BaseModel)
+        # Serializer and validator directly: their Python wrappers would double
+        # the cost. A wrongly typed field serializes as is, and validation fails.
+        data: dict[str, Any] = model.__pydantic_serializer__.to_python(
+            output, mode="json", warnings=False
+        )
+        if output is value:
+            model.__pydantic_validator__.validate_python(data)
     except ValidationError as exc:
         raise InvalidOutput(one_line_error(cap.name, "output", exc)) from exc
-    return validated
+    except (PydanticSerializationError, ValueError) as exc:
+        raise InvalidOutput(
+            f"{cap.name}: output does not fit its schema: {exc}"
+        ) from exc
+    return output, data
+
+
+def _as_model(model: type[BaseModel], value: object) -> BaseModel:
+    if isinstance(value, BaseModel):
+        value = value.model_dump(warnings=False)
+    return model.model_validate(value)
 
 
 def _execution_error(
@@ -766,7 +789,10 @@ def _execution_error(
     if len(text) > MAX_MESSAGE:
         text = text[:MAX_MESSAGE] + "..."
     failed = CapabilityFailed(f"{cap.name}: {text}")
-    failed.__cause__ = exc
+    if cap.has_secrets:
+        failed.__suppress_context__ = True  # the raw error may quote a secret
+    else:
+        failed.__cause__ = exc
     if isinstance(exc, UsageError):
         return exc
     return failed

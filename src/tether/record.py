@@ -10,6 +10,7 @@ or cutting its tail is caught by `verify`, not only editing a row in the middle.
 
 from __future__ import annotations
 
+import base64
 import hmac
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from datetime import datetime
 from decimal import Decimal
 from enum import StrEnum
 from typing import Annotated, Any, Literal, TypeAlias
+from urllib.parse import quote, quote_plus
 
 import pydantic
 from pydantic import BaseModel, SecretBytes, SecretStr
@@ -73,9 +75,23 @@ class _SecretMarker:
 
 _SECRET = _SecretMarker()
 
+
+class _SecretText(str):
+    """A secret's clear text for the handler, whose repr is the mask.
+
+    Printing a model, or a traceback's locals, does not show the secret.
+    """
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return repr(SECRET_MASK)
+
+
 Secret = Annotated[
     str,
     _SECRET,
+    pydantic.AfterValidator(_SecretText),
     pydantic.PlainSerializer(lambda _v: SECRET_MASK, return_type=str, when_used="json"),
     pydantic.WithJsonSchema(
         {"type": "string", "writeOnly": True, "x-tether-secret": True}
@@ -415,11 +431,15 @@ def verify(
     if head_seq != count or not hmac.compare_digest(head_hash, previous):
         return _bad(
             run_id,
-            count + 1 if head_seq > count else head_seq,
+            min(head_seq, count) + 1,
             previous,
             count,
             f"the stored head is event {head_seq} but the chain ends at {count} "
-            "(events removed from the end, or the head rewritten)",
+            + (
+                "(events removed from the end, or the head rewritten)"
+                if head_seq > count
+                else "(events appended after the head, or the head rewritten)"
+            ),
         )
     if key is not None and head_sig is None:
         return _bad(
@@ -472,7 +492,24 @@ def secret_values(model: BaseModel) -> list[str]:
     """Return the clear values of every secret field in `model`, nested included."""
     found: list[str] = []
     _collect(model, found, 0)
+    # A tether.Secret inside Optional, list or dict carries no field metadata of
+    # its own: whatever JSON mode masks is a secret.
+    _masked(model.model_dump(), model.model_dump(mode="json"), found, 0)
     return [s for s in found if s]
+
+
+def _masked(py: object, js: object, found: list[str], depth: int) -> None:
+    if depth > 32:
+        return
+    if isinstance(py, str) and js == SECRET_MASK and py != SECRET_MASK:
+        found.append(py)
+    elif isinstance(py, Mapping) and isinstance(js, Mapping):
+        for k, v in py.items():
+            if k in js:
+                _masked(v, js[k], found, depth + 1)
+    elif isinstance(py, (list, tuple)) and isinstance(js, (list, tuple)):
+        for a, b in zip(py, js, strict=False):
+            _masked(a, b, found, depth + 1)
 
 
 def _collect(value: object, found: list[str], depth: int) -> None:
@@ -498,9 +535,24 @@ def _collect(value: object, found: list[str], depth: int) -> None:
 
 
 def redact_text(text: str, secrets: Iterable[str]) -> str:
-    """Replace every occurrence of each secret in `text` with the mask."""
-    for s in sorted(secrets, key=len, reverse=True):
-        text = text.replace(s, SECRET_MASK)
+    """Replace each secret in `text`, also URL-encoded or base64, with the mask."""
+    forms: set[str] = set()
+    for secret in secrets:
+        raw = secret.encode()
+        forms.update(
+            {
+                secret,
+                quote(secret, safe=""),
+                quote(secret),
+                quote_plus(secret),
+                base64.b64encode(raw).decode(),
+                base64.urlsafe_b64encode(raw).decode(),
+                base64.b64encode(raw).decode().rstrip("="),
+                base64.urlsafe_b64encode(raw).decode().rstrip("="),
+            }
+        )
+    for form in sorted(forms - {""}, key=len, reverse=True):
+        text = text.replace(form, SECRET_MASK)
     return text
 
 

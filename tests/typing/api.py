@@ -35,7 +35,9 @@ app.register(restart, arestart)
 principal = tether.Principal("ops-bot", roles=["agent"], tenant="acme")
 
 with app.run(principal=principal, request="restart api") as run:
-    out = run.call("infra.restart", {"service": "api"}, idempotency_key="inc-42-restart")
+    out = run.call(
+        "infra.restart", {"service": "api"}, idempotency_key="inc-42-restart"
+    )
     assert_type(out, BaseModel)
     typed = run.call(restart, {"service": "api"})
     assert_type(typed, RestartOut)
