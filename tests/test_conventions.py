@@ -124,7 +124,7 @@ def test_record_events_declare_fields_sorted() -> None:
 def test_event_kinds_are_unique() -> None:
     """No two event classes share a `kind`."""
     kinds = [
-        cls.kind  # type: ignore[attr-defined]
+        cls.kind
         for cls in (getattr(tether.record, n) for n in tether.record.__all__)
         if dataclasses.is_dataclass(cls) and hasattr(cls, "kind")
     ]

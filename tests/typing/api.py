@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from typing import assert_type
+
 from pydantic import BaseModel
-from typing_extensions import assert_type
 
 import tether
 
