@@ -320,7 +320,8 @@ class Run:
     def _commit(self, batch: Batch, keep_on_failure: bool = False) -> Committed:
         with self._lock:
             try:
-                self.flush_pending()
+                if self._pending:
+                    self.flush_pending()
                 return self._write(batch)
             except StoreError as exc:
                 # A step that already acted keeps its result until the store takes it;

@@ -10,7 +10,6 @@ one pipeline, two ten-line loops.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import hmac
 from collections.abc import Callable, Generator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -659,7 +658,7 @@ def _policy_error(cap: Capability[Any, Any], decision: Decision) -> TetherError:
 
 def _fingerprint(key: bytes | None, args_bytes: bytes) -> bytes:
     # Keyed, so a stored fingerprint cannot be used to guess low-entropy args offline.
-    return hmac.new(key or b"tether-fingerprint", args_bytes, hashlib.sha256).digest()
+    return hmac.digest(key or b"tether-fingerprint", args_bytes, "sha256")
 
 
 def _classify(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
@@ -83,6 +84,7 @@ class SQLiteStore(Store):
         self.url = f"sqlite:///{self.path}"
         self._lock = threading.Lock()
         self._pks: dict[str, int] = {}
+        self._macs: dict[bytes, _chain.Mac] = {}
         """Integer keys of the runs this store wrote, by run id."""
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -114,7 +116,19 @@ class SQLiteStore(Store):
 
     def _configure(self) -> None:
         con = self._con
-        mode = con.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        mode = con.execute("PRAGMA journal_mode").fetchone()[0]
+        for attempt in range(200):
+            if mode == "wal":
+                break
+            try:
+                mode = con.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            except sqlite3.OperationalError as exc:
+                # Switching a new file to WAL needs an exclusive lock and returns
+                # SQLITE_BUSY without calling the busy handler, so when several
+                # processes open a fresh file at once the losers wait here.
+                if "locked" not in str(exc) or attempt == 199:
+                    raise
+                time.sleep(0.01 + 0.0001 * attempt)  # noqa: TID251  # lock wait, not logic
         if mode != "wal":
             raise StoreError(
                 f"{str(self.path)!r}: cannot switch to WAL mode (got {mode!r}); "
@@ -211,7 +225,7 @@ class SQLiteStore(Store):
         sig = (
             None
             if self.record_key is None
-            else _chain.sign_head(self.record_key, batch.run_id, seq, head)
+            else self._mac(self.record_key).head(batch.run_id, seq, head)
         )
         now = _ts(batch.at)
         if batch.new_run is not None:
@@ -279,6 +293,13 @@ class SQLiteStore(Store):
             )
         return Committed(head_seq=seq, head_hash=head, took_over=took_over)
 
+    def _mac(self, key: bytes) -> _chain.Mac:
+        # record_key may be set after opening (Tether does); build the pads once per key.
+        mac = self._macs.get(key)
+        if mac is None:
+            mac = self._macs[key] = _chain.Mac(key)
+        return mac
+
     def _pk(self, con: sqlite3.Connection, run_id: str) -> int:
         row = con.execute("SELECT id FROM runs WHERE run_id=?", (run_id,)).fetchone()
         if row is None:
@@ -305,29 +326,12 @@ class SQLiteStore(Store):
     def _claim(self, con: sqlite3.Connection, claim: Claim) -> KeyRecord | None:
         k = claim.id
         where = (k.tenant, k.principal_id, k.capability, k.key)
-        existing = _key_record(con, k)
-        if existing is not None:
-            if not may_replace(existing, claim):
-                raise _Conflict(existing)
-            con.execute(
-                "UPDATE idempotency_keys SET fingerprint=?, state=?, run_id=?, step=?, "
-                "output=NULL, claimed_at=?, lease_until=?, completed_at=NULL "
-                "WHERE tenant=? AND principal_id=? AND capability=? AND key=?",
-                (
-                    claim.fingerprint,
-                    KeyState.IN_PROGRESS.value,
-                    claim.run_id,
-                    claim.step,
-                    _ts(claim.now),
-                    _ts(claim.lease_until),
-                    *where,
-                ),
-            )
-            return existing
-        con.execute(
+        # Insert first: a new key (the common case) costs one statement, and the
+        # existing record is read only when there is one.
+        inserted = con.execute(
             "INSERT INTO idempotency_keys (tenant, principal_id, capability, key, "
             "fingerprint, state, run_id, step, claimed_at, lease_until) "
-            "VALUES (?,?,?,?,?,?,?,?,?,?)",
+            "VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
             (
                 *where,
                 claim.fingerprint,
@@ -337,8 +341,28 @@ class SQLiteStore(Store):
                 _ts(claim.now),
                 _ts(claim.lease_until),
             ),
+        ).rowcount
+        if inserted:
+            return None
+        existing = _key_record(con, k)
+        assert existing is not None  # the insert conflicted inside this transaction
+        if not may_replace(existing, claim):
+            raise _Conflict(existing)
+        con.execute(
+            "UPDATE idempotency_keys SET fingerprint=?, state=?, run_id=?, step=?, "
+            "output=NULL, claimed_at=?, lease_until=?, completed_at=NULL "
+            "WHERE tenant=? AND principal_id=? AND capability=? AND key=?",
+            (
+                claim.fingerprint,
+                KeyState.IN_PROGRESS.value,
+                claim.run_id,
+                claim.step,
+                _ts(claim.now),
+                _ts(claim.lease_until),
+                *where,
+            ),
         )
-        return None
+        return existing
 
     # -- reads ------------------------------------------------------------------
 
