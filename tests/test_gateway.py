@@ -524,3 +524,27 @@ class TestMemoryStore:
             "run_finished",
         ]
         assert app.verify(run.id).ok
+
+
+class TestKeyLookup:
+    @pytest.mark.parametrize("lookup_first", [False, True])
+    def test_lookup_and_claim_answer_alike(
+        self,
+        ops: tether.Tether,
+        principal: tether.Principal,
+        calls: Calls,
+        lookup_first: bool,
+    ) -> None:
+        """With or without the lookup before the claim, a key answers hit, conflict alike."""
+        with ops.run(principal=principal, request="reboot") as run:
+            run.charges_before_claim = lookup_first
+            first = run.step("host.reboot", {"host": "a"}, idempotency_key="k")
+            again = run.step("host.reboot", {"host": "a"}, idempotency_key="k")
+            other = run.step("host.reboot", {"host": "b"}, idempotency_key="k")
+
+        assert first.status is OutcomeStatus.EXECUTED
+        assert again.status is OutcomeStatus.IDEMPOTENT_HIT
+        assert again.output == first.output
+        assert isinstance(other.error, tether.IdempotencyConflict)
+        assert calls.n == {"host.reboot": 1}
+        assert kinds(ops, run.id, step=2) == ["validated", "decided", "idempotent_hit"]

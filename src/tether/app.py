@@ -266,6 +266,8 @@ class Run:
         self.policy = app.policy
         self.retention = app.settings.idempotency.retention
         self.claim_ttl = app.settings.idempotency.claim_ttl
+        self.charges_before_claim = False
+        """No limits or breakers yet (their issue sets this): see gateway.step."""
         self.pool = app._thread_pool
         self._epoch = 1
         self._head_seq = 0

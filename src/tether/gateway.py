@@ -207,6 +207,8 @@ class RunPort(Protocol):
     policy: PolicySet
     retention: timedelta
     claim_ttl: timedelta
+    charges_before_claim: bool
+    """True when limits or a breaker act between the key lookup and the claim."""
     pool: Callable[[], ThreadPoolExecutor]
 
     def next_step(self) -> int:
@@ -373,7 +375,13 @@ def step(run: RunPort, req: StepRequest) -> Flow:  # the design's list, in order
         fingerprint = _fingerprint(run.store.record_key, args_bytes)
         if run.has_pending():  # a result kept after a failed write answers first
             yield StoreOp(run.flush_pending)
-        existing = yield StoreOp(run.store.lookup_key, key_id)
+        # The lookup answers a finished call before limits and the breaker can
+        # charge or refuse it (DESIGN). While nothing between here and the claim
+        # charges, the claim's own conflict check answers the same, atomically and
+        # one statement cheaper, so the lookup is skipped.
+        existing = None
+        if run.charges_before_claim:
+            existing = yield StoreOp(run.store.lookup_key, key_id)
         if existing is not None:
             answer = _classify(existing, fingerprint, cap, key, now, run.retention)
             if isinstance(answer, TetherError):

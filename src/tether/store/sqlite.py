@@ -227,7 +227,9 @@ class SQLiteStore(Store):
             if self.record_key is None
             else self._mac(self.record_key).head(batch.run_id, seq, head)
         )
-        now = _ts(batch.at)
+        # updated_at is when the status last changed: steps leave it (and the
+        # cost of formatting a timestamp) alone.
+        now = None if batch.status is None else _ts(batch.at)
         if batch.new_run is not None:
             new = batch.new_run
             pk = con.execute(
@@ -239,7 +241,7 @@ class SQLiteStore(Store):
                     new.principal_id,
                     new.request,
                     _ts(new.created_at),
-                    now,
+                    _ts(batch.at),
                     batch.epoch,
                     seq,
                     head,
@@ -250,8 +252,9 @@ class SQLiteStore(Store):
         else:
             pk = self._pks.get(batch.run_id) or self._pk(con, batch.run_id)
             cur = con.execute(
-                "UPDATE runs SET head_seq=?, head_hash=?, head_sig=?, updated_at=?, "
-                "status=COALESCE(?, status), error_code=COALESCE(?, error_code) "
+                "UPDATE runs SET head_seq=?, head_hash=?, head_sig=?, "
+                "updated_at=COALESCE(?, updated_at), status=COALESCE(?, status), "
+                "error_code=COALESCE(?, error_code) "
                 "WHERE id=? AND epoch=? AND head_seq=?",
                 (
                     seq,
@@ -267,11 +270,11 @@ class SQLiteStore(Store):
             )
             if cur.rowcount != 1:
                 self._fence_failure(con, batch)
-        con.executemany(
-            f"INSERT INTO events (run, seq, kind, step, body, hash) VALUES ({pk},?,?,?,?,?)",  # noqa: S608  # pk is an int from SQLite
-            rows,
-        )
         assert isinstance(pk, int)
+        con.executemany(
+            "INSERT INTO events (run, seq, kind, step, body, hash) VALUES (?,?,?,?,?,?)",
+            [(pk, *row) for row in rows],
+        )
         self._pks[batch.run_id] = pk
         if batch.key_update is not None:
             u = batch.key_update
