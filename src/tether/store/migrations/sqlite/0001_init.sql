@@ -38,8 +38,8 @@ CREATE TABLE idempotency_keys (
     run_id       TEXT NOT NULL,
     step         INTEGER NOT NULL,
     output       BLOB,               -- canonical JSON of the result (completed only)
-    claimed_at   TEXT NOT NULL,
-    lease_until  TEXT NOT NULL,      -- an in-progress claim older than this is stale
-    completed_at TEXT,
+    claimed_at   INTEGER NOT NULL,   -- microseconds since 1970-01-01 UTC
+    lease_until  INTEGER NOT NULL,   -- an in-progress claim older than this is stale
+    completed_at INTEGER,
     PRIMARY KEY (tenant, principal_id, capability, key)
 ) STRICT, WITHOUT ROWID;
