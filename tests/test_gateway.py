@@ -25,6 +25,10 @@ class HostOut(BaseModel):
     up: bool
 
 
+class BigOut(BaseModel):
+    n: int
+
+
 class Calls:
     """Counts handler calls per capability name."""
 
@@ -548,3 +552,94 @@ class TestKeyLookup:
         assert isinstance(other.error, tether.IdempotencyConflict)
         assert calls.n == {"host.reboot": 1}
         assert kinds(ops, run.id, step=2) == ["validated", "decided", "idempotent_hit"]
+
+
+class TestEdges:
+    def test_dry_run_of_a_write_without_a_dry_run_handler_is_refused(
+        self, ops: tether.Tether, principal: tether.Principal, calls: Calls
+    ) -> None:
+        """Asking a write with no dry-run handler for a dry run refuses; nothing acts."""
+        with ops.run(principal=principal, request="x") as run:
+            outcome = run.step("host.wipe", {"host": "a"}, dry_run=True)
+
+        assert isinstance(outcome.error, tether.Denied)
+        assert "no dry-run handler" in outcome.error.message
+        assert calls.n == {}
+
+    def test_dry_run_of_a_read_runs_the_read(
+        self, ops: tether.Tether, principal: tether.Principal, calls: Calls
+    ) -> None:
+        """A read acts on nothing, so its dry run is the read itself, marked dry."""
+        with ops.run(principal=principal, request="x") as run:
+            outcome = run.step("net.ping", {"host": "a"}, dry_run=True)
+
+        assert outcome.dry_run
+        assert calls.n == {"net.ping": 1}
+
+    def test_output_json_cannot_hold_is_invalid(
+        self, app: tether.Tether, principal: tether.Principal
+    ) -> None:
+        """An output with an integer beyond 64 bits cannot be recorded exactly: invalid."""
+
+        @tether.capability("math.big", effect="read")
+        def big(args: HostIn) -> BigOut:
+            return BigOut(n=2**70)
+
+        app.register(big)
+        with app.run(principal=principal, request="x") as run:
+            outcome = run.step("math.big", {"host": "a"})
+
+        assert isinstance(outcome.error, tether.InvalidOutput)
+        assert "exact JSON" in outcome.error.message
+
+    def test_output_of_another_model_is_revalidated(
+        self, app: tether.Tether, principal: tether.Principal
+    ) -> None:
+        """A handler returning a different model with the right fields gets its model."""
+
+        class Lookalike(BaseModel):
+            host: str
+            up: bool
+
+        @tether.capability("net.alias", effect="read")
+        def alias(args: HostIn) -> HostOut:
+            return Lookalike(host=args.host, up=True)  # type: ignore[return-value]  # under test
+
+        app.register(alias)
+        with app.run(principal=principal, request="x") as run:
+            out = run.call("net.alias", {"host": "a"})
+
+        assert type(out) is HostOut
+
+    def test_long_error_messages_are_cut(
+        self, app: tether.Tether, principal: tether.Principal
+    ) -> None:
+        """A handler error longer than 2000 characters is recorded cut, with an ellipsis."""
+
+        @tether.capability("net.noisy", effect="read")
+        def noisy(args: HostIn) -> HostOut:
+            raise RuntimeError("x" * 5000)
+
+        app.register(noisy)
+        with app.run(principal=principal, request="x") as run:
+            outcome = run.step("net.noisy", {"host": "a"})
+
+        assert outcome.error is not None
+        assert outcome.error.message.endswith("...")
+        assert len(outcome.error.message) < 2100
+
+    def test_usage_error_from_a_handler_reaches_the_caller_as_is(
+        self, app: tether.Tether, principal: tether.Principal
+    ) -> None:
+        """A handler that misuses tether gets tether's own `UsageError` back, not a wrapper."""
+
+        @tether.capability("net.misuse", effect="read")
+        def misuse(args: HostIn) -> HostOut:
+            raise tether.UsageError("handlers may not open runs")
+
+        app.register(misuse)
+        with (
+            app.run(principal=principal, request="x") as run,
+            pytest.raises(tether.UsageError, match="may not open runs"),
+        ):
+            run.call("net.misuse", {"host": "a"})
