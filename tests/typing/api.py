@@ -19,13 +19,13 @@ class RestartOut(BaseModel):
 
 @tether.capability("infra.restart", effect="write", idempotency="keyed", resource="k8s")
 def restart(args: RestartIn) -> RestartOut:
-    return RestartOut(restarted=True)
+    return RestartOut(restarted=bool(args.service))
 
 
 @tether.capability("infra.arestart", effect="write", idempotency="keyed")
 async def arestart(args: RestartIn, ctx: tether.CallContext) -> RestartOut:
     assert_type(ctx.idempotency_key, str | None)
-    return RestartOut(restarted=True)
+    return RestartOut(restarted=bool(args.service))
 
 
 assert_type(restart, tether.Capability[RestartIn, RestartOut])
