@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import os
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
+from decimal import Decimal
 from types import TracebackType
 from typing import Any, TypeVar, overload
 
@@ -23,14 +25,23 @@ from tether import _canonical, gateway, record
 from tether import config as _config
 from tether.capability import Capability, Registry
 from tether.clock import Clock, Ids, RandomIds, SystemClock
-from tether.errors import LeaseLost, NotFound, StoreError, TetherError, UsageError
-from tether.policy import Policy, PolicySet
+from tether.errors import (
+    ConfigError,
+    LeaseLost,
+    NotFound,
+    StoreError,
+    TetherError,
+    UsageError,
+)
+from tether.policy import Policy, PolicySet, RuleSet
 from tether.principal import Principal
 from tether.record import Outcome
 from tether.run import FINAL_STATES, RunState, check_transition
 from tether.store import Batch, Claim, Committed, KeyUpdate, NewRun, Store, open_store
 
 __all__ = ["Run", "Tether"]
+
+logger = logging.getLogger(__name__)
 
 Out = TypeVar("Out", bound=BaseModel)
 C = TypeVar("C", bound=Capability[Any, Any])
@@ -71,10 +82,14 @@ class Tether:
         self.db_url = _config.resolve_db(db, env)
         self.config_path = _config.resolve_config_path(config, env)
         self.settings, version = _config.load_settings(self.config_path)
+        self._config_file = (
+            None if self.config_path is None else _config.ConfigFile(self.config_path)
+        )
+        self._policy_lock = threading.Lock()
         self.clock: Clock = clock or SystemClock()
         self.ids: Ids = ids or RandomIds(self.clock)
         self.capabilities = Registry()
-        self.policy = PolicySet(version=version)
+        self.policy = _policy_from(self.settings, version, has_file=self._config_file)
         self.store: Store = open_store(self.db_url)
         # The key file is made only once the database opened: a bad --db must not
         # leave a key file beside some other file.
@@ -108,7 +123,37 @@ class Tether:
                 f"{policy!r} is not a policy; give it an `id` and an "
                 "`evaluate(request) -> Decision | None` method"
             )
-        self.policy = self.policy.add(policy)
+        with self._policy_lock:
+            self.policy = self.policy.add(policy)
+
+    def current_policy(self) -> PolicySet:
+        """Return the policy in force, reloading `tether.yaml` first if it changed.
+
+        A file that fails to load leaves the last good policy in force; the
+        failure is logged (`policy.reload_failed`) once per change of the file.
+        """
+        watched = self._config_file
+        if watched is not None and watched.changed():
+            with self._policy_lock:
+                if watched.changed():
+                    self._reload(watched)
+        return self.policy
+
+    def _reload(self, watched: _config.ConfigFile) -> None:
+        try:
+            settings, version = watched.load()
+        except ConfigError as exc:
+            logger.warning(
+                "policy.reload_failed",
+                extra={"tether.config": str(watched.path), "tether.error": exc.message},
+            )
+            return
+        fresh = _policy_from(settings, version, has_file=watched)
+        self.policy = self.policy.replace(
+            rules=fresh.rules, defaults=fresh.defaults, version=version
+        )
+        self.settings = settings
+        logger.info("policy.reloaded", extra={"tether.policy_version": version})
 
     # -- runs ----------------------------------------------------------------------
 
@@ -263,9 +308,10 @@ class Run:
         self._numbers = itertools.count(1)
         self.clock = app.clock
         self.store = app.store
-        self.policy = app.policy
         self.retention = app.settings.idempotency.retention
         self.claim_ttl = app.settings.idempotency.claim_ttl
+        self.cost = Decimal(0)
+        """Sum of the run's executed step costs."""
         self.charges_before_claim = False
         """No limits or breakers yet (their issue sets this): see gateway.step."""
         self.pool = app._thread_pool
@@ -279,6 +325,11 @@ class Run:
         return f"<Run {self.id} {self.status.value}>"
 
     # -- RunPort ---------------------------------------------------------------------
+
+    @property
+    def policy(self) -> PolicySet:
+        """The app's policy in force now (a changed `tether.yaml` applies at the next step)."""
+        return self.app.current_policy()
 
     def next_step(self) -> int:
         """Return the next step number (from 1)."""
@@ -615,6 +666,15 @@ def _line_safe(document: object) -> bytes:
 _LINE_BREAKS = tuple(
     (ch.encode(), f"\\u{ord(ch):04x}".encode()) for ch in ("\u2028", "\u2029", "\x85")
 )
+
+
+def _policy_from(
+    settings: _config.Settings, version: str, *, has_file: object
+) -> PolicySet:
+    rules = RuleSet(settings.rules) if settings.rules else None
+    if has_file is None:
+        return PolicySet(rules=rules, version=version)  # no policy file: allow all
+    return PolicySet(rules=rules, defaults=settings.defaults, version=version)
 
 
 def _loop_running() -> bool:

@@ -16,16 +16,18 @@ import re
 from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import pydantic
 import yaml
 
 from tether.errors import ConfigError
+from tether.policy.rules import RulesConfig
 from tether.store import sqlite_path
 
 __all__ = [
     "DEFAULT_DB",
+    "ConfigFile",
     "Settings",
     "load_settings",
     "parse_duration",
@@ -67,10 +69,14 @@ class IdempotencySettings(pydantic.BaseModel, extra="forbid", frozen=True):
     """How long an in-progress claim holds before another worker may take it over."""
 
 
-class Settings(pydantic.BaseModel, extra="forbid", frozen=True):
-    """The contents of `tether.yaml` that this version understands."""
+class Settings(RulesConfig, extra="forbid", frozen=True):
+    """The contents of `tether.yaml` that this version understands.
 
-    version: int = 1
+    Each concept owns its section's model (`rules` and `defaults` come from
+    `tether.policy.rules`); this class only assembles them.
+    """
+
+    version: Literal[1] = 1
     """Format version of the file."""
     idempotency: IdempotencySettings = IdempotencySettings()
 
@@ -169,3 +175,37 @@ def _create_key_file(key_file: Path) -> None:
             os.link(tmp, key_file)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+class ConfigFile:
+    """A config file watched for changes, for hot reload.
+
+    `changed()` costs one `stat` call; a step asks it before its decision.
+    """
+
+    __slots__ = ("_stamp", "path")
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._stamp = self._read_stamp()
+
+    def _read_stamp(self) -> tuple[int, int, int] | None:
+        try:
+            st = self.path.stat()
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def changed(self) -> bool:
+        """Tell whether the file changed since the last `load` (or creation)."""
+        return self._read_stamp() != self._stamp
+
+    def load(self) -> tuple[Settings, str]:
+        """Load the file as it is now (see `load_settings`); remember its stamp.
+
+        Raises:
+            ConfigError: the file is invalid; the stamp is remembered anyway, so a
+                broken file is reported once, not at every step.
+        """
+        self._stamp = self._read_stamp()
+        return load_settings(self.path)

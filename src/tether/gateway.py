@@ -17,6 +17,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from decimal import Decimal
 from typing import Any, Protocol, TypeAlias
 
 import anyio
@@ -204,11 +205,18 @@ class RunPort(Protocol):
     steps: int
     clock: Clock
     store: Store
-    policy: PolicySet
+
+    @property
+    def policy(self) -> PolicySet:
+        """The policy in force for the next decision."""
+        ...
+
     retention: timedelta
     claim_ttl: timedelta
     charges_before_claim: bool
     """True when limits or a breaker act between the key lookup and the claim."""
+    cost: Decimal
+    """Sum of the run's executed step costs; the gateway adds each step's."""
     pool: Callable[[], ThreadPoolExecutor]
 
     def next_step(self) -> int:
@@ -297,20 +305,23 @@ def step(run: RunPort, req: StepRequest) -> Flow:  # the design's list, in order
 
     # policy decision (deny stops; require_approval parks the step)
     policy = run.policy
-    decision = policy.default
-    if policy:  # no policies: skip building the request nobody would read
+    if cap.scopes or not policy.is_trivial(cap.effect):
         decision = policy.decide(
             DecisionRequest(
                 principal=run.principal,
                 capability=cap.name,
                 version=cap.version,
-                effect=cap.effect.value,
+                effect=cap.effect,
                 scopes=cap.scopes,
                 args=args_json,
                 context=run.context,
                 steps_so_far=number - 1,
+                cost_so_far=run.cost,
+                at=now,
             )
         )
+    else:  # no policy and an allow default: nothing to ask
+        decision = policy.default(cap.effect)
     verdict = decision.verdict
     events.append(
         record.Decided(
@@ -521,6 +532,8 @@ def step(run: RunPort, req: StepRequest) -> Flow:  # the design's list, in order
                 dry_run=dry_run,
             )
         )
+        if not dry_run:
+            run.cost += cost
         if key_id is not None and needs_intent:
             update = KeyUpdate(
                 id=key_id,

@@ -1,134 +1,172 @@
 """The decision point: what policy says of a step, outside the reasoning loop.
 
-This module holds the decision values and the precedence that combines the
-answers of several policies. `tether.yaml` rules (CEL) plug in here as one more
-policy; a Python policy is any object with an `evaluate(request)` method.
+One `PolicySet` per policy version holds the `tether.yaml` rules (compiled and
+indexed), the Python policies registered on the app and the defaults per
+effect. For each step it checks the capability's scopes first (a principal
+lacking one is denied before any rule), then asks every policy and keeps the
+strictest verdict: deny > require_approval > dry_run_only > allow; when all
+abstain, the default for the capability's effect decides.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from enum import StrEnum
-from typing import Any, Protocol, runtime_checkable
+import copy
+from collections.abc import Sequence
 
-from tether.principal import Principal
+from tether.policy._decision import (
+    DEFAULT_POLICY_VERSION,
+    Decision,
+    DecisionRequest,
+    Policy,
+    Verdict,
+    combine,
+)
+from tether.policy.rules import Defaults, Match, Rule, RulesConfig, RuleSet
 
 __all__ = [
     "DEFAULT_POLICY_VERSION",
+    "SCOPES_RULE",
     "Decision",
     "DecisionRequest",
+    "Defaults",
+    "Match",
     "Policy",
     "PolicySet",
+    "Rule",
+    "RuleSet",
+    "RulesConfig",
     "Verdict",
 ]
 
-DEFAULT_POLICY_VERSION = "none"
-"""The policy version recorded when no policy is configured."""
+SCOPES_RULE = "tether:scopes"
+"""The rule id recorded when a principal lacks a capability's scopes."""
 
 
-class Verdict(StrEnum):
-    """What policy says of a step; higher `rank` wins when policies disagree."""
-
-    ALLOW = "allow"
-    DRY_RUN_ONLY = "dry_run_only"
-    REQUIRE_APPROVAL = "require_approval"
-    DENY = "deny"
-
-    @property
-    def rank(self) -> int:
-        """Precedence: deny > require_approval > dry_run_only > allow."""
-        return _RANK[self]
+class _Keep:
+    """Marks a `replace` argument left as it is (None means no rules)."""
 
 
-_RANK = {
-    Verdict.ALLOW: 0,
-    Verdict.DRY_RUN_ONLY: 1,
-    Verdict.REQUIRE_APPROVAL: 2,
-    Verdict.DENY: 3,
-}
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Decision:
-    """Policy's answer for one step, with the rules that gave it."""
-
-    verdict: Verdict
-    """One of `allow`, `deny`, `require_approval`, `dry_run_only`."""
-    rule_ids: tuple[str, ...] = ()
-    """Rules that decided, in evaluation order; empty when the default decided."""
-    reasons: tuple[str, ...] = ()
-    """Each deciding rule's human reason, in the order of `rule_ids`."""
-    policy_version: str = DEFAULT_POLICY_VERSION
-    """Hash of the `tether.yaml` in force."""
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class DecisionRequest:
-    """The read-only view of a step that policies evaluate."""
-
-    principal: Principal
-    capability: str
-    version: str
-    effect: str
-    scopes: tuple[str, ...]
-    args: Mapping[str, Any]
-    """The validated args, as JSON data (secrets masked)."""
-    context: Mapping[str, Any] = field(default_factory=dict)
-    """The run's context (environment, tenant, ...)."""
-    steps_so_far: int = 0
-
-
-@runtime_checkable
-class Policy(Protocol):
-    """A Python policy: return a `Decision`, or None to abstain."""
-
-    id: str
-
-    def evaluate(self, request: DecisionRequest) -> Decision | None:
-        """Decide `request`, or return None when this policy has no opinion."""
-        ...
+_KEEP = _Keep()
+_ALLOW_ALL = Defaults(
+    read=Verdict.ALLOW, write=Verdict.ALLOW, destructive=Verdict.ALLOW
+)
 
 
 class PolicySet:
-    """Every policy of an app, combined by precedence (the strictest verdict wins)."""
+    """Every policy of an app at one policy version, combined by precedence.
 
-    __slots__ = ("_policies", "default", "version")
+    Args:
+        policies: Python policies, asked after the rules, in order.
+        rules: the compiled `tether.yaml` rules, if any.
+        defaults: the decision per effect when every policy abstains; without a
+            policy file everything is allowed.
+        version: the policy version recorded with each decision.
+    """
+
+    __slots__ = ("_defaults", "_policies", "_rules", "version")
 
     def __init__(
-        self, policies: Sequence[Policy] = (), *, version: str = DEFAULT_POLICY_VERSION
+        self,
+        policies: Sequence[Policy] = (),
+        *,
+        rules: RuleSet | None = None,
+        defaults: Defaults = _ALLOW_ALL,
+        version: str = DEFAULT_POLICY_VERSION,
     ) -> None:
         self._policies = tuple(policies)
+        self._rules = rules
         self.version = version
-        self.default = Decision(verdict=Verdict.ALLOW, policy_version=version)
-        """The decision when every policy abstains (or there is none)."""
-
-    def __bool__(self) -> bool:
-        return bool(self._policies)
+        self._defaults = {
+            effect: Decision(verdict=getattr(defaults, effect), policy_version=version)
+            for effect in ("read", "write", "destructive")
+        }
 
     def add(self, policy: Policy) -> PolicySet:
         """Return a new set with `policy` added last."""
-        return PolicySet((*self._policies, policy), version=self.version)
+        return self.replace(policies=(*self._policies, policy))
+
+    def replace(
+        self,
+        *,
+        policies: Sequence[Policy] | None = None,
+        rules: RuleSet | _Keep | None = _KEEP,
+        defaults: Defaults | None = None,
+        version: str | None = None,
+    ) -> PolicySet:
+        """Return a copy with the given parts replaced (a reload keeps Python policies)."""
+        return PolicySet(
+            self._policies if policies is None else policies,
+            rules=self._rules if isinstance(rules, _Keep) else rules,
+            defaults=self.defaults if defaults is None else defaults,
+            version=self.version if version is None else version,
+        )
+
+    @property
+    def defaults(self) -> Defaults:
+        """The decision per effect when every policy abstains."""
+        return Defaults(**{e: d.verdict for e, d in self._defaults.items()})
+
+    @property
+    def rules(self) -> RuleSet | None:
+        """The compiled rules, when a policy file has any."""
+        return self._rules
+
+    def is_trivial(self, effect: str) -> bool:
+        """True when no policy exists and `effect`'s default is allow (nothing to ask)."""
+        return (
+            self._rules is None
+            and not self._policies
+            and self._defaults[effect].verdict is Verdict.ALLOW
+        )
+
+    def default(self, effect: str) -> Decision:
+        """The decision for `effect` when every policy abstains."""
+        return self._defaults[effect]
 
     def decide(self, request: DecisionRequest) -> Decision:
-        """Return the combined decision; allow by default when every policy abstains."""
-        best: Decision | None = None
-        ids: list[str] = []
-        reasons: list[str] = []
+        """Return the combined decision for one step."""
+        missing = sorted(set(request.scopes) - set(request.principal.scopes))
+        if missing:
+            return Decision(
+                verdict=Verdict.DENY,
+                rule_ids=(SCOPES_RULE,),
+                reasons=(
+                    f"principal {request.principal.id!r} lacks scope(s) "
+                    f"{', '.join(missing)} that {request.capability} requires",
+                ),
+                policy_version=self.version,
+            )
+        answers: list[tuple[Verdict, str, str]] = []
+        if self._rules is not None:
+            got = self._rules.evaluate(request)
+            if got is not None:
+                answers.extend(zip_answers(got, got.rule_ids))
         for policy in self._policies:
-            got = policy.evaluate(request)
-            if got is None:
-                continue
-            if best is None or got.verdict.rank > best.verdict.rank:
-                best, ids, reasons = got, list(got.rule_ids), list(got.reasons)
-            elif got.verdict is best.verdict:
-                ids.extend(got.rule_ids)
-                reasons.extend(got.reasons)
-        if best is None:
-            return self.default
-        return Decision(
-            verdict=best.verdict,
-            rule_ids=tuple(ids),
-            reasons=tuple(reasons),
-            policy_version=self.version,
-        )
+            # Each Python policy gets its own copy of the args, so none can change
+            # what the next one, the record or the handler sees.
+            view = DecisionRequest(
+                principal=request.principal,
+                capability=request.capability,
+                version=request.version,
+                effect=request.effect,
+                scopes=request.scopes,
+                args=copy.deepcopy(request.args),
+                context=copy.deepcopy(request.context),
+                steps_so_far=request.steps_so_far,
+                cost_so_far=request.cost_so_far,
+                at=request.at,
+            )
+            got = policy.evaluate(view)
+            if got is not None:
+                answers.extend(zip_answers(got, got.rule_ids or (policy.id,)))
+        if not answers:
+            return self._defaults[request.effect]
+        return combine(answers, policy_version=self.version)
+
+
+def zip_answers(
+    decision: Decision, ids: Sequence[str]
+) -> list[tuple[Verdict, str, str]]:
+    """Pair each deciding id with its reason (an empty reason when none was given)."""
+    reasons = (*decision.reasons, *([""] * len(ids)))
+    return [(decision.verdict, rule_id, reasons[i]) for i, rule_id in enumerate(ids)]
