@@ -643,3 +643,77 @@ class TestEdges:
             pytest.raises(tether.UsageError, match="may not open runs"),
         ):
             run.call("net.misuse", {"host": "a"})
+
+
+class TestDeadlinesAndCancellation:
+    def test_timed_out_keyed_handler_keeps_its_key_claimed(
+        self, app: tether.Tether, principal: tether.Principal
+    ) -> None:
+        """A keyed handler still running past its timeout keeps the key: a retry waits."""
+        release = threading.Event()
+        ran: list[str] = []
+
+        @tether.capability(
+            "host.slow", effect="write", idempotency="keyed", timeout=0.05
+        )
+        def slow(args: HostIn) -> HostOut:
+            ran.append(args.host)
+            release.wait(5)
+            return HostOut(host=args.host, up=True)
+
+        app.register(slow)
+        try:
+            with app.run(principal=principal, request="x") as run:
+                first = run.step("host.slow", {"host": "a"}, idempotency_key="k")
+                retry = run.step("host.slow", {"host": "a"}, idempotency_key="k")
+        finally:
+            release.set()
+
+        assert isinstance(first.error, tether.StepTimeout)
+        assert "may still be running" in first.error.message
+        assert isinstance(retry.error, tether.KeyInUse)
+        assert ran == ["a"]
+
+    def test_handlers_own_timeout_error_is_a_failure_not_a_deadline(
+        self, app: tether.Tether, principal: tether.Principal, mode: str
+    ) -> None:
+        """A `TimeoutError` the handler raises is its failure, with its own message."""
+
+        @tether.capability("net.upstream", effect="read", timeout=5)
+        def upstream(args: HostIn) -> HostOut:
+            raise TimeoutError("upstream took too long")
+
+        app.register(upstream)
+        with app.run(principal=principal, request="x") as run:
+            outcome = take(run, mode, "net.upstream", {"host": "a"})
+
+        assert type(outcome.error) is tether.CapabilityFailed
+        assert "upstream took too long" in outcome.error.message
+
+    def test_cancelled_caller_still_records_the_outcome(
+        self, app: tether.Tether, principal: tether.Principal
+    ) -> None:
+        """Cancelling `acall` mid-handler records the step in doubt, then cancels."""
+        started = asyncio.Event()
+
+        @tether.capability("pay.send", effect="write", idempotency="none")
+        async def send(args: HostIn) -> HostOut:
+            started.set()
+            await asyncio.sleep(60)
+            return HostOut(host=args.host, up=True)
+
+        app.register(send)
+
+        async def main() -> tether.Run:
+            async with app.run(principal=principal, request="x") as run:
+                task = asyncio.create_task(run.acall("pay.send", {"host": "a"}))
+                await started.wait()
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+            return run
+
+        run = asyncio.run(main())
+
+        assert kinds(app, run.id, step=1)[-1] == "in_doubt"
+        assert app.verify(run.id).ok

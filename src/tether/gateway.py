@@ -14,7 +14,6 @@ import hmac
 from collections.abc import Callable, Generator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -97,6 +96,11 @@ class Executed:
     value: object = None
     error: BaseException | None = None
     timed_out: bool = False
+    """Tether's deadline fired (not a `TimeoutError` the handler raised itself)."""
+    still_running: bool = False
+    """The handler may still be acting: a sync handler's thread cannot be stopped."""
+    started: bool = True
+    """False when the deadline passed while the call still waited for a thread."""
     duration_us: int
 
 
@@ -116,52 +120,71 @@ class Execute:
         start: float,
         value: object = None,
         error: BaseException | None = None,
+        *,
         timed_out: bool = False,
+        still_running: bool = False,
+        started: bool = True,
     ) -> Executed:
         elapsed = int((self.clock.monotonic() - start) * 1e6)
         return Executed(
-            value=value, error=error, timed_out=timed_out, duration_us=elapsed
+            value=value,
+            error=error,
+            timed_out=timed_out,
+            still_running=still_running,
+            started=started,
+            duration_us=elapsed,
         )
+
+    def _limit(self) -> float | None:
+        return None if self.timeout is None else self.timeout.total_seconds()
 
     def perform(self) -> Executed:
         """Run the handler in this thread (a worker thread when it has a timeout)."""
         start = self.clock.monotonic()
         try:
             if self.is_async:
-                value = asyncio.run(self._acall())
+                value, timed_out = asyncio.run(self._acall())
+                if timed_out:
+                    return self._done(start, timed_out=True)
             elif self.timeout is not None:
                 future = self.pool().submit(self.fn, *self.call_args)
-                value = future.result(self.timeout.total_seconds())
+                try:
+                    value = future.result(self._limit())
+                except FutureTimeout:
+                    if future.done():  # the handler's own TimeoutError
+                        raise
+                    # A queued call that never started is cancelled; a started one
+                    # cannot be stopped and may still act.
+                    started = not future.cancel()
+                    return self._done(
+                        start, timed_out=True, still_running=started, started=started
+                    )
             else:
                 value = self.fn(*self.call_args)
-        except (TimeoutError, FutureTimeout) as exc:
-            return self._done(start, error=exc, timed_out=True)
         except Exception as exc:  # noqa: BLE001  # a user handler may raise anything
             return self._done(start, error=exc)
         return self._done(start, value=value)
 
-    async def _acall(self) -> Any:
-        with (
-            anyio.fail_after(self.timeout.total_seconds())
-            if self.timeout
-            else nullcontext()
-        ):
-            return await self.fn(*self.call_args)
+    async def _acall(self) -> tuple[Any, bool]:
+        with anyio.move_on_after(self._limit()) as scope:
+            return await self.fn(*self.call_args), False
+        return None, scope.cancelled_caught
 
     async def aperform(self) -> Executed:
         """Await the handler (a sync one in a worker thread)."""
         start = self.clock.monotonic()
         try:
             if self.is_async:
-                value = await self._acall()
+                value, timed_out = await self._acall()
+                if timed_out:
+                    return self._done(start, timed_out=True)
             else:
-                limit = self.timeout.total_seconds() if self.timeout else None
-                with anyio.fail_after(limit):
+                with anyio.move_on_after(self._limit()) as scope:
                     value = await anyio.to_thread.run_sync(
                         self.fn, *self.call_args, abandon_on_cancel=True
                     )
-        except TimeoutError as exc:
-            return self._done(start, error=exc, timed_out=True)
+                if scope.cancelled_caught:
+                    return self._done(start, timed_out=True, still_running=True)
         except Exception as exc:  # noqa: BLE001  # a user handler may raise anything
             return self._done(start, error=exc)
         return self._done(start, value=value)
@@ -183,14 +206,36 @@ def drive(flow: Flow) -> Outcome:
 
 
 async def adrive(flow: Flow) -> Outcome:
-    """Perform a flow's effects without blocking the event loop."""
+    """Perform a flow's effects without blocking the event loop.
+
+    If the caller is cancelled while the handler runs, the step's outcome is
+    still recorded (shielded from the cancellation) before it propagates: the
+    intent is on disk, and a record without its result would leave the key
+    claimed and the effect unaccounted for.
+    """
     reply: object = None
+    cancelled: BaseException | None = None
     while True:
         try:
             effect = flow.send(reply)
         except StopIteration as done:
+            if cancelled is not None:
+                raise cancelled from None
             return done.value  # type: ignore[no-any-return]  # the flow's return value
-        reply = await effect.aperform()
+        if cancelled is not None:
+            with anyio.CancelScope(shield=True):
+                reply = await effect.aperform()
+            continue
+        try:
+            reply = await effect.aperform()
+        except BaseException as exc:
+            if not isinstance(effect, Execute) or isinstance(exc, Exception):
+                raise
+            cancelled = exc  # cancellation (or KeyboardInterrupt) mid-handler
+            # An awaited handler stops at the cancellation; a thread does not.
+            reply = Executed(
+                error=exc, still_running=not effect.is_async, duration_us=0
+            )
 
 
 # -- what the flow needs from its run --------------------------------------------
@@ -496,7 +541,7 @@ def step(run: RunPort, req: StepRequest) -> Flow:  # the design's list, in order
     # validate output
     output: BaseModel | None = None
     error: TetherError | None = None
-    if done.error is None:
+    if done.error is None and not done.timed_out:
         try:
             output, out_json = _validate_output(cap, done.value)
             # Encoded here even without a key: a value JSON cannot hold exactly
@@ -549,6 +594,7 @@ def step(run: RunPort, req: StepRequest) -> Flow:  # the design's list, in order
 
     in_doubt = (
         not dry_run
+        and done.started
         and cap.effect is not Effect.READ
         and cap.idempotency is Idempotency.NONE
     )
@@ -573,14 +619,16 @@ def step(run: RunPort, req: StepRequest) -> Flow:  # the design's list, in order
             record.Failed(
                 at=end,
                 step=number,
-                stage="output" if done.error is None else "execute",
+                stage="output" if isinstance(error, InvalidOutput) else "execute",
                 error_code=error.code,
                 error_type=type(done.error or error).__name__,
                 message=error.message,
                 duration_us=done.duration_us,
             )
         )
-    if key_id is not None and needs_intent:
+    # A handler that may still be acting keeps its key claimed: retries get
+    # KeyInUse until the claim expires, never a second concurrent run.
+    if key_id is not None and needs_intent and (in_doubt or not done.still_running):
         update = KeyUpdate(
             id=key_id,
             run_id=run.run_id,
@@ -798,12 +846,26 @@ def _as_model(model: type[BaseModel], value: object) -> BaseModel:
 def _execution_error(
     cap: Capability[Any, Any], args: BaseModel, done: Executed
 ) -> TetherError:
-    exc = done.error
-    assert exc is not None
     if done.timed_out:
         limit = cap.timeout.total_seconds() if cap.timeout else 0
+        if not done.started:
+            return StepTimeout(
+                f"{cap.name}: did not start within its {limit:g}s timeout (every "
+                "handler thread was busy); nothing ran"
+            )
+        if done.still_running:
+            return StepTimeout(
+                f"{cap.name}: did not finish within its {limit:g}s timeout and may "
+                "still be running; retries under its key wait until the claim expires"
+            )
         return StepTimeout(f"{cap.name}: did not finish within its {limit:g}s timeout")
+    exc = done.error
+    assert exc is not None
+    if isinstance(exc, UsageError):
+        return exc  # tether's own misuse error, raised inside a handler
     text = f"{type(exc).__name__}: {exc}"
+    if not isinstance(exc, Exception):
+        text = f"{type(exc).__name__}: the caller was cancelled while the handler ran"
     if cap.has_secrets:
         text = record.redact_text(text, record.secret_values(args))
     if len(text) > MAX_MESSAGE:
@@ -813,6 +875,4 @@ def _execution_error(
         failed.__suppress_context__ = True  # the raw error may quote a secret
     else:
         failed.__cause__ = exc
-    if isinstance(exc, UsageError):
-        return exc
     return failed
