@@ -10,7 +10,7 @@ from typing import Any
 
 import anyio
 import pytest
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, SecretStr
 
 import tether
 from tether.record import Outcome, OutcomeStatus
@@ -717,3 +717,105 @@ class TestDeadlinesAndCancellation:
 
         assert kinds(app, run.id, step=1)[-1] == "in_doubt"
         assert app.verify(run.id).ok
+
+
+class CardIn(BaseModel):
+    order: str
+    card: SecretStr
+
+
+class TestReviewFindings:
+    def test_same_key_with_another_secret_is_a_conflict(
+        self, app: tether.Tether, principal: tether.Principal
+    ) -> None:
+        """A changed secret argument makes other args: the key conflicts, nothing reruns."""
+        charged: list[str] = []
+
+        @tether.capability("pay.charge", effect="write", idempotency="keyed")
+        def charge(args: CardIn) -> HostOut:
+            charged.append(args.card.get_secret_value())
+            return HostOut(host=args.order, up=True)
+
+        app.register(charge)
+        with app.run(principal=principal, request="x") as run:
+            run.call(
+                "pay.charge", {"order": "o-1", "card": "4111"}, idempotency_key="k"
+            )
+            other = run.step(
+                "pay.charge", {"order": "o-1", "card": "5555"}, idempotency_key="k"
+            )
+
+        assert isinstance(other.error, tether.IdempotencyConflict)
+        assert charged == ["4111"]
+
+    def test_constructed_model_args_are_revalidated(
+        self, ops: tether.Tether, principal: tether.Principal, calls: Calls
+    ) -> None:
+        """Args built with `model_construct()` are validated like any other input."""
+        bad = HostIn.model_construct(host="")
+
+        with ops.run(principal=principal, request="x") as run:
+            outcome = run.step("net.ping", bad)
+
+        assert isinstance(outcome.error, tether.ValidationFailed)
+        assert calls.n == {}
+
+    def test_a_policy_that_raises_denies_in_its_name(
+        self, ops: tether.Tether, principal: tether.Principal, calls: Calls
+    ) -> None:
+        """A Python policy that raises fails closed: the step is denied by that policy."""
+
+        class Broken:
+            id = "broken-policy"
+
+            def evaluate(
+                self, request: tether.DecisionRequest
+            ) -> tether.Decision | None:
+                raise KeyError("amount")
+
+        ops.add_policy(Broken())
+        with ops.run(principal=principal, request="x") as run:
+            outcome = run.step("net.ping", {"host": "a"})
+
+        assert isinstance(outcome.error, tether.Denied)
+        assert outcome.error.rule_ids == ("broken-policy",)
+        assert calls.n == {}
+
+    def test_a_cost_function_that_raises_refuses_the_step(
+        self, app: tether.Tether, principal: tether.Principal
+    ) -> None:
+        """A cost function that raises refuses the step with a one-line usage error."""
+
+        @tether.capability("net.costly", effect="read", cost=lambda a: 1 / 0)
+        def costly(args: HostIn) -> HostOut:
+            return HostOut(host=args.host, up=True)
+
+        app.register(costly)
+        with app.run(principal=principal, request="x") as run:
+            outcome = run.step("net.costly", {"host": "a"})
+
+        assert isinstance(outcome.error, tether.UsageError)
+        assert "ZeroDivisionError" in outcome.error.message
+
+    def test_a_stored_result_that_no_longer_fits_is_refused(
+        self, app: tether.Tether, principal: tether.Principal
+    ) -> None:
+        """A result stored by an older version that breaks the new schema is refused."""
+
+        @tether.capability("host.tag", effect="write", idempotency="keyed", version="1")
+        def tag_v1(args: HostIn) -> HostOut:
+            return HostOut(host=args.host, up=True)
+
+        @tether.capability("host.tag", effect="write", idempotency="keyed", version="2")
+        def tag_v2(args: HostIn) -> BigOut:
+            return BigOut(n=1)
+
+        app.register(tag_v1)
+        with app.run(principal=principal, request="x") as run:
+            run.call("host.tag", {"host": "a"}, idempotency_key="k")
+        app.register(tag_v2)
+        with app.run(principal=principal, request="y") as run:
+            outcome = run.step("host.tag", {"host": "a"}, idempotency_key="k")
+
+        assert isinstance(outcome.error, tether.IdempotencyConflict)
+        assert "version 2" in outcome.error.message

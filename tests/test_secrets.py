@@ -240,7 +240,10 @@ def test_secret_fields_never_reach_the_record(
         again = run.step("acct.login", _login_args(), idempotency_key="login-1")
 
     assert first.session == f"session-for-{API_KEY}"  # the caller gets the real value
-    assert again.status is tether.OutcomeStatus.IDEMPOTENT_HIT
+    # The stored result cannot hold the secret, so a retry is refused, not replayed
+    # with a masked value and not run again.
+    assert isinstance(again.error, tether.IdempotencyConflict)
+    assert "holds secrets" in again.error.message
     haystack.assert_clean(run.id, (*CANARIES, f"session-for-{API_KEY}"))
 
 

@@ -167,6 +167,7 @@ class Capability(Generic[In, Out]):
         "preconditions",
         "resource",
         "scopes",
+        "secret_output",
         "timeout",
         "version",
     )
@@ -221,9 +222,9 @@ class Capability(Generic[In, Out]):
         schema = self.input_model.model_json_schema()
         self.free_form = _schema_is_free_form(schema)
         """Whether args may hold floats or free-form keys (then checked for exactness)."""
-        self._secret_paths = _has_secrets(self.input_model) or _has_secrets(
-            self.output_model
-        )
+        self.secret_output = _has_secrets(self.output_model)
+        """True when the output has secret fields: a stored result cannot be replayed."""
+        self._secret_paths = _has_secrets(self.input_model) or self.secret_output
 
     # -- what the gateway asks -------------------------------------------------
 
@@ -242,8 +243,10 @@ class Capability(Generic[In, Out]):
         try:
             if type(raw) is dict:  # the common case first: the call path is hot
                 parsed: object = raw
-            elif isinstance(raw, model):
-                return raw
+            elif isinstance(raw, BaseModel):
+                # Revalidated, own model included: model_construct() and attribute
+                # assignment skip pydantic's checks.
+                parsed = raw.model_dump()
             elif isinstance(raw, (str, bytes, bytearray)):
                 if len(raw) > limit:
                     raise ValidationFailed(
@@ -253,8 +256,6 @@ class Capability(Generic[In, Out]):
                 parsed = _canonical.loads_strict(
                     raw if isinstance(raw, str) else bytes(raw)
                 )
-            elif isinstance(raw, BaseModel):
-                parsed = raw.model_dump(mode="json")
             else:
                 parsed = raw
             if self.free_form:
@@ -499,12 +500,21 @@ def capability(
         )
     except ValueError as exc:
         raise UsageError(f"capability {name!r}: {exc}") from exc
-    if isinstance(timeout, (int, float)):
-        if timeout <= 0:
+    if timeout is not None:
+        if isinstance(timeout, bool) or not isinstance(
+            timeout, (int, float, timedelta)
+        ):
             raise UsageError(
-                f"capability {name!r}: timeout must be > 0, got {timeout!r}"
+                f"capability {name!r}: timeout must be seconds or a timedelta, "
+                f"got {timeout!r}"
             )
-        timeout = timedelta(seconds=timeout)
+        if isinstance(timeout, (int, float)):
+            timeout = timedelta(seconds=timeout)
+        if timeout <= timedelta(0):
+            raise UsageError(
+                f"capability {name!r}: timeout must be > 0, got {timeout!r}; leave it "
+                "out for no deadline"
+            )
     return _Decorator(
         {
             "name": name,
@@ -567,8 +577,7 @@ class Registry:
         if not versions:
             known = ", ".join(sorted(self._by_name)) or "none"
             raise NotFound(f"unknown capability {name!r}; registered: {known}")
-        if version is None:
-            return next(reversed(versions.values()))
+        assert version is not None  # a registered name always has a latest version
         try:
             return versions[version]
         except KeyError:

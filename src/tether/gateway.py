@@ -10,6 +10,7 @@ one pipeline, two ten-line loops.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 from collections.abc import Callable, Generator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -34,6 +35,7 @@ from tether.capability import (
 )
 from tether.clock import Clock
 from tether.errors import (
+    ApprovalRequired,
     CapabilityFailed,
     Denied,
     IdempotencyConflict,
@@ -428,7 +430,11 @@ def step(run: RunPort, req: StepRequest) -> Flow:  # the design's list, in order
             capability=cap.name,
             key=key,
         )
-        fingerprint = _fingerprint(run.store.record_key, args_bytes)
+        fingerprint = _fingerprint(
+            run.store.record_key,
+            args_bytes,
+            record.secret_values(args) if cap.has_secrets else (),
+        )
         if run.has_pending():  # a result kept after a failed write answers first
             yield StoreOp(run.flush_pending)
         # The lookup answers a finished call before limits and the breaker can
@@ -439,27 +445,27 @@ def step(run: RunPort, req: StepRequest) -> Flow:  # the design's list, in order
         if run.charges_before_claim:
             existing = yield StoreOp(run.store.lookup_key, key_id)
         if existing is not None:
-            answer = _classify(existing, fingerprint, cap, key, now, run.retention)
-            if isinstance(answer, TetherError):
-                return (
-                    yield from _refuse(
-                        run,
-                        cap,
-                        events,
-                        now,
-                        number,
-                        "idempotency",
-                        answer,
-                        _status_of(answer),
-                    )
-                )
-            if answer == "hit":
-                return (yield from _hit(run, cap, existing, key, events, now, number))
+            settled = yield from _settle_by_key(
+                run, cap, existing, fingerprint, key, events, now, number
+            )
+            if settled is not None:
+                return settled
 
     # limits: reserve; breaker -- hooks for the limits issue; nothing to check yet
 
     # claim key + record intent (fenced by the run's lease epoch)
-    cost = cap.estimate_cost(args)
+    try:
+        cost = cap.estimate_cost(args)
+    except Exception as exc:  # noqa: BLE001  # a user cost function may raise anything
+        broken = UsageError(
+            f"{cap.name}: its cost function raised {type(exc).__name__}: {exc}; "
+            "fix the capability's cost"
+        )
+        return (
+            yield from _refuse(
+                run, cap, events, now, number, "cost", broken, OutcomeStatus.REFUSED
+            )
+        )
     needs_intent = not dry_run and (cap.effect is not Effect.READ or key_id is not None)
     if needs_intent:
         claim = None
@@ -486,33 +492,14 @@ def step(run: RunPort, req: StepRequest) -> Flow:  # the design's list, in order
         if committed.conflict is not None:
             assert fingerprint is not None
             assert key is not None
-            answer = _classify(
-                committed.conflict, fingerprint, cap, key, now, run.retention
+            settled = yield from _settle_by_key(
+                run, cap, committed.conflict, fingerprint, key, events, now, number
             )
-            if isinstance(answer, TetherError):
-                return (
-                    yield from _refuse(
-                        run,
-                        cap,
-                        events,
-                        now,
-                        number,
-                        "idempotency",
-                        answer,
-                        _status_of(answer),
-                    )
-                )
-            if answer == "hit":
-                return (
-                    yield from _hit(
-                        run, cap, committed.conflict, key, events, now, number
-                    )
-                )
-            raise AssertionError(
-                "the store refused a claim that may replace its record"
-            )
-        if committed.took_over is not None:
-            took_over_state = committed.took_over.state
+            assert settled is not None, "the store refused a claim it may replace"
+            return settled
+        taken = committed.took_over
+        if taken is not None and taken.state is not KeyState.FAILED:
+            took_over_state = taken.state  # a failed call's retry expires nothing
         events = []
 
     # execute (real, or dry-run), with timeout
@@ -720,14 +707,23 @@ def _policy_error(cap: Capability[Any, Any], decision: Decision) -> TetherError:
             rule_ids=decision.rule_ids,
             reasons=decision.reasons,
         )
-    from tether.errors import ApprovalRequired
-
     return ApprovalRequired(f"{cap.name}: needs a person's approval ({rules}: {why})")
 
 
-def _fingerprint(key: bytes | None, args_bytes: bytes) -> bytes:
-    # Keyed, so a stored fingerprint cannot be used to guess low-entropy args offline.
-    return hmac.digest(key or b"tether-fingerprint", args_bytes, "sha256")
+def _fingerprint(
+    key: bytes | None, args_bytes: bytes, secrets: Sequence[str] = ()
+) -> bytes:
+    """Hash the canonical args, secrets included, so a changed secret is other args.
+
+    The record holds the args in clear but secrets masked: the secrets enter the
+    fingerprint through an HMAC under a key derived from the record key, so the
+    stored fingerprint cannot be used to guess them offline.
+    """
+    digest = hashlib.sha256(args_bytes)
+    if secrets:
+        derived = hmac.digest(key or b"", b"tether-fingerprint-v1", "sha256")
+        digest.update(hmac.digest(derived, "\x00".join(secrets).encode(), "sha256"))
+    return digest.digest()
 
 
 def _classify(
@@ -777,6 +773,36 @@ def _status_of(error: TetherError) -> OutcomeStatus:
     )
 
 
+def _settle_by_key(
+    run: RunPort,
+    cap: Capability[Any, Any],
+    existing: KeyRecord,
+    fingerprint: bytes,
+    key: str,
+    events: list[record.Event],
+    now: datetime,
+    number: int,
+) -> Generator[GatewayEffect, Any, Outcome | None]:
+    """Answer a call from its key's record: a refusal, the stored result, or None."""
+    answer = _classify(existing, fingerprint, cap, key, now, run.retention)
+    if isinstance(answer, TetherError):
+        return (
+            yield from _refuse(
+                run,
+                cap,
+                events,
+                now,
+                number,
+                "idempotency",
+                answer,
+                _status_of(answer),
+            )
+        )
+    if answer == "hit":
+        return (yield from _hit(run, cap, existing, key, events, now, number))
+    return None
+
+
 def _hit(
     run: RunPort,
     cap: Capability[Any, Any],
@@ -788,7 +814,44 @@ def _hit(
 ) -> Flow:
     assert existing.output is not None
     assert key is not None
-    output = cap.output_model.model_validate_json(existing.output)
+    if cap.secret_output:
+        withheld = IdempotencyConflict(
+            f"{cap.name}: the call under idempotency key {key!r:.80} completed (run "
+            f"{existing.run_id}, step {existing.step}), but its result holds secrets, "
+            "which are never stored, so it cannot be returned again; use the first "
+            "call's result"
+        )
+        return (
+            yield from _refuse(
+                run,
+                cap,
+                events,
+                now,
+                number,
+                "idempotency",
+                withheld,
+                OutcomeStatus.REFUSED,
+            )
+        )
+    try:
+        output = cap.output_model.model_validate_json(existing.output)
+    except ValidationError:
+        stale = IdempotencyConflict(
+            f"{cap.name}: the result stored under idempotency key {key!r:.80} does "
+            f"not fit version {cap.version}'s output schema; use a new key"
+        )
+        return (
+            yield from _refuse(
+                run,
+                cap,
+                events,
+                now,
+                number,
+                "idempotency",
+                stale,
+                OutcomeStatus.REFUSED,
+            )
+        )
     events.append(
         record.IdempotentHit(
             at=now,

@@ -156,7 +156,19 @@ class PolicySet:
                 cost_so_far=request.cost_so_far,
                 at=request.at,
             )
-            got = policy.evaluate(view)
+            try:
+                got = policy.evaluate(view)
+            except Exception as exc:  # noqa: BLE001  # a user policy may raise anything
+                # Fail closed, in the policy's name, like a rule that cannot evaluate.
+                answers.append(
+                    (
+                        Verdict.DENY,
+                        policy.id,
+                        f"policy {policy.id!r} failed ({type(exc).__name__}: {exc}); "
+                        "denied until it works",
+                    )
+                )
+                continue
             if got is not None:
                 answers.extend(zip_answers(got, got.rule_ids or (policy.id,)))
         if not answers:
