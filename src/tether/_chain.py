@@ -45,7 +45,7 @@ def chain_hash(previous: bytes, seq: int, body: bytes) -> bytes:
 
 def sign_head(key: bytes, run_id: str, seq: int, head: bytes) -> bytes:
     """Return the HMAC-SHA256 of the chain head, with a key kept outside the database."""
-    return Mac(key).digest(run_id.encode() + b"\x00" + seq.to_bytes(8, "big") + head)
+    return Mac(key).head(run_id, seq, head)
 
 
 class Mac:
@@ -54,7 +54,7 @@ class Mac:
     The same bytes as `hmac.digest(key, msg, "sha256")` (RFC 2104): the inner
     and outer SHA-256 states after the padded key are kept and copied per
     message, which takes a third of the time of the one-shot call. Every commit
-    signs its chain head and every keyed call fingerprints its args, so this is
+    signs its chain head, so this is
     on the call path; hmac offers no way to reuse a key's pads but `copy()` on a
     Python-level object, which is slower than this.
     """

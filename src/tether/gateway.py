@@ -577,7 +577,13 @@ def step(run: RunPort, req: StepRequest) -> Flow:  # the design's list, in order
             )
         yield run.commit(events, key_update=update, keep_on_failure=needs_intent)
         status = OutcomeStatus.DRY_RUN if dry_run else OutcomeStatus.EXECUTED
-        return Outcome(status=status, step=number, capability=cap.name, output=output)
+        return Outcome(
+            status=status,
+            step=number,
+            capability=cap.name,
+            output=output,
+            idempotency_key=key,
+        )
 
     in_doubt = (
         not dry_run
@@ -625,7 +631,13 @@ def step(run: RunPort, req: StepRequest) -> Flow:  # the design's list, in order
         )
     yield run.commit(events, key_update=update, keep_on_failure=needs_intent)
     status = OutcomeStatus.IN_DOUBT if in_doubt else OutcomeStatus.FAILED
-    outcome = Outcome(status=status, step=number, capability=cap.name, error=error)
+    outcome = Outcome(
+        status=status,
+        step=number,
+        capability=cap.name,
+        error=error,
+        idempotency_key=key,
+    )
     error.outcome = outcome
     return outcome
 
@@ -868,6 +880,7 @@ def _hit(
         step=number,
         capability=cap.name,
         output=output,
+        idempotency_key=key,
     )
 
 

@@ -262,7 +262,6 @@ class Intent:
     """When the stage ran, aware UTC."""
     capability: str
     cost_estimate: Decimal = Decimal(0)
-    dry_run: bool = False
     key: str | None
     kind: Literal["intent"] = "intent"
     step: int | None = None
@@ -407,7 +406,16 @@ def verify(
     """
     previous = genesis(run_id)
     expected_seq = 1
+    finished = False
     for ev in events:
+        if finished:
+            return _bad(
+                run_id,
+                ev.seq,
+                previous,
+                expected_seq - 1,
+                f"event {ev.seq} follows the run's run_finished event",
+            )
         if ev.seq != expected_seq:
             return _bad(
                 run_id,
@@ -427,6 +435,7 @@ def verify(
             )
         previous = h
         expected_seq += 1
+        finished = _kind(ev.body) == "run_finished"
     count = expected_seq - 1
     if head_seq != count or not hmac.compare_digest(head_hash, previous):
         return _bad(
@@ -470,6 +479,14 @@ def verify(
             f"the head {previous.hex()} differs from the exported head {expected_head}",
         )
     return VerifyReport(run_id=run_id, ok=True, events=count, head=previous.hex())
+
+
+def _kind(body: bytes) -> object:
+    try:
+        data = _canonical.loads(body)
+    except ValueError:
+        return None
+    return data.get("kind") if isinstance(data, dict) else None
 
 
 def _bad(
@@ -583,6 +600,9 @@ class Outcome:
     """The validated output (also for dry runs and idempotent hits)."""
     error: TetherError | None = None
     """The error `call` raises, for every status but executed, dry_run and idempotent_hit."""
+    idempotency_key: str | None = None
+    """The key the step ran under (given, or derived for a `keyed` capability);
+    retry a failed keyed call by passing it again."""
 
     @property
     def dry_run(self) -> bool:

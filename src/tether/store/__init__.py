@@ -38,6 +38,7 @@ __all__ = [
     "SQLiteStore",
     "Store",
     "open_store",
+    "safe_url",
     "sqlite_path",
 ]
 
@@ -51,6 +52,18 @@ def sqlite_path(url: str) -> str | None:
     return parts.path[1:] if parts.path.startswith("/") else parts.path
 
 
+def safe_url(url: str) -> str:
+    """Return `url` without a password, for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    user = f"{parts.username}:***@" if parts.username else "***@"
+    return parts._replace(netloc=user + host).geturl()
+
+
 def open_store(url: str, *, record_key: bytes | None = None) -> Store:
     """Open the store named by `url`.
 
@@ -59,6 +72,7 @@ def open_store(url: str, *, record_key: bytes | None = None) -> Store:
         StoreError: the database cannot be opened.
     """
     parts = urlsplit(url)
+    url = safe_url(url)  # every message below quotes it
     if parts.scheme == "memory":
         return MemoryStore()
     if parts.scheme == "sqlite":

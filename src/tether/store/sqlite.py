@@ -98,8 +98,8 @@ class SQLiteStore(Store):
         self.url = f"sqlite:///{self.path}"
         self._lock = threading.Lock()
         self._pks: dict[str, int] = {}
-        self._macs: dict[bytes, _chain.Mac] = {}
         """Integer keys of the runs this store wrote, by run id."""
+        self._macs: dict[bytes, _chain.Mac] = {}
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._con = sqlite3.connect(
@@ -221,8 +221,7 @@ class SQLiteStore(Store):
             if batch.new_run is not None:
                 self._pks.pop(batch.run_id, None)  # its creation was rolled back
             raise StoreError(
-                f"cannot write run {batch.run_id} to {str(self.path)!r}: {exc}; "
-                "nothing was executed after this failed write"
+                f"cannot write run {batch.run_id} to {str(self.path)!r}: {exc}"
             ) from exc
 
     def _commit(self, con: sqlite3.Connection, batch: Batch) -> Committed:
