@@ -233,10 +233,10 @@ def test_planner_is_told_tools_request_context_and_steps_left(
     assert isinstance(second.observations[0], Observation)
 
 
-def test_unknown_capability_is_recorded_and_observed_not_raised(
+def test_unknown_capability_refuses_its_plan_and_is_observed_not_raised(
     ops: tether.Tether, principal: tether.Principal
 ) -> None:
-    """A step naming no registered capability is an invalid observation, failed at `resolve`."""
+    """A step naming no registered capability refuses its plan at admission; the planner sees why."""
     planner = Recording(
         ScriptedPlanner([("net.pong", {"host": "a"}), ("net.ping", {"host": "a"})])
     )
@@ -245,13 +245,16 @@ def test_unknown_capability_is_recorded_and_observed_not_raised(
 
     seen = planner.inputs[-1].observations
     assert (seen[0].status, seen[0].error_code, seen[0].step) == (
-        OutcomeStatus.INVALID,
+        OutcomeStatus.REFUSED,
         "not_found",
-        1,
+        0,
     )
-    assert seen[1].step == 2
-    failed = [e for e in events(ops, run.id) if e["kind"] == "failed"]
-    assert [(f["step"], f["stage"]) for f in failed] == [(1, "resolve")]
+    assert seen[0].admission is not None
+    assert seen[1].step == 1
+    recorded = events(ops, run.id)
+    admitted = [e["status"] for e in recorded if e["kind"] == "plan_admitted"]
+    assert admitted == ["refused", "admitted"]
+    assert [e for e in recorded if e["kind"] == "failed"] == []
     assert run.status is tether.RunState.SUCCEEDED
 
 

@@ -11,6 +11,8 @@ import tether.errors
 import tether.record
 
 PUBLIC_API = [
+    "Admission",
+    "AdmissionStatus",
     "ApprovalRequired",
     "BreakerOpen",
     "CallContext",
@@ -34,6 +36,7 @@ PUBLIC_API = [
     "NotFound",
     "Outcome",
     "OutcomeStatus",
+    "PlanStep",
     "Policy",
     "PreconditionFailed",
     "Principal",

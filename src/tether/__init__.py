@@ -32,12 +32,15 @@ from tether.errors import (
     UsageError,
     ValidationFailed,
 )
+from tether.plan import Admission, AdmissionStatus, PlanStep
 from tether.policy import Decision, DecisionRequest, Policy, Verdict
 from tether.principal import Principal
 from tether.record import Outcome, OutcomeStatus, Secret, VerifyReport
 from tether.run import RunState
 
 __all__ = [
+    "Admission",
+    "AdmissionStatus",
     "ApprovalRequired",
     "BreakerOpen",
     "CallContext",
@@ -61,6 +64,7 @@ __all__ = [
     "NotFound",
     "Outcome",
     "OutcomeStatus",
+    "PlanStep",
     "Policy",
     "PreconditionFailed",
     "Principal",

@@ -21,7 +21,7 @@ from typing import Any, TypeVar, overload
 import anyio.to_thread
 from pydantic import BaseModel
 
-from tether import _canonical, gateway, record
+from tether import _canonical, gateway, plan, record
 from tether import config as _config
 from tether.capability import Capability, Registry
 from tether.clock import Clock, Ids, RandomIds, SystemClock
@@ -163,12 +163,30 @@ class Tether:
         principal: Principal,
         request: str,
         context: Mapping[str, Any] | None = None,
+        budget: Decimal | int | None = None,
     ) -> Run:
-        """Open a run; use it as a context manager (`with` or `async with`)."""
+        """Open a run; use it as a context manager (`with` or `async with`).
+
+        Args:
+            principal: who the run acts as.
+            request: the task, in words.
+            context: recorded with the run and shown to policies.
+            budget: the most the run's plans may cost, in the capabilities' cost
+                unit; `Run.admit` refuses a plan that costs more than is left.
+                None (the default) is no budget.
+
+        Raises:
+            UsageError: `principal` is not a `Principal`, or the budget is a
+                float, negative or not finite.
+        """
         if not isinstance(principal, Principal):
             raise UsageError(f"principal must be a tether.Principal, got {principal!r}")
         return Run(
-            self, principal=principal, request=request, context=dict(context or {})
+            self,
+            principal=principal,
+            request=request,
+            context=dict(context or {}),
+            budget=budget,
         )
 
     def verify(self, run_id: str, *, head: str | None = None) -> record.VerifyReport:
@@ -297,6 +315,7 @@ class Run:
         principal: Principal,
         request: str,
         context: dict[str, Any],
+        budget: Decimal | int | None = None,
     ) -> None:
         self.app = app
         self.id = self.run_id = app.ids.new_id("run_")
@@ -312,6 +331,8 @@ class Run:
         self.claim_ttl = app.settings.idempotency.claim_ttl
         self.cost = Decimal(0)
         """Sum of the run's executed step costs."""
+        self.budget = plan.as_budget(budget)
+        """The most the run's plans may cost; None: no budget (see `admit`)."""
         self.charges_before_claim = False
         """No limits or breakers yet (their issue sets this): see gateway.step."""
         self.pool = app._thread_pool
@@ -473,6 +494,52 @@ class Run:
         """
         if events:
             self._commit(Batch(run_id=self.id, events=events, at=events[-1].at))
+
+    def admit(self, steps: Sequence[plan.StepLike]) -> plan.Admission:
+        """Check a whole plan before its first step runs, and record the answer.
+
+        Every step is checked as the gateway would check it when its turn
+        came (the capability exists, its args validate, policy's decision),
+        and the plan's estimated cost against what is left of the run's
+        budget. Nothing runs; one `plan_admitted` event is recorded.
+        Preconditions are left to each step, since they read live state.
+
+        Args:
+            steps: `PlanStep`s or `(capability, args[, rationale])` tuples, in order.
+
+        Returns:
+            The `Admission`: `admitted`, `needs_approval` or `refused`, with
+            what was found for each step.
+
+        Raises:
+            UsageError: the run is not open, or a step is malformed.
+            StoreError: the `plan_admitted` event could not be written.
+
+        Example:
+            ```python
+            admission = run.admit([("net.ping", {"host": "db-1"})])
+            print(admission.status)
+            #> admitted
+            ```
+        """
+        if self.status is RunState.PENDING or self.status in FINAL_STATES:
+            raise UsageError(
+                f"run {self.id} is {self.status.value}; admit plans inside "
+                "`with app.run(...) as run:`"
+            )
+        admission = plan.admit(
+            plan.as_steps(steps),
+            capabilities=self.app.capabilities,
+            policy=self.policy,
+            principal=self.principal,
+            context=self.context,
+            steps_taken=self.steps,
+            cost=self.cost,
+            budget=self.budget,
+            at=self.clock.now(),
+        )
+        self.append(admission.to_event())
+        return admission
 
     def __enter__(self) -> Run:
         self._apply(self._start())

@@ -30,8 +30,16 @@ from tether import _canonical
 from tether._version import __version__
 from tether.agent import run_agent
 from tether.app import Tether
-from tether.config import DEFAULT_DB, resolve_db
-from tether.errors import NotFound, TetherError, UsageError
+from tether.config import (
+    DEFAULT_DB,
+    ConfigProblem,
+    check_config,
+    check_policy_tests,
+    resolve_db,
+)
+from tether.errors import ConfigError, NotFound, TetherError, UsageError
+from tether.policy import RuleSet, Verdict
+from tether.policy.testing import PolicyTestReport, run_cases
 from tether.run import RunState
 from tether.scenarios import SCENARIOS
 from tether.store import sqlite_path
@@ -68,6 +76,8 @@ cli = typer.Typer(
 )
 _runs_cli = typer.Typer(rich_markup_mode=None)
 cli.add_typer(_runs_cli, name="runs")
+_policy_cli = typer.Typer(rich_markup_mode=None)
+cli.add_typer(_policy_cli, name="policy")
 
 _Db = Annotated[
     str | None,
@@ -460,7 +470,7 @@ def _root(
 ) -> None:
     """tether: the runtime control plane for production AI agents.
 
-    Every command takes --db URL and prints one JSON document with --json.
+    Commands that read the database take --db URL and prints one JSON document with --json.
     Errors are one line on stderr: exit 2 when a command could not run, 1 when
     it ran and the answer is no.
 
@@ -782,6 +792,192 @@ def _verify(
             console.print(line)
     if not report.ok:
         raise typer.Exit(1)
+
+
+# -- policy ----------------------------------------------------------------------------
+
+_PolicyFile = Annotated[
+    Path,
+    typer.Argument(
+        metavar="FILE", help="The policy file (tether.yaml).", show_default=False
+    ),
+]
+_TestFile = Annotated[
+    Path,
+    typer.Argument(
+        metavar="FILE",
+        help="The policy test file (tether.test.yaml).",
+        show_default=False,
+    ),
+]
+
+
+@_policy_cli.callback(invoke_without_command=True)
+def _policy(ctx: typer.Context) -> None:
+    """Check and test policy files before they ship.
+
+    Example: tether policy check tether.yaml
+    """
+    _help_if_bare(ctx)
+
+
+def _problems_found(
+    problems: Sequence[ConfigProblem], as_json: bool, doc: Mapping[str, Any]
+) -> typer.Exit:
+    """Print each problem (one line each, or in the JSON document); return exit 1."""
+    if as_json:
+        _emit_json(
+            {
+                "format": JSON_FORMAT,
+                **doc,
+                "ok": False,
+                "errors": [p.to_json() for p in problems],
+            }
+        )
+    else:
+        for problem in problems:
+            _error(ConfigError.code, str(problem))
+    return typer.Exit(1)
+
+
+@_policy_cli.command("check")
+def _policy_check(file: _PolicyFile, as_json: _Json = False) -> None:
+    """Validate a policy file and compile its conditions; exit 1 listing every problem.
+
+    On success prints the number of rules, how many take each decision, the
+    defaults per effect and the policy version decisions will record. Each
+    problem is one line on stderr: FILE:LINE: where in the file: what is wrong.
+
+    Example: tether policy check tether.yaml
+    """
+    checked = check_config(file)
+    if checked.value is None:
+        raise _problems_found(checked.problems, as_json, {"file": str(file)})
+    settings = checked.value
+    RuleSet(settings.rules)  # compile and index exactly as the app will
+    counts = {verdict.value: 0 for verdict in Verdict}
+    for rule in settings.rules:
+        counts[rule.decision.value] += 1
+    defaults = settings.defaults.model_dump(mode="json")
+    if as_json:
+        _emit_json(
+            {
+                "format": JSON_FORMAT,
+                "file": str(file),
+                "ok": True,
+                "version": checked.version,
+                "rules": len(settings.rules),
+                "decisions": counts,
+                "defaults": defaults,
+                "errors": [],
+            }
+        )
+        return
+    console = _console()
+    line = Text("ok ", style="bold green")
+    rules = len(settings.rules)
+    line.append(
+        _clean(f"{file}: {rules} rule{'' if rules == 1 else 's'}, policy version ")
+    )
+    line.append(str(checked.version), style="bold")
+    console.print(line)
+    _field(console, "decisions", " · ".join(f"{v} {n}" for v, n in counts.items()))
+    _field(console, "defaults", " · ".join(f"{e} {v}" for e, v in defaults.items()))
+
+
+@_policy_cli.command("test")
+def _policy_test(file: _TestFile, as_json: _Json = False) -> None:
+    """Run policy unit tests written in YAML; exit 1 if a case fails.
+
+    The test file names the policy it tests (policy: tether.yaml, relative to
+    the test file) and lists cases: each is one step (capability, effect,
+    scopes, args, principal, context, run) and the decision it expects
+    (expect: {decision: deny, rules: [rule-id]}). Cases are decided as the app
+    decides them: scopes first, then the rules, then the defaults per effect.
+    See docs/policy.md.
+
+    Example: tether policy test tether.test.yaml
+    """
+    checked = check_policy_tests(file)
+    if checked.value is None:
+        raise _problems_found(checked.problems, as_json, {"file": str(file)})
+    tests = checked.value
+    policy_checked = check_config(tests.policy)
+    if policy_checked.value is None:
+        doc = {"file": str(file), "policy": str(tests.policy)}
+        raise _problems_found(policy_checked.problems, as_json, doc)
+    with Tether(db="memory://", config=tests.policy, env={}) as app:
+        report = run_cases(app.policy, tests)
+    if as_json:
+        _emit_json(
+            {
+                "format": JSON_FORMAT,
+                "file": str(file),
+                "policy": str(tests.policy),
+                "policy_version": report.policy_version,
+                "ok": report.ok,
+                "passed": report.passed,
+                "failed": report.failed,
+                "cases": [
+                    {
+                        "name": r.case.name,
+                        "expected": {
+                            "decision": r.case.expect.decision.value,
+                            "rules": None
+                            if r.case.expect.rules is None
+                            else list(r.case.expect.rules),
+                        },
+                        "got": {
+                            "decision": r.decision.verdict.value,
+                            "rules": list(r.decision.rule_ids),
+                            "reasons": list(r.decision.reasons),
+                        },
+                        "passed": r.passed,
+                    }
+                    for r in report.results
+                ],
+                "errors": [],
+            }
+        )
+    else:
+        _print_policy_report(file, tests.policy, report)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+def _print_policy_report(file: Path, policy: Path, report: PolicyTestReport) -> None:
+    console = _console()
+    _field(console, "tests", file)
+    _field(console, "policy", f"{policy} ({report.policy_version})")
+    console.print()
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for name in ("case", "expected", "got", "rules", "result"):
+        table.add_column(name, overflow="fold")
+    for r in report.results:
+        expected = r.case.expect.decision.value
+        if r.case.expect.rules is not None:
+            expected += f" [{', '.join(r.case.expect.rules) or 'default'}]"
+        table.add_row(
+            Text(_clean(r.case.name, 60)),
+            Text(_clean(expected, 60)),
+            Text(_clean(r.decision.verdict.value)),
+            Text(_clean(", ".join(r.decision.rule_ids) or "default", 60)),
+            Text("pass", style="green") if r.passed else Text("FAIL", style="bold red"),
+        )
+    console.print(table)
+    for r in report.results:
+        if not r.passed and r.decision.reasons:
+            detail = Text("FAIL ", style="bold red")
+            detail.append(
+                _clean(f"{r.case.name}: {'; '.join(r.decision.reasons)}", 400)
+            )
+            console.print(detail)
+    console.print()
+    summary = Text(
+        f"{report.passed} passed, {report.failed} failed",
+        style="bold green" if report.ok else "bold red",
+    )
+    console.print(summary)
 
 
 # -- entry point -----------------------------------------------------------------------

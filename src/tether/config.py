@@ -10,25 +10,34 @@ first use, mode 0600).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import (
+    Annotated,
+    Literal,
+)
 
 import pydantic
-import yaml
 
+from tether._yaml_check import ConfigCheck, ConfigProblem, check_file
 from tether.errors import ConfigError
 from tether.policy.rules import RulesConfig
+from tether.policy.testing import PolicyTests
 from tether.store import sqlite_path
 
 __all__ = [
     "DEFAULT_DB",
+    "ConfigCheck",
     "ConfigFile",
+    "ConfigProblem",
     "Settings",
+    "check_config",
+    "check_policy_tests",
+    "load_policy_tests",
     "load_settings",
     "parse_duration",
     "record_key",
@@ -48,13 +57,19 @@ def parse_duration(value: object) -> timedelta:
         ValueError: the value is not a duration.
     """
     if isinstance(value, timedelta):
-        return value
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
-        return timedelta(seconds=value)
-    m = _DURATION.match(str(value))
-    if not m:
-        raise ValueError(f"{value!r} is not a duration; write e.g. '30s', '5m', '24h'")
-    return timedelta(seconds=float(m.group(1)) * _UNITS[m.group(2)])
+        result = value
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        result = timedelta(seconds=value)
+    else:
+        m = _DURATION.match(str(value))
+        if not m:
+            raise ValueError(
+                f"{value!r} is not a duration; write e.g. '30s', '5m', '24h'"
+            )
+        result = timedelta(seconds=float(m.group(1)) * _UNITS[m.group(2)])
+    if result <= timedelta(0):
+        raise ValueError(f"{value!r} is not a positive duration; write e.g. '30s'")
+    return result
 
 
 Duration = Annotated[timedelta, pydantic.BeforeValidator(parse_duration)]
@@ -103,33 +118,43 @@ def resolve_config_path(
 def load_settings(path: Path | None) -> tuple[Settings, str]:
     """Load and validate a config file; return it and its version hash.
 
+    The whole file loads or nothing does. The version is `sha256:` and the first
+    16 hex digits of the file's SHA-256.
+
     Raises:
-        ConfigError: the file cannot be read or is invalid; the message names the
-            path inside the file.
+        ConfigError: the file cannot be read or is invalid. The message is one
+            line, `FILE:LINE: path.in.file: what is wrong`, for the first problem;
+            `check_config` returns them all.
     """
     if path is None:
         return Settings(), "none"
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
+    checked = check_config(path)
+    if checked.value is None or checked.version is None:
         raise ConfigError(
-            f"{path}: cannot read the config file ({exc.strerror})"
-        ) from exc
-    try:
-        data: Any = yaml.safe_load(raw) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(
-            f"{path}: not valid YAML: {str(exc).splitlines()[0]}"
-        ) from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    try:
-        settings = Settings.model_validate(data)
-    except pydantic.ValidationError as exc:
-        first = exc.errors(include_url=False)[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise ConfigError(f"{path}: {where}: {first['msg']}") from exc
-    return settings, "sha256:" + hashlib.sha256(raw).hexdigest()[:16]
+            _first_problem(checked.problems, hint=f"tether policy check {path}")
+        )
+    return checked.value, checked.version
+
+
+def check_config(path: Path) -> ConfigCheck[Settings]:
+    """Read and validate a config file, collecting every problem instead of the first.
+
+    Example:
+        ```python
+        checked = check_config(Path("tether.yaml"))
+        for problem in checked.problems:
+            print(problem)
+        ```
+    """
+    return check_file(path, Settings, "the config file")
+
+
+def _first_problem(problems: Sequence[ConfigProblem], *, hint: str) -> str:
+    first = str(problems[0])
+    more = len(problems) - 1
+    if more:
+        first += f" (and {more} more problem{'s' if more > 1 else ''}: `{hint}` lists them all)"
+    return first
 
 
 def record_key(db_url: str, env: Mapping[str, str] | None = None) -> bytes | None:
@@ -142,9 +167,15 @@ def record_key(db_url: str, env: Mapping[str, str] | None = None) -> bytes | Non
     given = env.get("TETHER_RECORD_KEY")
     if given:
         try:
-            return bytes.fromhex(given)
+            key = bytes.fromhex(given)
         except ValueError:
-            return given.encode()
+            key = given.encode()
+        if len(key) < 32:
+            raise ConfigError(
+                f"TETHER_RECORD_KEY is {len(key)} bytes; use at least 32 (64 hex "
+                "digits), e.g. from `python -c 'import os; print(os.urandom(32).hex())'`"
+            )
+        return key
     path = sqlite_path(db_url)
     if not path:
         return None
@@ -209,3 +240,30 @@ class ConfigFile:
         """
         self._stamp = self._read_stamp()
         return load_settings(self.path)
+
+
+def check_policy_tests(path: Path) -> ConfigCheck[PolicyTests]:
+    """Read and validate a policy test file (see `tether.policy.testing`).
+
+    The value's `policy` is resolved against the test file's folder.
+    """
+    checked = check_file(path, PolicyTests, "the policy test file")
+    if checked.value is None:
+        return checked
+    target = path.parent / checked.value.policy
+    return replace(checked, value=checked.value.model_copy(update={"policy": target}))
+
+
+def load_policy_tests(path: Path) -> PolicyTests:
+    """Load a policy test file; its `policy` is resolved against the file's folder.
+
+    Raises:
+        ConfigError: the file cannot be read or is invalid; one line, as for
+            `load_settings`.
+    """
+    checked = check_policy_tests(path)
+    if checked.value is None:
+        raise ConfigError(
+            _first_problem(checked.problems, hint=f"tether policy test {path}")
+        )
+    return checked.value

@@ -40,6 +40,7 @@ __all__ = [
     "KeyExpired",
     "Outcome",
     "OutcomeStatus",
+    "PlanAdmitted",
     "PlanProposed",
     "PreconditionChecked",
     "RunFinished",
@@ -175,6 +176,27 @@ class PlanProposed:
     """The step's number in the run, from 1; None for run-level events."""
     steps: tuple[dict[str, Any], ...]
     """Each proposed step: `{"capability", "args", "rationale"}`."""
+
+
+@dataclass(slots=True, kw_only=True)
+class PlanAdmitted:
+    """A proposed plan was checked as a whole before its first step ran."""
+
+    at: datetime
+    """When the stage ran, aware UTC."""
+    budget_left: Decimal | None = None
+    """What was left of the run's budget; None when the run has none."""
+    kind: Literal["plan_admitted"] = "plan_admitted"
+    policy_version: str
+    status: str
+    """`admitted`, `needs_approval` or `refused`."""
+    step: int | None = None
+    """The step's number in the run, from 1; None for run-level events."""
+    steps: tuple[dict[str, Any], ...]
+    """Each step's admission: `{"index", "capability", "version", "verdict",
+    "rule_ids", "reasons", "cost", "dry_run", "error_code", "error_message"}`."""
+    total_cost: Decimal = Decimal(0)
+    """The plan's estimated cost."""
 
 
 @dataclass(slots=True, kw_only=True)
@@ -320,6 +342,7 @@ Event: TypeAlias = (
     | RunStatus
     | RunFinished
     | PlanProposed
+    | PlanAdmitted
     | Validated
     | PreconditionChecked
     | Decided

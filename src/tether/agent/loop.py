@@ -1,14 +1,16 @@
-"""The reasoning loop: ask the planner, record its plan, take the steps, repeat.
+"""The reasoning loop: ask the planner, record and admit its plan, take the steps, repeat.
 
-The loop owns no rule: every step goes through `Run.step` (the gateway), and a
-refusal or a failure comes back as an observation the planner sees on its next
-turn. The run passes through `planning` between steps, so its record shows
-when the agent thought and when it acted.
+The loop owns no rule: each plan is admitted as a whole (`Run.admit`) before
+its first step, every step goes through `Run.step` (the gateway), and a
+refused plan, a refusal or a failure comes back as an observation the planner
+sees on its next turn. The run passes through `planning` between plans, so its
+record shows when the agent thought and when it acted.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from decimal import Decimal
 from typing import Any
 
 from tether import _canonical, record
@@ -28,6 +30,7 @@ from tether.errors import (
     UsageError,
     ValidationFailed,
 )
+from tether.plan import Admission
 from tether.principal import Principal
 from tether.record import OutcomeStatus
 from tether.run import RunState
@@ -42,16 +45,24 @@ def run_agent(
     principal: Principal,
     request: str,
     context: Mapping[str, Any] | None = None,
+    budget: Decimal | int | None = None,
     max_steps: int = 50,
     planner_name: str = "scripted",
 ) -> Run:
     """Drive one run with `planner` until it finishes or runs out of steps.
 
     Each turn moves the run to `planning`, asks the planner, records its
-    proposal (`plan_proposed`), moves to `executing` and takes the proposed
-    steps through the gateway. The run ends `succeeded` when the planner
+    proposal (`plan_proposed`) and admits its steps as a whole
+    (`plan_admitted`, see `Run.admit`). A refused plan runs no step: the
+    refusal is the planner's next observation (one for the plan, with every
+    refused step's reason), and the planner is asked again even if it meant to
+    finish. An admitted plan moves the run to `executing` and its steps go
+    through the gateway in order, until one does not produce an output (a
+    step that needs approval, say): the steps after it are not taken, and
+    the planner sees what happened. The run ends `succeeded` when the planner
     finishes, and `failed` when it gives up or would pass `max_steps` (the
-    record's `run_finished` event says which, by error code).
+    record's `run_finished` event says which, by error code); each observation,
+    a refused plan's included, counts as a step.
 
     Args:
         app: the app whose capabilities, policy and store the run uses.
@@ -59,6 +70,8 @@ def run_agent(
         principal: who the run acts as.
         request: the task, in words.
         context: recorded with the run and shown to policies and the planner.
+        budget: the most the run's plans may cost (see `Tether.run`); None
+            (the default) is no budget.
         max_steps: the most steps the run may take (default 50).
         planner_name: recorded in every `plan_proposed` event.
 
@@ -86,7 +99,7 @@ def run_agent(
         )
     if max_steps < 1:
         raise UsageError(f"max_steps must be at least 1, got {max_steps}")
-    run = app.run(principal=principal, request=request, context=context)
+    run = app.run(principal=principal, request=request, context=context, budget=budget)
     try:
         with run:
             _drive(app, run, planner, max_steps=max_steps, planner_name=planner_name)
@@ -101,7 +114,8 @@ def _drive(
     tools = tuple(app.capabilities.tool_schemas())
     observations: list[Observation] = []
     while True:
-        run.transition(RunState.PLANNING)
+        if run.status is not RunState.PLANNING:  # still planning after a refused plan
+            run.transition(RunState.PLANNING)
         steps_left = max_steps - len(observations)
         proposal = planner.propose(
             PlannerInput(
@@ -133,40 +147,26 @@ def _drive(
                 "or check the planner for a loop"
             )
         if proposal.steps:
+            admission = run.admit(proposal.steps)
+            if not admission.admitted:
+                observations.append(_refused(admission, proposal.steps))
+                if proposal.gave_up:
+                    raise PlannerGaveUp(proposal.answer or "the planner gave up")
+                continue  # nothing ran: the planner re-plans, even if it meant to finish
             run.transition(RunState.EXECUTING)
-            observations.extend(_take(app, run, s) for s in proposal.steps)
+            for proposed in proposal.steps:
+                seen = _take(run, proposed)
+                observations.append(seen)
+                if not seen.ok:
+                    break  # the rest of the plan counted on this step's output
         if proposal.finish:
             if proposal.gave_up:
                 raise PlannerGaveUp(proposal.answer or "the planner gave up")
             return
 
 
-def _take(app: Tether, run: Run, proposed: ProposedStep) -> Observation:
-    """Take one proposed step through the gateway and say what happened."""
-    try:
-        app.capabilities.get(proposed.capability)
-    except NotFound as exc:
-        # A planner (an LLM above all) may name a tool that does not exist: that is
-        # an observation for it, recorded at the `resolve` stage, not a crash.
-        number = run.next_step()
-        run.append(
-            record.Failed(
-                at=run.clock.now(),
-                step=number,
-                stage="resolve",
-                error_code=exc.code,
-                error_type=type(exc).__name__,
-                message=exc.message,
-            )
-        )
-        return Observation(
-            step=number,
-            capability=proposed.capability,
-            args=proposed.args,
-            status=OutcomeStatus.INVALID,
-            error_code=exc.code,
-            error_message=exc.message,
-        )
+def _take(run: Run, proposed: ProposedStep) -> Observation:
+    """Take one step of an admitted plan through the gateway and say what happened."""
     outcome = run.step(
         proposed.capability,
         dict(proposed.args),
@@ -183,6 +183,20 @@ def _take(app: Tether, run: Run, proposed: ProposedStep) -> Observation:
         else outcome.output.model_dump(mode="json"),
         error_code=None if outcome.error is None else outcome.error.code,
         error_message=None if outcome.error is None else outcome.error.message,
+    )
+
+
+def _refused(admission: Admission, steps: Sequence[ProposedStep]) -> Observation:
+    """Return the one observation of a plan that admission refused."""
+    first = next(s for s in admission.steps if s.refused)
+    return Observation(
+        step=0,
+        capability=first.capability,
+        args=steps[first.index - 1].args,
+        status=OutcomeStatus.REFUSED,
+        error_code=first.error_code,
+        error_message=admission.message,
+        admission=admission,
     )
 
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from types import MappingProxyType
 from typing import Any, Protocol, TypeAlias, runtime_checkable
 
 from tether.errors import UsageError
+from tether.plan import Admission, PlanStep, StepLike, as_step
 from tether.record import OutcomeStatus
 
 __all__ = [
@@ -31,55 +31,8 @@ _OK = frozenset(
 )
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ProposedStep:
-    """One step a planner wants taken: a capability, its args and why.
-
-    Example:
-        ```python
-        ProposedStep(
-            capability="deploy.rollback",
-            args={"service": "checkout", "reason": "bad deploy"},
-            rationale="preview the rollback target",
-            dry_run=True,
-        )
-        ```
-    """
-
-    capability: str
-    """The capability's name, as in its tool schema."""
-    args: Mapping[str, Any] = field(default_factory=dict)
-    """The arguments, as JSON data; the gateway validates them."""
-    rationale: str = ""
-    """Why the planner wants this step; recorded with the plan."""
-    idempotency_key: str | None = None
-    """A key of the planner's own, so a retry of the step is deduplicated."""
-    dry_run: bool = False
-    """Ask for the capability's dry-run handler instead of the real one."""
-
-    def __post_init__(self) -> None:
-        # Checked at run time too: planners (LLM output above all) are not type-checked.
-        name: object = self.capability
-        args: object = self.args
-        if not isinstance(name, str) or not name:
-            raise UsageError(f"a proposed step needs a capability name, got {name!r}")
-        if not isinstance(args, Mapping):
-            raise UsageError(
-                f"{self.capability}: proposed args must be a mapping, got "
-                f"{type(self.args).__name__}"
-            )
-        # A read-only view, so a planner cannot change a step after it was recorded.
-        object.__setattr__(self, "args", MappingProxyType(dict(self.args)))
-
-    def describe(self) -> dict[str, Any]:
-        """Return the step as JSON-ready data (as a `plan_proposed` event holds it)."""
-        return {
-            "capability": self.capability,
-            "args": dict(self.args),
-            "rationale": self.rationale,
-            "idempotency_key": self.idempotency_key,
-            "dry_run": self.dry_run,
-        }
+ProposedStep = PlanStep
+"""One step a planner wants taken: a capability, its args and why (a `tether.plan.PlanStep`)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -96,7 +49,8 @@ class Proposal:
     """
 
     steps: tuple[ProposedStep, ...] = ()
-    """The next steps, taken in order; each one's outcome becomes an observation."""
+    """The next steps: a plan, admitted as a whole, then taken in order; each
+    taken step's outcome (or the plan's refusal) becomes an observation."""
     finish: bool = False
     """True when the task is done (after `steps`, if any)."""
     answer: str | None = None
@@ -126,7 +80,7 @@ class Observation:
     """What happened to one past step, as the planner sees it."""
 
     step: int
-    """The step's number in the run, from 1."""
+    """The step's number in the run, from 1; 0 for a refused plan, which took none."""
     capability: str
     args: Mapping[str, Any]
     """The args as the planner proposed them."""
@@ -138,6 +92,10 @@ class Observation:
     """The error's stable code (`policy_denied`, `precondition_failed`, ...), if any."""
     error_message: str | None = None
     """The error's one-line message, if any."""
+    admission: Admission | None = None
+    """Set when admission refused a whole plan: then nothing ran, `step` is 0,
+    `capability` and `args` are the first refused step's, and `error_message`
+    gives every refused step's reason (also in `admission.steps`)."""
 
     @property
     def ok(self) -> bool:
@@ -170,9 +128,7 @@ class Planner(Protocol):
         ...
 
 
-ScriptedStep: TypeAlias = (
-    ProposedStep | tuple[str, Mapping[str, Any]] | tuple[str, Mapping[str, Any], str]
-)
+ScriptedStep: TypeAlias = StepLike
 """A scripted step: `(capability, args)`, `(capability, args, rationale)` or a
 `ProposedStep` (for an idempotency key or a dry run)."""
 
@@ -214,7 +170,9 @@ class ScriptedPlanner:
         answer: str | None = None,
         stop_on_error: bool = False,
     ) -> None:
-        self.steps: tuple[ProposedStep, ...] = tuple(_to_step(s) for s in steps)
+        self.steps: tuple[ProposedStep, ...] = tuple(
+            as_step(s, what="scripted step") for s in steps
+        )
         self.answer = answer
         self.stop_on_error = stop_on_error
 
@@ -227,11 +185,16 @@ class ScriptedPlanner:
         if self.stop_on_error and state.observations:
             last = state.observations[-1]
             if not last.ok:
+                what = (
+                    "the plan"
+                    if last.admission is not None
+                    else f"step {last.step} ({last.capability})"
+                )
                 return Proposal(
                     finish=True,
                     gave_up=True,
                     answer=(
-                        f"step {last.step} ({last.capability}) was {last.status.value}: "
+                        f"{what} was {last.status.value}: "
                         f"{last.error_code}: {last.error_message}"
                     ),
                 )
@@ -241,22 +204,3 @@ class ScriptedPlanner:
             finish=True,
             answer=self.answer if self.answer is not None else f"done: {done} steps",
         )
-
-
-def _to_step(raw: object) -> ProposedStep:
-    if isinstance(raw, ProposedStep):
-        return raw
-    if isinstance(raw, tuple) and len(raw) in (2, 3):
-        name, args, *rest = raw
-        rationale = rest[0] if rest else ""
-        if isinstance(name, str) and isinstance(args, Mapping):
-            if not isinstance(rationale, str):
-                raise UsageError(
-                    f"scripted step {name!r}: the rationale must be text, got "
-                    f"{rationale!r}"
-                )
-            return ProposedStep(capability=name, args=args, rationale=rationale)
-    raise UsageError(
-        f"a scripted step is (capability, args[, rationale]) or a ProposedStep, "
-        f"got {raw!r:.120}"
-    )

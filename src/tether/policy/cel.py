@@ -72,7 +72,7 @@ def compile_condition(source: str) -> Condition:
     try:
         program = cel.compile(source)
     except ValueError as exc:
-        raise CelError(_first_line(exc)) from exc
+        raise CelError(_parse_error(exc)) from exc
     bound = set(_BOUND.findall(_STRING.sub("''", source)))  # comprehension variables
     names = frozenset(program.variables()) - bound
     unknown = sorted(names - set(VARIABLES))
@@ -104,6 +104,16 @@ def _check_nesting(source: str) -> None:
             if inside and inside[-1] == depth:
                 inside.pop()
             depth -= 1
+
+
+def _parse_error(exc: BaseException) -> str:
+    # The parser quotes the whole expression first, its own newlines included;
+    # the diagnostic itself follows "ERROR: <input>:".
+    text = str(exc)
+    _, marker, rest = text.partition("ERROR: <input>:")
+    if marker:
+        return "syntax error at " + rest.strip().splitlines()[0]
+    return _first_line(exc)
 
 
 def _first_line(exc: BaseException) -> str:
