@@ -13,6 +13,7 @@ import pytest
 from pydantic import BaseModel, Field, SecretStr
 
 import tether
+from tether import record
 from tether.record import Outcome, OutcomeStatus
 
 
@@ -819,3 +820,44 @@ class TestReviewFindings:
 
         assert isinstance(outcome.error, tether.IdempotencyConflict)
         assert "version 2" in outcome.error.message
+
+
+class TestRunGuards:
+    def test_context_that_cannot_be_recorded_is_a_usage_error(
+        self, ops: tether.Tether, principal: tether.Principal
+    ) -> None:
+        """A run context holding a value JSON cannot keep exactly is refused at once."""
+        with pytest.raises(tether.UsageError, match="context"):
+            ops.run(principal=principal, request="x", context={"n": 2**70})
+
+    def test_a_finished_run_takes_no_more_events(
+        self, ops: tether.Tether, principal: tether.Principal
+    ) -> None:
+        """Once a run ended, nothing more is written to its record."""
+        with ops.run(principal=principal, request="x") as run:
+            run.call("net.ping", {"host": "a"})
+
+        late = record.Failed(
+            at=run.clock.now(),
+            step=9,
+            stage="execute",
+            error_code="x",
+            error_type="X",
+            message="a step that outlived its run",
+        )
+
+        with pytest.raises(tether.UsageError, match="succeeded"):
+            run.append(late)
+        assert ops.verify(run.id).ok
+
+    def test_timeout_longer_than_the_claim_is_refused_at_registration(
+        self, app: tether.Tether
+    ) -> None:
+        """A timeout longer than the key claim's TTL could let a retry run alongside."""
+
+        @tether.capability("net.slow", effect="read", timeout=3600)
+        def slow(args: HostIn) -> HostOut:
+            return HostOut(host=args.host, up=True)
+
+        with pytest.raises(tether.UsageError, match="claim_ttl"):
+            app.register(slow)

@@ -108,7 +108,15 @@ class Tether:
         """
         if not capabilities:
             raise UsageError("register() needs at least one capability")
+        ttl = self.settings.idempotency.claim_ttl
         for cap in capabilities:
+            timeout = getattr(cap, "timeout", None)  # checked by add() below
+            if timeout is not None and timeout > ttl:
+                raise UsageError(
+                    f"capability {cap.name!r}: its timeout {timeout} is longer than "
+                    f"idempotency.claim_ttl ({ttl}), so a retry could take its key over "
+                    "while it still runs; shorten the timeout or raise claim_ttl"
+                )
             self.capabilities.add(cap)
         return capabilities[0]
 
@@ -181,11 +189,22 @@ class Tether:
         """
         if not isinstance(principal, Principal):
             raise UsageError(f"principal must be a tether.Principal, got {principal!r}")
+        try:
+            # The context is recorded: it must be JSON the record keeps exactly, and
+            # the run holds its own copy, in canonical form.
+            recorded: dict[str, Any] = _canonical.loads(
+                _canonical.dumps(dict(context or {}))
+            )
+        except (_canonical.CanonicalError, TypeError, ValueError) as exc:
+            raise UsageError(
+                f"the run's context cannot be recorded exactly ({exc}); pass JSON "
+                "values: text, numbers within 64 bits, lists and mappings"
+            ) from exc
         return Run(
             self,
             principal=principal,
             request=request,
-            context=dict(context or {}),
+            context=recorded,
             budget=budget,
         )
 
@@ -393,16 +412,27 @@ class Run:
 
     def _commit(self, batch: Batch, keep_on_failure: bool = False) -> Committed:
         with self._lock:
+            if self.status in FINAL_STATES:
+                raise UsageError(
+                    f"run {self.id} is {self.status.value}; its record takes no more "
+                    "events (a step still running when the run ended cannot record)"
+                )
             try:
                 if self._pending:
                     self.flush_pending()
                 return self._write(batch)
             except StoreError as exc:
-                # A step that already acted keeps its result until the store takes it;
-                # the next write on this run retries it first.
-                if keep_on_failure and not isinstance(exc, LeaseLost):
+                if isinstance(exc, LeaseLost):
+                    raise
+                if keep_on_failure:
+                    # A step that already acted keeps its result until the store
+                    # takes it; the next write on this run retries it first.
                     self._pending.append(batch)
-                raise
+                    raise StoreError(
+                        f"{exc.message}; the step ran: its result is kept and is "
+                        "written first on this run's next write"
+                    ) from exc
+                raise StoreError(f"{exc.message}; nothing ran after it") from exc
 
     def _write(self, batch: Batch) -> Committed:
         # The chain head and epoch are read at write time: a batch kept after a
@@ -471,6 +501,13 @@ class Run:
         self._commit(batch)
         assert batch.status is not None
         self.status = RunState(batch.status)
+
+    def _log_lost(self) -> None:
+        if self._pending:
+            logger.error(
+                "step.result_lost",
+                extra={"tether.run_id": self.id, "tether.results": len(self._pending)},
+            )
 
     def transition(self, target: RunState) -> None:
         """Move the run to `target`, recording a `run_status` event.
@@ -556,6 +593,7 @@ class Run:
         try:
             self._apply(self._finish(exc))
         except StoreError:
+            self._log_lost()
             if exc is None:
                 raise
             # The body's error is the one the caller needs; the store's is secondary.
@@ -575,6 +613,7 @@ class Run:
         try:
             await anyio.to_thread.run_sync(self._apply, self._finish(exc))
         except StoreError:
+            self._log_lost()
             if exc is None:
                 raise
 
