@@ -8,6 +8,7 @@ here, at definition time, so the call path does no introspection.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -535,11 +536,13 @@ def capability(
 class Registry:
     """The capabilities one app can call, by name and version."""
 
-    __slots__ = ("_by_name", "_latest")
+    __slots__ = ("_by_name", "_latest", "_schemas")
 
     def __init__(self) -> None:
         self._by_name: dict[str, dict[str, Capability[Any, Any]]] = {}
         self._latest: dict[str, Capability[Any, Any]] = {}
+        self._schemas: dict[str, list[dict[str, object]]] = {}
+        """Tool schemas per flavor, built once: a planner asks for them every turn."""
 
     def add(self, cap: Capability[Any, Any]) -> None:
         """Add `cap`; the version registered last is the one `get(name)` returns.
@@ -562,6 +565,7 @@ class Registry:
         versions.pop(cap.version, None)
         versions[cap.version] = cap
         self._latest[cap.name] = cap
+        self._schemas.clear()
 
     def get(self, name: str, version: str | None = None) -> Capability[Any, Any]:
         """Return the capability `name` (its latest version unless `version`).
@@ -593,5 +597,8 @@ class Registry:
         return len(self._by_name)
 
     def tool_schemas(self, flavor: str = "mcp") -> list[dict[str, object]]:
-        """Return every capability's tool schema, sorted by name."""
-        return [cap.tool_schema(flavor) for cap in self]
+        """Return every capability's tool schema, sorted by name (a fresh list)."""
+        cached = self._schemas.get(flavor)
+        if cached is None:
+            cached = self._schemas[flavor] = [cap.tool_schema(flavor) for cap in self]
+        return copy.deepcopy(cached)
