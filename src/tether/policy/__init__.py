@@ -21,11 +21,13 @@ from tether.policy._decision import (
     Verdict,
     combine,
 )
+from tether.policy.cedar import CedarPolicy
 from tether.policy.rules import Defaults, Match, Rule, RulesConfig, RuleSet
 
 __all__ = [
     "DEFAULT_POLICY_VERSION",
     "SCOPES_RULE",
+    "CedarPolicy",
     "Decision",
     "DecisionRequest",
     "Defaults",

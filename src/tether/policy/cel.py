@@ -3,9 +3,10 @@
 The expression language is CEL (as in Kubernetes admission policies and Envoy
 RBAC), run by the Rust-backed `common-expression-language` package: it cannot
 reach Python objects, attributes or builtins, only the values handed in. What
-tether adds is bounds: an expression is at most 4 KiB, and one comprehension
-macro may not nest inside another, so evaluation time stays linear in the size
-of the args (which the gateway caps at 1 MiB).
+tether adds is bounds: an expression is at most 4 KiB; `map` and `filter`
+(quadratic in this runtime) are refused; a comprehension may not nest inside
+another, and its body may read only its own variable and literals; so
+evaluation time stays linear in the size of the args (capped at 1 MiB).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ _MACROS = re.compile(r"\.\s*(all|exists|exists_one|map|filter)\s*\(")
 _BOUND = re.compile(
     r"\.\s*(?:all|exists|exists_one|map|filter)\s*\(\s*([A-Za-z_][A-Za-z0-9_]*)\s*,"
 )
-_STRING = re.compile(r"""'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*\"""")
+_TOP_LEVEL = re.compile(r"(?<![\w.])(args|principal|context|capability|run)\b")
 
 
 class CelError(ValueError):
@@ -73,7 +74,7 @@ def compile_condition(source: str) -> Condition:
         program = cel.compile(source)
     except ValueError as exc:
         raise CelError(_parse_error(exc)) from exc
-    bound = set(_BOUND.findall(_STRING.sub("''", source)))  # comprehension variables
+    bound = set(_BOUND.findall(_code_only(source)))  # comprehension variables
     names = frozenset(program.variables()) - bound
     unknown = sorted(names - set(VARIABLES))
     if unknown:
@@ -84,11 +85,58 @@ def compile_condition(source: str) -> Condition:
     return Condition(source=source, program=program, variables=names)
 
 
+def _code_only(source: str) -> str:
+    """Return `source` with comments removed and every string literal emptied.
+
+    Knows CEL's quotes (single, double, triple), raw (`r`) and bytes (`b`)
+    prefixes, and `//` comments, so the checks below see only code.
+    """
+    out: list[str] = []
+    i, n = 0, len(source)
+    while i < n:
+        ch = source[i]
+        if source.startswith("//", i):
+            end = source.find("\n", i)
+            i = n if end < 0 else end
+            continue
+        if ch in "'\"":
+            j = i - 1
+            prefix = ""
+            while j >= 0 and source[j] in "rRbB" and len(prefix) < 2:
+                prefix = source[j] + prefix
+                j -= 1
+            raw = "r" in prefix.lower() and (
+                j < 0 or not (source[j].isalnum() or source[j] == "_")
+            )
+            quote = ch * 3 if source.startswith(ch * 3, i) else ch
+            k = i + len(quote)
+            while k < n and not source.startswith(quote, k):
+                k += 2 if source[k] == "\\" and not raw else 1
+            out.append("''")
+            i = k + len(quote)
+            continue
+        out.append(ch)
+        i += 1
+    return "".join(out)
+
+
 def _check_nesting(source: str) -> None:
-    # Strip string literals so a macro name inside quotes does not count.
-    text = _STRING.sub("''", source)
-    opens = {m.end() - 1 for m in _MACROS.finditer(text)}  # index of each macro's "("
-    inside: list[int] = []  # paren depths at which open macros started
+    """Refuse comprehensions that can take more than linear time.
+
+    `map` and `filter` copy their result at every element in the CEL runtime
+    (quadratic), one comprehension inside another is quadratic, and so is a
+    body that reads a top-level collection again (`x in args.items`): a body may
+    read only its own variable and literals.
+    """
+    text = _code_only(source)
+    opens: dict[int, str] = {m.end() - 1: m.group(1) for m in _MACROS.finditer(text)}
+    for name in opens.values():
+        if name in ("map", "filter"):
+            raise CelError(
+                f"{name}() takes quadratic time in the CEL runtime; say it with "
+                "exists(), all() or exists_one()"
+            )
+    inside: list[tuple[int, int]] = []  # (paren depth, index of "(") of open macros
     depth = 0
     for i, ch in enumerate(text):
         if ch == "(":
@@ -96,13 +144,19 @@ def _check_nesting(source: str) -> None:
             if i in opens:
                 if inside:
                     raise CelError(
-                        "a comprehension (all/exists/map/filter) nests inside another, "
-                        "which can take quadratic time; flatten the condition"
+                        "a comprehension (all/exists) nests inside another, which can "
+                        "take quadratic time; flatten the condition"
                     )
-                inside.append(depth)
+                inside.append((depth, i))
         elif ch == ")":
-            if inside and inside[-1] == depth:
-                inside.pop()
+            if inside and inside[-1][0] == depth:
+                _, start = inside.pop()
+                found = _TOP_LEVEL.search(text, start, i)
+                if found:
+                    raise CelError(
+                        f"a comprehension body reads {found.group(1)!r} again, which "
+                        "can take quadratic time; compare the element with literals"
+                    )
             depth -= 1
 
 
@@ -126,7 +180,7 @@ class Scope:
 
     Converting Python values to CEL costs more than evaluating a compiled
     condition, so a scope converts each variable only when a condition first
-    reads it, and a run reuses the principal's conversion across its steps.
+    reads it, once per decision.
     """
 
     __slots__ = ("_context", "_pending")
@@ -143,11 +197,13 @@ class Scope:
                 result is not a boolean.
         """
         pending = self._pending
-        if pending:
-            for name in condition.variables:
-                if name in pending:
-                    self._context.add_variable(name, pending.pop(name))
         try:
+            if pending:
+                for name in condition.variables:
+                    if name in pending:
+                        # Converting a value CEL cannot carry (a set, an object)
+                        # fails here: a failed evaluation, not a crash.
+                        self._context.add_variable(name, pending.pop(name))
             result = condition.program.execute(self._context)
         except Exception as exc:  # the CEL runtime raises many builtin types
             raise CelError(f"{type(exc).__name__}: {_first_line(exc)}") from exc
