@@ -1209,7 +1209,7 @@ class TestRuleLanguageSafety:
         source = f"{target}.{outer}(x,{gap}{before}{wrap.format(nested)})"
 
         # map and filter are refused on their own (quadratic), before any nesting.
-        with pytest.raises(CelError, match="nests inside another|quadratic time"):
+        with pytest.raises(CelError, match=r"nests inside another|quadratic time"):
             compile_condition(source)
 
     @settings(PROPERTY, max_examples=50)
