@@ -369,7 +369,8 @@ class Run:
     @property
     def policy(self) -> PolicySet:
         """The app's policy in force now (a changed `tether.yaml` applies at the next step)."""
-        return self.app.current_policy()
+        app = self.app
+        return app.policy if app._config_file is None else app.current_policy()
 
     def next_step(self) -> int:
         """Return the next step number (from 1)."""
@@ -412,7 +413,7 @@ class Run:
 
     def _commit(self, batch: Batch, keep_on_failure: bool = False) -> Committed:
         with self._lock:
-            if self.status in FINAL_STATES:
+            if self.status in FINAL_STATES:  # a set of three: a hash and a compare
                 raise UsageError(
                     f"run {self.id} is {self.status.value}; its record takes no more "
                     "events (a step still running when the run ended cannot record)"

@@ -352,7 +352,7 @@ def step(run: RunPort, req: StepRequest) -> Flow:  # the design's list, in order
 
     # policy decision (deny stops; require_approval parks the step)
     policy = run.policy
-    if cap.scopes or not policy.is_trivial(cap.effect):
+    if cap.scopes or cap.effect not in policy.trivial:
         decision = policy.decide(
             DecisionRequest(
                 principal=run.principal,
@@ -564,7 +564,7 @@ def step(run: RunPort, req: StepRequest) -> Flow:  # the design's list, in order
                 dry_run=dry_run,
             )
         )
-        if not dry_run:
+        if cost and not dry_run:
             run.cost += cost
         if key_id is not None and needs_intent:
             update = KeyUpdate(

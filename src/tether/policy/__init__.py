@@ -65,7 +65,7 @@ class PolicySet:
         version: the policy version recorded with each decision.
     """
 
-    __slots__ = ("_defaults", "_policies", "_rules", "version")
+    __slots__ = ("_defaults", "_policies", "_rules", "trivial", "version")
 
     def __init__(
         self,
@@ -82,6 +82,12 @@ class PolicySet:
             effect: Decision(verdict=getattr(defaults, effect), policy_version=version)
             for effect in ("read", "write", "destructive")
         }
+        self.trivial: frozenset[str] = frozenset(
+            effect
+            for effect, decision in self._defaults.items()
+            if rules is None and not policies and decision.verdict is Verdict.ALLOW
+        )
+        """Effects for which there is nothing to ask: no policy, an allow default."""
 
     def add(self, policy: Policy) -> PolicySet:
         """Return a new set with `policy` added last."""
@@ -115,11 +121,7 @@ class PolicySet:
 
     def is_trivial(self, effect: str) -> bool:
         """True when no policy exists and `effect`'s default is allow (nothing to ask)."""
-        return (
-            self._rules is None
-            and not self._policies
-            and self._defaults[effect].verdict is Verdict.ALLOW
-        )
+        return effect in self.trivial
 
     def default(self, effect: str) -> Decision:
         """The decision for `effect` when every policy abstains."""
