@@ -413,7 +413,7 @@ class Run:
 
     def _commit(self, batch: Batch, keep_on_failure: bool = False) -> Committed:
         with self._lock:
-            if self.status in FINAL_STATES:  # a set of three: a hash and a compare
+            if self.status in FINAL_STATES:
                 raise UsageError(
                     f"run {self.id} is {self.status.value}; its record takes no more "
                     "events (a step still running when the run ended cannot record)"
