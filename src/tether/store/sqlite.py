@@ -228,13 +228,17 @@ class SQLiteStore(Store):
         took_over = None
         if batch.claim is not None:
             took_over = self._claim(con, batch.claim)
+        # A run this store wrote has its key cached; a new run's comes with its insert.
+        pk = 0 if batch.new_run is not None else self._pks.get(batch.run_id)
+        if pk is None:
+            pk = self._pk(con, batch.run_id)
         seq, head = batch.base_seq, batch.base_hash
         rows = []
         for event in batch.events:
             seq += 1
             body = _canonical.dumps_fields(event)
             head = _chain.chain_hash(head, seq, body)
-            rows.append((seq, event.kind, event.step, body, head))
+            rows.append([pk, seq, event.kind, event.step, body, head])
         sig = (
             None
             if self.record_key is None
@@ -262,12 +266,21 @@ class SQLiteStore(Store):
                     None,
                 ),
             ).lastrowid
-        else:
-            pk = self._pks.get(batch.run_id) or self._pk(con, batch.run_id)
+            assert isinstance(pk, int)
+            for row in rows:
+                row[0] = pk
+        elif now is None:  # a step: the head moves, nothing else (a simpler statement)
             cur = con.execute(
-                "UPDATE runs SET head_seq=?, head_hash=?, head_sig=?, "
-                "updated_at=COALESCE(?, updated_at), status=COALESCE(?, status), "
-                "error_code=COALESCE(?, error_code) "
+                "UPDATE runs SET head_seq=?, head_hash=?, head_sig=? "
+                "WHERE id=? AND epoch=? AND head_seq=?",
+                (seq, head, sig, pk, batch.epoch, batch.base_seq),
+            )
+            if cur.rowcount != 1:
+                self._fence_failure(con, batch)
+        else:
+            cur = con.execute(
+                "UPDATE runs SET head_seq=?, head_hash=?, head_sig=?, updated_at=?, "
+                "status=?, error_code=COALESCE(?, error_code) "
                 "WHERE id=? AND epoch=? AND head_seq=?",
                 (
                     seq,
@@ -283,10 +296,9 @@ class SQLiteStore(Store):
             )
             if cur.rowcount != 1:
                 self._fence_failure(con, batch)
-        assert isinstance(pk, int)
         con.executemany(
             "INSERT INTO events (run, seq, kind, step, body, hash) VALUES (?,?,?,?,?,?)",
-            [(pk, *row) for row in rows],
+            rows,
         )
         self._pks[batch.run_id] = pk
         if batch.key_update is not None:
