@@ -383,38 +383,22 @@ def step(run: RunPort, req: StepRequest) -> Flow:  # the design's list, in order
         )
     )
     dry_run = req.dry_run or verdict is Verdict.DRY_RUN_ONLY
+    handler = cap.dry_run_handler if dry_run else cap.handler
+    refusal: TetherError | None = None
     if verdict is Verdict.DENY or verdict is Verdict.REQUIRE_APPROVAL:
+        refusal = _policy_error(cap, decision)
+    elif handler is None and cap.effect is not Effect.READ:
+        refusal = Denied(
+            f"{cap.name}: a dry run was required but the capability has no "
+            "dry-run handler; add dry_run=... to its declaration"
+        )
+    if refusal is not None:
         return (
             yield from _refuse(
-                run,
-                cap,
-                events,
-                now,
-                number,
-                "policy",
-                _policy_error(cap, decision),
-                OutcomeStatus.REFUSED,
+                run, cap, events, now, number, "policy", refusal, OutcomeStatus.REFUSED
             )
         )
-    handler = cap.dry_run_handler if dry_run else cap.handler
     if handler is None:
-        if cap.effect is not Effect.READ:
-            no_dry_run = Denied(
-                f"{cap.name}: a dry run was required but the capability has no "
-                "dry-run handler; add dry_run=... to its declaration"
-            )
-            return (
-                yield from _refuse(
-                    run,
-                    cap,
-                    events,
-                    now,
-                    number,
-                    "policy",
-                    no_dry_run,
-                    OutcomeStatus.REFUSED,
-                )
-            )
         handler = cap.handler  # a read acts on nothing: running it is its own dry run
 
     # idempotency lookup (completed: stored result, no charge; in progress: refused)
