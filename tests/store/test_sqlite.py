@@ -487,3 +487,13 @@ def test_reopening_a_database_keeps_its_schema_and_records(tmp_path: Path) -> No
         assert [r.run_id for r in app.store.list_runs()] == runs
         assert all(app.verify(run_id).ok for run_id in runs)
     assert schema(tmp_path / "tether.db") == before
+
+
+def test_a_new_database_uses_8_kib_pages(tmp_path: Path) -> None:
+    """A fresh file gets 8 KiB pages, which keep a step's events in fewer page splits."""
+    db = tmp_path / "fresh.db"
+
+    tether.Tether(db=f"sqlite:///{db}", env={}).close()
+
+    with sqlite3.connect(db) as con:
+        assert con.execute("PRAGMA page_size").fetchone()[0] == 8192
