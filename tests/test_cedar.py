@@ -263,6 +263,19 @@ class TestFailClosed:
 
         assert policy.evaluate(request(args={"order_id": "o-1"})) is None
 
+    def test_a_tightening_permit_that_cannot_be_evaluated_denies(self) -> None:
+        """A permit that asks approval denies when it cannot be evaluated: an agent
+        cannot escape it by leaving out the field it reads."""
+        policy = CedarPolicy(
+            '@id("big-refunds") @decision("require_approval") '
+            "permit(principal, action, resource) when { context.args.amount_cents > 10 };"
+        )
+
+        got = policy.evaluate(request(args={"amount": 10}))
+
+        assert got is not None
+        assert (got.verdict, got.rule_ids) == (Verdict.DENY, ("cedar:big-refunds",))
+
     @pytest.mark.parametrize(
         ("args", "context", "message"),
         [

@@ -1278,3 +1278,54 @@ def test_rule_ids_and_version_are_recorded(app_with_rules: tether.Tether) -> Non
     assert event["rule_ids"] == ["small-refunds"]
     assert event["reasons"] == ["small refunds are routine"]
     assert event["policy_version"] == app_with_rules.policy.version
+
+
+class TestReviewedFailOpenPaths:
+    def test_a_policy_returning_a_text_verdict_still_denies(
+        self, tmp_path: Path
+    ) -> None:
+        """A Python policy giving `Decision(verdict="deny")` denies like the enum would."""
+
+        class Textual:
+            id = "textual"
+
+            def evaluate(self, request: DecisionRequest) -> Decision | None:
+                return Decision(verdict="deny", reasons=("no",))  # type: ignore[arg-type]
+
+        got = PolicySet([Textual()]).decide(request())
+
+        assert got.verdict is Verdict.DENY
+        assert got.rule_ids == ("textual",)
+
+    def test_a_policy_returning_something_else_denies_in_its_name(self) -> None:
+        """A policy that returns a bare verdict instead of a Decision fails closed."""
+
+        class Sloppy:
+            id = "sloppy"
+
+            def evaluate(self, request: DecisionRequest) -> Decision | None:
+                return Verdict.ALLOW  # type: ignore[return-value]
+
+        got = PolicySet([Sloppy()]).decide(request())
+
+        assert (got.verdict, got.rule_ids) == (Verdict.DENY, ("sloppy",))
+
+    def test_a_policy_cannot_speak_as_a_yaml_rule(self) -> None:
+        """A Python policy's rule ids are recorded under its own id."""
+
+        class Impostor:
+            id = "impostor"
+
+            def evaluate(self, request: DecisionRequest) -> Decision | None:
+                return Decision(verdict=Verdict.ALLOW, rule_ids=("tether:scopes",))
+
+        got = PolicySet([Impostor()]).decide(request())
+
+        assert got.rule_ids == ("impostor:tether:scopes",)
+
+    @pytest.mark.parametrize("call", ["args.s.lowerAscii() == 'x'", "max(1, 2) > 1"])
+    def test_unknown_functions_are_refused_at_compile_time(self, call: str) -> None:
+        """A function the CEL runtime lacks is an error when the file loads, not a
+        silent deny at every step."""
+        with pytest.raises(CelError, match="unknown function"):
+            compile_condition(call)

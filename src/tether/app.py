@@ -81,10 +81,12 @@ class Tether:
         env = os.environ if env is None else env
         self.db_url = _config.resolve_db(db, env)
         self.config_path = _config.resolve_config_path(config, env)
-        self.settings, version = _config.load_settings(self.config_path)
+        # Stamp the file before reading it: an edit made while it loads is seen
+        # as a change at the next step, not taken for what was loaded.
         self._config_file = (
             None if self.config_path is None else _config.ConfigFile(self.config_path)
         )
+        self.settings, version = _config.load_settings(self.config_path)
         self._policy_lock = threading.Lock()
         self.clock: Clock = clock or SystemClock()
         self.ids: Ids = ids or RandomIds(self.clock)
@@ -154,6 +156,22 @@ class Tether:
             logger.warning(
                 "policy.reload_failed",
                 extra={"tether.config": str(watched.path), "tether.error": exc.message},
+            )
+            return
+        ttl = settings.idempotency.claim_ttl
+        too_slow = [
+            c.name
+            for c in self.capabilities
+            if c.timeout is not None and c.timeout > ttl
+        ]
+        if too_slow:
+            logger.warning(
+                "policy.reload_failed",
+                extra={
+                    "tether.config": str(watched.path),
+                    "tether.error": f"idempotency.claim_ttl {ttl} is shorter than the "
+                    f"timeout of {', '.join(too_slow)}; the last good settings stay",
+                },
             )
             return
         fresh = _policy_from(settings, version, has_file=watched)

@@ -22,9 +22,10 @@ import pydantic
 from pydantic import BaseModel
 
 from tether import _canonical
-from tether.errors import NotFound, UsageError, ValidationFailed
+from tether.errors import InvalidKey, NotFound, UsageError, ValidationFailed
 
 __all__ = [
+    "MAX_KEY_LENGTH",
     "CallContext",
     "Capability",
     "Effect",
@@ -32,6 +33,7 @@ __all__ = [
     "Idempotency",
     "Registry",
     "capability",
+    "check_key",
     "one_line_error",
 ]
 
@@ -41,6 +43,25 @@ Out = TypeVar("Out", bound=BaseModel)
 _NAME = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+$|^[a-z][a-z0-9_]*$")
 MAX_ARGS_BYTES = 1 << 20
 """Largest accepted arguments, as canonical JSON bytes (1 MiB)."""
+MAX_KEY_LENGTH = 255
+"""Longest accepted idempotency key, in characters."""
+
+
+def check_key(key: object) -> None:
+    """Refuse an idempotency key that is empty, too long or not printable text.
+
+    Raises:
+        InvalidKey: with one line saying what a key may be.
+    """
+    if (
+        not isinstance(key, str)
+        or not 0 < len(key) <= MAX_KEY_LENGTH
+        or not key.isprintable()
+    ):
+        raise InvalidKey(
+            f"idempotency key {key!r:.80} is invalid; use 1 to {MAX_KEY_LENGTH} printable "
+            "characters (no control characters)"
+        )
 
 
 class Effect(StrEnum):

@@ -31,6 +31,7 @@ from tether.capability import (
     Capability,
     Effect,
     Idempotency,
+    check_key,
     one_line_error,
 )
 from tether.clock import Clock
@@ -40,7 +41,6 @@ from tether.errors import (
     Denied,
     IdempotencyConflict,
     InDoubt,
-    InvalidKey,
     InvalidOutput,
     KeyInUse,
     PreconditionFailed,
@@ -66,7 +66,6 @@ __all__ = [
     "step",
 ]
 
-MAX_KEY_LENGTH = 255
 MAX_MESSAGE = 2000
 
 
@@ -313,7 +312,7 @@ def step(run: RunPort, req: StepRequest) -> Flow:  # the design's list, in order
     # validate args against the input schema
     try:
         if req.key is not None:
-            _check_key(req.key)
+            check_key(req.key)
         args = cap.validate_args(req.args)
         args_json, args_bytes = cap.dump_args(args)
     except ValidationFailed as exc:
@@ -654,14 +653,6 @@ def _refuse(
     outcome = Outcome(status=status, step=number, capability=cap.name, error=error)
     error.outcome = outcome
     return outcome
-
-
-def _check_key(key: str) -> None:
-    if not 0 < len(key) <= MAX_KEY_LENGTH or not key.isprintable():
-        raise InvalidKey(
-            f"idempotency key {key!r:.80} is invalid; use 1 to {MAX_KEY_LENGTH} printable "
-            "characters (no control characters)"
-        )
 
 
 def _preconditions(

@@ -24,10 +24,9 @@ from typing import Any, TypeAlias
 from pydantic import BaseModel
 
 from tether import record
-from tether.capability import Capability, Effect, Registry
+from tether.capability import MAX_KEY_LENGTH, Capability, Effect, Registry, check_key
 from tether.errors import (
     Denied,
-    InvalidKey,
     LimitExceeded,
     NotFound,
     UsageError,
@@ -49,7 +48,6 @@ __all__ = [
     "as_steps",
 ]
 
-MAX_KEY_LENGTH = 255
 """Longest idempotency key, in characters (the gateway's bound)."""
 
 
@@ -394,7 +392,8 @@ def _resolve(
             index=index, capability=name, error_code=exc.code, error_message=exc.message
         )
     try:
-        _check_key(proposed.idempotency_key)
+        if proposed.idempotency_key is not None:
+            check_key(proposed.idempotency_key)
         args = cap.validate_args(dict(proposed.args))
         args_json, _ = cap.dump_args(args)
     except ValidationFailed as exc:
@@ -448,14 +447,3 @@ def _judge(
         error_code=None if error is None else error.code,
         error_message=None if error is None else error.message,
     )
-
-
-def _check_key(key: str | None) -> None:
-    # The gateway's bounds (gateway._check_key), so an admitted key is never refused.
-    if key is not None and (
-        not 0 < len(key) <= MAX_KEY_LENGTH or not key.isprintable()
-    ):
-        raise InvalidKey(
-            f"idempotency key {key!r:.80} is invalid; use 1 to {MAX_KEY_LENGTH} printable "
-            "characters (no control characters)"
-        )

@@ -144,7 +144,7 @@ class PolicySet:
         if self._rules is not None:
             got = self._rules.evaluate(request)
             if got is not None:
-                answers.extend(zip_answers(got, got.rule_ids))
+                answers.extend(_zip_answers(got, got.rule_ids))
         for policy in self._policies:
             # Each Python policy gets its own copy of the args, so none can change
             # what the next one, the record or the handler sees.
@@ -161,7 +161,7 @@ class PolicySet:
                 at=request.at,
             )
             try:
-                got = policy.evaluate(view)
+                answer: object = policy.evaluate(view)  # user code: checked below
             except Exception as exc:  # noqa: BLE001  # a user policy may raise anything
                 # Fail closed, in the policy's name, like a rule that cannot evaluate.
                 answers.append(
@@ -173,14 +173,32 @@ class PolicySet:
                     )
                 )
                 continue
-            if got is not None:
-                answers.extend(zip_answers(got, got.rule_ids or (policy.id,)))
+            if answer is None:
+                continue
+            if not isinstance(answer, Decision):
+                answers.append(
+                    (
+                        Verdict.DENY,
+                        policy.id,
+                        f"policy {policy.id!r} returned {answer!r:.60}, not a Decision; "
+                        "denied until it returns one",
+                    )
+                )
+                continue
+            # A policy's ids are its own: it cannot speak as a tether.yaml rule.
+            ids = tuple(
+                i
+                if i == policy.id or i.startswith(f"{policy.id}:")
+                else f"{policy.id}:{i}"
+                for i in answer.rule_ids
+            )
+            answers.extend(_zip_answers(answer, ids or (policy.id,)))
         if not answers:
             return self._defaults[request.effect]
         return combine(answers, policy_version=self.version)
 
 
-def zip_answers(
+def _zip_answers(
     decision: Decision, ids: Sequence[str]
 ) -> list[tuple[Verdict, str, str]]:
     """Pair each deciding id with its reason (an empty reason when none was given)."""

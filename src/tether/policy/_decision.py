@@ -59,6 +59,19 @@ class Decision:
     policy_version: str = DEFAULT_POLICY_VERSION
     """Hash of the `tether.yaml` in force."""
 
+    def __post_init__(self) -> None:
+        # A Python policy may hand in "deny" or a list: normalise, or raise (and
+        # PolicySet denies in the policy's name) rather than compare a string
+        # with an enum member later and let the step through.
+        object.__setattr__(self, "verdict", Verdict(self.verdict))
+        for name in ("rule_ids", "reasons"):
+            value = getattr(self, name)
+            if isinstance(value, str) or not all(isinstance(v, str) for v in value):
+                raise TypeError(
+                    f"Decision.{name} must be a sequence of text, got {value!r}"
+                )
+            object.__setattr__(self, name, tuple(value))
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class DecisionRequest:

@@ -105,8 +105,9 @@ class CedarPolicy:
       stands (recorded under this policy's `id`).
     - Fail closed, as tether's own rules do: a `forbid` that Cedar could not
       evaluate (a missing attribute, a type error) denies naming it, since
-      skipping it, as Cedar does, would loosen the policy; a `permit` that could
-      not be evaluated is simply not satisfied, which only ever tightens. A
+      skipping it, as Cedar does, would loosen the policy; so does a `permit`
+      annotated to ask approval or a dry run. A plain `permit` that could not be
+      evaluated is simply not satisfied, which only ever tightens. A
       request Cedar cannot build (an arg with no Cedar form, such as a float
       with more than 4 decimal places or a NaN, or one that breaks the
       schema) is denied with the reason, naming this policy.
@@ -273,7 +274,10 @@ class CedarPolicy:
             if found is None:  # not one policy's error: the request itself failed
                 return self._refuse(f"Cedar could not decide: {_one_line(error)}")
             rule = self._rules[found.group(1)]
-            if rule.effect == "forbid":
+            # A forbid, or a permit that tightens (asks approval or a dry run),
+            # that cannot be evaluated denies: skipping it would let an agent
+            # escape it by leaving out the field it reads.
+            if rule.effect == "forbid" or rule.verdict is not Verdict.ALLOW:
                 detail = _one_line(error[found.end() :].lstrip(": ") or error)
                 answers.append(
                     (

@@ -11,6 +11,7 @@ evaluation time stays linear in the size of the args (capped at 1 MiB).
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -37,6 +38,17 @@ _MACROS = re.compile(r"\.\s*(all|exists|exists_one|map|filter)\s*\(")
 _BOUND = re.compile(
     r"\.\s*(?:all|exists|exists_one|map|filter)\s*\(\s*([A-Za-z_][A-Za-z0-9_]*)\s*,"
 )
+_FUNCTIONS = frozenset(
+    {
+        "size", "has", "int", "uint", "double", "string", "bytes", "timestamp",
+        "duration", "dyn", "type", "matches", "contains", "startsWith", "endsWith",
+        "all", "exists", "exists_one", "map", "filter", "getFullYear", "getMonth",
+        "getDate", "getDayOfMonth", "getDayOfWeek", "getDayOfYear", "getHours",
+        "getMinutes", "getSeconds", "getMilliseconds",
+    }
+)  # fmt: skip
+"""The functions the runtime has; any other call would fail at every evaluation."""
+_CALL = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)\s*\(")
 _TOP_LEVEL = re.compile(r"(?<![\w.])(args|principal|context|capability|run)\b")
 
 
@@ -55,8 +67,12 @@ class Condition:
     """The top-level names it reads (a subset of `VARIABLES`)."""
 
 
+@functools.lru_cache(maxsize=4096)
 def compile_condition(source: str) -> Condition:
     """Compile `source`, checking its bounds and the names it reads.
+
+    Cached: the model's validator and the rule index compile the same text,
+    and a hot reload recompiles only the conditions that changed.
 
     Raises:
         CelError: a syntax error, an unknown variable, or a bound exceeded.
@@ -74,7 +90,14 @@ def compile_condition(source: str) -> Condition:
         program = cel.compile(source)
     except ValueError as exc:
         raise CelError(_parse_error(exc)) from exc
-    bound = set(_BOUND.findall(_code_only(source)))  # comprehension variables
+    code = _code_only(source)
+    unknown_calls = sorted(set(_CALL.findall(code)) - _FUNCTIONS)
+    if unknown_calls:
+        raise CelError(
+            f"unknown function(s) {', '.join(map(repr, unknown_calls))}; this CEL has "
+            f"{', '.join(sorted(_FUNCTIONS - {'map', 'filter'}))}"
+        )
+    bound = set(_BOUND.findall(code))  # comprehension variables
     names = frozenset(program.variables()) - bound
     unknown = sorted(names - set(VARIABLES))
     if unknown:
