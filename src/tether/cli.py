@@ -375,7 +375,18 @@ def _event_detail(ev: Mapping[str, Any]) -> str:  # one line per kind
         return f"held: {checks}" if checks else "none"
     if kind == "decided":
         rules = ", ".join(str(r) for r in ev.get("rule_ids") or []) or "default"
-        return f"{ev.get('verdict')} ({rules}; policy {ev.get('policy_version')})"
+        reasons = "; ".join(str(r) for r in ev.get("reasons") or [] if r)
+        why = f": {reasons}" if reasons else ""
+        return f"{ev.get('verdict')} ({rules}; policy {ev.get('policy_version')}){why}"
+    if kind == "plan_admitted":
+        verdicts = ", ".join(
+            f"{s.get('capability')}={s.get('error_code') or s.get('verdict')}"
+            for s in ev.get("steps") or []
+            if isinstance(s, Mapping)
+        )
+        left = ev.get("budget_left")
+        budget = "" if left is None else f"; budget left {left}"
+        return f"{ev.get('status')}: {verdicts} (cost {ev.get('total_cost')}{budget})"
     if kind == "intent":
         key = ev.get("key")
         return f"{ev.get('capability')}" + (f" key={key}" if key else "")
