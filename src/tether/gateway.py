@@ -9,23 +9,28 @@ one pipeline, two ten-line loops.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 from collections.abc import Callable, Generator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
-from typing import Any, Protocol, TypeAlias
+from typing import Any, Protocol
 
-import anyio
-import anyio.to_thread
 from pydantic import BaseModel, ValidationError
 from pydantic_core import PydanticSerializationError
 
 from tether import _canonical, record
+from tether._effects import (
+    Execute,
+    Executed,
+    Flow,
+    GatewayEffect,
+    StoreOp,
+    adrive,
+    drive,
+)
 from tether.capability import (
     CallContext,
     Capability,
@@ -67,176 +72,6 @@ __all__ = [
 ]
 
 MAX_MESSAGE = 2000
-
-
-# -- effects --------------------------------------------------------------------
-
-
-class StoreOp:
-    """A store call; run in a worker thread by `adrive` so the loop never blocks."""
-
-    __slots__ = ("args", "fn")
-
-    def __init__(self, fn: Callable[..., Any], *args: object) -> None:
-        self.fn = fn
-        self.args = args
-
-    def perform(self) -> Any:
-        """Call the store."""
-        return self.fn(*self.args)
-
-    async def aperform(self) -> Any:
-        """Call the store in a worker thread."""
-        return await anyio.to_thread.run_sync(self.fn, *self.args)
-
-
-@dataclass(slots=True, kw_only=True)
-class Executed:
-    """What a handler did: its return value or its exception; never raised."""
-
-    value: object = None
-    error: BaseException | None = None
-    timed_out: bool = False
-    """Tether's deadline fired (not a `TimeoutError` the handler raised itself)."""
-    still_running: bool = False
-    """The handler may still be acting: a sync handler's thread cannot be stopped."""
-    started: bool = True
-    """False when the deadline passed while the call still waited for a thread."""
-    duration_us: int
-
-
-@dataclass(slots=True, kw_only=True)
-class Execute:
-    """Run a handler (real or dry-run) with its timeout."""
-
-    fn: Callable[..., Any]
-    is_async: bool
-    call_args: tuple[object, ...]
-    timeout: timedelta | None
-    clock: Clock
-    pool: Callable[[], ThreadPoolExecutor]
-
-    def _done(
-        self,
-        start: float,
-        value: object = None,
-        error: BaseException | None = None,
-        *,
-        timed_out: bool = False,
-        still_running: bool = False,
-        started: bool = True,
-    ) -> Executed:
-        elapsed = int((self.clock.monotonic() - start) * 1e6)
-        return Executed(
-            value=value,
-            error=error,
-            timed_out=timed_out,
-            still_running=still_running,
-            started=started,
-            duration_us=elapsed,
-        )
-
-    def _limit(self) -> float | None:
-        return None if self.timeout is None else self.timeout.total_seconds()
-
-    def perform(self) -> Executed:
-        """Run the handler in this thread (a worker thread when it has a timeout)."""
-        start = self.clock.monotonic()
-        try:
-            if self.is_async:
-                value, timed_out = asyncio.run(self._acall())
-                if timed_out:
-                    return self._done(start, timed_out=True)
-            elif self.timeout is not None:
-                future = self.pool().submit(self.fn, *self.call_args)
-                try:
-                    value = future.result(self._limit())
-                except FutureTimeout:
-                    if future.done():  # the handler's own TimeoutError
-                        raise
-                    # A queued call that never started is cancelled; a started one
-                    # cannot be stopped and may still act.
-                    started = not future.cancel()
-                    return self._done(
-                        start, timed_out=True, still_running=started, started=started
-                    )
-            else:
-                value = self.fn(*self.call_args)
-        except Exception as exc:  # noqa: BLE001  # a user handler may raise anything
-            return self._done(start, error=exc)
-        return self._done(start, value=value)
-
-    async def _acall(self) -> tuple[Any, bool]:
-        with anyio.move_on_after(self._limit()) as scope:
-            return await self.fn(*self.call_args), False
-        return None, scope.cancelled_caught
-
-    async def aperform(self) -> Executed:
-        """Await the handler (a sync one in a worker thread)."""
-        start = self.clock.monotonic()
-        try:
-            if self.is_async:
-                value, timed_out = await self._acall()
-                if timed_out:
-                    return self._done(start, timed_out=True)
-            else:
-                with anyio.move_on_after(self._limit()) as scope:
-                    value = await anyio.to_thread.run_sync(
-                        self.fn, *self.call_args, abandon_on_cancel=True
-                    )
-                if scope.cancelled_caught:
-                    return self._done(start, timed_out=True, still_running=True)
-        except Exception as exc:  # noqa: BLE001  # a user handler may raise anything
-            return self._done(start, error=exc)
-        return self._done(start, value=value)
-
-
-GatewayEffect: TypeAlias = StoreOp | Execute
-Flow: TypeAlias = Generator[GatewayEffect, Any, Outcome]
-
-
-def drive(flow: Flow) -> Outcome:
-    """Perform a flow's effects in this thread and return its outcome."""
-    reply: object = None
-    while True:
-        try:
-            effect = flow.send(reply)
-        except StopIteration as done:
-            return done.value  # type: ignore[no-any-return]  # the flow's return value
-        reply = effect.perform()
-
-
-async def adrive(flow: Flow) -> Outcome:
-    """Perform a flow's effects without blocking the event loop.
-
-    If the caller is cancelled while the handler runs, the step's outcome is
-    still recorded (shielded from the cancellation) before it propagates: the
-    intent is on disk, and a record without its result would leave the key
-    claimed and the effect unaccounted for.
-    """
-    reply: object = None
-    cancelled: BaseException | None = None
-    while True:
-        try:
-            effect = flow.send(reply)
-        except StopIteration as done:
-            if cancelled is not None:
-                raise cancelled from None
-            return done.value  # type: ignore[no-any-return]  # the flow's return value
-        if cancelled is not None:
-            with anyio.CancelScope(shield=True):
-                reply = await effect.aperform()
-            continue
-        try:
-            reply = await effect.aperform()
-        except BaseException as exc:
-            if not isinstance(effect, Execute) or isinstance(exc, Exception):
-                raise
-            cancelled = exc  # cancellation (or KeyboardInterrupt) mid-handler
-            # An awaited handler stops at the cancellation; a thread does not.
-            reply = Executed(
-                error=exc, still_running=not effect.is_async, duration_us=0
-            )
 
 
 # -- what the flow needs from its run --------------------------------------------
