@@ -1329,3 +1329,35 @@ class TestReviewedFailOpenPaths:
         silent deny at every step."""
         with pytest.raises(CelError, match="unknown function"):
             compile_condition(call)
+
+
+class SlowIn(BaseModel):
+    n: int
+
+
+class SlowOut(BaseModel):
+    n: int
+
+
+@tether.capability("ops.slow", effect="read", timeout=240)
+def _slow(args: SlowIn) -> SlowOut:
+    return SlowOut(n=args.n)
+
+
+def test_a_reload_that_would_shorten_the_claim_below_a_timeout_is_refused(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A reload whose claim_ttl is shorter than a registered timeout keeps the last
+    good settings, so a retry can never take over a key while its call still runs."""
+    config = tmp_path / "tether.yaml"
+    config.write_text("idempotency: {claim_ttl: 5m}\n")
+    with temporary_app(config=config) as app:
+        app.register(_slow)
+        before = app.current_policy().version
+        config.write_text("idempotency: {claim_ttl: 1m}\n")
+
+        after = app.current_policy().version
+
+        assert after == before
+        assert app.settings.idempotency.claim_ttl.total_seconds() == 300
+        assert any(r.getMessage() == "policy.reload_failed" for r in caplog.records)
