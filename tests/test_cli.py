@@ -84,7 +84,10 @@ def test_demo_remediates_the_incident_and_prints_one_json_document(cli: Cli) -> 
         ("executed", "destructive"),
     ]
     assert doc["steps"][-2]["output"]["within_slo"] is True
-    assert all(s["decision"] == "allow" for s in doc["steps"])
+    held = [s for s in doc["steps"] if s["decision"] != "allow"]
+    assert [(s["args"]["service"], s["decision"], s["status"]) for s in held] == [
+        ("payments", "require_approval", "refused")
+    ]
 
 
 def test_demo_prints_a_readable_timeline(cli: Cli) -> None:
@@ -118,7 +121,7 @@ def test_demo_run_verifies_and_runs_commands_find_it(cli: Cli, tmp_path: Path) -
     assert [r["run_id"] for r in listed["runs"]] == [run_id]
     assert listed["format"] == 1
     assert shown["run"]["run_id"] == run_id
-    assert len(shown["steps"]) == 8
+    assert len(shown["steps"]) == 9
     assert [e["seq"] for e in shown["events"]] == list(range(1, report["events"] + 1))
     assert shown_text.returncode == 0
     assert run_id in shown_text.stdout

@@ -16,11 +16,13 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Annotated, Literal
 
+import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from tether.agent import ProposedStep, ScriptedPlanner
 from tether.app import Tether
 from tether.capability import capability
+from tether.policy import RulesConfig, RuleSet
 from tether.principal import Principal
 
 __all__ = [
@@ -48,7 +50,8 @@ __all__ = [
 
 NAME = "cloud-ops"
 DESCRIPTION = (
-    "checkout latency incident: a bad deploy, a restart that does not help, "
+    "checkout latency incident: a change outside the incident held by policy, "
+    "a bad deploy, a restart that does not help, "
     "a dry-run rollback, the rollback, verification and a ticket note"
 )
 TICKET = "INC-4821"
@@ -69,8 +72,25 @@ PRINCIPAL = Principal(
 )
 """The on-call agent, acting for the engineer on call."""
 
-CONTEXT = {"scenario": NAME, "environment": "production", "ticket": TICKET}
+CONTEXT = {
+    "scenario": NAME,
+    "environment": "production",
+    "ticket": TICKET,
+    "incident_service": "checkout",
+}
 """Recorded with the run; policies may match on it."""
+
+POLICY = """
+rules:
+  - id: changes-outside-the-incident-need-a-human
+    match: {effect: [write, destructive]}
+    when: >-
+      has(args.service) && has(context.incident_service)
+      && args.service != context.incident_service
+    decision: require_approval
+    reason: the agent may change only the service its incident is about
+"""
+"""The scenario's rules, in `tether.yaml` form: installed by `build_app`."""
 
 ServiceName = Annotated[
     str, Field(pattern=r"^[a-z][a-z0-9-]{0,62}$", description="Service name.")
@@ -472,6 +492,8 @@ def build_app(app: Tether, *, fleet: Fleet | None = None) -> None:
     app.register(
         query_metrics, search_logs, restart_service, rollback_deploy, comment_ticket
     )
+    rules = RulesConfig.model_validate(yaml.safe_load(POLICY)).rules
+    app.add_policy(RuleSet(rules, id=NAME))
 
 
 def incident_request() -> str:
@@ -492,6 +514,11 @@ def scripted_planner() -> ScriptedPlanner:
                 "logs.search",
                 {"service": "checkout", "query": "pool"},
                 "look for the cause in the logs",
+            ),
+            (
+                "service.restart",
+                {"service": "payments", "reason": f"{TICKET}: it shares the db pool"},
+                "payments shares the pool; restart it too (policy stops this)",
             ),
             (
                 "service.restart",
