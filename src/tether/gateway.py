@@ -636,13 +636,8 @@ def _hit(
 ) -> Flow:
     assert existing.output is not None
     assert key is not None
-    if cap.secret_output:
-        withheld = IdempotencyConflict(
-            f"{cap.name}: the call under idempotency key {key!r:.80} completed (run "
-            f"{existing.run_id}, step {existing.step}), but its result holds secrets, "
-            "which are never stored, so it cannot be returned again; use the first "
-            "call's result"
-        )
+    output, refusal = _stored_result(cap, existing, key)
+    if refusal is not None:
         return (
             yield from _refuse(
                 run,
@@ -651,26 +646,7 @@ def _hit(
                 now,
                 number,
                 "idempotency",
-                withheld,
-                OutcomeStatus.REFUSED,
-            )
-        )
-    try:
-        output = cap.output_model.model_validate_json(existing.output)
-    except ValidationError:
-        stale = IdempotencyConflict(
-            f"{cap.name}: the result stored under idempotency key {key!r:.80} does "
-            f"not fit version {cap.version}'s output schema; use a new key"
-        )
-        return (
-            yield from _refuse(
-                run,
-                cap,
-                events,
-                now,
-                number,
-                "idempotency",
-                stale,
+                refusal,
                 OutcomeStatus.REFUSED,
             )
         )
@@ -692,6 +668,27 @@ def _hit(
         output=output,
         idempotency_key=key,
     )
+
+
+def _stored_result(
+    cap: Capability[Any, Any], existing: KeyRecord, key: str
+) -> tuple[BaseModel | None, TetherError | None]:
+    """Return a key's stored result as the capability's output, or why it cannot be."""
+    assert existing.output is not None
+    if cap.secret_output:
+        return None, IdempotencyConflict(
+            f"{cap.name}: the call under idempotency key {key!r:.80} completed (run "
+            f"{existing.run_id}, step {existing.step}), but its result holds secrets, "
+            "which are never stored, so it cannot be returned again; use the first "
+            "call's result"
+        )
+    try:
+        return cap.output_model.model_validate_json(existing.output), None
+    except ValidationError:
+        return None, IdempotencyConflict(
+            f"{cap.name}: the result stored under idempotency key {key!r:.80} does "
+            f"not fit version {cap.version}'s output schema; use a new key"
+        )
 
 
 def _validate_output(
