@@ -34,7 +34,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
@@ -1124,6 +1124,35 @@ def _versions() -> dict[str, str | None]:
 # -- output ------------------------------------------------------------------------------
 
 
+def bars_table(bars: Sequence[Mapping[str, Any]], number_format: str) -> Any:
+    """Return the bars as a Rich table: value, threshold, pass/MISS and what each is."""
+    from rich.table import Table  # imported where printing starts, as in report()
+
+    table = Table(title="bars", title_justify="left")
+    for col, just in (
+        ("bar", "left"),
+        ("value", "right"),
+        ("threshold", "right"),
+        ("", "left"),
+        ("what", "left"),
+    ):
+        table.add_column(col, justify=just)  # type: ignore[arg-type]
+    marks = {
+        True: "[green]pass[/green]",
+        False: "[red]MISS[/red]",
+        None: "[yellow]n/a[/yellow]",
+    }
+    for b in bars:
+        table.add_row(
+            b["id"],
+            f"{_fmt(b['value'], number_format)} {b['unit']}",
+            f"{b['op']} {b['threshold']:g} {b['unit']}",
+            marks[b["passed"]],
+            b["what"],
+        )
+    return table
+
+
 def _fmt(value: float | None, spec: str = ",.1f") -> str:
     return "-" if value is None else format(value, spec)
 
@@ -1204,29 +1233,7 @@ def _render(doc: dict[str, Any]) -> None:
         ratios.add_row(peer, *(_fmt(row.get(c), ".1f") for c in mine))
     console.print(ratios)
 
-    bars = Table(title="bars", title_justify="left")
-    for col, just in (
-        ("bar", "left"),
-        ("value", "right"),
-        ("threshold", "right"),
-        ("", "left"),
-        ("what", "left"),
-    ):
-        bars.add_column(col, justify=just)  # type: ignore[arg-type]
-    for b in doc["bars"]:
-        mark = {
-            True: "[green]pass[/green]",
-            False: "[red]MISS[/red]",
-            None: "[yellow]n/a[/yellow]",
-        }[b["passed"]]
-        bars.add_row(
-            b["id"],
-            f"{_fmt(b['value'], '.2f')} {b['unit']}",
-            f"{b['op']} {b['threshold']:g} {b['unit']}",
-            mark,
-            b["what"],
-        )
-    console.print(bars)
+    console.print(bars_table(doc["bars"], ".2f"))
     legends = {
         _short(c["storage"]): c["durability"]
         for c in doc["cases"].values()

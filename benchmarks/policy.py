@@ -52,6 +52,7 @@ from call_path import (
     _pressure,
     _stats,
     _timer_overhead_ns,
+    bars_table,
 )
 from tether.config import load_settings
 from tether.policy import DecisionRequest, Defaults, PolicySet, RuleSet
@@ -1284,29 +1285,7 @@ def _render(doc: dict[str, Any]) -> None:
             "refused" if "refused" in h else _fmt(h["ms"], ",.1f"),
         )
     console.print(hostile)
-    bars = Table(title="bars", title_justify="left")
-    for col, just in (
-        ("bar", "left"),
-        ("value", "right"),
-        ("threshold", "right"),
-        ("", "left"),
-        ("what", "left"),
-    ):
-        bars.add_column(col, justify=just)  # type: ignore[arg-type]
-    for b in doc["bars"]:
-        mark = {
-            True: "[green]pass[/green]",
-            False: "[red]MISS[/red]",
-            None: "[yellow]n/a[/yellow]",
-        }[b["passed"]]
-        bars.add_row(
-            b["id"],
-            f"{_fmt(b['value'], ',.2f')} {b['unit']}",
-            f"{b['op']} {b['threshold']:g} {b['unit']}",
-            mark,
-            b["what"],
-        )
-    console.print(bars)
+    console.print(bars_table(doc["bars"], ",.2f"))
     cm = doc["cedar_metrics_median_us"]
     console.print(
         f"- Cedar's own metrics (median): build request {cm['build_request_duration_micros']} µs, "
