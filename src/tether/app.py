@@ -638,25 +638,15 @@ class Run:
 
     # -- steps ---------------------------------------------------------------------------
 
-    def _request(
-        self,
-        capability: str | Capability[Any, Any],
-        args: object,
-        key: str | None,
-        dry_run: bool,
-    ) -> gateway.StepRequest:
+    def _resolve(self, capability: str | Capability[Any, Any]) -> Capability[Any, Any]:
         if self.status is not RunState.EXECUTING:
             raise UsageError(
                 f"run {self.id} is {self.status.value}; call steps inside "
                 "`with app.run(...) as run:`"
             )
         if isinstance(capability, Capability):
-            cap = self.app.capabilities.get(capability.name, capability.version)
-        else:
-            cap = self.app.capabilities.get(capability)
-        return gateway.StepRequest(
-            capability=cap, args={} if args is None else args, key=key, dry_run=dry_run
-        )
+            return self.app.capabilities.get(capability.name, capability.version)
+        return self.app.capabilities.get(capability)
 
     def step(
         self,
@@ -675,14 +665,21 @@ class Run:
             StoreError: the record could not be written; nothing ran after a failed
                 intent write.
         """
-        req = self._request(capability, args, idempotency_key, dry_run)
-        handler = req.capability.dry_run_handler if dry_run else req.capability.handler
+        cap = self._resolve(capability)
+        handler = cap.dry_run_handler if dry_run else cap.handler
         if handler is not None and handler.is_async and _loop_running():
             raise UsageError(
-                f"{req.capability.name} is async and an event loop is running here; "
+                f"{cap.name} is async and an event loop is running here; "
                 "use `await run.acall(...)`"
             )
-        return gateway.drive(gateway.step(self, req))
+        flow = gateway.step(
+            self,
+            cap,
+            {} if args is None else args,
+            key=idempotency_key,
+            dry_run=dry_run,
+        )
+        return gateway.drive(flow)
 
     async def astep(
         self,
@@ -693,8 +690,15 @@ class Run:
         dry_run: bool = False,
     ) -> Outcome:
         """Take one step without blocking the event loop; see `step`."""
-        req = self._request(capability, args, idempotency_key, dry_run)
-        return await gateway.adrive(gateway.step(self, req))
+        cap = self._resolve(capability)
+        flow = gateway.step(
+            self,
+            cap,
+            {} if args is None else args,
+            key=idempotency_key,
+            dry_run=dry_run,
+        )
+        return await gateway.adrive(flow)
 
     @overload
     def call(

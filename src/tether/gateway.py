@@ -13,7 +13,6 @@ import hashlib
 import hmac
 from collections.abc import Callable, Generator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any, Protocol
@@ -64,7 +63,6 @@ __all__ = [
     "Executed",
     "Flow",
     "RunPort",
-    "StepRequest",
     "StoreOp",
     "adrive",
     "drive",
@@ -124,31 +122,35 @@ class RunPort(Protocol):
         ...
 
 
-@dataclass(slots=True, kw_only=True)
-class StepRequest:
-    """One call of a capability, as the caller made it."""
-
-    capability: Capability[Any, Any]
-    args: object
-    key: str | None = None
-    dry_run: bool = False
-
-
 # -- the call path ---------------------------------------------------------------
 
 
-def step(run: RunPort, req: StepRequest) -> Flow:  # the design's list, in order
-    """Take one step through the call path and return its outcome."""
-    cap = req.capability
+def step(  # the design's list, in order
+    run: RunPort,
+    cap: Capability[Any, Any],
+    raw_args: object,
+    *,
+    key: str | None = None,
+    dry_run: bool = False,
+) -> Flow:
+    """Take one step through the call path and return its outcome.
+
+    Args:
+        run: the run the step belongs to.
+        cap: the resolved capability.
+        raw_args: the args as the caller gave them (a mapping, a model, JSON text).
+        key: the caller's idempotency key, if any.
+        dry_run: run the dry-run handler instead of the real one.
+    """
     number = run.next_step()
     now = run.clock.now()
     events: list[record.Event] = []
 
     # validate args against the input schema
     try:
-        if req.key is not None:
-            check_key(req.key)
-        args = cap.validate_args(req.args)
+        if key is not None:
+            check_key(key)
+        args = cap.validate_args(raw_args)
         args_json, args_bytes = cap.dump_args(args)
     except ValidationFailed as exc:
         return (
@@ -216,7 +218,7 @@ def step(run: RunPort, req: StepRequest) -> Flow:  # the design's list, in order
             on_behalf_of=run.principal.on_behalf_of,
         )
     )
-    dry_run = req.dry_run or verdict is Verdict.DRY_RUN_ONLY
+    dry_run = dry_run or verdict is Verdict.DRY_RUN_ONLY
     handler = cap.dry_run_handler if dry_run else cap.handler
     refusal: TetherError | None = None
     if verdict is Verdict.DENY or verdict is Verdict.REQUIRE_APPROVAL:
@@ -236,7 +238,6 @@ def step(run: RunPort, req: StepRequest) -> Flow:  # the design's list, in order
         handler = cap.handler  # a read acts on nothing: running it is its own dry run
 
     # idempotency lookup (completed: stored result, no charge; in progress: refused)
-    key = req.key
     if key is None and cap.idempotency is Idempotency.KEYED:
         key = f"{run.run_id}/{number}"
     key_id = fingerprint = None
