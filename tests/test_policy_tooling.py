@@ -18,6 +18,7 @@ import pydantic
 import pytest
 
 import tether
+from tether.capability import Registry
 from tether.cli import main
 from tether.config import (
     check_config,
@@ -649,9 +650,305 @@ def test_a_case_is_decided_as_the_gateway_decides_the_same_step(
 
     recorded: dict[str, Any] = next(e for e in events if e["kind"] == "decided")
     got = report.results[0].decision
+    assert got is not None
     assert report.ok
     assert (recorded["verdict"], tuple(recorded["rule_ids"])) == (
         got.verdict.value,
         got.rule_ids,
     )
     assert recorded["policy_version"] == got.policy_version
+
+
+# -- policy tests against an app (--app MODULE:ATTR) --------------------------------------
+
+APP_MODULE = """
+from decimal import Decimal
+
+import pydantic
+import tether
+
+
+class PayIn(pydantic.BaseModel, extra="forbid"):
+    order_id: str
+    amount: Decimal
+    channel: str = "web"
+
+
+class PayOut(pydantic.BaseModel):
+    ok: bool
+
+
+@tether.capability(name="payments.pay", effect="write", scopes=["payments:write"])
+def pay(args: PayIn) -> PayOut:
+    return PayOut(ok=True)
+
+
+class NoTestOrders:
+    id = "no-test-orders"
+
+    def evaluate(self, request):
+        if str(request.args.get("order_id", "")).startswith("test-"):
+            return tether.Decision(verdict="deny", rule_ids=["no-test-orders"],
+                                   reasons=["test orders are never paid"])
+        return None
+
+
+app = tether.Tether(db="memory://", config=CONFIG)
+app.register(pay)
+app.add_policy(NoTestOrders())
+not_an_app = 42
+"""
+
+APP_POLICY = (
+    "rules:\n"
+    "  - id: exact-amount\n"
+    "    when: args.amount == '150'\n"
+    "    decision: require_approval\n"
+    "    reason: this amount is looked at\n"
+    "  - id: web-payments\n"
+    "    when: has(args.channel) && args.channel == 'web'\n"
+    "    decision: dry_run_only\n"
+    "    reason: web payments are rehearsed\n"
+)
+
+APP_CASES = (
+    "policy: tether.yaml\n"
+    "cases:\n"
+    "  - name: a YAML number is Decimal text\n"
+    "    capability: payments.pay\n"
+    "    effect: write\n"
+    "    args: {order_id: o-1, amount: 150, channel: shop}\n"
+    "    principal: &bot {id: bot, scopes: ['payments:write']}\n"
+    "    expect: {decision: require_approval, rules: [exact-amount]}\n"
+    "  - name: the default channel is there\n"
+    "    capability: payments.pay\n"
+    "    effect: write\n"
+    "    args: {order_id: o-2, amount: 10}\n"
+    "    principal: *bot\n"
+    "    expect: {decision: dry_run_only, rules: [web-payments]}\n"
+    "  - name: the python policy denies\n"
+    "    capability: payments.pay\n"
+    "    effect: write\n"
+    "    args: {order_id: test-3, amount: 10, channel: shop}\n"
+    "    principal: *bot\n"
+    "    expect: {decision: deny, rules: [no-test-orders]}\n"
+    "  - name: the scope comes from the capability\n"
+    "    capability: payments.pay\n"
+    "    effect: write\n"
+    "    args: {order_id: o-4, amount: 10, channel: shop}\n"
+    "    principal: {id: bot}\n"
+    "    expect: {decision: deny, rules: ['tether:scopes']}\n"
+)
+
+
+@pytest.fixture
+def app_folder(tmp_path: Path) -> Path:
+    """A folder with `shop.py` (an app: a capability and a Python policy), its policy and tests."""
+    (tmp_path / "tether.yaml").write_text(APP_POLICY)
+    (tmp_path / "tether.test.yaml").write_text(APP_CASES)
+    (tmp_path / "shop.py").write_text(
+        APP_MODULE.replace("CONFIG", repr(str(tmp_path / "tether.yaml")))
+    )
+    return tmp_path
+
+
+def tether_in(folder: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run the installed `tether` command in `folder`, without `TETHER_*` variables."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TETHER_")}
+    return subprocess.run(
+        [CLI, *args],
+        cwd=folder,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+def test_with_app_cases_are_decided_as_real_steps(app_folder: Path) -> None:
+    """With --app, args are validated and recorded as a step's (Decimal text, defaults), scopes come from the capability and Python policies decide too."""
+    done = tether_in(
+        app_folder, "policy", "test", "tether.test.yaml", "--app", "shop:app"
+    )
+    as_json = tether_in(
+        app_folder, "policy", "test", "tether.test.yaml", "--app", "shop:app", "--json"
+    )
+    without = tether_in(app_folder, "policy", "test", "tether.test.yaml", "--json")
+
+    assert (done.returncode, done.stderr) == (0, ""), done.stdout
+    assert "4 passed, 0 failed" in done.stdout
+    assert "shop:app: its capabilities and Python policies" in done.stdout
+    assert "rules from" not in done.stdout
+    doc = json.loads(as_json.stdout)
+    assert (doc["ok"], doc["app"], doc["passed"]) == (True, "shop:app", 4)
+    plain = {c["name"]: c["passed"] for c in json.loads(without.stdout)["cases"]}
+    assert without.returncode == 1
+    assert plain == {
+        "a YAML number is Decimal text": False,
+        "the default channel is there": False,
+        "the python policy denies": False,
+        "the scope comes from the capability": False,
+    }
+
+
+def test_with_app_a_case_that_is_no_real_step_fails_in_one_line(
+    app_folder: Path,
+) -> None:
+    """An unknown capability, invalid args or another effect or scopes fail their case with one line naming why."""
+    case = (
+        "  - {{name: {name}, capability: {cap}, effect: {effect}, args: {args}, "
+        "principal: {{id: bot}}, {extra}expect: {{decision: allow}}}}\n"
+    )
+    (app_folder / "bad.test.yaml").write_text(
+        "policy: tether.yaml\ncases:\n"
+        + case.format(
+            name="unknown", cap="payments.lend", effect="write", args="{}", extra=""
+        )
+        + case.format(
+            name="bad-args",
+            cap="payments.pay",
+            effect="write",
+            args="{order_id: o-1, amount: lots}",
+            extra="",
+        )
+        + case.format(
+            name="other-effect",
+            cap="payments.pay",
+            effect="read",
+            args="{order_id: o-1, amount: 1}",
+            extra="",
+        )
+        + case.format(
+            name="other-scopes",
+            cap="payments.pay",
+            effect="write",
+            args="{order_id: o-1, amount: 1}",
+            extra="scopes: [], ",
+        )
+    )
+
+    done = tether_in(app_folder, "policy", "test", "bad.test.yaml", "--app", "shop:app")
+    as_json = tether_in(
+        app_folder, "policy", "test", "bad.test.yaml", "--app", "shop:app", "--json"
+    )
+
+    assert done.returncode == 1
+    assert "0 passed, 4 failed" in done.stdout
+    shown = " ".join(done.stdout.split())  # Rich wraps long lines
+    for fail in [
+        "FAIL unknown: unknown capability 'payments.lend'; registered: payments.pay",
+        "FAIL bad-args: payments.pay: arguments: amount: Input should be a valid decimal",
+        "FAIL other-effect: effect: the case says 'read' but capability "
+        "'payments.pay' is 'write'; fix the case's effect",
+        "FAIL other-scopes: scopes: the case says [] but capability 'payments.pay' "
+        "requires ['payments:write']; fix or drop the case's scopes",
+    ]:
+        assert fail in shown
+    cases = json.loads(as_json.stdout)["cases"]
+    assert cases[0]["got"] is None
+    assert cases[0]["problem"].startswith("unknown capability 'payments.lend'")
+
+
+def test_with_app_and_another_policy_file_the_test_files_rules_decide(
+    app_folder: Path,
+) -> None:
+    """When the app reads another policy file, the test file's rules decide beside the app's Python policies, and the header says so."""
+    other = app_folder / "other"
+    other.mkdir()
+    (other / "tether.yaml").write_text("rules: []\n")
+    (other / "tether.test.yaml").write_text(
+        "policy: tether.yaml\ncases:\n"
+        "  - {name: no rules, capability: payments.pay, effect: write, "
+        "args: {order_id: o-1, amount: 150}, principal: {id: bot, scopes: ['payments:write']}, "
+        "expect: {decision: allow, rules: []}}\n"
+        "  - {name: python still, capability: payments.pay, effect: write, "
+        "args: {order_id: test-1, amount: 1}, principal: {id: bot, scopes: ['payments:write']}, "
+        "expect: {decision: deny, rules: [no-test-orders]}}\n"
+    )
+
+    done = tether_in(
+        app_folder, "policy", "test", "other/tether.test.yaml", "--app", "shop:app"
+    )
+
+    assert (done.returncode, done.stderr) == (0, ""), done.stdout
+    assert "rules from the policy above, not the app's" in done.stdout
+    assert "2 passed, 0 failed" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("spec", "fragment"),
+    [
+        pytest.param("shop", "write MODULE:ATTR", id="no-colon"),
+        pytest.param("nowhere:app", "no module 'nowhere'", id="no-module"),
+        pytest.param("shop:missing", "has no attribute 'missing'", id="no-attribute"),
+        pytest.param(
+            "shop:not_an_app", "is a int, not a tether.Tether", id="not-an-app"
+        ),
+        pytest.param(
+            "broken:app", "importing 'broken' failed: ZeroDivisionError", id="raises"
+        ),
+    ],
+)
+def test_a_bad_app_exits_2_in_one_line(
+    app_folder: Path, spec: str, fragment: str
+) -> None:
+    """A malformed, missing or wrong --app value exits 2 with one `error[usage_error]` line."""
+    (app_folder / "broken.py").write_text("1 / 0\n")
+
+    done = tether_in(app_folder, "policy", "test", "tether.test.yaml", "--app", spec)
+
+    assert (done.returncode, done.stdout) == (2, "")
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"error[usage_error] --app {spec!r}: "), lines[0]
+    assert fragment in lines[0]
+
+
+def test_run_cases_with_capabilities_decides_only_real_steps() -> None:
+    """Given a registry, `run_cases` decides a valid step of a named version and gives every other case its problem."""
+    registry = Registry()
+    registry.add(refund)
+    cases: list[tuple[str, str, dict[str, Any], dict[str, Any]]] = [
+        ("ok", "write", {"order_id": "o-1", "amount_cents": 5}, {"version": "1"}),
+        ("old", "write", {}, {"version": "0"}),
+        ("args", "write", {"order_id": "o-1"}, {}),
+        ("effect", "read", {}, {}),
+        ("scopes", "write", {}, {"scopes": ["x"]}),
+    ]
+    tests = PolicyTests.model_validate(
+        {
+            "policy": "tether.yaml",
+            "cases": [
+                {
+                    "name": name,
+                    "capability": "payments.refund",
+                    "effect": effect,
+                    "args": args,
+                    "principal": {"id": "bot"},
+                    "expect": {"decision": "allow", "rules": []},
+                    **extra,
+                }
+                for name, effect, args, extra in cases
+            ],
+        }
+    )
+
+    report = run_cases(PolicySet(), tests, capabilities=registry)
+
+    assert [(r.case.name, r.passed) for r in report.results] == [
+        ("ok", True),
+        ("old", False),
+        ("args", False),
+        ("effect", False),
+        ("scopes", False),
+    ]
+    assert [r.problem for r in report.results] == [
+        None,
+        "capability 'payments.refund' has no version '0'; registered: 1",
+        "payments.refund: arguments: amount_cents: Field required",
+        "effect: the case says 'read' but capability 'payments.refund' is 'write'; "
+        "fix the case's effect",
+        "scopes: the case says ['x'] but capability 'payments.refund' requires []; "
+        "fix or drop the case's scopes",
+    ]
+    assert report.results[1].decision is None

@@ -10,6 +10,7 @@ outputs, requests, messages) is escaped before it reaches the terminal.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
@@ -823,6 +824,69 @@ _TestFile = Annotated[
 ]
 
 
+_App = Annotated[
+    str | None,
+    typer.Option(
+        "--app",
+        metavar="MODULE:ATTR",
+        help="Your tether.Tether instance, as uvicorn names an app (myapp:app); "
+        "cases are then decided as real steps of its capabilities, with its "
+        "Python policies.",
+        show_default=False,
+    ),
+]
+
+
+def _load_app(spec: str) -> Tether:
+    """Import `MODULE:ATTR` (the current folder first on `sys.path`); return the app.
+
+    Raises:
+        UsageError: the value is malformed, the module or attribute is missing,
+            or it is not a `tether.Tether`.
+    """
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise UsageError(
+            f"--app {spec!r}: write MODULE:ATTR, e.g. myapp:app (the module and "
+            "the name of your tether.Tether in it)"
+        )
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        missing = exc.name or ""
+        if missing == module_name or module_name.startswith(missing + "."):
+            raise UsageError(
+                f"--app {spec!r}: no module {module_name!r} in {cwd} or on the "
+                "path; run from the folder that holds it"
+            ) from exc
+        raise UsageError(
+            f"--app {spec!r}: importing {module_name!r} failed: {exc}"
+        ) from exc
+    except TetherError:
+        raise  # the app's own setup failed (a bad tether.yaml, ...): its own code
+    except Exception as exc:  # user code ran: report it in one line
+        raise UsageError(
+            f"--app {spec!r}: importing {module_name!r} failed: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+    value: object = module
+    for name in attr.split("."):
+        if not hasattr(value, name):
+            raise UsageError(
+                f"--app {spec!r}: module {module_name!r} has no attribute {attr!r}"
+            )
+        value = getattr(value, name)
+    if not isinstance(value, Tether):
+        raise UsageError(
+            f"--app {spec!r}: {attr!r} is a {type(value).__name__}, not a "
+            "tether.Tether; name the app instance"
+        )
+    return value
+
+
 @_policy_cli.callback(invoke_without_command=True)
 def _policy(ctx: typer.Context) -> None:
     """Check and test policy files before they ship.
@@ -897,7 +961,7 @@ def _policy_check(file: _PolicyFile, as_json: _Json = False) -> None:
 
 
 @_policy_cli.command("test")
-def _policy_test(file: _TestFile, as_json: _Json = False) -> None:
+def _policy_test(file: _TestFile, app: _App = None, as_json: _Json = False) -> None:
     """Run policy unit tests written in YAML; exit 1 if a case fails.
 
     The test file names the policy it tests (policy: tether.yaml, relative to
@@ -905,10 +969,16 @@ def _policy_test(file: _TestFile, as_json: _Json = False) -> None:
     scopes, args, principal, context, run) and the decision it expects
     (expect: {decision: deny, rules: [rule-id]}). Cases are decided as the app
     decides them: scopes first, then the rules, then the defaults per effect.
-    See docs/policy.md.
 
-    Example: tether policy test tether.test.yaml
+    With --app, each case is a real step of the app's capability: its args are
+    validated and recorded as the gateway records them, its effect, scopes and
+    version are the capability's, and the app's Python policies take part,
+    beside the rules of the policy file the test file names. A case that cannot
+    be such a step (unknown capability, invalid args) fails. See docs/policy.md.
+
+    Example: tether policy test tether.test.yaml --app myapp:app
     """
+    loaded = None if app is None else _load_app(app)
     checked = check_policy_tests(file)
     if checked.value is None:
         raise _problems_found(checked.problems, as_json, {"file": str(file)})
@@ -917,8 +987,22 @@ def _policy_test(file: _TestFile, as_json: _Json = False) -> None:
     if policy_checked.value is None:
         doc = {"file": str(file), "policy": str(tests.policy)}
         raise _problems_found(policy_checked.problems, as_json, doc)
-    with Tether(db="memory://", config=tests.policy, env={}) as app:
-        report = run_cases(app.policy, tests)
+    with Tether(db="memory://", config=tests.policy, env={}) as from_file:
+        policy = from_file.policy
+    own_rules = False
+    if loaded is not None:
+        own_rules = loaded.config_path is not None and _same_file(
+            loaded.config_path, tests.policy
+        )
+        if own_rules:
+            policy = loaded.current_policy()
+        else:  # the app's Python policies, the test file's rules
+            policy = loaded.current_policy().replace(
+                rules=policy.rules, defaults=policy.defaults, version=policy.version
+            )
+    report = run_cases(
+        policy, tests, capabilities=None if loaded is None else loaded.capabilities
+    )
     if as_json:
         _emit_json(
             {
@@ -926,6 +1010,7 @@ def _policy_test(file: _TestFile, as_json: _Json = False) -> None:
                 "file": str(file),
                 "policy": str(tests.policy),
                 "policy_version": report.policy_version,
+                **({} if app is None else {"app": app}),
                 "ok": report.ok,
                 "passed": report.passed,
                 "failed": report.failed,
@@ -938,11 +1023,14 @@ def _policy_test(file: _TestFile, as_json: _Json = False) -> None:
                             if r.case.expect.rules is None
                             else list(r.case.expect.rules),
                         },
-                        "got": {
+                        "got": None
+                        if r.decision is None
+                        else {
                             "decision": r.decision.verdict.value,
                             "rules": list(r.decision.rule_ids),
                             "reasons": list(r.decision.reasons),
                         },
+                        **({} if r.problem is None else {"problem": r.problem}),
                         "passed": r.passed,
                     }
                     for r in report.results
@@ -951,15 +1039,34 @@ def _policy_test(file: _TestFile, as_json: _Json = False) -> None:
             }
         )
     else:
-        _print_policy_report(file, tests.policy, report)
+        note = None
+        if loaded is not None:
+            note = f"{app}: its capabilities and Python policies" + (
+                ""
+                if own_rules
+                else f"; rules from the policy above, not the app's "
+                f"{loaded.config_path or '(no policy file)'}"
+            )
+        _print_policy_report(file, tests.policy, report, app=note)
     if not report.ok:
         raise typer.Exit(1)
 
 
-def _print_policy_report(file: Path, policy: Path, report: PolicyTestReport) -> None:
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.samefile(b)
+    except OSError:
+        return False
+
+
+def _print_policy_report(
+    file: Path, policy: Path, report: PolicyTestReport, *, app: str | None = None
+) -> None:
     console = _console()
     _field(console, "tests", file)
     _field(console, "policy", f"{policy} ({report.policy_version})")
+    if app is not None:
+        _field(console, "app", app)
     console.print()
     table = Table(box=None, pad_edge=False, header_style="bold")
     for name in ("case", "expected", "got", "rules", "result"):
@@ -968,16 +1075,23 @@ def _print_policy_report(file: Path, policy: Path, report: PolicyTestReport) -> 
         expected = r.case.expect.decision.value
         if r.case.expect.rules is not None:
             expected += f" [{', '.join(r.case.expect.rules) or 'default'}]"
+        got = r.decision
         table.add_row(
             Text(_clean(r.case.name, 60)),
             Text(_clean(expected, 60)),
-            Text(_clean(r.decision.verdict.value)),
-            Text(_clean(", ".join(r.decision.rule_ids) or "default", 60)),
+            Text("error") if got is None else Text(_clean(got.verdict.value)),
+            Text("")
+            if got is None
+            else Text(_clean(", ".join(got.rule_ids) or "default", 60)),
             Text("pass", style="green") if r.passed else Text("FAIL", style="bold red"),
         )
     console.print(table)
     for r in report.results:
-        if not r.passed and r.decision.reasons:
+        if r.problem is not None:
+            detail = Text("FAIL ", style="bold red")
+            detail.append(_clean(f"{r.case.name}: {r.problem}", 400))
+            console.print(detail)
+        elif r.decision is not None and not r.passed and r.decision.reasons:
             detail = Text("FAIL ", style="bold red")
             detail.append(
                 _clean(f"{r.case.name}: {'; '.join(r.decision.reasons)}", 400)

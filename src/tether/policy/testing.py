@@ -16,6 +16,10 @@ cases:
 ```
 
 `run_cases` decides every case with a `PolicySet` and reports which passed.
+Given an app's capabilities it decides each case as a real step: the
+capability is looked up, the args validated and recorded as the gateway
+records them (defaults filled in, a `Decimal` as text), and the effect, scopes
+and version taken from the capability.
 Reading the file is `tether.config`'s job (`load_policy_tests`), as for every
 file tether reads; the `tether policy test` command joins the two.
 """
@@ -27,13 +31,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import pydantic
 
+from tether.errors import NotFound, ValidationFailed
 from tether.policy import PolicySet
 from tether.policy._decision import Decision, DecisionRequest, Verdict
 from tether.principal import Principal
+
+if TYPE_CHECKING:
+    from tether.capability import Registry
 
 __all__ = [
     "Case",
@@ -93,7 +101,8 @@ class Case(pydantic.BaseModel, extra="forbid", frozen=True):
     name: _Text
     """Unique in the file; names the case in the report."""
     capability: _Text
-    """The capability's name; it need not be registered anywhere."""
+    """The capability's name; it need not be registered anywhere, unless the
+    cases are run against an app's capabilities."""
     version: _Text = "1"
     effect: Literal["read", "write", "destructive"]
     scopes: tuple[str, ...] = ()
@@ -152,13 +161,17 @@ class CaseResult:
     """One case's expected and actual decision."""
 
     case: Case
-    decision: Decision
-    """What the policy said."""
+    decision: Decision | None
+    """What the policy said; None when the case could not be decided."""
+    problem: str | None = None
+    """Why the case could not be decided as a real step (one line), if so."""
 
     @property
     def passed(self) -> bool:
         """True when the verdict (and the rules, if the case names them) match."""
         expect = self.case.expect
+        if self.decision is None:
+            return False
         if self.decision.verdict is not expect.decision:
             return False
         return expect.rules is None or expect.rules == self.decision.rule_ids
@@ -187,19 +200,77 @@ class PolicyTestReport:
         return self.failed == 0
 
 
-def run_cases(policy: PolicySet, tests: PolicyTests) -> PolicyTestReport:
+def run_cases(
+    policy: PolicySet, tests: PolicyTests, *, capabilities: Registry | None = None
+) -> PolicyTestReport:
     """Decide every case of `tests` with `policy`, in file order.
 
     Args:
         policy: built as the app builds it (`Tether(config=...).policy`), so the
             cases see the rules, the defaults per effect and the scopes check.
         tests: the cases, from `tether.config.load_policy_tests`.
+        capabilities: an app's registry; given, each case is decided as a real
+            step of its capability would be (args validated, effect, scopes and
+            version from the capability), and a case that cannot be (unknown
+            capability, invalid args, another effect) fails with its problem.
+            Left out, cases are taken as written.
     """
-    results = tuple(
-        CaseResult(case=case, decision=policy.decide(case.request()))
-        for case in tests.cases
+    return PolicyTestReport(
+        policy_version=policy.version,
+        results=tuple(_decide(policy, case, capabilities) for case in tests.cases),
     )
-    return PolicyTestReport(policy_version=policy.version, results=results)
+
+
+def _decide(policy: PolicySet, case: Case, capabilities: Registry | None) -> CaseResult:
+    if capabilities is None:
+        return CaseResult(case=case, decision=policy.decide(case.request()))
+    request = _step_request(case, capabilities)
+    if isinstance(request, str):
+        return CaseResult(case=case, decision=None, problem=request)
+    return CaseResult(case=case, decision=policy.decide(request))
+
+
+def _step_request(case: Case, capabilities: Registry) -> DecisionRequest | str:
+    """Return the request a real step of `case` would build, or why there is none.
+
+    The capability is the version the case names, else the latest; the args are
+    validated and dumped as the gateway records them; effect, scopes and
+    version are the capability's, and a case stating others is a problem.
+    """
+    stated = case.model_fields_set
+    try:
+        cap = capabilities.get(
+            case.capability, case.version if "version" in stated else None
+        )
+    except NotFound as exc:
+        return exc.message
+    if case.effect != cap.effect:
+        return (
+            f"effect: the case says {case.effect!r} but capability {cap.name!r} "
+            f"is {cap.effect.value!r}; fix the case's effect"
+        )
+    if "scopes" in stated and tuple(sorted(set(case.scopes))) != cap.scopes:
+        return (
+            f"scopes: the case says {list(case.scopes)!r} but capability "
+            f"{cap.name!r} requires {list(cap.scopes)!r}; fix or drop the case's "
+            "scopes"
+        )
+    try:
+        args, _ = cap.dump_args(cap.validate_args(_as_json(case.args)))
+    except ValidationFailed as exc:
+        return exc.message
+    return DecisionRequest(
+        principal=case.principal.build(),
+        capability=cap.name,
+        version=cap.version,
+        effect=cap.effect,
+        scopes=cap.scopes,
+        args=args,
+        context=dict(case.context),
+        steps_so_far=case.run.steps,
+        cost_so_far=case.run.cost,
+        at=case.at,
+    )
 
 
 def _as_json(value: object) -> Any:
