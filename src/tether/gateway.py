@@ -608,49 +608,20 @@ def _settle_by_key(
 ) -> Generator[GatewayEffect, Any, Outcome | None]:
     """Answer a call from its key's record: a refusal, the stored result, or None."""
     answer = _classify(existing, fingerprint, cap, key, now, run.retention)
-    if isinstance(answer, TetherError):
-        return (
-            yield from _refuse(
-                run,
-                cap,
-                events,
-                now,
-                number,
-                "idempotency",
-                answer,
-                _status_of(answer),
-            )
-        )
-    if answer == "hit":
-        return (yield from _hit(run, cap, existing, key, events, now, number))
-    return None
-
-
-def _hit(
-    run: RunPort,
-    cap: Capability[Any, Any],
-    existing: KeyRecord,
-    key: str | None,
-    events: list[record.Event],
-    now: datetime,
-    number: int,
-) -> Flow:
-    assert existing.output is not None
-    assert key is not None
-    output, refusal = _stored_result(cap, existing, key)
+    if answer == "proceed":
+        return None
+    output = None
+    refusal = answer if isinstance(answer, TetherError) else None
+    if refusal is None:  # a hit: replay the stored result, if it can be
+        output, refusal = _stored_result(cap, existing, key)
     if refusal is not None:
+        status = _status_of(refusal)
         return (
             yield from _refuse(
-                run,
-                cap,
-                events,
-                now,
-                number,
-                "idempotency",
-                refusal,
-                OutcomeStatus.REFUSED,
+                run, cap, events, now, number, "idempotency", refusal, status
             )
         )
+    assert existing.output is not None
     events.append(
         record.IdempotentHit(
             at=now,
