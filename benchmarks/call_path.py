@@ -1124,6 +1124,26 @@ def _versions() -> dict[str, str | None]:
 # -- output ------------------------------------------------------------------------------
 
 
+def bars_json(bars: Sequence[Bar]) -> dict[str, Any]:
+    """Return the bars, and how many passed and missed, for the JSON document."""
+    return {
+        "bars": [
+            {
+                "id": b.id,
+                "what": b.what,
+                "value": b.value,
+                "op": b.op,
+                "threshold": b.threshold,
+                "unit": b.unit,
+                "passed": b.passed,
+            }
+            for b in bars
+        ],
+        "bars_passed": sum(b.passed is True for b in bars),
+        "bars_missed": sum(b.passed is False for b in bars),
+    }
+
+
 def bars_table(bars: Sequence[Mapping[str, Any]], number_format: str) -> Any:
     """Return the bars as a Rich table: value, threshold, pass/MISS and what each is."""
     from rich.table import Table  # imported where printing starts, as in report()
@@ -1363,20 +1383,7 @@ def benchmark(mode: Mode, workdir: Path, out: Path, seed: int) -> dict[str, Any]
         "git": git,
         "cases": docs,
         "ratios": _ratios(stats),
-        "bars": [
-            {
-                "id": b.id,
-                "what": b.what,
-                "value": b.value,
-                "op": b.op,
-                "threshold": b.threshold,
-                "unit": b.unit,
-                "passed": b.passed,
-            }
-            for b in bars
-        ],
-        "bars_passed": sum(b.passed is True for b in bars),
-        "bars_missed": sum(b.passed is False for b in bars),
+        **bars_json(bars),
         "notes": notes,
         "json_path": str(out),
     }

@@ -52,6 +52,7 @@ from call_path import (
     _pressure,
     _stats,
     _timer_overhead_ns,
+    bars_json,
     bars_table,
 )
 from tether.config import load_settings
@@ -1151,20 +1152,7 @@ def benchmark(mode: Mode, out: Path, seed: int) -> dict[str, Any]:
             for key in ("build_request_duration_micros", "authz_duration_micros")
         },
         "hostile_conditions": hostile,
-        "bars": [
-            {
-                "id": b.id,
-                "what": b.what,
-                "value": b.value,
-                "op": b.op,
-                "threshold": b.threshold,
-                "unit": b.unit,
-                "passed": b.passed,
-            }
-            for b in bars
-        ],
-        "bars_passed": sum(b.passed is True for b in bars),
-        "bars_missed": sum(b.passed is False for b in bars),
+        **bars_json(bars),
         "notes": [
             "median and p99 are per call, timed with perf_counter_ns around the call "
             "alone (the timer's own ~40 ns are not subtracted)",
