@@ -19,12 +19,21 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 import anyio
 import anyio.to_thread
 
-from tether.clock import Clock
+from tether.clock import Clock, SystemClock
 
 if TYPE_CHECKING:
     from tether.record import Outcome
 
-__all__ = ["Execute", "Executed", "Flow", "GatewayEffect", "StoreOp", "adrive", "drive"]
+__all__ = [
+    "Execute",
+    "Executed",
+    "Flow",
+    "GatewayEffect",
+    "Sleep",
+    "StoreOp",
+    "adrive",
+    "drive",
+]
 
 
 class StoreOp:
@@ -146,7 +155,26 @@ class Execute:
         return self._done(start, value=value)
 
 
-GatewayEffect: TypeAlias = StoreOp | Execute
+@dataclass(slots=True)
+class Sleep:
+    """Wait (a throttle's delay, a retry's backoff) on the run's clock."""
+
+    seconds: float
+    clock: Clock
+
+    def perform(self) -> None:
+        """Wait in this thread."""
+        self.clock.sleep(self.seconds)
+
+    async def aperform(self) -> None:
+        """Wait without blocking the loop (a fake clock just moves)."""
+        if isinstance(self.clock, SystemClock):
+            await anyio.sleep(self.seconds)
+        else:
+            self.clock.sleep(self.seconds)
+
+
+GatewayEffect: TypeAlias = StoreOp | Execute | Sleep
 Flow: TypeAlias = "Generator[GatewayEffect, Any, Outcome]"
 
 

@@ -24,8 +24,9 @@ from pydantic import BaseModel
 from tether import _canonical, gateway, plan, record
 from tether import config as _config
 from tether.capability import Capability, Registry
-from tether.clock import Clock, Ids, RandomIds, SystemClock
+from tether.clock import Clock, Ids, RandomIds, Rng, SystemClock, system_rng
 from tether.errors import (
+    BreakerOpen,
     ConfigError,
     LeaseLost,
     NotFound,
@@ -33,11 +34,20 @@ from tether.errors import (
     TetherError,
     UsageError,
 )
+from tether.limits import LimitSet
 from tether.policy import Policy, PolicySet, RuleSet
 from tether.principal import Principal
 from tether.record import Outcome
+from tether.resilience import BreakerSet
 from tether.run import FINAL_STATES, RunState, check_transition
 from tether.store import Batch, Claim, Committed, KeyUpdate, NewRun, Store, open_store
+from tether.store._limits import (
+    BreakerAdmit,
+    BreakerOutcome,
+    Reserve,
+    RetryCharge,
+    Settle,
+)
 
 __all__ = ["Run", "Tether"]
 
@@ -90,8 +100,12 @@ class Tether:
         self._policy_lock = threading.Lock()
         self.clock: Clock = clock or SystemClock()
         self.ids: Ids = ids or RandomIds(self.clock)
+        self.random: Rng = system_rng()
+        """Where retry backoff draws its jitter (tests may seed it)."""
         self.capabilities = Registry()
         self.policy = _policy_from(self.settings, version, has_file=self._config_file)
+        self.guards = _guards_from(self.settings)
+        """The limits, breakers and retry budget in force; None when `tether.yaml` has none."""
         self.store: Store = open_store(self.db_url)
         # The key file is made only once the database opened: a bad --db must not
         # leave a key file beside some other file.
@@ -178,6 +192,7 @@ class Tether:
         self.policy = self.policy.replace(
             rules=fresh.rules, defaults=fresh.defaults, version=version
         )
+        self.guards = _guards_from(settings)
         self.settings = settings
         logger.info("policy.reloaded", extra={"tether.policy_version": version})
 
@@ -371,8 +386,13 @@ class Run:
         self.budget = plan.as_budget(budget)
         """The most the run's plans may cost; None: no budget (see `admit`)."""
         self.charges_before_claim = False
-        """No limits or breakers yet (their issue sets this): see gateway.step."""
+        """The store takes the claim before it reserves limits or asks the breaker,
+        in one transaction, so a finished call's retry is answered from its key
+        and never charged or refused: no lookup is needed first (see gateway.step)."""
+        self.random = app.random
         self.pool = app._thread_pool
+        self._upcoming: tuple[plan.StepLike, ...] = ()
+        """The steps a planner means to take after the current one (stashed with it)."""
         self._epoch = 1
         self._head_seq = 0
         self._head_hash = record.genesis(self.id)
@@ -390,6 +410,11 @@ class Run:
         app = self.app
         return app.policy if app._config_file is None else app.current_policy()
 
+    @property
+    def guards(self) -> gateway.Guards | None:
+        """The limits, breakers and retry budget in force (read after `policy`)."""
+        return self.app.guards
+
     def next_step(self) -> int:
         """Return the next step number (from 1)."""
         # next() on a count is atomic under the GIL: no lock on the hot path.
@@ -403,6 +428,13 @@ class Run:
         claim: Claim | None = None,
         key_update: KeyUpdate | None = None,
         keep_on_failure: bool = False,
+        reserve: Sequence[Reserve] = (),
+        breaker: BreakerAdmit | None = None,
+        throttle: bool = True,
+        settle: Sequence[Settle] = (),
+        breaker_outcome: BreakerOutcome | None = None,
+        retry: RetryCharge | None = None,
+        step: int = 0,
     ) -> gateway.StoreOp:
         """Return the effect that appends `events` (and a key claim or update) to the record."""
         batch = Batch(
@@ -411,6 +443,13 @@ class Run:
             claim=claim,
             key_update=key_update,
             at=events[-1].at,
+            reserve=reserve,
+            breaker=breaker,
+            throttle=throttle,
+            settle=settle,
+            breaker_outcome=breaker_outcome,
+            retry=retry,
+            step=step,
         )
         return gateway.StoreOp(self._commit, batch, keep_on_failure)
 
@@ -607,8 +646,8 @@ class Run:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self.status in FINAL_STATES:
-            return
+        if self.status in FINAL_STATES or self.status is RunState.DEGRADED:
+            return  # a degraded run stays parked, to be resumed
         try:
             self._apply(self._finish(exc))
         except StoreError:
@@ -627,8 +666,8 @@ class Run:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self.status in FINAL_STATES:
-            return
+        if self.status in FINAL_STATES or self.status is RunState.DEGRADED:
+            return  # a degraded run stays parked, to be resumed
         try:
             await anyio.to_thread.run_sync(self._apply, self._finish(exc))
         except StoreError:
@@ -639,6 +678,12 @@ class Run:
     # -- steps ---------------------------------------------------------------------------
 
     def _resolve(self, capability: str | Capability[Any, Any]) -> Capability[Any, Any]:
+        if self.status is RunState.DEGRADED:
+            raise UsageError(
+                f"run {self.id} is degraded: an open breaker parked it with its "
+                "remaining plan (see its plan_stashed event); resume it once the "
+                "breaker has closed"
+            )
         if self.status is not RunState.EXECUTING:
             raise UsageError(
                 f"run {self.id} is {self.status.value}; call steps inside "
@@ -679,7 +724,10 @@ class Run:
             key=idempotency_key,
             dry_run=dry_run,
         )
-        return gateway.drive(flow)
+        outcome = gateway.drive(flow)
+        if _stashes(outcome):
+            self._stash(outcome, cap, args, idempotency_key)
+        return outcome
 
     async def astep(
         self,
@@ -698,7 +746,91 @@ class Run:
             key=idempotency_key,
             dry_run=dry_run,
         )
-        return await gateway.adrive(flow)
+        outcome = await gateway.adrive(flow)
+        if _stashes(outcome):
+            await anyio.to_thread.run_sync(
+                self._stash, outcome, cap, args, idempotency_key
+            )
+        return outcome
+
+    def _stash(
+        self,
+        outcome: Outcome,
+        cap: Capability[Any, Any],
+        args: object,
+        key: str | None,
+    ) -> None:
+        """Park the run `degraded` with the refused step and the plan after it."""
+        error = outcome.error
+        assert isinstance(error, BreakerOpen)
+        try:
+            first = plan.PlanStep(
+                capability=cap.name,
+                args=cap.dump_args(cap.validate_args(args or {}))[0],
+                idempotency_key=key or outcome.idempotency_key,
+            )
+        except TetherError:
+            first = plan.PlanStep(capability=cap.name, args={})
+        steps = [first, *plan.as_steps(self._upcoming)]
+        now = self.clock.now()
+        stashed = record.PlanStashed(
+            at=now,
+            breaker=error.breaker_id,
+            reason=error.message,
+            steps=tuple(
+                {
+                    "capability": s.capability,
+                    "args": dict(s.args),
+                    "idempotency_key": s.idempotency_key,
+                }
+                for s in steps
+            ),
+        )
+        self._apply(self._moving(RunState.DEGRADED, now, stashed))
+
+    def charge_usage(
+        self,
+        cost: Decimal | int,
+        *,
+        input_tokens: int = 0,
+        output_tokens: int = 0,
+        model: str | None = None,
+    ) -> None:
+        """Charge a planner's model usage to the run's budgets, as capability `llm`.
+
+        Usage has happened when it is reported: it is charged even past a
+        budget's end (recorded as it is), and the next step's reservation is
+        the one refused.
+
+        Raises:
+            UsageError: the cost is a float or negative.
+            StoreError: the charge could not be written.
+        """
+        amount = plan.as_budget(cost)
+        assert amount is not None
+        guards = self.app.guards
+        settles = (
+            []
+            if guards is None or not guards.limits
+            else guards.limits.charges(
+                principal=self.principal,
+                run_id=self.id,
+                cost=amount,
+                now=self.clock.now(),
+            )
+        )
+        charged = record.UsageCharged(
+            at=self.clock.now(),
+            cost=amount,
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+            model=model,
+            limits=tuple(s.limit_id for s in settles),
+        )
+        self._commit(
+            Batch(run_id=self.id, events=[charged], at=charged.at, settle=settles)
+        )
+        self.cost += amount
 
     @overload
     def call(
@@ -804,6 +936,20 @@ def _policy_from(
     if has_file is None:
         return PolicySet(rules=rules, version=version)  # no policy file: allow all
     return PolicySet(rules=rules, defaults=settings.defaults, version=version)
+
+
+def _stashes(outcome: Outcome) -> bool:
+    error = outcome.error
+    return isinstance(error, BreakerOpen) and error.mode == "stash"
+
+
+def _guards_from(settings: _config.Settings) -> gateway.Guards | None:
+    guards = gateway.Guards(
+        limits=LimitSet(settings.limits, default_ttl=settings.idempotency.claim_ttl),
+        breakers=BreakerSet(settings.breakers),
+        retry=settings.retry_budget,
+    )
+    return guards if guards else None
 
 
 def _loop_running() -> bool:

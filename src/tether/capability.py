@@ -176,6 +176,7 @@ class Capability(Generic[In, Out]):
 
     __slots__ = (
         "_secret_paths",
+        "actual_cost",
         "cost",
         "description",
         "dry_run_handler",
@@ -209,6 +210,7 @@ class Capability(Generic[In, Out]):
         timeout: timedelta | None,
         resource: str | None,
         description: str | None,
+        actual_cost: Callable[[Any], int | Decimal | str | float] | None = None,
     ) -> None:
         self.name = name
         self.version = version
@@ -237,6 +239,11 @@ class Capability(Generic[In, Out]):
             )
         self.preconditions: tuple[Precondition, ...] = tuple(preconditions)
         self.cost = cost if callable(cost) else _to_decimal(cost, f"{name!r} cost")
+        if actual_cost is not None and not callable(actual_cost):
+            raise UsageError(
+                f"capability {name!r}: actual_cost must be a function of the output"
+            )
+        self.actual_cost = actual_cost
         self.scopes = tuple(sorted(set(scopes)))
         self.timeout = timeout
         self.resource = resource
@@ -337,6 +344,22 @@ class Capability(Generic[In, Out]):
                 f"{limit}-byte limit; send less data"
             )
         return data, encoded
+
+    def settled_cost(self, output: BaseModel, estimate: Decimal) -> Decimal:
+        """Return what the call cost, as its output reports it (else the estimate).
+
+        Raises:
+            UsageError: `actual_cost` raised or returned something that is not a number.
+        """
+        if self.actual_cost is None:
+            return estimate
+        try:
+            value = self.actual_cost(output)
+        except Exception as exc:  # a user function may raise anything
+            raise UsageError(
+                f"{self.name!r}: its actual_cost function raised {type(exc).__name__}: {exc}"
+            ) from exc
+        return _to_decimal(value, f"{self.name!r} actual_cost")
 
     def estimate_cost(self, args: BaseModel) -> Decimal:
         """Return the declared cost for these arguments.
@@ -469,6 +492,7 @@ def capability(
     timeout: timedelta | float | None = None,
     resource: str | None = None,
     description: str | None = None,
+    actual_cost: Callable[[Any], int | Decimal | str | float] | None = None,
 ) -> _Decorator:
     """Describe a function as a capability; register it with `Tether.register`.
 
@@ -486,7 +510,11 @@ def capability(
             without acting; required when `effect` is `destructive`.
         preconditions: checks on the validated args; each returns True (or
             None) when met, False or a reason string when not.
-        cost: a number >= 0, or a function of the args returning one.
+        cost: a number >= 0, or a function of the args returning one: the
+            estimate that budgets reserve before the call.
+        actual_cost: a function of the output returning what the call really
+            cost (a payments API's fee, say); budgets settle at it. Default:
+            the estimate.
         scopes: scopes a principal needs to call it.
         timeout: seconds or a `timedelta`; None (the default) runs sync handlers
             inline without a deadline, since a worker thread per call costs more
@@ -553,6 +581,7 @@ def capability(
             "timeout": timeout,
             "resource": resource,
             "description": description,
+            "actual_cost": actual_cost,
         }
     )
 

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import functools
 import os
+import random
 import time
 from datetime import UTC, datetime
 from typing import Protocol, runtime_checkable
 
-__all__ = ["Clock", "Ids", "RandomIds", "SystemClock"]
+__all__ = ["Clock", "Ids", "RandomIds", "Rng", "SystemClock", "system_rng"]
 
 
 @runtime_checkable
@@ -25,6 +26,10 @@ class Clock(Protocol):
 
     def monotonic(self) -> float:
         """Return seconds from an arbitrary origin that never goes backwards."""
+        ...
+
+    def sleep(self, seconds: float) -> None:
+        """Wait `seconds` (a fake clock moves instead)."""
         ...
 
 
@@ -41,6 +46,8 @@ class SystemClock:
     """Return the wall-clock time in UTC."""
     monotonic = staticmethod(time.perf_counter)
     """Return `time.perf_counter()`."""
+    sleep = staticmethod(time.sleep)
+    """Wait, with `time.sleep`."""
 
 
 @runtime_checkable
@@ -64,3 +71,17 @@ class RandomIds:
         """Return `prefix` + 32 hex digits that sort by creation time."""
         ms = int(self._clock.now().timestamp() * 1000) & 0xFFFFFFFFFFFF
         return f"{prefix}{ms:012x}{os.urandom(10).hex()}"
+
+
+@runtime_checkable
+class Rng(Protocol):
+    """Where tether draws random numbers (retry jitter); `random.Random` is one."""
+
+    def uniform(self, a: float, b: float) -> float:
+        """Return a number between `a` and `b`."""
+        ...
+
+
+def system_rng(seed: int | None = None) -> Rng:
+    """Return a fresh random source (seeded, for tests that need the same draws)."""
+    return random.Random(seed)  # noqa: S311  # jitter, not cryptography

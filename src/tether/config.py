@@ -11,22 +11,23 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 from typing import (
-    Annotated,
     Literal,
 )
 
 import pydantic
 
+from tether._units import Duration, parse_duration
 from tether._yaml_check import ConfigCheck, ConfigProblem, check_file
 from tether.errors import ConfigError
+from tether.limits import Limit
 from tether.policy.rules import RulesConfig
 from tether.policy.testing import PolicyTests
+from tether.resilience import Breaker, RetryBudget
 from tether.store import sqlite_path
 
 __all__ = [
@@ -46,33 +47,6 @@ __all__ = [
 ]
 
 DEFAULT_DB = "sqlite:///.tether/tether.db"
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
-_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def parse_duration(value: object) -> timedelta:
-    """Parse `"30s"`, `"5m"`, `"24h"`, `"7d"`, `"250ms"` or a number of seconds.
-
-    Raises:
-        ValueError: the value is not a duration.
-    """
-    if isinstance(value, timedelta):
-        result = value
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        result = timedelta(seconds=value)
-    else:
-        m = _DURATION.match(str(value))
-        if not m:
-            raise ValueError(
-                f"{value!r} is not a duration; write e.g. '30s', '5m', '24h'"
-            )
-        result = timedelta(seconds=float(m.group(1)) * _UNITS[m.group(2)])
-    if result <= timedelta(0):
-        raise ValueError(f"{value!r} is not a positive duration; write e.g. '30s'")
-    return result
-
-
-Duration = Annotated[timedelta, pydantic.BeforeValidator(parse_duration)]
 
 
 class IdempotencySettings(pydantic.BaseModel, extra="forbid", frozen=True):
@@ -94,6 +68,36 @@ class Settings(RulesConfig, extra="forbid", frozen=True):
     version: Literal[1] = 1
     """Format version of the file."""
     idempotency: IdempotencySettings = IdempotencySettings()
+    limits: tuple[Limit, ...] = ()
+    """Quotas, budgets, concurrency caps and rate limits (`tether.limits`)."""
+    breakers: tuple[Breaker, ...] = ()
+    """Circuit breakers per resource (`tether.resilience`)."""
+    retry_budget: RetryBudget | None = None
+    """Retries tether makes itself; none without this section."""
+
+    @pydantic.model_validator(mode="after")
+    def _ids_are_unique_in_the_file(self) -> Settings:
+        seen: dict[str, str] = {
+            rule.id: f"rules[{i}]" for i, rule in enumerate(self.rules)
+        }
+        places = [(lim.id, f"limits[{i}]") for i, lim in enumerate(self.limits)]
+        places += [(b.id, f"breakers[{i}]") for i, b in enumerate(self.breakers)]
+        for ident, place in places:
+            if ident in seen:
+                raise ValueError(
+                    f"id {ident!r} is used twice: {seen[ident]} and {place}; give "
+                    "each rule, limit and breaker its own id"
+                )
+            seen[ident] = place
+        resources: dict[str, str] = {}
+        for i, b in enumerate(self.breakers):
+            if b.resource in resources:
+                raise ValueError(
+                    f"resource {b.resource!r} has two breakers: {resources[b.resource]} "
+                    f"and breakers[{i}]; keep one"
+                )
+            resources[b.resource] = f"breakers[{i}]"
+        return self
 
 
 def resolve_db(flag: str | None = None, env: Mapping[str, str] | None = None) -> str:

@@ -12,8 +12,8 @@ TetherError
 │   ├── PreconditionFailed        precondition_failed
 │   ├── Denied                    policy_denied
 │   ├── ApprovalRequired          approval_required       parked; carries the approval id
-│   ├── LimitExceeded             limit_exceeded          says what is left
-│   ├── BreakerOpen               breaker_open
+│   ├── LimitExceeded             limit_exceeded          names the limit, says what is left
+│   ├── BreakerOpen               breaker_open            names the breaker and its degraded mode
 │   └── KeyInUse                  idempotency_key_in_use
 ├── IdempotencyConflict           idempotency_error       same key, different args
 ├── CapabilityFailed              capability_failed       the handler raised; retryable under its key
@@ -36,6 +36,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, ClassVar
 
 if TYPE_CHECKING:
+    from decimal import Decimal
+
     from tether.record import Outcome
 
 __all__ = [
@@ -161,15 +163,52 @@ class ApprovalRequired(Refused):
 
 
 class LimitExceeded(Refused):
-    """A quota, budget, concurrency cap or rate limit refused the step."""
+    """A quota, budget, concurrency cap or rate limit refused the step.
+
+    `limit_id` names the limit, `left` is what is left of it, and
+    `retry_after` (seconds, when known) says when a call may fit again.
+    """
 
     code = "limit_exceeded"
 
+    def __init__(
+        self,
+        message: str,
+        *,
+        outcome: Outcome | None = None,
+        limit_id: str = "",
+        left: Decimal | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message, outcome=outcome)
+        self.limit_id = limit_id
+        self.left = left
+        self.retry_after = retry_after
+
 
 class BreakerOpen(Refused):
-    """The circuit breaker of the capability's resource is open."""
+    """The circuit breaker of the capability's resource is open (or its trial calls are taken).
+
+    `mode` is the breaker's degraded mode: `stash` parks the run `degraded`,
+    `read_only` refuses writes while reads go through. (`escalate` raises
+    `ApprovalRequired` instead.)
+    """
 
     code = "breaker_open"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        outcome: Outcome | None = None,
+        breaker_id: str = "",
+        mode: str = "",
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message, outcome=outcome)
+        self.breaker_id = breaker_id
+        self.mode = mode
+        self.retry_after = retry_after
 
 
 class KeyInUse(Refused):

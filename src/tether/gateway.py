@@ -13,6 +13,7 @@ import hashlib
 import hmac
 from collections.abc import Callable, Generator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any, Protocol
@@ -26,6 +27,7 @@ from tether._effects import (
     Executed,
     Flow,
     GatewayEffect,
+    Sleep,
     StoreOp,
     adrive,
     drive,
@@ -38,30 +40,53 @@ from tether.capability import (
     check_key,
     one_line_error,
 )
-from tether.clock import Clock
+from tether.clock import Clock, Rng
 from tether.errors import (
     ApprovalRequired,
+    BreakerOpen,
     CapabilityFailed,
     Denied,
     IdempotencyConflict,
     InDoubt,
     InvalidOutput,
     KeyInUse,
+    LimitExceeded,
     PreconditionFailed,
     StepTimeout,
     TetherError,
     UsageError,
     ValidationFailed,
 )
+from tether.limits import LimitSet, Reserved
 from tether.policy import Decision, DecisionRequest, PolicySet, Verdict
+from tether.policy.cel import CelError
 from tether.principal import Principal
 from tether.record import Outcome, OutcomeStatus
+from tether.resilience import Breaker, BreakerSet, RetryBudget, ratio_id
 from tether.store import Claim, Committed, KeyId, KeyRecord, KeyState, KeyUpdate, Store
+from tether.store._limits import (
+    Blocked,
+    BreakerAdmit,
+    BreakerBlocked,
+    BreakerNote,
+    BreakerOutcome,
+    BreakerSpec,
+    BreakerState,
+    LimitBlocked,
+    LimitKind,
+    Reserve,
+    RetryCharge,
+    Settle,
+    Throttled,
+    breaker_view,
+    to_us,
+)
 
 __all__ = [
     "Execute",
     "Executed",
     "Flow",
+    "Guards",
     "RunPort",
     "StoreOp",
     "adrive",
@@ -92,6 +117,14 @@ class RunPort(Protocol):
 
     retention: timedelta
     claim_ttl: timedelta
+
+    @property
+    def guards(self) -> Guards | None:
+        """The limits, breakers and retry budget in force; None when there are none."""
+        ...
+
+    random: Rng
+    """Where retry backoff draws its jitter."""
     charges_before_claim: bool
     """True when limits or a breaker act between the key lookup and the claim."""
     cost: Decimal
@@ -117,8 +150,15 @@ class RunPort(Protocol):
         claim: Claim | None = None,
         key_update: KeyUpdate | None = None,
         keep_on_failure: bool = False,
+        reserve: Sequence[Reserve] = (),
+        breaker: BreakerAdmit | None = None,
+        throttle: bool = True,
+        settle: Sequence[Settle] = (),
+        breaker_outcome: BreakerOutcome | None = None,
+        retry: RetryCharge | None = None,
+        step: int = 0,
     ) -> StoreOp:
-        """Return the effect that appends `events` to the run's record."""
+        """Return the effect that appends `events` (and limit commands) to the run's record."""
         ...
 
 
@@ -270,9 +310,7 @@ def step(  # the design's list, in order
             if settled is not None:
                 return settled
 
-    # limits: reserve; breaker -- hooks for the limits issue; nothing to check yet
-
-    # claim key + record intent (fenced by the run's lease epoch)
+    # limits: reserve (quota, budget, concurrency, rate); breaker
     try:
         cost = cap.estimate_cost(args)
     except Exception as exc:  # noqa: BLE001  # a user cost function may raise anything
@@ -285,43 +323,157 @@ def step(  # the design's list, in order
                 run, cap, events, now, number, "cost", broken, OutcomeStatus.REFUSED
             )
         )
-    needs_intent = not dry_run and (cap.effect is not Effect.READ or key_id is not None)
+    guards = run.guards
+    reserved: Sequence[Reserved] = ()
+    watch: tuple[Breaker, BreakerSpec] | None = None
+    generation: int | None = None  # the breaker generation that let the call through
+    if guards is not None and not dry_run:
+        if guards.limits:
+            try:
+                reserved = guards.limits.reserve(
+                    capability=cap.name,
+                    effect=cap.effect,
+                    resource=cap.resource,
+                    timeout=cap.timeout,
+                    args=args_json,
+                    cost=cost,
+                    principal=run.principal,
+                    run_id=run.run_id,
+                    context=run.context,
+                    now=now,
+                )
+            except CelError as exc:
+                broken = UsageError(
+                    f"{cap.name}: a limit's cost expression failed ({exc}); fix it "
+                    "in tether.yaml (guard optional fields with has(...))"
+                )
+                return (
+                    yield from _refuse(
+                        run,
+                        cap,
+                        events,
+                        now,
+                        number,
+                        "limits",
+                        broken,
+                        OutcomeStatus.REFUSED,
+                    )
+                )
+        watch = guards.breakers.for_resource(cap.resource)
+    needs_intent = not dry_run and (
+        cap.effect is not Effect.READ or key_id is not None or bool(reserved)
+    )
+    if watch is not None and not needs_intent:
+        # A read with nothing to reserve writes nothing before it runs: one look
+        # at the breaker, and a write only when it is not plainly closed.
+        row = yield StoreOp(run.store.breaker_row, watch[1].id)
+        view, moves = breaker_view(row, watch[1], to_us(now))
+        if view.state is BreakerState.CLOSED and not moves:
+            generation = view.generation
+        else:
+            needs_intent = True
+    probe = False
+    throttled_us = 0
     if needs_intent:
-        claim = None
-        if key_id is not None and fingerprint is not None:
-            claim = Claim(
-                id=key_id,
-                fingerprint=fingerprint,
-                run_id=run.run_id,
+        admit = None
+        if watch is not None and generation is None:
+            admit = BreakerAdmit(
+                spec=watch[1],
+                read_only_pass=watch[0].on_open == "read_only"
+                and cap.effect is Effect.READ,
+                note=_breaker_event(number),
+            )
+        while True:  # at most twice: once more after a throttle's wait
+            claim = None
+            if key_id is not None and fingerprint is not None:
+                claim = Claim(
+                    id=key_id,
+                    fingerprint=fingerprint,
+                    run_id=run.run_id,
+                    step=number,
+                    now=now,
+                    lease_until=now + run.claim_ttl,
+                    retention=run.retention,
+                    take_over_stale=cap.idempotency is not Idempotency.NONE,
+                )
+            intent: list[record.Event] = []
+            if reserved:
+                intent.append(
+                    record.LimitReserved(
+                        at=now,
+                        step=number,
+                        limits=tuple(
+                            {
+                                "id": r.reserve.limit_id,
+                                "scope": r.reserve.scope,
+                                "amount": r.reserve.amount,
+                            }
+                            for r in reserved
+                        ),
+                        throttled_us=throttled_us,
+                    )
+                )
+            intent.append(
+                record.Intent(
+                    at=now,
+                    step=number,
+                    capability=cap.name,
+                    version=cap.version,
+                    key=key,
+                    cost_estimate=cost,
+                )
+            )
+            committed: Committed = yield run.commit(
+                [*events, *intent],
+                claim=claim,
+                reserve=[r.reserve for r in reserved],
+                breaker=admit,
+                throttle=throttled_us == 0,
                 step=number,
-                now=now,
-                lease_until=now + run.claim_ttl,
-                retention=run.retention,
-                take_over_stale=cap.idempotency is not Idempotency.NONE,
             )
-        intent = record.Intent(
-            at=now,
-            step=number,
-            capability=cap.name,
-            version=cap.version,
-            key=key,
-            cost_estimate=cost,
-        )
-        committed: Committed = yield run.commit([*events, intent], claim=claim)
-        if committed.conflict is not None:
-            assert fingerprint is not None
-            assert key is not None
-            settled = yield from _settle_by_key(
-                run, cap, committed.conflict, fingerprint, key, events, now, number
-            )
-            assert settled is not None, "the store refused a claim it may replace"
-            return settled
+            if committed.conflict is not None:
+                assert fingerprint is not None
+                assert key is not None
+                settled = yield from _settle_by_key(
+                    run, cap, committed.conflict, fingerprint, key, events, now, number
+                )
+                assert settled is not None, "the store refused a claim it may replace"
+                return settled
+            blocked = committed.blocked
+            if isinstance(blocked, Throttled) and throttled_us == 0:
+                throttled_us = blocked.delay_us
+                yield Sleep(blocked.delay_us / 1e6, run.clock)
+                now = run.clock.now()
+                if guards is not None and guards.limits and reserved:
+                    # the window may have turned while the step waited
+                    reserved = guards.limits.reserve(
+                        capability=cap.name,
+                        effect=cap.effect,
+                        resource=cap.resource,
+                        timeout=cap.timeout,
+                        args=args_json,
+                        cost=cost,
+                        principal=run.principal,
+                        run_id=run.run_id,
+                        context=run.context,
+                        now=now,
+                    )
+                continue
+            if blocked is not None:
+                assert watch is None or not isinstance(blocked, Throttled)
+                return (
+                    yield from _blocked(run, cap, events, now, number, blocked, watch)
+                )
+            break
+        if watch is not None and generation is None:
+            generation = committed.breaker_generation
+            probe = committed.probe
         taken = committed.took_over
         if taken is not None and taken.state is not KeyState.FAILED:
             took_over_state = taken.state  # a failed call's retry expires nothing
         events = []
 
-    # execute (real, or dry-run), with timeout
+    # execute (real, or dry-run), with timeout; retries under the same key
     ctx_args: tuple[object, ...] = (args,)
     if handler.wants_ctx:
         ctx_args = (
@@ -334,33 +486,122 @@ def step(  # the design's list, in order
                 dry_run=dry_run,
             ),
         )
-    done: Executed = yield Execute(
-        fn=handler.fn,
-        is_async=handler.is_async,
-        call_args=ctx_args,
-        timeout=cap.timeout,
-        clock=run.clock,
-        pool=run.pool,
+    retry = None if guards is None or dry_run or probe else guards.retry
+    if retry is not None and not _retryable(cap):
+        retry = None
+    attempt = 1
+    while True:
+        done: Executed = yield Execute(
+            fn=handler.fn,
+            is_async=handler.is_async,
+            call_args=ctx_args,
+            timeout=cap.timeout,
+            clock=run.clock,
+            pool=run.pool,
+        )
+        end = run.clock.now()
+
+        # validate output
+        output: BaseModel | None = None
+        error: TetherError | None = None
+        if done.error is None and not done.timed_out:
+            try:
+                output, out_json = _validate_output(cap, done.value)
+                # Encoded here even without a key: a value JSON cannot hold exactly
+                # must fail the step now, not the store's write later.
+                out_bytes = _canonical.dumps(out_json)
+            except InvalidOutput as exc:
+                error = exc
+            except _canonical.CanonicalError as exc:
+                error = InvalidOutput(
+                    f"{cap.name}: output has no exact JSON form: {exc}"
+                )
+        else:
+            error = _execution_error(cap, args, done)
+        outcome_cmd = None
+        if watch is not None and generation is not None:
+            outcome_cmd = BreakerOutcome(
+                spec=watch[1],
+                generation=generation,
+                probe=probe,
+                failed=error is not None,
+                slow=bool(watch[1].slow_us) and done.duration_us >= watch[1].slow_us,
+                note=_breaker_event(number),
+            )
+        if (
+            error is None
+            or retry is None
+            or attempt >= retry.max_attempts
+            or done.still_running
+            or isinstance(error, UsageError)
+        ):
+            break
+        # retry budget: spend one, or hand the failure back
+        assert run.guards is not None
+        delay = retry.delay(attempt, run.random)
+        window_us = retry.window // _MICROSECOND
+        committed = yield run.commit(
+            [
+                *events,
+                record.RetryScheduled(
+                    at=end,
+                    step=number,
+                    attempt=attempt,
+                    delay_us=delay // _MICROSECOND,
+                    duration_us=done.duration_us,
+                    error_code=error.code,
+                    message=error.message,
+                ),
+            ],
+            retry=retry.charge(
+                capability=cap.name,
+                run_id=run.run_id,
+                context=run.context,
+                window=to_us(end) - to_us(end) % window_us,
+                breaker=None if outcome_cmd is None else outcome_cmd.spec,
+                generation=generation,
+            ),
+            breaker_outcome=outcome_cmd,
+            step=number,
+            keep_on_failure=needs_intent,
+        )
+        if committed.blocked is not None:
+            break  # no retry left, or the breaker moved: the failure goes back
+        events = []
+        outcome_cmd = None  # recorded with the retry
+        yield Sleep(delay.total_seconds(), run.clock)
+        attempt += 1
+
+    # limits: settle; breaker: record outcome
+    in_doubt = (
+        error is not None
+        and not dry_run
+        and done.started
+        and cap.effect is not Effect.READ
+        and cap.idempotency is Idempotency.NONE
     )
-    end = run.clock.now()
-
-    # validate output
-    output: BaseModel | None = None
-    error: TetherError | None = None
-    if done.error is None and not done.timed_out:
+    if error is None and output is not None and cap.actual_cost is not None:
         try:
-            output, out_json = _validate_output(cap, done.value)
-            # Encoded here even without a key: a value JSON cannot hold exactly
-            # must fail the step now, not the store's write later.
-            out_bytes = _canonical.dumps(out_json)
-        except InvalidOutput as exc:
-            error = exc
-        except _canonical.CanonicalError as exc:
-            error = InvalidOutput(f"{cap.name}: output has no exact JSON form: {exc}")
-    else:
-        error = _execution_error(cap, args, done)
-
-    # limits: settle; breaker: record outcome -- hooks for the limits issue
+            cost = cap.settled_cost(output, cost)
+        except UsageError as exc:
+            output, error = None, exc
+    settles, settled_events = _settlements(
+        run, reserved, number, end, cost if error is None else None, in_doubt
+    )
+    if retry is not None:
+        window_us = retry.window // _MICROSECOND
+        settles.append(
+            Settle(
+                limit_id=ratio_id(cap.name) + ":calls",
+                kind=LimitKind.COUNT,
+                scope="*",
+                window=to_us(end) - to_us(end) % window_us,
+                run_id=run.run_id,
+                step=number,
+                actual=Decimal(1),
+            )
+        )
+    events.extend(settled_events)
 
     # record result
     if took_over_state is not None:
@@ -394,7 +635,14 @@ def step(  # the design's list, in order
                 output=out_bytes,
                 now=end,
             )
-        yield run.commit(events, key_update=update, keep_on_failure=needs_intent)
+        yield run.commit(
+            events,
+            key_update=update,
+            keep_on_failure=needs_intent,
+            settle=settles,
+            breaker_outcome=outcome_cmd,
+            step=number,
+        )
         status = OutcomeStatus.DRY_RUN if dry_run else OutcomeStatus.EXECUTED
         return Outcome(
             status=status,
@@ -404,12 +652,6 @@ def step(  # the design's list, in order
             idempotency_key=key,
         )
 
-    in_doubt = (
-        not dry_run
-        and done.started
-        and cap.effect is not Effect.READ
-        and cap.idempotency is Idempotency.NONE
-    )
     if in_doubt:
         message = (
             f"{cap.name} step {number} started and did not finish cleanly "
@@ -448,7 +690,14 @@ def step(  # the design's list, in order
             state=KeyState.IN_DOUBT if in_doubt else KeyState.FAILED,
             now=end,
         )
-    yield run.commit(events, key_update=update, keep_on_failure=needs_intent)
+    yield run.commit(
+        events,
+        key_update=update,
+        keep_on_failure=needs_intent,
+        settle=settles,
+        breaker_outcome=outcome_cmd,
+        step=number,
+    )
     status = OutcomeStatus.IN_DOUBT if in_doubt else OutcomeStatus.FAILED
     outcome = Outcome(
         status=status,
@@ -459,6 +708,207 @@ def step(  # the design's list, in order
     )
     error.outcome = outcome
     return outcome
+
+
+# -- limits and breakers ---------------------------------------------------------------
+
+_MICROSECOND = timedelta(microseconds=1)
+
+
+@dataclass(frozen=True, slots=True)
+class Guards:
+    """The limits, breakers and retry budget of one config version."""
+
+    limits: LimitSet
+    breakers: BreakerSet
+    retry: RetryBudget | None
+
+    def __bool__(self) -> bool:
+        return bool(self.limits or self.breakers or self.retry)
+
+
+def _retryable(cap: Capability[Any, Any]) -> bool:
+    """Tell whether a failed call may run again: it has a key, or it only reads."""
+    return cap.idempotency is not Idempotency.NONE or cap.effect is Effect.READ
+
+
+def _breaker_event(number: int) -> Callable[[BreakerNote], record.Event]:
+    def note(n: BreakerNote) -> record.Event:
+        if n.previous is None:
+            return record.BreakerChecked(
+                at=n.at,
+                step=number,
+                breaker=n.breaker_id,
+                state=n.state,
+                admitted=True,
+                reason=n.reason,
+            )
+        return record.BreakerTransition(
+            at=n.at,
+            step=number,
+            breaker=n.breaker_id,
+            previous=n.previous,
+            state=n.state,
+            reason=n.reason,
+        )
+
+    return note
+
+
+def _blocked(
+    run: RunPort,
+    cap: Capability[Any, Any],
+    events: list[record.Event],
+    now: datetime,
+    number: int,
+    blocked: Blocked,
+    watch: tuple[Breaker, BreakerSpec] | None,
+) -> Flow:
+    """Record a limit's or a breaker's refusal and return the step's outcome."""
+    if isinstance(blocked, BreakerBlocked):
+        assert watch is not None
+        mode = watch[0].on_open
+        wait = blocked.retry_after_us / 1e6
+        state = (
+            "open"
+            if blocked.state is BreakerState.OPEN
+            else "half-open with its trial calls taken"
+        )
+        why = f"the breaker {blocked.breaker_id!r} of {cap.resource} is {state}"
+        events.append(
+            record.BreakerChecked(
+                at=now,
+                step=number,
+                breaker=blocked.breaker_id,
+                state=blocked.state.value,
+                admitted=False,
+                mode=mode,
+                reason=why,
+            )
+        )
+        error: TetherError
+        if mode == "escalate":
+            error = ApprovalRequired(
+                f"{cap.name}: {why}; a person must decide whether to go ahead "
+                f"(breaker {blocked.breaker_id}, retry {_after(wait)})"
+            )
+        else:
+            then = (
+                "the run is parked degraded with its remaining plan"
+                if mode == "stash"
+                else "only reads may run until it closes"
+            )
+            error = BreakerOpen(
+                f"{cap.name}: {why}; {then} (retry {_after(wait)})",
+                breaker_id=blocked.breaker_id,
+                mode=mode,
+                retry_after=wait,
+            )
+        return (
+            yield from _refuse(
+                run, cap, events, now, number, "breaker", error, OutcomeStatus.REFUSED
+            )
+        )
+    assert isinstance(blocked, LimitBlocked)
+    left = blocked.left
+    events.append(
+        record.LimitRefused(
+            at=now,
+            step=number,
+            limit=blocked.limit_id,
+            limit_kind=blocked.kind.value,
+            scope=blocked.scope,
+            cap=blocked.cap,
+            used=blocked.used,
+            held=blocked.held,
+            requested=blocked.requested,
+            left=left,
+            retry_after_us=blocked.retry_after_us,
+        )
+    )
+    after_s = blocked.retry_after_us / 1e6 if blocked.retry_after_us else None
+    what = {
+        LimitKind.BUDGET: f"needs {blocked.requested}, {left} of {blocked.cap} left",
+        LimitKind.QUOTA: f"{blocked.used} of {blocked.cap} calls used",
+        LimitKind.CONCURRENCY: f"{blocked.used} of {blocked.cap} calls in flight",
+        LimitKind.RATE: f"over {blocked.cap} at once at its rate",
+    }.get(blocked.kind, f"{left} left")
+    after = f"; retry {_after(after_s)}" if after_s else ""
+    error = LimitExceeded(
+        f"{cap.name}: limit {blocked.limit_id!r} ({blocked.kind.value}, scope "
+        f"{blocked.scope}) refused the call: {what}{after}",
+        limit_id=blocked.limit_id,
+        left=left,
+        retry_after=after_s,
+    )
+    return (
+        yield from _refuse(
+            run, cap, events, now, number, "limits", error, OutcomeStatus.REFUSED
+        )
+    )
+
+
+def _after(seconds: float) -> str:
+    """Say when, in words: `in 30s`, `in 2h 5m`, `in 250ms`."""
+    if seconds < 1:
+        return f"in {max(seconds * 1000, 1):.0f}ms"
+    whole = round(seconds)
+    parts = [(whole // 3600, "h"), (whole % 3600 // 60, "m"), (whole % 60, "s")]
+    return "in " + " ".join(f"{n}{unit}" for n, unit in parts if n)[:8].strip()
+
+
+def _settlements(
+    run: RunPort,
+    reserved: Sequence[Reserved],
+    number: int,
+    end: datetime,
+    actual: Decimal | None,
+    in_doubt: bool,
+) -> tuple[list[Settle], list[record.Event]]:
+    """Return how each reservation settles, and the event that says so.
+
+    A budget settles at the call's actual cost (its own cost expression's
+    amount when it has one); a failed call releases it, but a call in doubt
+    keeps its estimate charged, since the upstream may have acted. Leases are
+    released either way; quotas and rates have nothing to settle.
+    """
+    settles: list[Settle] = []
+    lines: list[dict[str, Any]] = []
+    for r in reserved:
+        res = r.reserve
+        if res.kind is LimitKind.BUDGET:
+            if in_doubt:
+                amount: Decimal | None = res.amount
+            elif actual is None:
+                amount = None
+            else:
+                amount = res.amount if r.own_cost else actual
+        elif res.kind is LimitKind.CONCURRENCY:
+            amount = None
+        else:
+            continue
+        settles.append(
+            Settle(
+                limit_id=res.limit_id,
+                kind=res.kind,
+                scope=res.scope,
+                window=res.window,
+                run_id=run.run_id,
+                step=number,
+                actual=amount,
+            )
+        )
+        lines.append(
+            {
+                "id": res.limit_id,
+                "scope": res.scope,
+                "reserved": res.amount,
+                "actual": amount,
+            }
+        )
+    if not lines:
+        return settles, []
+    return settles, [record.LimitSettled(at=end, step=number, limits=tuple(lines))]
 
 
 # -- stages ------------------------------------------------------------------------

@@ -30,6 +30,8 @@ from tether.errors import TetherError
 __all__ = [
     "FORMAT",
     "SECRET_MASK",
+    "BreakerChecked",
+    "BreakerTransition",
     "Decided",
     "Event",
     "Executed",
@@ -38,16 +40,22 @@ __all__ = [
     "InDoubtRecorded",
     "Intent",
     "KeyExpired",
+    "LimitRefused",
+    "LimitReserved",
+    "LimitSettled",
     "Outcome",
     "OutcomeStatus",
     "PlanAdmitted",
     "PlanProposed",
+    "PlanStashed",
     "PreconditionChecked",
+    "RetryScheduled",
     "RunFinished",
     "RunStarted",
     "RunStatus",
     "Secret",
     "StoredEvent",
+    "UsageCharged",
     "Validated",
     "VerifyReport",
     "chain_hash",
@@ -337,6 +345,137 @@ class InDoubtRecorded:
     """The step's number in the run, from 1; None for run-level events."""
 
 
+@dataclass(slots=True, kw_only=True)
+class LimitReserved:
+    """The step took room in these limits before it acted."""
+
+    at: datetime
+    """When the stage ran, aware UTC."""
+    kind: Literal["limit_reserved"] = "limit_reserved"
+    limits: tuple[dict[str, Any], ...]
+    """Each: `{"id", "scope", "amount"}`."""
+    step: int | None = None
+    """The step's number in the run, from 1; None for run-level events."""
+    throttled_us: int = 0
+    """How long a budget's throttle held the step back first (0: not at all)."""
+
+
+@dataclass(slots=True, kw_only=True)
+class LimitRefused:
+    """A limit had no room for the step: nothing ran, nothing was charged."""
+
+    at: datetime
+    """When the stage ran, aware UTC."""
+    cap: Decimal
+    """The limit: a budget's amount, a quota's or cap's max, a rate's burst."""
+    held: Decimal = Decimal(0)
+    """Reserved by calls still running."""
+    kind: Literal["limit_refused"] = "limit_refused"
+    left: Decimal
+    limit: str
+    limit_kind: str
+    requested: Decimal
+    retry_after_us: int = 0
+    scope: str
+    step: int | None = None
+    """The step's number in the run, from 1; None for run-level events."""
+    used: Decimal
+
+
+@dataclass(slots=True, kw_only=True)
+class LimitSettled:
+    """The step's reservations were settled at its actual cost, or released."""
+
+    at: datetime
+    """When the stage ran, aware UTC."""
+    kind: Literal["limit_settled"] = "limit_settled"
+    limits: tuple[dict[str, Any], ...]
+    """Each: `{"id", "scope", "reserved", "actual"}`; `actual` is None when released."""
+    step: int | None = None
+    """The step's number in the run, from 1; None for run-level events."""
+
+
+@dataclass(slots=True, kw_only=True)
+class BreakerChecked:
+    """A breaker that is not closed let the step through as a trial, or refused it."""
+
+    admitted: bool
+    at: datetime
+    """When the stage ran, aware UTC."""
+    breaker: str
+    kind: Literal["breaker_checked"] = "breaker_checked"
+    mode: str | None = None
+    """When refused: the degraded mode that acts instead."""
+    reason: str
+    state: str
+    step: int | None = None
+    """The step's number in the run, from 1; None for run-level events."""
+
+
+@dataclass(slots=True, kw_only=True)
+class BreakerTransition:
+    """A breaker changed state; recorded in the run whose step moved it."""
+
+    at: datetime
+    """When the transition took effect, aware UTC."""
+    breaker: str
+    kind: Literal["breaker_transition"] = "breaker_transition"
+    previous: str
+    reason: str
+    state: str
+    step: int | None = None
+    """The step's number in the run, from 1; None for run-level events."""
+
+
+@dataclass(slots=True, kw_only=True)
+class RetryScheduled:
+    """An attempt failed and the step is retried after `delay_us` (same key)."""
+
+    at: datetime
+    """When the stage ran, aware UTC."""
+    attempt: int
+    """The attempt that failed, from 1."""
+    delay_us: int
+    duration_us: int
+    error_code: str
+    kind: Literal["retry_scheduled"] = "retry_scheduled"
+    message: str
+    step: int | None = None
+    """The step's number in the run, from 1; None for run-level events."""
+
+
+@dataclass(slots=True, kw_only=True)
+class PlanStashed:
+    """A breaker in `stash` mode parked the run `degraded` with the steps it did not take."""
+
+    at: datetime
+    """When the stage ran, aware UTC."""
+    breaker: str
+    kind: Literal["plan_stashed"] = "plan_stashed"
+    reason: str
+    step: int | None = None
+    """The step's number in the run, from 1; None for run-level events."""
+    steps: tuple[dict[str, Any], ...]
+    """Each: `{"capability", "args", "idempotency_key"}`, in order."""
+
+
+@dataclass(slots=True, kw_only=True)
+class UsageCharged:
+    """A planner's model usage, charged to the run's budgets as capability `llm`."""
+
+    at: datetime
+    """When the stage ran, aware UTC."""
+    cost: Decimal
+    input_tokens: int = 0
+    kind: Literal["usage_charged"] = "usage_charged"
+    limits: tuple[str, ...] = ()
+    """The budgets charged."""
+    model: str | None = None
+    output_tokens: int = 0
+    step: int | None = None
+    """The step's number in the run, from 1; None for run-level events."""
+
+
 Event: TypeAlias = (
     RunStarted
     | RunStatus
@@ -352,6 +491,14 @@ Event: TypeAlias = (
     | Executed
     | Failed
     | InDoubtRecorded
+    | LimitReserved
+    | LimitRefused
+    | LimitSettled
+    | BreakerChecked
+    | BreakerTransition
+    | RetryScheduled
+    | PlanStashed
+    | UsageCharged
 )
 
 _ADAPTER: pydantic.TypeAdapter[Event] = pydantic.TypeAdapter(

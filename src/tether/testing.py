@@ -55,6 +55,10 @@ class FakeClock:
         self._now += delta
         self._mono += delta.total_seconds()
 
+    def sleep(self, seconds: float) -> None:
+        """Move the clock forward by `seconds`, at once (a throttle or a backoff waits here)."""
+        self.advance(timedelta(seconds=seconds))
+
 
 @contextmanager
 def temporary_app(

@@ -16,6 +16,7 @@ from tether.agent.planner import (
     ProposedStep,
     ScriptedPlanner,
     ScriptedStep,
+    Usage,
 )
 
 __all__ = [
@@ -28,5 +29,6 @@ __all__ = [
     "ScriptedPlanner",
     "ScriptedStep",
     "StepLimitReached",
+    "Usage",
     "run_agent",
 ]

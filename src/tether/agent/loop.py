@@ -131,6 +131,14 @@ def _drive(
                 f"{type(planner).__name__}.propose returned {proposal!r:.80}; "
                 "return a tether.agent.Proposal"
             )
+        if proposal.usage is not None:
+            u = proposal.usage
+            run.charge_usage(
+                u.cost,
+                input_tokens=u.input_tokens,
+                output_tokens=u.output_tokens,
+                model=u.model,
+            )
         run.append(
             record.PlanProposed(
                 at=run.clock.now(),
@@ -154,9 +162,15 @@ def _drive(
                     raise PlannerGaveUp(proposal.answer or "the planner gave up")
                 continue  # nothing ran: the planner re-plans, even if it meant to finish
             run.transition(RunState.EXECUTING)
-            for proposed in proposal.steps:
+            for index, proposed in enumerate(proposal.steps):
+                run._upcoming = proposal.steps[
+                    index + 1 :
+                ]  # stashed if a breaker parks the run
                 seen = _take(run, proposed)
+                run._upcoming = ()
                 observations.append(seen)
+                if run.status is RunState.DEGRADED:
+                    return  # parked with the rest of its plan, to resume later
                 if not seen.ok:
                     break  # the rest of the plan counted on this step's output
         if proposal.finish:

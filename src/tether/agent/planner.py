@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any, Protocol, TypeAlias, runtime_checkable
 
 from tether.errors import UsageError
@@ -24,6 +25,7 @@ __all__ = [
     "ProposedStep",
     "ScriptedPlanner",
     "ScriptedStep",
+    "Usage",
 ]
 
 _OK = frozenset(
@@ -33,6 +35,17 @@ _OK = frozenset(
 
 ProposedStep = PlanStep
 """One step a planner wants taken: a capability, its args and why (a `tether.plan.PlanStep`)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Usage:
+    """What one planner turn cost in model usage; charged to the run's budgets."""
+
+    cost: Decimal = Decimal(0)
+    """In the capabilities' cost unit (cents, say); an int or a Decimal."""
+    input_tokens: int = 0
+    output_tokens: int = 0
+    model: str | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -57,6 +70,8 @@ class Proposal:
     """The final answer for the person who asked, when finishing."""
     gave_up: bool = False
     """With `finish`: the planner could not do the task; the run ends `failed`."""
+    usage: Usage | None = None
+    """What this turn cost in model usage (tokens, cost), when the planner knows."""
 
     def __post_init__(self) -> None:
         steps: tuple[object, ...] = tuple(self.steps)

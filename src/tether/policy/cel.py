@@ -219,6 +219,19 @@ class Scope:
             CelError: evaluation failed (a missing field, a type mismatch) or the
                 result is not a boolean.
         """
+        result = self.value(condition)
+        if result is True or result is False:
+            return result
+        raise CelError(
+            f"the condition gave {type(result).__name__} {result!r:.40}, not a bool"
+        )
+
+    def value(self, condition: Condition) -> object:
+        """Return the expression's value (a limit's cost, say).
+
+        Raises:
+            CelError: evaluation failed (a missing field, a type mismatch).
+        """
         pending = self._pending
         try:
             if pending:
@@ -227,11 +240,6 @@ class Scope:
                         # Converting a value CEL cannot carry (a set, an object)
                         # fails here: a failed evaluation, not a crash.
                         self._context.add_variable(name, pending.pop(name))
-            result = condition.program.execute(self._context)
+            return condition.program.execute(self._context)
         except Exception as exc:  # the CEL runtime raises many builtin types
             raise CelError(f"{type(exc).__name__}: {_first_line(exc)}") from exc
-        if result is True or result is False:
-            return result
-        raise CelError(
-            f"the condition gave {type(result).__name__} {result!r:.40}, not a bool"
-        )

@@ -12,10 +12,28 @@ import abc
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from decimal import Decimal
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
 from tether._chain import StoredEvent
+from tether.store._limits import (
+    Admitted,
+    Blocked,
+    BreakerAdmit,
+    BreakerBlocked,
+    BreakerOutcome,
+    BreakerRow,
+    LimitTables,
+    Reserve,
+    RetryCharge,
+    Settle,
+    apply_admission,
+    apply_results,
+    breaker_view,
+    charge_retry,
+    to_us,
+)
 
 if TYPE_CHECKING:
     from tether.record import Event
@@ -28,9 +46,11 @@ __all__ = [
     "KeyRecord",
     "KeyState",
     "KeyUpdate",
+    "LimitRow",
     "NewRun",
     "RunRow",
     "Store",
+    "apply_limits",
     "may_replace",
 ]
 
@@ -133,6 +153,29 @@ class Batch:
     error_code: str | None = None
     claim: Claim | None = None
     key_update: KeyUpdate | None = None
+    reserve: Sequence[Reserve] = ()
+    """Room to take in limits before the step acts; a refusal writes nothing."""
+    breaker: BreakerAdmit | None = None
+    """The breaker to pass before the step acts; a refusal writes nothing."""
+    throttle: bool = True
+    """False once the step waited out a throttle: reserve without slowing again."""
+    settle: Sequence[Settle] = ()
+    breaker_outcome: BreakerOutcome | None = None
+    retry: RetryCharge | None = None
+    """Spend a retry; when no budget is left, nothing is written."""
+    step: int = 0
+    """The step the limit and breaker commands belong to."""
+
+    @property
+    def limited(self) -> bool:
+        """Tell whether the batch carries limit or breaker commands."""
+        return bool(
+            self.reserve
+            or self.breaker
+            or self.settle
+            or self.breaker_outcome
+            or self.retry
+        )
 
 
 @dataclass(slots=True, kw_only=True)
@@ -145,6 +188,27 @@ class Committed:
     """When the claim could not be taken: the key's record; nothing was written."""
     took_over: KeyRecord | None = None
     """When the claim replaced an expired or failed record: that record."""
+    blocked: Blocked | None = None
+    """When a limit, a throttle, a retry budget or the breaker said no: why;
+    nothing was written."""
+    breaker_generation: int | None = None
+    """The breaker generation that let the step through (for its outcome)."""
+    probe: bool = False
+    """The step is a half-open breaker's trial call."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LimitRow:
+    """One limit counter or lease set, as `tether status` shows it."""
+
+    limit_id: str
+    scope: str
+    window: datetime | None
+    """The window's start; None for a run's lifetime or a limit without windows."""
+    used: Decimal
+    held: Decimal
+    holds: int
+    """Live reservations or leases."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -185,6 +249,18 @@ class Store(abc.ABC):
         """
 
     @abc.abstractmethod
+    def limit_rows(self, now: datetime) -> list[LimitRow]:
+        """Return every limit counter and live lease set (for `tether status`)."""
+
+    @abc.abstractmethod
+    def breaker_rows(self) -> dict[str, BreakerRow]:
+        """Return every breaker's stored row, by id."""
+
+    @abc.abstractmethod
+    def breaker_row(self, breaker_id: str) -> BreakerRow:
+        """Return one breaker's stored row (a closed one when it has none)."""
+
+    @abc.abstractmethod
     def lookup_key(self, key: KeyId) -> KeyRecord | None:
         """Return the record of `key`, if any."""
 
@@ -206,6 +282,50 @@ class Store(abc.ABC):
 
     def close(self) -> None:  # noqa: B027  # optional for backends without resources
         """Release connections."""
+
+
+def apply_limits(tables: LimitTables, batch: Batch) -> tuple[list[Event], Admitted]:
+    """Apply a batch's limit and breaker commands to a backend's rows.
+
+    Returns:
+        The batch's events with the ones the breaker adds, and what was
+        admitted. When `Admitted.blocked` is set the caller must write nothing
+        of the batch (roll back what this wrote).
+    """
+    retry = batch.retry
+    if retry is not None:  # the failed attempt's outcome first: it may open the breaker
+        events = [*batch.events]
+        events += apply_results(
+            tables, batch.settle, batch.breaker_outcome, now=batch.at
+        )
+        if retry.breaker is not None and retry.generation is not None:
+            view, _ = breaker_view(
+                tables.breaker(retry.breaker.id), retry.breaker, to_us(batch.at)
+            )
+            if view.generation != retry.generation:
+                return [], Admitted(
+                    blocked=BreakerBlocked(
+                        breaker_id=retry.breaker.id, state=view.state, retry_after_us=0
+                    )
+                )
+        refused = charge_retry(tables, retry, now=batch.at)
+        if refused is not None:
+            return [], Admitted(blocked=refused)
+        return events, Admitted()
+    admitted = apply_admission(
+        tables,
+        batch.reserve,
+        batch.breaker,
+        run_id=batch.run_id,
+        step=batch.step,
+        now=batch.at,
+        throttle=batch.throttle,
+    )
+    if admitted.blocked is not None:
+        return [], admitted
+    events = [*batch.events, *admitted.events]
+    events += apply_results(tables, batch.settle, batch.breaker_outcome, now=batch.at)
+    return events, admitted
 
 
 def may_replace(existing: KeyRecord, claim: Claim) -> bool:

@@ -6,8 +6,11 @@ and chained only when read, so a call costs no encoding at all.
 
 from __future__ import annotations
 
+import copy
 import threading
 from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
 from typing import TYPE_CHECKING
 
 from tether import _canonical, _chain
@@ -19,11 +22,14 @@ from tether.store._base import (
     KeyRecord,
     KeyState,
     KeyUpdate,
+    LimitRow,
     NewRun,
     RunRow,
     Store,
+    apply_limits,
     may_replace,
 )
+from tether.store._limits import BreakerRow, from_us, to_us
 
 if TYPE_CHECKING:
     from tether.record import Event
@@ -48,6 +54,7 @@ class MemoryStore(Store):
         self._lock = threading.Lock()
         self._runs: dict[str, _Run] = {}
         self._keys: dict[KeyId, KeyRecord] = {}
+        self._tables = _Tables()
 
     def commit(self, batch: Batch) -> Committed:
         """Apply `batch` under a lock: every check first, then every change."""
@@ -74,6 +81,18 @@ class MemoryStore(Store):
                         head_hash=batch.base_hash,
                         conflict=existing,
                     )
+            events = batch.events
+            admitted = None
+            if batch.limited:
+                saved = copy.deepcopy(self._tables)
+                events, admitted = apply_limits(self._tables, batch)
+                if admitted.blocked is not None:
+                    self._tables = saved
+                    return Committed(
+                        head_seq=batch.base_seq,
+                        head_hash=batch.base_hash,
+                        blocked=admitted.blocked,
+                    )
             # -- nothing below can fail --
             if claim is not None:
                 self._keys[claim.id] = KeyRecord(
@@ -89,13 +108,19 @@ class MemoryStore(Store):
             if run is None:
                 assert batch.new_run is not None
                 run = self._runs[batch.run_id] = _Run(_new_row(batch, batch.new_run))
-            run.events.extend(batch.events)
+            run.events.extend(events)
             if batch.status is not None or batch.error_code is not None:
                 run.row = _replace_status(run.row, batch)
             if batch.key_update is not None:
                 self._update_key(batch.key_update)
             return Committed(
-                head_seq=len(run.events), head_hash=b"", took_over=existing
+                head_seq=len(run.events),
+                head_hash=b"",
+                took_over=existing,
+                breaker_generation=None
+                if admitted is None
+                else admitted.breaker_generation,
+                probe=admitted is not None and admitted.probe,
             )
 
     def _update_key(self, u: KeyUpdate) -> None:
@@ -111,6 +136,42 @@ class MemoryStore(Store):
                 lease_until=old.lease_until,
                 completed_at=u.now,
             )
+
+    def limit_rows(self, now: datetime) -> list[LimitRow]:
+        """Return every limit counter and live lease set (for `tether status`)."""
+        at = to_us(now)
+        with self._lock:
+            t = self._tables
+            rows: dict[tuple[str, str, int], tuple[Decimal, Decimal, int]] = {
+                k: (v, Decimal(0), 0) for k, v in t.counters.items()
+            }
+            for (lid, scope, window, _run, _step), (amount, until) in t.holds_.items():
+                if until > at:
+                    used, held, count = rows.get(
+                        (lid, scope, window), (Decimal(0), Decimal(0), 0)
+                    )
+                    rows[(lid, scope, window)] = (used, held + amount, count + 1)
+        return [
+            LimitRow(
+                limit_id=lid,
+                scope=scope,
+                window=from_us(window) if window else None,
+                used=used,
+                held=held,
+                holds=count,
+            )
+            for (lid, scope, window), (used, held, count) in sorted(rows.items())
+        ]
+
+    def breaker_row(self, breaker_id: str) -> BreakerRow:
+        """Return one breaker's stored row (a closed one when it has none)."""
+        with self._lock:
+            return self._tables.breaker(breaker_id)
+
+    def breaker_rows(self) -> dict[str, BreakerRow]:
+        """Return every breaker's stored row, by id."""
+        with self._lock:
+            return dict(sorted(copy.deepcopy(self._tables.breakers).items()))
 
     def lookup_key(self, key: KeyId) -> KeyRecord | None:
         """Return the record of `key`, if any."""
@@ -170,6 +231,67 @@ class MemoryStore(Store):
             head = _chain.chain_hash(head, seq, body)
             out.append(_chain.StoredEvent(seq=seq, body=body, hash=head))
         return out
+
+
+class _Tables:
+    """`LimitTables` in dicts (copied before a batch, restored if it is refused)."""
+
+    def __init__(self) -> None:
+        self.counters: dict[tuple[str, str, int], Decimal] = {}
+        self.holds_: dict[tuple[str, str, int, str, int], tuple[Decimal, int]] = {}
+        self.rates: dict[tuple[str, str], int] = {}
+        self.breakers: dict[str, BreakerRow] = {}
+
+    def counter(self, limit_id: str, scope: str, window: int) -> Decimal:
+        return self.counters.get((limit_id, scope, window), Decimal(0))
+
+    def set_counter(
+        self, limit_id: str, scope: str, window: int, value: Decimal, now: int
+    ) -> None:
+        self.counters[(limit_id, scope, window)] = value
+
+    def holds(
+        self, limit_id: str, scope: str, window: int, now: int
+    ) -> tuple[Decimal, int]:
+        total, count = Decimal(0), 0
+        for key, (amount, until) in list(self.holds_.items()):
+            if key[:3] != (limit_id, scope, window):
+                continue
+            if until > now:
+                total += amount
+                count += 1
+            else:
+                del self.holds_[key]
+        return total, count
+
+    def add_hold(
+        self,
+        limit_id: str,
+        scope: str,
+        window: int,
+        run_id: str,
+        step: int,
+        amount: Decimal,
+        until: int,
+    ) -> None:
+        self.holds_[(limit_id, scope, window, run_id, step)] = (amount, until)
+
+    def drop_hold(
+        self, limit_id: str, scope: str, window: int, run_id: str, step: int
+    ) -> None:
+        self.holds_.pop((limit_id, scope, window, run_id, step), None)
+
+    def tat(self, limit_id: str, scope: str) -> int | None:
+        return self.rates.get((limit_id, scope))
+
+    def set_tat(self, limit_id: str, scope: str, tat: int) -> None:
+        self.rates[(limit_id, scope)] = tat
+
+    def breaker(self, breaker_id: str) -> BreakerRow:
+        return copy.copy(self.breakers.get(breaker_id) or BreakerRow())
+
+    def set_breaker(self, breaker_id: str, row: BreakerRow) -> None:
+        self.breakers[breaker_id] = copy.copy(row)
 
 
 def _new_row(batch: Batch, new: NewRun) -> RunRow:

@@ -12,15 +12,17 @@ import contextlib
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from importlib import resources
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 from tether import _canonical, _chain
 from tether.errors import LeaseLost, NotFound, StoreError
+from tether.store import _limits
 from tether.store._base import (
     Batch,
     Claim,
@@ -28,10 +30,13 @@ from tether.store._base import (
     KeyId,
     KeyRecord,
     KeyState,
+    LimitRow,
     RunRow,
     Store,
+    apply_limits,
     may_replace,
 )
+from tether.store._limits import BreakerRow, BreakerState
 
 __all__ = ["BUSY_TIMEOUT_MS", "PAGE_SIZE", "SQLiteStore", "Synchronous"]
 
@@ -224,6 +229,10 @@ class SQLiteStore(Store):
             return Committed(
                 head_seq=batch.base_seq, head_hash=batch.base_hash, conflict=c.record
             )
+        except _Blocked as b:
+            return Committed(
+                head_seq=batch.base_seq, head_hash=batch.base_hash, blocked=b.why
+            )
         except sqlite3.Error as exc:
             if batch.new_run is not None:
                 self._pks.pop(batch.run_id, None)  # its creation was rolled back
@@ -235,13 +244,19 @@ class SQLiteStore(Store):
         took_over = None
         if batch.claim is not None:
             took_over = self._claim(con, batch.claim)
+        events = batch.events
+        admitted = None
+        if batch.limited:
+            events, admitted = apply_limits(_Tables(con), batch)
+            if admitted.blocked is not None:
+                raise _Blocked(admitted.blocked)
         # A run this store wrote has its key cached; a new run's comes with its insert.
         pk = 0 if batch.new_run is not None else self._pks.get(batch.run_id)
         if pk is None:
             pk = self._pk(con, batch.run_id)
         seq, head = batch.base_seq, batch.base_hash
         rows = []
-        for event in batch.events:
+        for event in events:
             seq += 1
             body = _canonical.dumps_fields(event)
             head = _chain.chain_hash(head, seq, body)
@@ -326,7 +341,15 @@ class SQLiteStore(Store):
                     u.step,
                 ),
             )
-        return Committed(head_seq=seq, head_hash=head, took_over=took_over)
+        if admitted is None:
+            return Committed(head_seq=seq, head_hash=head, took_over=took_over)
+        return Committed(
+            head_seq=seq,
+            head_hash=head,
+            took_over=took_over,
+            breaker_generation=admitted.breaker_generation,
+            probe=admitted.probe,
+        )
 
     def _mac(self, key: bytes) -> _chain.Mac:
         # record_key may be set after opening (Tether does); build the pads once per key.
@@ -401,6 +424,51 @@ class SQLiteStore(Store):
 
     # -- reads ------------------------------------------------------------------
 
+    def limit_rows(self, now: datetime) -> list[LimitRow]:
+        """Return every limit counter and live lease set (for `tether status`)."""
+        at = _limits.to_us(now)
+
+        def query(con: sqlite3.Connection) -> list[LimitRow]:
+            rows: dict[tuple[str, str, int], list[object]] = {}
+            for lid, scope, window, value in con.execute(
+                "SELECT limit_id, scope, window, value FROM limit_counters"
+            ):
+                rows[(lid, scope, window)] = [Decimal(value), Decimal(0), 0]
+            for lid, scope, window, amount in con.execute(
+                "SELECT limit_id, scope, window, amount FROM limit_holds WHERE until > ?",
+                (at,),
+            ):
+                row = rows.setdefault((lid, scope, window), [Decimal(0), Decimal(0), 0])
+                row[1] = Decimal(str(row[1])) + Decimal(amount)
+                row[2] = int(str(row[2])) + 1
+            return [
+                LimitRow(
+                    limit_id=lid,
+                    scope=scope,
+                    window=_limits.from_us(window) if window else None,
+                    used=Decimal(str(used)),
+                    held=Decimal(str(held)),
+                    holds=int(str(count)),
+                )
+                for (lid, scope, window), (used, held, count) in sorted(rows.items())
+            ]
+
+        return self._read(query)
+
+    def breaker_row(self, breaker_id: str) -> BreakerRow:
+        """Return one breaker's stored row (a closed one when it has none)."""
+        return self._read(lambda con: _Tables(con).breaker(breaker_id))
+
+    def breaker_rows(self) -> dict[str, BreakerRow]:
+        """Return every breaker's stored row, by id."""
+        rows = self._read(
+            lambda con: con.execute(
+                "SELECT id, state, since, generation, outcomes, probes, probe_deadline "
+                "FROM breakers ORDER BY id"
+            ).fetchall()
+        )
+        return {r[0]: _breaker_row(r[1:]) for r in rows}
+
     def lookup_key(self, key: KeyId) -> KeyRecord | None:
         """Return the record of `key`, if any."""
         return self._read(lambda con: _key_record(con, key))
@@ -470,6 +538,134 @@ def _rollback(con: sqlite3.Connection) -> None:
 class _Conflict(Exception):  # control flow, never escapes this module
     def __init__(self, existing: KeyRecord) -> None:
         self.record = existing
+
+
+class _Blocked(Exception):  # control flow, never escapes this module: rolls back
+    def __init__(self, why: _limits.Blocked) -> None:
+        self.why = why
+
+
+class _Tables:
+    """`LimitTables` over a connection inside the caller's transaction."""
+
+    __slots__ = ("con",)
+
+    def __init__(self, con: sqlite3.Connection) -> None:
+        self.con = con
+
+    def counter(self, limit_id: str, scope: str, window: int) -> Decimal:
+        row = self.con.execute(
+            "SELECT value FROM limit_counters WHERE limit_id=? AND scope=? AND window=?",
+            (limit_id, scope, window),
+        ).fetchone()
+        return Decimal(0) if row is None else Decimal(row[0])
+
+    def set_counter(
+        self, limit_id: str, scope: str, window: int, value: Decimal, now: int
+    ) -> None:
+        self.con.execute(
+            "INSERT INTO limit_counters (limit_id, scope, window, value, updated) "
+            "VALUES (?,?,?,?,?) ON CONFLICT DO UPDATE SET value=excluded.value, "
+            "updated=excluded.updated",
+            (limit_id, scope, window, str(value), now),
+        )
+
+    def holds(
+        self, limit_id: str, scope: str, window: int, now: int
+    ) -> tuple[Decimal, int]:
+        rows = self.con.execute(
+            "SELECT amount, until FROM limit_holds WHERE limit_id=? AND scope=? "
+            "AND window=?",
+            (limit_id, scope, window),
+        ).fetchall()
+        total, count, lapsed = Decimal(0), 0, False
+        for amount, until in rows:
+            if until > now:
+                total += Decimal(amount)
+                count += 1
+            else:
+                lapsed = True
+        if lapsed:  # a crashed or hung worker's hold comes back by itself
+            self.con.execute(
+                "DELETE FROM limit_holds WHERE limit_id=? AND scope=? AND window=? "
+                "AND until <= ?",
+                (limit_id, scope, window, now),
+            )
+        return total, count
+
+    def add_hold(
+        self,
+        limit_id: str,
+        scope: str,
+        window: int,
+        run_id: str,
+        step: int,
+        amount: Decimal,
+        until: int,
+    ) -> None:
+        self.con.execute(
+            "INSERT OR REPLACE INTO limit_holds (limit_id, scope, window, run_id, step, "
+            "amount, until) VALUES (?,?,?,?,?,?,?)",
+            (limit_id, scope, window, run_id, step, str(amount), until),
+        )
+
+    def drop_hold(
+        self, limit_id: str, scope: str, window: int, run_id: str, step: int
+    ) -> None:
+        self.con.execute(
+            "DELETE FROM limit_holds WHERE limit_id=? AND scope=? AND window=? "
+            "AND run_id=? AND step=?",
+            (limit_id, scope, window, run_id, step),
+        )
+
+    def tat(self, limit_id: str, scope: str) -> int | None:
+        row = self.con.execute(
+            "SELECT tat FROM limit_rates WHERE limit_id=? AND scope=?",
+            (limit_id, scope),
+        ).fetchone()
+        return None if row is None else int(row[0])
+
+    def set_tat(self, limit_id: str, scope: str, tat: int) -> None:
+        self.con.execute(
+            "INSERT INTO limit_rates (limit_id, scope, tat) VALUES (?,?,?) "
+            "ON CONFLICT DO UPDATE SET tat=excluded.tat",
+            (limit_id, scope, tat),
+        )
+
+    def breaker(self, breaker_id: str) -> BreakerRow:
+        row = self.con.execute(
+            "SELECT state, since, generation, outcomes, probes, probe_deadline "
+            "FROM breakers WHERE id=?",
+            (breaker_id,),
+        ).fetchone()
+        return BreakerRow() if row is None else _breaker_row(row)
+
+    def set_breaker(self, breaker_id: str, row: BreakerRow) -> None:
+        self.con.execute(
+            "INSERT OR REPLACE INTO breakers (id, state, since, generation, outcomes, "
+            "probes, probe_deadline) VALUES (?,?,?,?,?,?,?)",
+            (
+                breaker_id,
+                row.state.value,
+                row.since,
+                row.generation,
+                row.outcomes,
+                row.probes,
+                row.probe_deadline,
+            ),
+        )
+
+
+def _breaker_row(row: Sequence[Any]) -> BreakerRow:
+    state, since, generation, outcomes, probes, deadline = row
+    return BreakerRow(
+        state=BreakerState(state),
+        since=since,
+        generation=generation,
+        outcomes=outcomes,
+        probes=probes,
+        probe_deadline=deadline,
+    )
 
 
 def _key_record(con: sqlite3.Connection, k: KeyId) -> KeyRecord | None:
