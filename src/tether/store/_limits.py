@@ -297,10 +297,19 @@ class LimitTables(Protocol):
         """Store the counter's value."""
         ...
 
-    def holds(
+    def add_to_counter(
+        self, limit_id: str, scope: str, window: int, delta: Decimal, now: int
+    ) -> None:
+        """Add `delta` to the counter (creating it), exactly."""
+        ...
+
+    def usage(
         self, limit_id: str, scope: str, window: int, now: int
-    ) -> tuple[Decimal, int]:
-        """Return the sum and number of live holds; drop the lapsed ones."""
+    ) -> tuple[Decimal, Decimal, int]:
+        """Return the counter's value, and the sum and number of live holds.
+
+        One read; the lapsed holds are dropped.
+        """
         ...
 
     def add_hold(
@@ -336,6 +345,17 @@ class LimitTables(Protocol):
 
     def set_breaker(self, breaker_id: str, row: BreakerRow) -> None:
         """Store a breaker's row."""
+        ...
+
+    def push_sample(
+        self, breaker_id: str, code: str, window: int, generation: int
+    ) -> bool:
+        """Append a call's outcome to a closed breaker's window in one write.
+
+        Returns:
+            False when the breaker has no row, is not closed or is of another
+            generation: then nothing was written.
+        """
         ...
 
 
@@ -435,12 +455,11 @@ def _check(
         )
         return None
     # budgets and concurrency caps hold their room until the step settles
-    held, count = tables.holds(r.limit_id, r.scope, r.window, at)
+    used, held, count = tables.usage(r.limit_id, r.scope, r.window, at)
     if kind is LimitKind.CONCURRENCY:
         if count + 1 > r.cap:
             return _blocked(r, Decimal(count), Decimal(0), at)
     else:
-        used = tables.counter(r.limit_id, r.scope, r.window)
         if used + held + r.amount > r.cap:
             return _blocked(r, used, held, at)
         if throttle:
@@ -492,8 +511,7 @@ def apply_results(
         if s.kind is LimitKind.BUDGET or s.kind is LimitKind.CONCURRENCY:
             tables.drop_hold(s.limit_id, s.scope, s.window, s.run_id, s.step)
         if (s.kind is LimitKind.BUDGET or s.kind is LimitKind.COUNT) and s.actual:
-            used = tables.counter(s.limit_id, s.scope, s.window)
-            tables.set_counter(s.limit_id, s.scope, s.window, used + s.actual, at)
+            tables.add_to_counter(s.limit_id, s.scope, s.window, s.actual, at)
     if outcome is None:
         return []
     return _record_outcome(tables, outcome, now)
@@ -668,11 +686,17 @@ def _record_outcome(
     tables: LimitTables, outcome: BreakerOutcome, now: datetime
 ) -> list[Event]:
     spec = outcome.spec
+    code = _code(outcome.failed, outcome.slow)
+    if (
+        code == "0"
+        and not outcome.probe
+        and tables.push_sample(spec.id, code, spec.window, outcome.generation)
+    ):
+        return []  # a quick success in a closed breaker can trip nothing: one write
     at = to_us(now)
     stored = tables.breaker(spec.id)
     row, moves = breaker_view(stored, spec, at)
     changed = bool(moves)
-    code = _code(outcome.failed, outcome.slow)
     if row.generation != outcome.generation:
         pass  # the breaker moved on since the call was let through: not its sample
     elif row.state is BreakerState.CLOSED and not outcome.probe:

@@ -84,7 +84,7 @@ class MemoryStore(Store):
             events = batch.events
             admitted = None
             if batch.limited:
-                saved = copy.deepcopy(self._tables)
+                saved = self._tables.snapshot()
                 events, admitted = apply_limits(self._tables, batch)
                 if admitted.blocked is not None:
                     self._tables = saved
@@ -250,9 +250,24 @@ class _Tables:
     ) -> None:
         self.counters[(limit_id, scope, window)] = value
 
-    def holds(
+    def add_to_counter(
+        self, limit_id: str, scope: str, window: int, delta: Decimal, now: int
+    ) -> None:
+        key = (limit_id, scope, window)
+        self.counters[key] = self.counters.get(key, Decimal(0)) + delta
+
+    def snapshot(self) -> _Tables:
+        """Return a copy to restore if a batch is refused (rows are never changed in place)."""
+        copied = _Tables()
+        copied.counters = dict(self.counters)
+        copied.holds_ = dict(self.holds_)
+        copied.rates = dict(self.rates)
+        copied.breakers = dict(self.breakers)
+        return copied
+
+    def usage(
         self, limit_id: str, scope: str, window: int, now: int
-    ) -> tuple[Decimal, int]:
+    ) -> tuple[Decimal, Decimal, int]:
         total, count = Decimal(0), 0
         for key, (amount, until) in list(self.holds_.items()):
             if key[:3] != (limit_id, scope, window):
@@ -262,7 +277,7 @@ class _Tables:
                 count += 1
             else:
                 del self.holds_[key]
-        return total, count
+        return self.counter(limit_id, scope, window), total, count
 
     def add_hold(
         self,
@@ -292,6 +307,17 @@ class _Tables:
 
     def set_breaker(self, breaker_id: str, row: BreakerRow) -> None:
         self.breakers[breaker_id] = copy.copy(row)
+
+    def push_sample(
+        self, breaker_id: str, code: str, window: int, generation: int
+    ) -> bool:
+        row = self.breakers.get(breaker_id)
+        if row is None or row.generation != generation or row.state != "closed":
+            return False
+        row = copy.copy(row)  # never in place: a snapshot may share the old row
+        row.outcomes = (row.outcomes + code)[-window:]
+        self.breakers[breaker_id] = row
+        return True
 
 
 def _new_row(batch: Batch, new: NewRun) -> RunRow:

@@ -545,6 +545,10 @@ class _Blocked(Exception):  # control flow, never escapes this module: rolls bac
         self.why = why
 
 
+_EXACT_INT = 10**17
+"""Below this, integer sums stay exact in SQLite's 64-bit integers."""
+
+
 class _Tables:
     """`LimitTables` over a connection inside the caller's transaction."""
 
@@ -570,17 +574,44 @@ class _Tables:
             (limit_id, scope, window, str(value), now),
         )
 
-    def holds(
+    def add_to_counter(
+        self, limit_id: str, scope: str, window: int, delta: Decimal, now: int
+    ) -> None:
+        # Whole amounts (cents, counts: the common case) are added by SQLite in
+        # one statement, exactly in 64-bit integers; a decimal anywhere (in the
+        # delta or the stored value) is added by Python, read then written.
+        if delta == delta.to_integral_value() and abs(delta) < _EXACT_INT:
+            cur = self.con.execute(
+                "INSERT INTO limit_counters (limit_id, scope, window, value, updated) "
+                "VALUES (?,?,?,?,?) ON CONFLICT DO UPDATE SET "
+                "value=CAST(CAST(value AS INTEGER) + CAST(excluded.value AS INTEGER) AS TEXT), "
+                "updated=excluded.updated "
+                "WHERE value GLOB '[0-9]*' AND NOT value GLOB '*[^0-9]*' "
+                "AND length(value) < 18",
+                (limit_id, scope, window, str(int(delta)), now),
+            )
+            if cur.rowcount == 1:
+                return
+        value = self.counter(limit_id, scope, window) + delta
+        self.set_counter(limit_id, scope, window, value, now)
+
+    def usage(
         self, limit_id: str, scope: str, window: int, now: int
-    ) -> tuple[Decimal, int]:
+    ) -> tuple[Decimal, Decimal, int]:
+        # One statement for the counter and the holds: the counter's row has a
+        # NULL `until`.
+        key = (limit_id, scope, window)
         rows = self.con.execute(
-            "SELECT amount, until FROM limit_holds WHERE limit_id=? AND scope=? "
-            "AND window=?",
-            (limit_id, scope, window),
+            "SELECT value, NULL FROM limit_counters WHERE limit_id=? AND scope=? "
+            "AND window=? UNION ALL SELECT amount, until FROM limit_holds "
+            "WHERE limit_id=? AND scope=? AND window=?",
+            key + key,
         ).fetchall()
-        total, count, lapsed = Decimal(0), 0, False
+        used, total, count, lapsed = Decimal(0), Decimal(0), 0, False
         for amount, until in rows:
-            if until > now:
+            if until is None:
+                used = Decimal(amount)
+            elif until > now:
                 total += Decimal(amount)
                 count += 1
             else:
@@ -591,7 +622,7 @@ class _Tables:
                 "AND until <= ?",
                 (limit_id, scope, window, now),
             )
-        return total, count
+        return used, total, count
 
     def add_hold(
         self,
@@ -654,6 +685,16 @@ class _Tables:
                 row.probe_deadline,
             ),
         )
+
+    def push_sample(
+        self, breaker_id: str, code: str, window: int, generation: int
+    ) -> bool:
+        cur = self.con.execute(
+            "UPDATE breakers SET outcomes = substr(outcomes || ?, ?) "
+            "WHERE id=? AND generation=? AND state='closed'",
+            (code, -window, breaker_id, generation),
+        )
+        return cur.rowcount == 1
 
 
 def _breaker_row(row: Sequence[Any]) -> BreakerRow:

@@ -1,0 +1,638 @@
+"""Where every limit, breaker and retry budget stands: what `tether status` shows.
+
+`status(app)` reads the app's `tether.yaml` (its `limits:`, `breakers:` and
+`retry_budget:`) and the store's counters, leases and breaker rows, and returns
+one frozen `StatusReport`. It only reads: asking for the status never moves a
+breaker or spends anything, even when time alone has moved one (an open breaker
+past its cool-down is shown half-open, as the next call will find it).
+
+What is shown is what is live: the current window of each counter, and the
+counters of runs that have not finished. Counters whose limit id is no longer in
+the config (after an edit of `tether.yaml`) are listed as unconfigured.
+
+Example:
+    ```python
+    report = status(app)
+    for limit in report.limits:
+        print(limit.id, [(c.scope, c.left) for c in limit.counters])
+    ```
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any
+
+from tether.errors import NotFound
+from tether.limits import Limit
+from tether.resilience import Breaker, RetryBudget
+from tether.run import FINAL_STATES, RunState
+from tether.store._base import LimitRow
+from tether.store._limits import BreakerRow, BreakerState, breaker_view, from_us, to_us
+
+if TYPE_CHECKING:
+    from tether.app import Tether
+
+__all__ = [
+    "BreakerStatus",
+    "CapabilityRetries",
+    "Counter",
+    "LimitStatus",
+    "RetryCounter",
+    "RetryStatus",
+    "StatusReport",
+    "UnconfiguredBreaker",
+    "UnconfiguredCounter",
+    "status",
+]
+
+_PERIOD = {
+    "minute": timedelta(minutes=1),
+    "hour": timedelta(hours=1),
+    "day": timedelta(days=1),
+}
+_RUN_BUDGET = "retry:run"
+_INCIDENT_BUDGET = "retry:incident"
+_RETRY_PREFIX = "retry:"
+_CALLS_SUFFIX = ":calls"
+
+
+# -- the report --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Counter:
+    """One live counter of a limit: one scope, in its current window."""
+
+    scope: str
+    """Whose counter: a run id, `tenant/principal`, a tenant, a capability, or `*`."""
+    window_start: datetime | None
+    """When the window began; None for a run's lifetime or a limit without windows."""
+    window_end: datetime | None
+    """When the window ends and the counter starts again from 0; None when it never does."""
+    used: Decimal
+    """Settled cost (budgets) or calls counted (quotas) in the window; 0 for caps."""
+    held: Decimal
+    """Reserved by calls still running: estimated costs (budgets), leases (caps)."""
+    holds: int
+    """Live reservations or leases: calls in flight now."""
+    cap: Decimal
+    """The limit: a budget's `amount`, a quota's or a cap's `max`."""
+    left: Decimal
+    """`cap - used - held`, never below 0: what the next calls may take."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LimitStatus:
+    """One entry of `limits:` and its live counters."""
+
+    id: str
+    kind: str
+    """`quota`, `budget`, `concurrency` or `rate`."""
+    scope: str
+    """Whose counters: `run`, `principal`, `tenant`, `capability` or `global`."""
+    per: str | None
+    """The window: `minute`, `hour`, `day`, `run`; None for caps and rates."""
+    cap: Decimal | None
+    """A budget's `amount`, a quota's or a cap's `max`; None for rates."""
+    rate: float | None
+    """Rate limits: calls per second; None otherwise."""
+    burst: int | None
+    """Rate limits: calls allowed at once; None otherwise."""
+    counters: tuple[Counter, ...]
+    """The live counters, by scope. Rate limits have none here: their state
+    (a theoretical arrival time) is not a count."""
+
+    @property
+    def unused(self) -> bool:
+        """Tell whether nothing counts against the limit now (never for rates: unknown)."""
+        return not self.counters and self.kind != "rate"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BreakerStatus:
+    """One entry of `breakers:`, as it stands now."""
+
+    id: str
+    resource: str
+    state: str
+    """`closed`, `open` or `half_open`, as of the report's time."""
+    since: datetime | None
+    """When it entered `state`; None for a breaker that never moved."""
+    calls: int
+    """Closed: the calls in its outcomes window. Half-open: trial calls answered."""
+    window: int
+    """How many recent calls the rates are taken over (`window`)."""
+    failure_rate: float | None
+    """The share of `calls` that failed; None without calls."""
+    slow_rate: float | None
+    """The share of `calls` that were slow; None without calls."""
+    opens_at: float
+    """The failure rate that opens it (`failure_rate` in `tether.yaml`)."""
+    min_calls: int
+    """The calls needed in the window before it may open."""
+    probes: int
+    """Half-open: trial calls let through so far."""
+    half_open_calls: int
+    """How many trial calls half-open lets through."""
+    probe_deadline: datetime | None
+    """Half-open with a trial call out: when it reopens if that call does not answer."""
+    retry_at: datetime | None
+    """Open: when its cool-down ends and trial calls go through."""
+    on_open: str
+    """What a refused call does instead: `escalate`, `stash` or `read_only`."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RetryCounter:
+    """Retries one run (or one incident) has spent, against its budget."""
+
+    scope: str
+    """The run id, or the incident (the value of the context field `incident`)."""
+    used: int
+    cap: int
+    left: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CapabilityRetries:
+    """A capability's retries in the current window, against its share of its calls."""
+
+    capability: str
+    window_start: datetime
+    window_end: datetime
+    retries: int
+    calls: int
+    """Calls that ended in the window (the retries' denominator)."""
+    allowed: Decimal
+    """`max(ratio * calls, min_retries)`: the retries the window allows."""
+    left: Decimal
+    """`allowed - retries`, never below 0."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RetryStatus:
+    """`retry_budget:` and what has been spent of it."""
+
+    per_run: int
+    per_incident: int | None
+    incident: str | None
+    max_attempts: int
+    ratio: Decimal
+    min_retries: int
+    window: timedelta
+    runs: tuple[RetryCounter, ...]
+    """Runs that have retried and have not finished."""
+    incidents: tuple[RetryCounter, ...]
+    capabilities: tuple[CapabilityRetries, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UnconfiguredCounter:
+    """A counter of a limit id no longer in `tether.yaml` (its latest window)."""
+
+    limit_id: str
+    scope: str
+    window_start: datetime | None
+    used: Decimal
+    held: Decimal
+    holds: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UnconfiguredBreaker:
+    """A stored breaker no longer in `tether.yaml`, as it was last stored."""
+
+    id: str
+    state: str
+    since: datetime | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StatusReport:
+    """Every limit, breaker and retry budget of an app, as of `at`."""
+
+    at: datetime
+    """The time the report describes, aware UTC."""
+    config: str | None
+    """The `tether.yaml` read; None when the app has none."""
+    limits: tuple[LimitStatus, ...]
+    """Every configured limit, in file order."""
+    breakers: tuple[BreakerStatus, ...]
+    """Every configured breaker, in file order."""
+    retry_budget: RetryStatus | None
+    """None when `tether.yaml` has no `retry_budget:` (tether then never retries)."""
+    unconfigured: tuple[UnconfiguredCounter, ...]
+    unconfigured_breakers: tuple[UnconfiguredBreaker, ...]
+    hidden: int
+    """Counters not shown: their window has ended, or their run has finished."""
+
+    @property
+    def configured(self) -> bool:
+        """Tell whether `tether.yaml` declares any limit, breaker or retry budget."""
+        return bool(self.limits or self.breakers or self.retry_budget)
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the report as a JSON-ready dict: Decimals as text, times ISO 8601."""
+        retry = self.retry_budget
+        return {
+            "at": self.at.isoformat(),
+            "config": self.config,
+            "limits": [
+                {
+                    "id": lim.id,
+                    "kind": lim.kind,
+                    "scope": lim.scope,
+                    "per": lim.per,
+                    "cap": _text(lim.cap),
+                    "rate": lim.rate,
+                    "burst": lim.burst,
+                    "unused": lim.unused,
+                    "counters": [
+                        {
+                            "scope": c.scope,
+                            "window_start": _iso(c.window_start),
+                            "window_end": _iso(c.window_end),
+                            "used": str(c.used),
+                            "held": str(c.held),
+                            "holds": c.holds,
+                            "cap": str(c.cap),
+                            "left": str(c.left),
+                        }
+                        for c in lim.counters
+                    ],
+                }
+                for lim in self.limits
+            ],
+            "breakers": [
+                {
+                    "id": b.id,
+                    "resource": b.resource,
+                    "state": b.state,
+                    "since": _iso(b.since),
+                    "calls": b.calls,
+                    "window": b.window,
+                    "failure_rate": b.failure_rate,
+                    "slow_rate": b.slow_rate,
+                    "opens_at": b.opens_at,
+                    "min_calls": b.min_calls,
+                    "probes": b.probes,
+                    "half_open_calls": b.half_open_calls,
+                    "probe_deadline": _iso(b.probe_deadline),
+                    "retry_at": _iso(b.retry_at),
+                    "on_open": b.on_open,
+                }
+                for b in self.breakers
+            ],
+            "retry_budget": None
+            if retry is None
+            else {
+                "per_run": retry.per_run,
+                "per_incident": retry.per_incident,
+                "incident": retry.incident,
+                "max_attempts": retry.max_attempts,
+                "ratio": str(retry.ratio),
+                "min_retries": retry.min_retries,
+                "window_s": retry.window.total_seconds(),
+                "runs": [_retry_json(r) for r in retry.runs],
+                "incidents": [_retry_json(r) for r in retry.incidents],
+                "capabilities": [
+                    {
+                        "capability": c.capability,
+                        "window_start": c.window_start.isoformat(),
+                        "window_end": c.window_end.isoformat(),
+                        "retries": c.retries,
+                        "calls": c.calls,
+                        "allowed": str(c.allowed),
+                        "left": str(c.left),
+                    }
+                    for c in retry.capabilities
+                ],
+            },
+            "unconfigured": {
+                "counters": [
+                    {
+                        "limit_id": u.limit_id,
+                        "scope": u.scope,
+                        "window_start": _iso(u.window_start),
+                        "used": str(u.used),
+                        "held": str(u.held),
+                        "holds": u.holds,
+                    }
+                    for u in self.unconfigured
+                ],
+                "breakers": [
+                    {"id": b.id, "state": b.state, "since": _iso(b.since)}
+                    for b in self.unconfigured_breakers
+                ],
+            },
+            "hidden": self.hidden,
+        }
+
+
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat()
+
+
+def _text(value: Decimal | None) -> str | None:
+    return None if value is None else str(value)
+
+
+def _retry_json(r: RetryCounter) -> dict[str, Any]:
+    return {"scope": r.scope, "used": r.used, "cap": r.cap, "left": r.left}
+
+
+# -- building it -------------------------------------------------------------------------
+
+
+def status(app: Tether, *, now: datetime | None = None) -> StatusReport:
+    """Return where every limit, breaker and retry budget of `app` stands.
+
+    `tether.yaml` is reloaded first if it changed, so the report shows what the
+    next step will meet. Nothing is written.
+
+    Args:
+        app: the app whose config and store are read.
+        now: the time to report as of (default: the app's clock).
+
+    Raises:
+        StoreError: the store could not be read.
+    """
+    app.current_policy()  # reloads a changed tether.yaml, as the next step would
+    settings = app.settings
+    at = app.clock.now() if now is None else now
+    alive = _RunFilter(app)
+    rows = app.store.limit_rows(at)
+    limits = {lim.id: lim for lim in settings.limits}
+    retry = settings.retry_budget
+
+    by_limit: dict[str, list[LimitRow]] = {}
+    retry_rows: list[LimitRow] = []
+    leftover: list[LimitRow] = []
+    for row in rows:
+        if row.limit_id in limits:
+            by_limit.setdefault(row.limit_id, []).append(row)
+        elif retry is not None and _is_retry_row(row, retry):
+            retry_rows.append(row)
+        else:
+            leftover.append(row)
+
+    hidden = 0
+    limit_report = []
+    for lim in settings.limits:
+        counters, skipped = _counters(lim, by_limit.get(lim.id, ()), at, alive)
+        hidden += skipped
+        limit_report.append(_limit_status(lim, counters))
+
+    retry_report = None
+    if retry is not None:
+        retry_report, skipped = _retry_status(retry, retry_rows, at, alive)
+        hidden += skipped
+
+    unconfigured, skipped = _unconfigured(leftover)
+    hidden += skipped
+
+    stored = app.store.breaker_rows()
+    breakers = tuple(
+        _breaker_status(b, stored.get(b.id, BreakerRow()), at)
+        for b in settings.breakers
+    )
+    known = {b.id for b in settings.breakers}
+    gone = tuple(
+        UnconfiguredBreaker(id=bid, state=row.state.value, since=_since(row.since))
+        for bid, row in sorted(stored.items())
+        if bid not in known
+    )
+    return StatusReport(
+        at=at,
+        config=None if app.config_path is None else str(app.config_path),
+        limits=tuple(limit_report),
+        breakers=breakers,
+        retry_budget=retry_report,
+        unconfigured=unconfigured,
+        unconfigured_breakers=gone,
+        hidden=hidden,
+    )
+
+
+class _RunFilter:
+    """Tell whether a run id names a run that has not finished (looked up once each)."""
+
+    def __init__(self, app: Tether) -> None:
+        self._get_run = app.store.get_run
+        self._seen: dict[str, bool] = {}
+
+    def __call__(self, run_id: str) -> bool:
+        live = self._seen.get(run_id)
+        if live is None:
+            try:
+                row = self._get_run(run_id)
+            except NotFound:
+                live = True  # a counter we cannot explain is shown, not hidden
+            else:
+                live = row.run_id != run_id or RunState(row.status) not in FINAL_STATES
+            self._seen[run_id] = live
+        return live
+
+
+def _is_retry_row(row: LimitRow, retry: RetryBudget) -> bool:
+    if not row.limit_id.startswith(_RETRY_PREFIX):
+        return False
+    if row.limit_id == _RUN_BUDGET and row.window is None:
+        return True
+    if row.limit_id == _INCIDENT_BUDGET and row.window is None:
+        return retry.per_incident is not None
+    return row.window is not None  # a capability's retries, or its calls
+
+
+def _window_end(start: datetime | None, length: timedelta | None) -> datetime | None:
+    if start is None or length is None:
+        return None
+    return start + length
+
+
+def _counters(
+    lim: Limit,
+    rows: Iterable[LimitRow],
+    at: datetime,
+    alive: Callable[[str], bool],
+) -> tuple[tuple[Counter, ...], int]:
+    cap = _cap(lim) or Decimal(0)
+    length = _PERIOD.get(lim.per or "")
+    out: list[Counter] = []
+    skipped = 0
+    for row in rows:
+        end = _window_end(row.window, length)
+        if (end is not None and end <= at) or (
+            lim.scope == "run" and not alive(row.scope)
+        ):
+            skipped += 1
+            continue
+        out.append(
+            Counter(
+                scope=row.scope,
+                window_start=row.window,
+                window_end=end,
+                used=row.used,
+                held=row.held,
+                holds=row.holds,
+                cap=cap,
+                left=max(cap - row.used - row.held, Decimal(0)),
+            )
+        )
+    return tuple(sorted(out, key=lambda c: c.scope)), skipped
+
+
+def _cap(lim: Limit) -> Decimal | None:
+    if lim.kind == "budget":
+        return lim.amount
+    if lim.max is not None:
+        return Decimal(lim.max)
+    return None
+
+
+def _limit_status(lim: Limit, counters: tuple[Counter, ...]) -> LimitStatus:
+    is_rate = lim.kind == "rate"
+    return LimitStatus(
+        id=lim.id,
+        kind=lim.kind,
+        scope=lim.scope,
+        per=lim.per,
+        cap=_cap(lim),
+        rate=lim.rate if is_rate else None,
+        burst=lim.burst if is_rate else None,
+        counters=counters,
+    )
+
+
+def _retry_status(
+    retry: RetryBudget,
+    rows: Iterable[LimitRow],
+    at: datetime,
+    alive: Callable[[str], bool],
+) -> tuple[RetryStatus, int]:
+    runs: list[RetryCounter] = []
+    incidents: list[RetryCounter] = []
+    windows: dict[tuple[str, datetime], dict[str, Decimal]] = {}
+    skipped = 0
+    for row in rows:
+        if row.window is None:
+            if row.limit_id == _RUN_BUDGET:
+                if alive(row.scope):
+                    runs.append(_retry_counter(row, retry.per_run))
+                else:
+                    skipped += 1
+            elif retry.per_incident is not None:
+                incidents.append(_retry_counter(row, retry.per_incident))
+            continue
+        if row.window + retry.window <= at:
+            skipped += 1
+            continue
+        name = row.limit_id.removeprefix(_RETRY_PREFIX)
+        part = "retries"
+        if name.endswith(_CALLS_SUFFIX):
+            name, part = name.removesuffix(_CALLS_SUFFIX), "calls"
+        windows.setdefault((name, row.window), {})[part] = row.used
+    ratio = Decimal(str(retry.ratio))  # as the store compares it
+    capabilities = []
+    for (name, start), counts in sorted(windows.items()):
+        retries = counts.get("retries", Decimal(0))
+        calls = counts.get("calls", Decimal(0))
+        allowed = max(ratio * calls, Decimal(retry.min_retries))
+        capabilities.append(
+            CapabilityRetries(
+                capability=name,
+                window_start=start,
+                window_end=start + retry.window,
+                retries=int(retries),
+                calls=int(calls),
+                allowed=allowed,
+                left=max(allowed - retries, Decimal(0)),
+            )
+        )
+    report = RetryStatus(
+        per_run=retry.per_run,
+        per_incident=retry.per_incident,
+        incident=retry.incident,
+        max_attempts=retry.max_attempts,
+        ratio=ratio,
+        min_retries=retry.min_retries,
+        window=retry.window,
+        runs=tuple(sorted(runs, key=lambda r: r.scope)),
+        incidents=tuple(sorted(incidents, key=lambda r: r.scope)),
+        capabilities=tuple(capabilities),
+    )
+    return report, skipped
+
+
+def _retry_counter(row: LimitRow, cap: int) -> RetryCounter:
+    used = int(row.used)
+    return RetryCounter(scope=row.scope, used=used, cap=cap, left=max(cap - used, 0))
+
+
+def _unconfigured(
+    rows: Iterable[LimitRow],
+) -> tuple[tuple[UnconfiguredCounter, ...], int]:
+    """Keep the latest window of each (limit, scope): the window lengths are unknown."""
+    latest: dict[tuple[str, str], LimitRow] = {}
+    skipped = 0
+    for row in rows:
+        key = (row.limit_id, row.scope)
+        seen = latest.get(key)
+        if seen is not None:
+            skipped += 1
+            if _start_us(seen) >= _start_us(row):
+                continue
+        latest[key] = row
+    out = tuple(
+        UnconfiguredCounter(
+            limit_id=row.limit_id,
+            scope=row.scope,
+            window_start=row.window,
+            used=row.used,
+            held=row.held,
+            holds=row.holds,
+        )
+        for _, row in sorted(latest.items())
+    )
+    return out, skipped
+
+
+def _start_us(row: LimitRow) -> int:
+    return 0 if row.window is None else to_us(row.window)
+
+
+def _since(us: int) -> datetime | None:
+    return from_us(us) if us else None
+
+
+def _breaker_status(b: Breaker, row: BreakerRow, at: datetime) -> BreakerStatus:
+    spec = b.spec()
+    view, _ = breaker_view(row, spec, to_us(at))
+    outcomes = view.outcomes
+    n = len(outcomes)
+    failed = sum(1 for c in outcomes if c in "13")
+    slow = sum(1 for c in outcomes if c in "23")
+    waiting = view.state is BreakerState.HALF_OPEN and view.probes > n
+    return BreakerStatus(
+        id=b.id,
+        resource=b.resource,
+        state=view.state.value,
+        since=_since(view.since),
+        calls=n,
+        window=spec.window,
+        failure_rate=failed / n if n else None,
+        slow_rate=slow / n if n else None,
+        opens_at=spec.failure_rate,
+        min_calls=spec.min_calls,
+        probes=view.probes if view.state is BreakerState.HALF_OPEN else 0,
+        half_open_calls=spec.probes,
+        probe_deadline=from_us(view.probe_deadline) if waiting else None,
+        retry_at=from_us(view.since + spec.open_us)
+        if view.state is BreakerState.OPEN
+        else None,
+        on_open=b.on_open,
+    )
