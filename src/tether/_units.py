@@ -43,7 +43,11 @@ def parse_amount(value: object) -> Decimal:
     Raises:
         ValueError: a float, a negative or non-finite number, or not a number.
     """
-    if isinstance(value, (bool, float)):
+    if isinstance(value, bool):
+        raise ValueError(  # noqa: TRY004  # pydantic reports ValueError, not TypeError
+            f"{value!r} is not an amount; write e.g. 5000 or '12.50'"
+        )
+    if isinstance(value, float):
         raise ValueError(  # noqa: TRY004  # pydantic reports ValueError, not TypeError
             f"{value!r} is a float, which budgets cannot add exactly; write an "
             "integer in the smallest unit (cents) or quote a decimal: '12.50'"

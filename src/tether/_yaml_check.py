@@ -299,33 +299,59 @@ class _Checker(Generic[M]):
     def _check_unique_items(self) -> None:
         if not isinstance(self.root, yaml.MappingNode):
             return
+        # Ids are unique in the whole file (a rule and a limit may not share one).
+        first: dict[tuple[str, str], tuple[str, int, int]] = {}
         for key, value in self.root.value:
             if not isinstance(key, yaml.ScalarNode) or not isinstance(
                 value, yaml.SequenceNode
             ):
                 continue
             section = str(key.value)
-            item_key = _item_key(_model_at(self.model, (section, 0)))
+            item_model = _model_at(self.model, (section, 0))
+            item_key = _item_key(item_model)
             if item_key is None:
                 continue
-            first: dict[str, tuple[int, int]] = {}
+            for field in _unique_fields(item_model):
+                self._check_unique_field(section, value, field)
             for index, item in enumerate(value.value):
                 found = _lookup(item, item_key)
                 if found is None or not isinstance(found[1], yaml.ScalarNode):
                     continue
                 name, line = str(found[1].value), found[0].start_mark.line + 1
-                if name not in first:
-                    first[name] = (index, line)
+                seen = (item_key, name) if item_key == "id" else (section, name)
+                if seen not in first:
+                    first[seen] = (section, index, line)
                     continue
-                was, was_line = first[name]
+                was_section, was, was_line = first[seen]
                 self._add(
                     (section, index),
-                    f"{item_key} {name!r} is used twice, by {section}[{was}] (line "
+                    f"{item_key} {name!r} is used twice, by {was_section}[{was}] (line "
                     f"{was_line}) and {section}[{index}] (line {line}); give each its "
                     f"own {item_key}",
                     line=line,
                 )
                 self.duplicate_ids.append(name)
+
+    def _check_unique_field(
+        self, section: str, items: yaml.SequenceNode, field: str
+    ) -> None:
+        seen: dict[str, tuple[int, int]] = {}
+        for index, item in enumerate(items.value):
+            found = _lookup(item, field)
+            if found is None or not isinstance(found[1], yaml.ScalarNode):
+                continue
+            name, line = str(found[1].value), found[0].start_mark.line + 1
+            if name not in seen:
+                seen[name] = (index, line)
+                continue
+            was, was_line = seen[name]
+            self._add(
+                (section, index),
+                f"{field} {name!r} is used twice, by {section}[{was}] (line {was_line}) "
+                f"and {section}[{index}] (line {line}); keep one",
+                line=line,
+            )
+            self.duplicate_ids.append(name)
 
     # -- pydantic --------------------------------------------------------------------
 
@@ -337,10 +363,10 @@ class _Checker(Generic[M]):
             loc: _Loc = tuple(error["loc"])
             if any(loc[: len(done)] == done for done in self.reported):
                 continue
-            if not loc and any(
+            if len(loc) <= 1 and any(
                 repr(n) in str(error["msg"]) for n in self.duplicate_ids
             ):
-                continue  # the model's own duplicate-id check: reported with lines
+                continue  # the model's own duplicate check: reported with lines
             if error["type"] == "extra_forbidden" and loc:
                 text, guess = self._unknown_field(loc)
                 if guess is not None and (*loc[:-1], guess) in missing:
@@ -517,6 +543,15 @@ def _model_at(
     if isinstance(current, type) and issubclass(current, pydantic.BaseModel):
         return current
     return None
+
+
+def _unique_fields(model: type[pydantic.BaseModel] | None) -> tuple[str, ...]:
+    """Return the fields besides the id that a list's items may not share.
+
+    A model declares them as `model_config["json_schema_extra"]["x-unique"]`.
+    """
+    extra = None if model is None else model.model_config.get("json_schema_extra")
+    return tuple(extra.get("x-unique", ())) if isinstance(extra, dict) else ()
 
 
 def _item_key(model: type[pydantic.BaseModel] | None) -> str | None:

@@ -89,15 +89,22 @@ class Settings(RulesConfig, extra="forbid", frozen=True):
                     "each rule, limit and breaker its own id"
                 )
             seen[ident] = place
-        resources: dict[str, str] = {}
-        for i, b in enumerate(self.breakers):
+        return self
+
+    @pydantic.field_validator("breakers")
+    @classmethod
+    def _one_breaker_per_resource(
+        cls, breakers: tuple[Breaker, ...]
+    ) -> tuple[Breaker, ...]:
+        resources: dict[str, int] = {}
+        for i, b in enumerate(breakers):
             if b.resource in resources:
                 raise ValueError(
-                    f"resource {b.resource!r} has two breakers: {resources[b.resource]} "
-                    f"and breakers[{i}]; keep one"
+                    f"resource {b.resource!r} has two breakers: "
+                    f"breakers[{resources[b.resource]}] and breakers[{i}]; keep one"
                 )
-            resources[b.resource] = f"breakers[{i}]"
-        return self
+            resources[b.resource] = i
+        return breakers
 
 
 def resolve_db(flag: str | None = None, env: Mapping[str, str] | None = None) -> str:

@@ -652,6 +652,7 @@ def step(  # the design's list, in order
             idempotency_key=key,
         )
 
+    error_type = type(done.error or error).__name__  # what went wrong, before InDoubt
     if in_doubt:
         message = (
             f"{cap.name} step {number} started and did not finish cleanly "
@@ -663,7 +664,7 @@ def step(  # the design's list, in order
             record.InDoubtRecorded(
                 at=end,
                 step=number,
-                error_type=type(done.error or error).__name__,
+                error_type=error_type,
                 message=error.message,
                 duration_us=done.duration_us,
             )

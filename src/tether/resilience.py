@@ -40,7 +40,12 @@ class SlowCall(pydantic.BaseModel, extra="forbid", frozen=True):
     rate: float = pydantic.Field(default=1.0, gt=0, le=1)
 
 
-class Breaker(pydantic.BaseModel, extra="forbid", frozen=True):
+class Breaker(
+    pydantic.BaseModel,
+    extra="forbid",
+    frozen=True,
+    json_schema_extra={"x-unique": ["resource"]},  # one breaker per resource
+):
     """One entry of `breakers:` in `tether.yaml`: a circuit breaker over a resource."""
 
     id: str = pydantic.Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")

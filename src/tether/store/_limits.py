@@ -348,13 +348,17 @@ class LimitTables(Protocol):
         ...
 
     def push_sample(
-        self, breaker_id: str, code: str, window: int, generation: int
+        self, breaker_id: str, code: str, window: int, min_calls: int, generation: int
     ) -> bool:
-        """Append a call's outcome to a closed breaker's window in one write.
+        """Append a success to a closed breaker's window in one write, when it cannot trip it.
+
+        A success lowers both rates once the window holds `min_calls`; the one
+        that brings it to `min_calls` is the first to be checked, so it is not
+        taken here.
 
         Returns:
-            False when the breaker has no row, is not closed or is of another
-            generation: then nothing was written.
+            False when the breaker has no row, is not closed, is of another
+            generation, or holds `min_calls - 1` outcomes: then nothing was written.
         """
         ...
 
@@ -637,8 +641,11 @@ def _admit_breaker(
         )
         return None
     if row.state is BreakerState.HALF_OPEN and row.probes < spec.probes:
+        if row.probes == len(row.outcomes):
+            # The deadline runs from the first unanswered trial call: a later one
+            # must not keep a hung one's half-open state alive.
+            row.probe_deadline = at + spec.probe_timeout_us
         row.probes += 1
-        row.probe_deadline = at + spec.probe_timeout_us
         tables.set_breaker(spec.id, row)
         admitted.events.extend(_notes(spec.id, moves, admit.note))
         admitted.events.append(
@@ -690,7 +697,9 @@ def _record_outcome(
     if (
         code == "0"
         and not outcome.probe
-        and tables.push_sample(spec.id, code, spec.window, outcome.generation)
+        and tables.push_sample(
+            spec.id, code, spec.window, spec.min_calls, outcome.generation
+        )
     ):
         return []  # a quick success in a closed breaker can trip nothing: one write
     at = to_us(now)

@@ -309,10 +309,15 @@ class _Tables:
         self.breakers[breaker_id] = copy.copy(row)
 
     def push_sample(
-        self, breaker_id: str, code: str, window: int, generation: int
+        self, breaker_id: str, code: str, window: int, min_calls: int, generation: int
     ) -> bool:
         row = self.breakers.get(breaker_id)
-        if row is None or row.generation != generation or row.state != "closed":
+        if (
+            row is None
+            or row.generation != generation
+            or row.state != "closed"
+            or len(row.outcomes) == min_calls - 1
+        ):
             return False
         row = copy.copy(row)  # never in place: a snapshot may share the old row
         row.outcomes = (row.outcomes + code)[-window:]

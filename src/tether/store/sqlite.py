@@ -687,12 +687,12 @@ class _Tables:
         )
 
     def push_sample(
-        self, breaker_id: str, code: str, window: int, generation: int
+        self, breaker_id: str, code: str, window: int, min_calls: int, generation: int
     ) -> bool:
         cur = self.con.execute(
             "UPDATE breakers SET outcomes = substr(outcomes || ?, ?) "
-            "WHERE id=? AND generation=? AND state='closed'",
-            (code, -window, breaker_id, generation),
+            "WHERE id=? AND generation=? AND state='closed' AND length(outcomes) <> ?",
+            (code, -window, breaker_id, generation, min_calls - 1),
         )
         return cur.rowcount == 1
 
