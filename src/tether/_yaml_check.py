@@ -551,7 +551,8 @@ def _unique_fields(model: type[pydantic.BaseModel] | None) -> tuple[str, ...]:
     A model declares them as `model_config["json_schema_extra"]["x-unique"]`.
     """
     extra = None if model is None else model.model_config.get("json_schema_extra")
-    return tuple(extra.get("x-unique", ())) if isinstance(extra, dict) else ()
+    unique = extra.get("x-unique") if isinstance(extra, dict) else None
+    return tuple(str(f) for f in unique) if isinstance(unique, list) else ()
 
 
 def _item_key(model: type[pydantic.BaseModel] | None) -> str | None:

@@ -1,0 +1,433 @@
+"""Limits under contention: real processes on one SQLite file (RELIABILITY C.19, C.21, C.22).
+
+Every process opens its own `Tether` on one file; the store is the only thing
+they share, so a limit holds across them only if the store's counting does.
+The totals are checked three ways: what the workers saw, what the records say
+(read back from the file), and what `store.limit_rows` holds at the end.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import json
+import os
+import random
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import tether
+from tether.store._base import LimitRow
+from tether.testing import FakeClock
+
+from ._limit_workers import (
+    LimitWorker,
+    inflight_peak,
+    make_block,
+    make_spend,
+    spawner,
+)
+from ._workers import IN_HANDLER, PRINCIPAL, READY, RESULT
+
+DEADLINE_S = 20.0
+
+
+@pytest.fixture
+def spawn(tmp_path: Path) -> Iterator[Callable[..., LimitWorker]]:
+    """Start worker processes in `tmp_path`; any still running at teardown are killed."""
+    with spawner(tmp_path) as start:
+        yield start
+
+
+def new_seed() -> int:
+    """Return the seed for a randomized test: `TETHER_TEST_SEED`, or a fresh one."""
+    seed = int(
+        os.environ.get("TETHER_TEST_SEED") or random.SystemRandom().randrange(2**32)
+    )
+    print(f"seed={seed} (rerun with TETHER_TEST_SEED={seed})")
+    return seed
+
+
+def setup(tmp_path: Path, limits: str) -> tuple[str, Path]:
+    """Write `tether.yaml` with `limits`, create the database, return (db URL, config)."""
+    config = tmp_path / "tether.yaml"
+    config.write_text(f"limits:\n{limits}")
+    db = f"sqlite:///{tmp_path / 'shared.db'}?synchronous=normal"
+    tether.Tether(db=db, config=config, env={}).close()  # schema and key, made once
+    return db, config
+
+
+def clear_of_midnight() -> None:
+    """Wait out the last seconds of a UTC day, so a day window cannot turn mid-test.
+
+    The multi-process tests use the real clock and a day window; a window that
+    turned halfway would give a second budget and fail them for no fault.
+    """
+    now = datetime.now(UTC)
+    midnight = (now + timedelta(days=1)).replace(
+        hour=0, minute=0, second=0, microsecond=0
+    )
+    if midnight - now < timedelta(seconds=30):
+        time.sleep((midnight - now).total_seconds() + 0.1)
+
+
+def fire(
+    spawn: Callable[..., LimitWorker], tmp_path: Path, runs: Sequence[Sequence[str]]
+) -> tuple[list[str], Counter[str]]:
+    """Start one worker per argument list, release them together; return run ids and the summed tally."""
+    deadline = time.monotonic() + DEADLINE_S
+    go = tmp_path / "go"
+    workers = [spawn(*args, "--go", str(go)) for args in runs]
+    for worker in workers:
+        worker.expect(READY, deadline)
+    go.touch()
+    run_ids: list[str] = []
+    tally: Counter[str] = Counter()
+    for worker in workers:
+        result = json.loads(worker.expect(RESULT, deadline))
+        run_ids += result["runs"]
+        tally.update(result["tally"])
+        assert worker.wait(deadline) == 0
+    return run_ids, tally
+
+
+def events(
+    app: tether.Tether, run_ids: Sequence[str], kind: str
+) -> list[dict[str, Any]]:
+    """Return the events of `kind` in the records of `run_ids`, read back from the store."""
+    found = []
+    for run_id in run_ids:
+        assert app.verify(run_id).ok
+        found += [
+            e.data() for e in app.store.events(run_id) if e.data()["kind"] == kind
+        ]
+    return found
+
+
+def settled(
+    app: tether.Tether, run_ids: Sequence[str], limit: str
+) -> list[dict[str, Any]]:
+    """Return every settlement line of `limit` in the records."""
+    return [
+        line
+        for e in events(app, run_ids, "limit_settled")
+        for line in e["limits"]
+        if line["id"] == limit
+    ]
+
+
+def steps(app: tether.Tether, run_id: str) -> list[dict[str, dict[str, Any]]]:
+    """Return a run's steps in order, each its events by kind."""
+    found: dict[int, dict[str, dict[str, Any]]] = {}
+    for e in app.store.events(run_id):
+        data = e.data()
+        if data["step"] is not None:
+            found.setdefault(data["step"], {})[data["kind"]] = data
+    return [found[n] for n in sorted(found)]
+
+
+def row(app: tether.Tether, limit: str) -> LimitRow:
+    """Return the one counter row of `limit` (a global scope, one window)."""
+    rows = [r for r in app.store.limit_rows(datetime.now(UTC)) if r.limit_id == limit]
+    assert len(rows) == 1, rows
+    return rows[0]
+
+
+# -- C.19: no overspend --------------------------------------------------------------
+
+
+@pytest.mark.chaos
+@pytest.mark.parametrize(
+    "limit",
+    [
+        "  - {id: budget, kind: budget, per: day, amount: 1000}\n",
+        "  - {id: quota, kind: quota, per: day, max: 1000}\n",
+    ],
+    ids=["budget", "quota"],
+)
+def test_four_processes_spend_exactly_the_limit_and_not_a_call_more(
+    spawn: Callable[..., LimitWorker], tmp_path: Path, limit: str
+) -> None:
+    """4 processes x 500 calls of cost 1 against 1000: exactly 1000 run, 1000 are refused naming the limit, and store and record agree."""
+    limit_id = limit.split("id: ")[1].split(",")[0]
+    db, config = setup(tmp_path, limit)
+    clear_of_midnight()
+    args = ["spend", "--db", db, "--config", str(config), "--calls", "500"]
+
+    run_ids, tally = fire(spawn, tmp_path, [args] * 4)
+    app = tether.Tether(db=db, config=config, env={})
+    executed = events(app, run_ids, "executed")
+    refused = events(app, run_ids, "limit_refused")
+    settles = settled(app, run_ids, limit_id)
+    final = row(app, limit_id)
+    app.close()
+
+    assert tally == {"executed": 1000, f"limit_exceeded:{limit_id}": 1000}
+    assert len(executed) == 1000
+    assert {(e["limit"], Decimal(e["left"])) for e in refused} == {
+        (limit_id, Decimal(0))
+    }
+    assert len(refused) == 1000
+    assert (final.used, final.held, final.holds) == (Decimal(1000), Decimal(0), 0)
+    assert sum(Decimal(e["cost"]) for e in executed) == 1000
+    if limit_id == "budget":  # a budget settles each call; a quota only counts it
+        assert sum(Decimal(line["actual"]) for line in settles) == final.used
+
+
+@pytest.mark.chaos
+def test_random_costs_settling_above_and_below_never_overspend_beyond_recorded_overruns(
+    spawn: Callable[..., LimitWorker], tmp_path: Path
+) -> None:
+    """P processes x M calls of random cost 1..10, each settling up to 3 below or above: spending stays within the budget plus the overruns the record shows, and the store equals the record."""
+    seed = new_seed()
+    rng = random.Random(seed)
+    processes, calls = rng.randint(2, 4), rng.randint(100, 200)
+    budget = rng.randint(2 * processes * calls, 7 * processes * calls // 2)
+    db, config = setup(
+        tmp_path, f"  - {{id: budget, kind: budget, per: day, amount: {budget}}}\n"
+    )
+    clear_of_midnight()
+    args = [
+        "spend",
+        "--db",
+        db,
+        "--config",
+        str(config),
+        "--calls",
+        str(calls),
+        "--random",
+    ]
+    seeds = [str(rng.randrange(2**32)) for _ in range(processes)]
+
+    run_ids, tally = fire(spawn, tmp_path, [[*args, "--seed", s] for s in seeds])
+    app = tether.Tether(db=db, config=config, env={})
+    lines = settled(app, run_ids, "budget")
+    refused = events(app, run_ids, "limit_refused")
+    executed = events(app, run_ids, "executed")
+    by_step = [by_kind for run_id in run_ids for by_kind in steps(app, run_id)]
+    final = row(app, "budget")
+    app.close()
+
+    why = f"seed={seed} processes={processes} calls={calls} budget={budget}"
+    spent = sum(Decimal(line["actual"]) for line in lines)
+    overruns = sum(
+        max(Decimal(line["actual"]) - Decimal(line["reserved"]), Decimal(0))
+        for line in lines
+    )
+    assert set(tally) == {"executed", "limit_exceeded:budget"}, why
+    assert tally["executed"] + tally["limit_exceeded:budget"] == processes * calls, why
+    assert len(lines) == len(executed) == tally["executed"], why
+    assert spent <= budget + overruns, why
+    # Tighter: at the last admission everything settled was counted exactly, so
+    # only the calls then in flight (one per process at most) can overrun.
+    worst = sorted(
+        max(Decimal(x["actual"]) - Decimal(x["reserved"]), Decimal(0)) for x in lines
+    )
+    assert spent <= budget + sum(worst[-processes:]), why
+    assert (final.used, final.held, final.holds) == (spent, Decimal(0), 0), why
+    assert sum(Decimal(e["cost"]) for e in executed) == spent, why
+    assert any(Decimal(x["actual"]) > Decimal(x["reserved"]) for x in lines), why
+    assert any(Decimal(x["actual"]) < Decimal(x["reserved"]) for x in lines), why
+    for step in by_step:  # each settlement is the call's own estimate and report
+        if "executed" in step:
+            (line,) = step["limit_settled"]["limits"]
+            assert line["reserved"] == step["intent"]["cost_estimate"], why
+            assert line["actual"] == step["executed"]["cost"], why
+            assert int(line["actual"]) == step["executed"]["output"]["actual"], why
+    assert len(refused) == tally["limit_exceeded:budget"], why
+    for e in refused:
+        left = max(
+            Decimal(e["cap"]) - Decimal(e["used"]) - Decimal(e["held"]), Decimal(0)
+        )
+        assert (e["limit"], Decimal(e["left"])) == ("budget", left), why
+        assert Decimal(e["requested"]) > left, why
+
+
+# -- C.21: concurrency cap -----------------------------------------------------------
+
+
+@pytest.mark.chaos
+def test_twelve_callers_in_four_processes_never_run_more_than_the_cap_at_once(
+    spawn: Callable[..., LimitWorker], tmp_path: Path
+) -> None:
+    """Cap 3, 4 processes x 3 threads calling a handler that holds 5 ms: at most 3 ever in flight (counted by the handler under a file lock), some calls refused naming the cap, some run."""
+    db, config = setup(tmp_path, "  - {id: cap3, kind: concurrency, max: 3}\n")
+    counter = tmp_path / "in-flight"
+    counter.write_text("0 0")
+    args = ["hold", "--db", db, "--config", str(config), "--counter", str(counter)]
+
+    run_ids, tally = fire(
+        spawn, tmp_path, [[*args, "--calls", "40", "--threads", "3"]] * 4
+    )
+    app = tether.Tether(db=db, config=config, env={})
+    executed = events(app, run_ids, "executed")
+    live = [r for r in app.store.limit_rows(datetime.now(UTC)) if r.holds]
+    app.close()
+
+    assert set(tally) == {"executed", "limit_exceeded:cap3"}
+    assert sum(tally.values()) == 4 * 3 * 40
+    assert len(executed) == tally["executed"] > 0
+    assert tally["limit_exceeded:cap3"] > 0
+    in_flight_now, peak = inflight_peak(counter)
+    assert in_flight_now == 0
+    assert 1 <= peak <= 3
+    assert max(e["output"]["in_flight"] for e in executed) == peak
+    assert live == []  # every lease was given back
+
+
+def lease_round(
+    spawn: Callable[..., LimitWorker],
+    app: tether.Tether,
+    run: tether.Run,
+    db: str,
+    config: Path,
+    ttl: timedelta,
+) -> str:
+    """Kill a worker holding the only lease; check its slot is refused while live and free within ttl + 1 s.
+
+    Returns:
+        The killed worker's run id.
+    """
+    worker = spawn("hang", "--db", db, "--config", str(config))
+    holder = worker.expect(IN_HANDLER, time.monotonic() + DEADLINE_S)
+    worker.kill()
+    deadline = time.monotonic() + (ttl + timedelta(seconds=1)).total_seconds()
+    refusals: list[tether.Outcome] = []
+    while True:
+        outcome = run.step("meter.block", {"n": 0})
+        if outcome.status is tether.OutcomeStatus.EXECUTED:
+            break
+        assert outcome.error is not None
+        assert (outcome.error.code, getattr(outcome.error, "limit_id", None)) == (
+            "limit_exceeded",
+            "one",
+        ), outcome.error.message
+        refusals.append(outcome)
+        assert time.monotonic() < deadline, "the killed worker's lease never lapsed"
+        time.sleep(0.02)
+    (taken,) = [
+        e.data()
+        for e in app.store.events(holder)
+        if e.data()["kind"] == "limit_reserved"
+    ]
+    lapses = datetime.fromisoformat(taken["at"]) + ttl
+    mine = {
+        e.data()["step"]: e.data()
+        for e in app.store.events(run.id)
+        if e.data()["kind"] in ("limit_refused", "intent")
+    }
+
+    assert refusals, "the first call after the kill ran although the lease was live"
+    for refused in refusals:
+        assert datetime.fromisoformat(mine[refused.step]["at"]) < lapses
+    assert datetime.fromisoformat(mine[outcome.step]["at"]) >= lapses
+    return holder
+
+
+@pytest.mark.chaos
+@pytest.mark.parametrize(
+    "kills",
+    [
+        pytest.param(2, id="2-kills"),
+        pytest.param(20, id="20-kills", marks=pytest.mark.slow),
+    ],
+)
+def test_a_killed_lease_holder_blocks_its_slot_until_the_ttl_then_frees_it(
+    spawn: Callable[..., LimitWorker], tmp_path: Path, kills: int
+) -> None:
+    """Cap 1, ttl 1 s: a SIGKILLed worker's lease refuses other processes' calls until it lapses, and the slot is free within ttl + 1 s of the kill."""
+    ttl = timedelta(seconds=1)
+    db, config = setup(tmp_path, "  - {id: one, kind: concurrency, max: 1, ttl: 1s}\n")
+    app = tether.Tether(db=db, config=config, env={})
+    app.register(make_block(hang=False))
+
+    with app.run(principal=PRINCIPAL, request="after the kill") as run:
+        holders = [lease_round(spawn, app, run, db, config, ttl) for _ in range(kills)]
+    reports = [app.verify(run_id) for run_id in (run.id, *holders)]
+    app.close()
+
+    assert all(r.ok for r in reports), [r.reason for r in reports]
+
+
+# -- C.22: rate limit accuracy -------------------------------------------------------
+
+RATE, BURST = 7, 4  # 1e6 / 7 is no whole number of µs: rounding must not over-admit
+
+
+def rate_apps(backend: str, tmp_path: Path, clock: FakeClock) -> list[tether.Tether]:
+    """Return the apps that share the limit: three on one SQLite file (as three processes would), or one in memory."""
+    config = tmp_path / "tether.yaml"
+    config.write_text(
+        f"limits:\n  - {{id: r, kind: rate, rate: {RATE}/s, burst: {BURST}}}\n"
+    )
+    if backend == "memory":
+        apps = [tether.Tether(db="memory://", config=config, env={}, clock=clock)]
+    else:
+        db = f"sqlite:///{tmp_path / 'rate.db'}?synchronous=normal"
+        apps = [
+            tether.Tether(db=db, config=config, env={}, clock=clock) for _ in range(3)
+        ]
+    for app in apps:
+        app.register(make_spend())
+    return apps
+
+
+@pytest.mark.parametrize("backend", ["memory", "sqlite"])
+def test_a_rate_limit_admits_no_more_than_rate_times_window_plus_burst_and_not_much_less(
+    backend: str, tmp_path: Path
+) -> None:
+    """Offered ~4x the rate for 30 s (fake clock): every window of length T admits <= R*T + b, and steady admission is >= 95% of R."""
+    seed = new_seed()
+    rng = random.Random(seed)
+    clock = FakeClock()
+    apps = rate_apps(backend, tmp_path, clock)
+    interval = timedelta(seconds=1) / RATE
+    start = clock.now()
+    accepted: list[datetime] = []
+    refused = 0
+    with contextlib.ExitStack() as stack:
+        for app in apps:
+            stack.callback(app.close)
+        runs = [
+            stack.enter_context(app.run(principal=PRINCIPAL, request="saturate"))
+            for app in apps
+        ]
+        while clock.now() - start < timedelta(seconds=30):
+            outcome = rng.choice(runs).step("meter.spend", {"cost": 1, "actual": 1})
+            if outcome.status is tether.OutcomeStatus.EXECUTED:
+                accepted.append(clock.now())
+            else:
+                assert outcome.error is not None
+                assert getattr(outcome.error, "limit_id", None) == "r", (
+                    outcome.error.message
+                )
+                refused += 1
+            clock.advance(interval * rng.uniform(0, 0.5))
+    duration = clock.now() - start
+
+    why = f"seed={seed} backend={backend}"
+    assert refused > len(accepted), why  # the load saturated the limit
+    for window in (
+        interval / 2,
+        interval,
+        timedelta(seconds=1),
+        timedelta(seconds=2.5),
+        timedelta(seconds=10),
+    ):
+        most = RATE * window.total_seconds() + BURST
+        for i, first in enumerate(accepted):
+            inside = bisect.bisect_right(accepted, first + window) - i
+            assert inside <= most, (
+                f"{why}: {inside} admitted in {window} from {first}, at most {most}"
+            )
+    steady = (len(accepted) - BURST) / duration.total_seconds()
+    assert steady >= 0.95 * RATE, (
+        f"{why}: {steady:.2f}/s admitted under saturating load"
+    )
