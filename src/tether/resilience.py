@@ -27,9 +27,28 @@ from tether._units import Duration
 from tether.clock import Rng
 from tether.store._limits import BreakerSpec, RetryCharge
 
-__all__ = ["Breaker", "BreakerSet", "DegradedMode", "RetryBudget", "SlowCall"]
+__all__ = [
+    "INCIDENT_RETRIES",
+    "RETRY_PREFIX",
+    "RUN_RETRIES",
+    "Breaker",
+    "BreakerSet",
+    "DegradedMode",
+    "RetryBudget",
+    "SlowCall",
+    "ratio_id",
+]
 
 DegradedMode = Literal["escalate", "stash", "read_only"]
+
+# The retry budget keeps its counters beside the limits', under ids no limit can
+# have (a limit id starts with a letter or a digit).
+RETRY_PREFIX = ":retry:"
+"""Every retry counter's id starts with this."""
+RUN_RETRIES = RETRY_PREFIX + "run"
+"""The counter of retries per run (scope: the run id)."""
+INCIDENT_RETRIES = RETRY_PREFIX + "incident"
+"""The counter of retries per incident (scope: the incident)."""
 _US = timedelta(microseconds=1)
 
 
@@ -164,12 +183,12 @@ class RetryBudget(pydantic.BaseModel, extra="forbid", frozen=True):
         generation: int | None = None,
     ) -> RetryCharge:
         """Return the store command that spends one retry."""
-        counters = [("retry:run", run_id, Decimal(self.per_run))]
+        counters = [(RUN_RETRIES, run_id, Decimal(self.per_run))]
         if self.incident is not None and self.per_incident is not None:
             incident = context.get(self.incident)
             if incident is not None:
                 counters.append(
-                    ("retry:incident", str(incident), Decimal(self.per_incident))
+                    (INCIDENT_RETRIES, str(incident), Decimal(self.per_incident))
                 )
         return RetryCharge(
             counters=counters,
@@ -184,4 +203,4 @@ class RetryBudget(pydantic.BaseModel, extra="forbid", frozen=True):
 
 def ratio_id(capability: str) -> str:
     """Return the counter id of a capability's retries (its calls: + `:calls`)."""
-    return f"retry:{capability}"
+    return f"{RETRY_PREFIX}{capability}"

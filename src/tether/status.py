@@ -28,7 +28,13 @@ from typing import TYPE_CHECKING, Any
 
 from tether.errors import NotFound
 from tether.limits import Limit
-from tether.resilience import Breaker, RetryBudget
+from tether.resilience import (
+    INCIDENT_RETRIES,
+    RETRY_PREFIX,
+    RUN_RETRIES,
+    Breaker,
+    RetryBudget,
+)
 from tether.run import FINAL_STATES, RunState
 from tether.store._base import LimitRow
 from tether.store._limits import BreakerRow, BreakerState, breaker_view, from_us, to_us
@@ -54,9 +60,9 @@ _PERIOD = {
     "hour": timedelta(hours=1),
     "day": timedelta(days=1),
 }
-_RUN_BUDGET = "retry:run"
-_INCIDENT_BUDGET = "retry:incident"
-_RETRY_PREFIX = "retry:"
+_RUN_BUDGET = RUN_RETRIES
+_INCIDENT_BUDGET = INCIDENT_RETRIES
+_RETRY_PREFIX = RETRY_PREFIX
 _CALLS_SUFFIX = ":calls"
 
 
@@ -130,7 +136,7 @@ class BreakerStatus:
     """The share of `calls` that failed; None without calls."""
     slow_rate: float | None
     """The share of `calls` that were slow; None without calls."""
-    opens_at: float
+    threshold: float
     """The failure rate that opens it (`failure_rate` in `tether.yaml`)."""
     min_calls: int
     """The calls needed in the window before it may open."""
@@ -277,7 +283,7 @@ class StatusReport:
                     "window": b.window,
                     "failure_rate": b.failure_rate,
                     "slow_rate": b.slow_rate,
-                    "opens_at": b.opens_at,
+                    "threshold": b.threshold,
                     "min_calls": b.min_calls,
                     "probes": b.probes,
                     "half_open_calls": b.half_open_calls,
@@ -430,7 +436,7 @@ class _RunFilter:
         if live is None:
             try:
                 row = self._get_run(run_id)
-            except NotFound:
+            except NotFound:  # pragma: no cover  # counters follow their run's start
                 live = True  # a counter we cannot explain is shown, not hidden
             else:
                 live = row.run_id != run_id or RunState(row.status) not in FINAL_STATES
@@ -525,7 +531,8 @@ def _retry_status(
                     runs.append(_retry_counter(row, retry.per_run))
                 else:
                     skipped += 1
-            elif retry.per_incident is not None:
+            else:  # `_is_retry_row` takes incident rows only with `per_incident`
+                assert retry.per_incident is not None
                 incidents.append(_retry_counter(row, retry.per_incident))
             continue
         if row.window + retry.window <= at:
@@ -584,9 +591,9 @@ def _unconfigured(
         seen = latest.get(key)
         if seen is not None:
             skipped += 1
-            if _start_us(seen) >= _start_us(row):
-                continue
-        latest[key] = row
+            latest[key] = max(seen, row, key=_start_us)
+        else:
+            latest[key] = row
     out = tuple(
         UnconfiguredCounter(
             limit_id=row.limit_id,
@@ -626,7 +633,7 @@ def _breaker_status(b: Breaker, row: BreakerRow, at: datetime) -> BreakerStatus:
         window=spec.window,
         failure_rate=failed / n if n else None,
         slow_rate=slow / n if n else None,
-        opens_at=spec.failure_rate,
+        threshold=spec.failure_rate,
         min_calls=spec.min_calls,
         probes=view.probes if view.state is BreakerState.HALF_OPEN else 0,
         half_open_calls=spec.probes,
