@@ -897,6 +897,7 @@ def _settlements(
                 run_id=run.run_id,
                 step=number,
                 actual=amount,
+                reserved=res.amount,
             )
         )
         lines.append(

@@ -260,10 +260,10 @@ def test_a_budget_settles_at_the_actual_cost_below_and_above_the_estimate(
     assert lines == [("6", "2"), ("3", "5")]
 
 
-def test_a_hold_whose_worker_stopped_lapses_after_its_ttl_and_the_room_comes_back(
+def test_a_budget_hold_whose_worker_stopped_lapses_after_its_ttl_and_stays_charged(
     make_app: Callable[[str], tether.Tether], clock: FakeClock, handler: Handler
 ) -> None:
-    """A call stuck holding 8 of 10 refuses another 8 until its 2 s ttl passes; then the hold is gone and the other call runs."""
+    """A call stuck holding 8 of 10 lapses after its 2 s ttl; like a call in doubt, its 8 counts as spent (its upstream may have acted), so another 8 is still refused, with 2 left; when the call does answer, its answer replaces that charge."""
     app = make_app(
         "  - {id: budget, kind: budget, scope: tenant, per: day, amount: 10, ttl: 2s}\n"
     )
@@ -296,12 +296,50 @@ def test_a_hold_whose_worker_stopped_lapses_after_its_ttl_and_the_room_comes_bac
 
     assert limit_of(early) == ("limit_exceeded", "budget")
     assert hold == room(0, 8, 1)
-    assert lapsed == room(0, 0, 0)
-    assert late.status is tether.OutcomeStatus.EXECUTED
-    assert (
-        stuck[0].status is tether.OutcomeStatus.FAILED
-    )  # its release takes nothing back
-    assert state(app, clock, "budget/acme") == room(8, 0, 0)
+    assert lapsed == room(8, 0, 0)  # no longer held: spent, as a call in doubt is
+    assert limit_of(late) == ("limit_exceeded", "budget")
+    assert isinstance(late.error, tether.LimitExceeded)
+    assert late.error.left == Decimal(2)
+    assert stuck[0].status is tether.OutcomeStatus.FAILED
+    assert state(app, clock, "budget/acme") == room(0, 0, 0)  # it failed: nothing spent
+
+
+def test_a_lapsed_hold_already_counted_as_spent_is_replaced_by_the_late_answer(
+    make_app: Callable[[str], tether.Tether], clock: FakeClock, handler: Handler
+) -> None:
+    """A stuck call's lapsed 6 is folded in as spent when another call reserves; when the stuck call then succeeds at 5, the budget holds 5 + 2, never 6 + 5 + 2."""
+    app = make_app(
+        "  - {id: budget, kind: budget, scope: tenant, per: day, amount: 20, ttl: 2s}\n"
+    )
+    inside, release = threading.Event(), threading.Event()
+    stuck: list[tether.Outcome] = []
+
+    def during() -> None:
+        handler.during = None
+        inside.set()
+        assert release.wait(timeout=10)
+
+    def stuck_call() -> None:
+        with app.run(principal=BOT, request="stuck") as run:
+            stuck.append(run.step("pay.charge", {"amount": 6, "actual": 5}))
+
+    handler.during = during
+    worker = threading.Thread(target=stuck_call)
+    worker.start()
+    try:
+        assert inside.wait(timeout=10)
+        clock.advance(timedelta(seconds=2))
+        with app.run(principal=TWIN, request="meanwhile") as run:
+            other = run.step("pay.charge", {"amount": 2})
+        folded = state(app, clock, "budget/acme")
+    finally:
+        release.set()
+        worker.join(timeout=10)
+
+    assert other.status is tether.OutcomeStatus.EXECUTED
+    assert folded == room(8, 0, 0)  # the lapsed 6 counted as spent, plus 2
+    assert stuck[0].status is tether.OutcomeStatus.EXECUTED
+    assert state(app, clock, "budget/acme") == room(7, 0, 0)
 
 
 def test_a_call_in_doubt_keeps_its_estimate_charged(

@@ -121,6 +121,8 @@ class Settle:
     step: int
     actual: Decimal | None
     """What the call cost; None releases the reservation (the call failed)."""
+    reserved: Decimal = Decimal(0)
+    """What was reserved: a budget hold that lapsed was charged this much already."""
 
 
 @dataclass(slots=True, kw_only=True)
@@ -308,7 +310,9 @@ class LimitTables(Protocol):
     ) -> tuple[Decimal, Decimal, int]:
         """Return the counter's value, and the sum and number of live holds.
 
-        One read; the lapsed holds are dropped.
+        One read. Lapsed holds are dropped; a charged one (a budget's: the call
+        whose worker died may have acted upstream, as for a call in doubt) is
+        added to the counter first.
         """
         ...
 
@@ -321,14 +325,16 @@ class LimitTables(Protocol):
         step: int,
         amount: Decimal,
         until: int,
+        *,
+        charged: bool,
     ) -> None:
-        """Store a hold (a reservation or a lease)."""
+        """Store a hold: a budget's reservation (`charged`: spent if it lapses) or a lease."""
         ...
 
     def drop_hold(
         self, limit_id: str, scope: str, window: int, run_id: str, step: int
-    ) -> None:
-        """Remove a hold if it is still there."""
+    ) -> bool:
+        """Remove a hold; tell whether it was still there (not lapsed and dropped)."""
         ...
 
     def tat(self, limit_id: str, scope: str) -> int | None:
@@ -478,7 +484,14 @@ def _check(
                 )
     writes.append(
         lambda: tables.add_hold(
-            r.limit_id, r.scope, r.window, run_id, step, r.amount, r.hold_until
+            r.limit_id,
+            r.scope,
+            r.window,
+            run_id,
+            step,
+            r.amount,
+            r.hold_until,
+            charged=kind is LimitKind.BUDGET,
         )
     )
     return None
@@ -512,10 +525,15 @@ def apply_results(
     """
     at = to_us(now)
     for s in settles:
+        delta = s.actual or Decimal(0)
         if s.kind is LimitKind.BUDGET or s.kind is LimitKind.CONCURRENCY:
-            tables.drop_hold(s.limit_id, s.scope, s.window, s.run_id, s.step)
-        if (s.kind is LimitKind.BUDGET or s.kind is LimitKind.COUNT) and s.actual:
-            tables.add_to_counter(s.limit_id, s.scope, s.window, s.actual, at)
+            held = tables.drop_hold(s.limit_id, s.scope, s.window, s.run_id, s.step)
+            if not held and s.kind is LimitKind.BUDGET:
+                # It lapsed while the call ran and was charged as spent: the
+                # call's own answer replaces that charge.
+                delta -= s.reserved
+        if (s.kind is LimitKind.BUDGET or s.kind is LimitKind.COUNT) and delta:
+            tables.add_to_counter(s.limit_id, s.scope, s.window, delta, at)
     if outcome is None:
         return []
     return _record_outcome(tables, outcome, now)

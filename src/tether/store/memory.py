@@ -145,8 +145,17 @@ class MemoryStore(Store):
             rows: dict[tuple[str, str, int], tuple[Decimal, Decimal, int]] = {
                 k: (v, Decimal(0), 0) for k, v in t.counters.items()
             }
-            for (lid, scope, window, _run, _step), (amount, until) in t.holds_.items():
-                if until > at:
+            for (lid, scope, window, _run, _step), (
+                amount,
+                until,
+                charged,
+            ) in t.holds_.items():
+                if until <= at and charged:  # spent: folded in at the next reserve
+                    used, held, count = rows.get(
+                        (lid, scope, window), (Decimal(0), Decimal(0), 0)
+                    )
+                    rows[(lid, scope, window)] = (used + amount, held, count)
+                elif until > at:
                     used, held, count = rows.get(
                         (lid, scope, window), (Decimal(0), Decimal(0), 0)
                     )
@@ -238,7 +247,9 @@ class _Tables:
 
     def __init__(self) -> None:
         self.counters: dict[tuple[str, str, int], Decimal] = {}
-        self.holds_: dict[tuple[str, str, int, str, int], tuple[Decimal, int]] = {}
+        self.holds_: dict[
+            tuple[str, str, int, str, int], tuple[Decimal, int, bool]
+        ] = {}
         self.rates: dict[tuple[str, str], int] = {}
         self.breakers: dict[str, BreakerRow] = {}
 
@@ -269,7 +280,7 @@ class _Tables:
         self, limit_id: str, scope: str, window: int, now: int
     ) -> tuple[Decimal, Decimal, int]:
         total, count = Decimal(0), 0
-        for key, (amount, until) in list(self.holds_.items()):
+        for key, (amount, until, charged) in list(self.holds_.items()):
             if key[:3] != (limit_id, scope, window):
                 continue
             if until > now:
@@ -277,6 +288,8 @@ class _Tables:
                 count += 1
             else:
                 del self.holds_[key]
+                if charged:
+                    self.add_to_counter(limit_id, scope, window, amount, now)
         return self.counter(limit_id, scope, window), total, count
 
     def add_hold(
@@ -288,13 +301,17 @@ class _Tables:
         step: int,
         amount: Decimal,
         until: int,
+        *,
+        charged: bool,
     ) -> None:
-        self.holds_[(limit_id, scope, window, run_id, step)] = (amount, until)
+        self.holds_[(limit_id, scope, window, run_id, step)] = (amount, until, charged)
 
     def drop_hold(
         self, limit_id: str, scope: str, window: int, run_id: str, step: int
-    ) -> None:
-        self.holds_.pop((limit_id, scope, window, run_id, step), None)
+    ) -> bool:
+        return (
+            self.holds_.pop((limit_id, scope, window, run_id, step), None) is not None
+        )
 
     def tat(self, limit_id: str, scope: str) -> int | None:
         return self.rates.get((limit_id, scope))

@@ -434,11 +434,15 @@ class SQLiteStore(Store):
                 "SELECT limit_id, scope, window, value FROM limit_counters"
             ):
                 rows[(lid, scope, window)] = [Decimal(value), Decimal(0), 0]
-            for lid, scope, window, amount in con.execute(
-                "SELECT limit_id, scope, window, amount FROM limit_holds WHERE until > ?",
+            for lid, scope, window, amount, until in con.execute(
+                "SELECT limit_id, scope, window, amount, until FROM limit_holds "
+                "WHERE until > ? OR charged",
                 (at,),
             ):
                 row = rows.setdefault((lid, scope, window), [Decimal(0), Decimal(0), 0])
+                if until <= at:  # lapsed, charged: spent, folded in at the next reserve
+                    row[0] = Decimal(str(row[0])) + Decimal(amount)
+                    continue
                 row[1] = Decimal(str(row[1])) + Decimal(amount)
                 row[2] = int(str(row[2])) + 1
             return [
@@ -580,7 +584,7 @@ class _Tables:
         # Whole amounts (cents, counts: the common case) are added by SQLite in
         # one statement, exactly in 64-bit integers; a decimal anywhere (in the
         # delta or the stored value) is added by Python, read then written.
-        if delta == delta.to_integral_value() and abs(delta) < _EXACT_INT:
+        if delta == delta.to_integral_value() and 0 <= delta < _EXACT_INT:
             cur = self.con.execute(
                 "INSERT INTO limit_counters (limit_id, scope, window, value, updated) "
                 "VALUES (?,?,?,?,?) ON CONFLICT DO UPDATE SET "
@@ -602,26 +606,29 @@ class _Tables:
         # NULL `until`.
         key = (limit_id, scope, window)
         rows = self.con.execute(
-            "SELECT value, NULL FROM limit_counters WHERE limit_id=? AND scope=? "
-            "AND window=? UNION ALL SELECT amount, until FROM limit_holds "
+            "SELECT value, NULL, 0 FROM limit_counters WHERE limit_id=? AND scope=? "
+            "AND window=? UNION ALL SELECT amount, until, charged FROM limit_holds "
             "WHERE limit_id=? AND scope=? AND window=?",
             key + key,
         ).fetchall()
-        used, total, count, lapsed = Decimal(0), Decimal(0), 0, False
-        for amount, until in rows:
+        used, total, count, lapsed = Decimal(0), Decimal(0), 0, None
+        for amount, until, charged in rows:
             if until is None:
                 used = Decimal(amount)
             elif until > now:
                 total += Decimal(amount)
                 count += 1
             else:
-                lapsed = True
-        if lapsed:  # a crashed or hung worker's hold comes back by itself
+                lapsed = (lapsed or Decimal(0)) + (Decimal(amount) if charged else 0)
+        if lapsed is not None:  # a crashed or hung worker's hold comes back by itself
             self.con.execute(
                 "DELETE FROM limit_holds WHERE limit_id=? AND scope=? AND window=? "
                 "AND until <= ?",
                 (limit_id, scope, window, now),
             )
+            if lapsed:
+                used += lapsed
+                self.set_counter(limit_id, scope, window, used, now)
         return used, total, count
 
     def add_hold(
@@ -633,21 +640,24 @@ class _Tables:
         step: int,
         amount: Decimal,
         until: int,
+        *,
+        charged: bool,
     ) -> None:
         self.con.execute(
             "INSERT OR REPLACE INTO limit_holds (limit_id, scope, window, run_id, step, "
-            "amount, until) VALUES (?,?,?,?,?,?,?)",
-            (limit_id, scope, window, run_id, step, str(amount), until),
+            "amount, until, charged) VALUES (?,?,?,?,?,?,?,?)",
+            (limit_id, scope, window, run_id, step, str(amount), until, int(charged)),
         )
 
     def drop_hold(
         self, limit_id: str, scope: str, window: int, run_id: str, step: int
-    ) -> None:
-        self.con.execute(
+    ) -> bool:
+        cur = self.con.execute(
             "DELETE FROM limit_holds WHERE limit_id=? AND scope=? AND window=? "
             "AND run_id=? AND step=?",
             (limit_id, scope, window, run_id, step),
         )
+        return cur.rowcount == 1
 
     def tat(self, limit_id: str, scope: str) -> int | None:
         row = self.con.execute(

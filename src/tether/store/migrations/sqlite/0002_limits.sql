@@ -17,6 +17,7 @@ CREATE TABLE limit_holds (           -- budget reservations and concurrency leas
     step     INTEGER NOT NULL,
     amount   TEXT NOT NULL,
     until    INTEGER NOT NULL,       -- a hold past this lapsed: its worker died or hung
+    charged  INTEGER NOT NULL,       -- 1: a lapsed hold counts as spent (a budget's), 0: freed (a lease)
     PRIMARY KEY (limit_id, scope, window, run_id, step)
 ) STRICT, WITHOUT ROWID;
 
