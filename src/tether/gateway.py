@@ -406,7 +406,9 @@ def step(  # the design's list, in order
                             {
                                 "id": r.reserve.limit_id,
                                 "scope": r.reserve.scope,
-                                "amount": r.reserve.amount,
+                                # text, as the record encodes a Decimal, without
+                                # the encoder's slow path
+                                "amount": str(r.reserve.amount),
                             }
                             for r in reserved
                         ),
@@ -871,10 +873,14 @@ def _settlements(
     A budget settles at the call's actual cost (its own cost expression's
     amount when it has one); a failed call releases it, but a call in doubt
     keeps its estimate charged, since the upstream may have acted. Leases are
-    released either way; quotas and rates have nothing to settle.
+    released either way; quotas and rates have nothing to settle. The
+    `limit_settled` event is written only when a budget settles at other
+    than its reservation (another actual cost, or released) or the call is in
+    doubt: otherwise the record's `limit_reserved` and `executed` say it.
     """
     settles: list[Settle] = []
     lines: list[dict[str, Any]] = []
+    plain = not in_doubt  # every line settled as reserved: the record says so already
     for r in reserved:
         res = r.reserve
         if res.kind is LimitKind.BUDGET:
@@ -900,15 +906,19 @@ def _settlements(
                 reserved=res.amount,
             )
         )
+        if res.kind is LimitKind.BUDGET and amount != res.amount:
+            plain = False
         lines.append(
             {
                 "id": res.limit_id,
                 "scope": res.scope,
-                "reserved": res.amount,
-                "actual": amount,
+                "reserved": str(res.amount),
+                "actual": None if amount is None else str(amount),
             }
         )
-    if not lines:
+    if plain:
+        # Budgets settled at their reservation and leases given back at the end
+        # of the step: `limit_reserved` and `executed` already say all of it.
         return settles, []
     return settles, [record.LimitSettled(at=end, step=number, limits=tuple(lines))]
 
