@@ -330,18 +330,7 @@ def step(  # the design's list, in order
     if guards is not None and not dry_run:
         if guards.limits:
             try:
-                reserved = guards.limits.reserve(
-                    capability=cap.name,
-                    effect=cap.effect,
-                    resource=cap.resource,
-                    timeout=cap.timeout,
-                    args=args_json,
-                    cost=cost,
-                    principal=run.principal,
-                    run_id=run.run_id,
-                    context=run.context,
-                    now=now,
-                )
+                reserved = _reservations(guards.limits, run, cap, args_json, cost, now)
             except CelError as exc:
                 broken = UsageError(
                     f"{cap.name}: a limit's cost expression failed ({exc}); fix it "
@@ -448,21 +437,12 @@ def step(  # the design's list, in order
                 now = run.clock.now()
                 if guards is not None and guards.limits and reserved:
                     # the window may have turned while the step waited
-                    reserved = guards.limits.reserve(
-                        capability=cap.name,
-                        effect=cap.effect,
-                        resource=cap.resource,
-                        timeout=cap.timeout,
-                        args=args_json,
-                        cost=cost,
-                        principal=run.principal,
-                        run_id=run.run_id,
-                        context=run.context,
-                        now=now,
+                    reserved = _reservations(
+                        guards.limits, run, cap, args_json, cost, now
                     )
                 continue
             if blocked is not None:
-                assert watch is None or not isinstance(blocked, Throttled)
+                assert not isinstance(blocked, Throttled)  # reserved without throttle
                 return (
                     yield from _blocked(run, cap, events, now, number, blocked, watch)
                 )
@@ -728,6 +708,29 @@ class Guards:
 
     def __bool__(self) -> bool:
         return bool(self.limits or self.breakers or self.retry)
+
+
+def _reservations(
+    limits: LimitSet,
+    run: RunPort,
+    cap: Capability[Any, Any],
+    args: Mapping[str, Any],
+    cost: Decimal,
+    now: datetime,
+) -> list[Reserved]:
+    """Return the room one step takes in the limits that apply to it."""
+    return limits.reserve(
+        capability=cap.name,
+        effect=cap.effect,
+        resource=cap.resource,
+        timeout=cap.timeout,
+        args=args,
+        cost=cost,
+        principal=run.principal,
+        run_id=run.run_id,
+        context=run.context,
+        now=now,
+    )
 
 
 def _retryable(cap: Capability[Any, Any]) -> bool:

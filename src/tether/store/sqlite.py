@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from decimal import Decimal
 from importlib import resources
 from pathlib import Path
@@ -58,18 +58,10 @@ def _ts(value: datetime) -> str:
     return value.isoformat()
 
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_US = timedelta(microseconds=1)
-
-
-def _us(value: datetime) -> int:
-    # Key timestamps are integers (microseconds since the epoch): a key is
-    # claimed and settled on every keyed step, and formatting text costs more.
-    return (value - _EPOCH) // _US
-
-
-def _from_us(value: int) -> datetime:
-    return _EPOCH + timedelta(microseconds=value)
+# Key and limit timestamps are integers (microseconds since the epoch): a key is
+# claimed and settled on every keyed step, and formatting text costs more.
+_us = _limits.to_us
+_from_us = _limits.from_us
 
 
 def _dt(value: str) -> datetime:
