@@ -21,7 +21,7 @@ from typing import Any, Protocol
 from pydantic import BaseModel, ValidationError
 from pydantic_core import PydanticSerializationError
 
-from tether import _canonical, record
+from tether import _canonical, _guards, record
 from tether._effects import (
     Execute,
     Executed,
@@ -32,10 +32,12 @@ from tether._effects import (
     adrive,
     drive,
 )
+from tether._guards import Guards
 from tether.capability import (
     CallContext,
     Capability,
     Effect,
+    Handler,
     Idempotency,
     check_key,
     one_line_error,
@@ -43,14 +45,12 @@ from tether.capability import (
 from tether.clock import Clock, Rng
 from tether.errors import (
     ApprovalRequired,
-    BreakerOpen,
     CapabilityFailed,
     Denied,
     IdempotencyConflict,
     InDoubt,
     InvalidOutput,
     KeyInUse,
-    LimitExceeded,
     PreconditionFailed,
     StepTimeout,
     TetherError,
@@ -62,17 +62,13 @@ from tether.policy import Decision, DecisionRequest, PolicySet, Verdict
 from tether.policy.cel import CelError
 from tether.principal import Principal
 from tether.record import Outcome, OutcomeStatus
-from tether.resilience import Breaker, BreakerSet, RetryBudget, ratio_id
+from tether.resilience import Breaker, RetryBudget, ratio_id
 from tether.store import Claim, Committed, KeyId, KeyRecord, KeyState, KeyUpdate, Store
 from tether.store._limits import (
-    Blocked,
     BreakerAdmit,
-    BreakerBlocked,
-    BreakerNote,
     BreakerOutcome,
     BreakerSpec,
     BreakerState,
-    LimitBlocked,
     LimitKind,
     Reserve,
     RetryCharge,
@@ -281,7 +277,6 @@ def step(  # the design's list, in order
     if key is None and cap.idempotency is Idempotency.KEYED:
         key = f"{run.run_id}/{number}"
     key_id = fingerprint = None
-    took_over_state: KeyState | None = None
     if key is not None and not dry_run:
         key_id = KeyId(
             tenant=run.principal.tenant,
@@ -323,14 +318,13 @@ def step(  # the design's list, in order
                 run, cap, events, now, number, "cost", broken, OutcomeStatus.REFUSED
             )
         )
-    guards = run.guards
-    reserved: Sequence[Reserved] = ()
-    watch: tuple[Breaker, BreakerSpec] | None = None
-    generation: int | None = None  # the breaker generation that let the call through
-    if guards is not None and not dry_run:
+    guards = None if dry_run else run.guards
+    room = _Room(now=now)
+    if guards is not None:
+        room.watch = guards.breakers.for_resource(cap.resource)
         if guards.limits:
             try:
-                reserved = _reservations(guards.limits, run, cap, args_json, cost, now)
+                room.reserved = _reserve(guards.limits, run, cap, args_json, cost, now)
             except CelError as exc:
                 broken = UsageError(
                     f"{cap.name}: a limit's cost expression failed ({exc}); fix it "
@@ -338,121 +332,31 @@ def step(  # the design's list, in order
                 )
                 return (
                     yield from _refuse(
-                        run,
-                        cap,
-                        events,
-                        now,
-                        number,
-                        "limits",
-                        broken,
+                        run, cap, events, now, number, "limits", broken,
                         OutcomeStatus.REFUSED,
                     )
-                )
-        watch = guards.breakers.for_resource(cap.resource)
+                )  # fmt: skip
     needs_intent = not dry_run and (
-        cap.effect is not Effect.READ or key_id is not None or bool(reserved)
+        cap.effect is not Effect.READ or key_id is not None or bool(room.reserved)
     )
-    if watch is not None and not needs_intent:
+    if room.watch is not None and not needs_intent:
         # A read with nothing to reserve writes nothing before it runs: one look
         # at the breaker, and a write only when it is not plainly closed.
-        row = yield StoreOp(run.store.breaker_row, watch[1].id)
-        view, moves = breaker_view(row, watch[1], to_us(now))
+        spec = room.watch[1]
+        row = yield StoreOp(run.store.breaker_row, spec.id)
+        view, moves = breaker_view(row, spec, to_us(now))
         if view.state is BreakerState.CLOSED and not moves:
-            generation = view.generation
+            room.generation = view.generation
         else:
             needs_intent = True
-    probe = False
-    throttled_us = 0
+
+    # claim key + record intent (fenced by the run's lease epoch), with the room
     if needs_intent:
-        admit = None
-        if watch is not None and generation is None:
-            admit = BreakerAdmit(
-                spec=watch[1],
-                read_only_pass=watch[0].on_open == "read_only"
-                and cap.effect is Effect.READ,
-                note=_breaker_event(number),
-            )
-        while True:  # at most twice: once more after a throttle's wait
-            claim = None
-            if key_id is not None and fingerprint is not None:
-                claim = Claim(
-                    id=key_id,
-                    fingerprint=fingerprint,
-                    run_id=run.run_id,
-                    step=number,
-                    now=now,
-                    lease_until=now + run.claim_ttl,
-                    retention=run.retention,
-                    take_over_stale=cap.idempotency is not Idempotency.NONE,
-                )
-            intent: list[record.Event] = []
-            if reserved:
-                intent.append(
-                    record.LimitReserved(
-                        at=now,
-                        step=number,
-                        limits=tuple(
-                            {
-                                "id": r.reserve.limit_id,
-                                "scope": r.reserve.scope,
-                                # text, as the record encodes a Decimal, without
-                                # the encoder's slow path
-                                "amount": str(r.reserve.amount),
-                            }
-                            for r in reserved
-                        ),
-                        throttled_us=throttled_us,
-                    )
-                )
-            intent.append(
-                record.Intent(
-                    at=now,
-                    step=number,
-                    capability=cap.name,
-                    version=cap.version,
-                    key=key,
-                    cost_estimate=cost,
-                )
-            )
-            committed: Committed = yield run.commit(
-                [*events, *intent],
-                claim=claim,
-                reserve=[r.reserve for r in reserved],
-                breaker=admit,
-                throttle=throttled_us == 0,
-                step=number,
-            )
-            if committed.conflict is not None:
-                assert fingerprint is not None
-                assert key is not None
-                settled = yield from _settle_by_key(
-                    run, cap, committed.conflict, fingerprint, key, events, now, number
-                )
-                assert settled is not None, "the store refused a claim it may replace"
-                return settled
-            blocked = committed.blocked
-            if isinstance(blocked, Throttled) and throttled_us == 0:
-                throttled_us = blocked.delay_us
-                yield Sleep(blocked.delay_us / 1e6, run.clock)
-                now = run.clock.now()
-                if guards is not None and guards.limits and reserved:
-                    # the window may have turned while the step waited
-                    reserved = _reservations(
-                        guards.limits, run, cap, args_json, cost, now
-                    )
-                continue
-            if blocked is not None:
-                assert not isinstance(blocked, Throttled)  # reserved without throttle
-                return (
-                    yield from _blocked(run, cap, events, now, number, blocked, watch)
-                )
-            break
-        if watch is not None and generation is None:
-            generation = committed.breaker_generation
-            probe = committed.probe
-        taken = committed.took_over
-        if taken is not None and taken.state is not KeyState.FAILED:
-            took_over_state = taken.state  # a failed call's retry expires nothing
+        taken = yield from _take_room(
+            run, cap, room, events, number, args_json, cost, key, key_id, fingerprint
+        )
+        if isinstance(taken, Outcome):
+            return taken
         events = []
 
     # execute (real, or dry-run), with timeout; retries under the same key
@@ -468,91 +372,15 @@ def step(  # the design's list, in order
                 dry_run=dry_run,
             ),
         )
-    retry = None if guards is None or dry_run or probe else guards.retry
-    if retry is not None and not _retryable(cap):
+    retry = None if guards is None or room.probe else guards.retry
+    if retry is not None and not _guards.retryable(cap):
         retry = None
-    attempt = 1
-    while True:
-        done: Executed = yield Execute(
-            fn=handler.fn,
-            is_async=handler.is_async,
-            call_args=ctx_args,
-            timeout=cap.timeout,
-            clock=run.clock,
-            pool=run.pool,
-        )
-        end = run.clock.now()
-
-        # validate output
-        output: BaseModel | None = None
-        error: TetherError | None = None
-        if done.error is None and not done.timed_out:
-            try:
-                output, out_json = _validate_output(cap, done.value)
-                # Encoded here even without a key: a value JSON cannot hold exactly
-                # must fail the step now, not the store's write later.
-                out_bytes = _canonical.dumps(out_json)
-            except InvalidOutput as exc:
-                error = exc
-            except _canonical.CanonicalError as exc:
-                error = InvalidOutput(
-                    f"{cap.name}: output has no exact JSON form: {exc}"
-                )
-        else:
-            error = _execution_error(cap, args, done)
-        outcome_cmd = None
-        if watch is not None and generation is not None:
-            outcome_cmd = BreakerOutcome(
-                spec=watch[1],
-                generation=generation,
-                probe=probe,
-                failed=error is not None,
-                slow=bool(watch[1].slow_us) and done.duration_us >= watch[1].slow_us,
-                note=_breaker_event(number),
-            )
-        if (
-            error is None
-            or retry is None
-            or attempt >= retry.max_attempts
-            or done.still_running
-            or isinstance(error, UsageError)
-        ):
-            break
-        # retry budget: spend one, or hand the failure back
-        assert run.guards is not None
-        delay = retry.delay(attempt, run.random)
-        window_us = retry.window // _MICROSECOND
-        committed = yield run.commit(
-            [
-                *events,
-                record.RetryScheduled(
-                    at=end,
-                    step=number,
-                    attempt=attempt,
-                    delay_us=delay // _MICROSECOND,
-                    duration_us=done.duration_us,
-                    error_code=error.code,
-                    message=error.message,
-                ),
-            ],
-            retry=retry.charge(
-                capability=cap.name,
-                run_id=run.run_id,
-                context=run.context,
-                window=to_us(end) - to_us(end) % window_us,
-                breaker=None if outcome_cmd is None else outcome_cmd.spec,
-                generation=generation,
-            ),
-            breaker_outcome=outcome_cmd,
-            step=number,
-            keep_on_failure=needs_intent,
-        )
-        if committed.blocked is not None:
-            break  # no retry left, or the breaker moved: the failure goes back
-        events = []
-        outcome_cmd = None  # recorded with the retry
-        yield Sleep(delay.total_seconds(), run.clock)
-        attempt += 1
+    tried: _Tried = yield from _attempts(
+        run, cap, handler, ctx_args, args, room, retry, events, number, needs_intent
+    )
+    done, end, output, error = tried.done, tried.end, tried.output, tried.error
+    out_json, out_bytes, outcome_cmd = tried.out_json, tried.out_bytes, tried.outcome
+    events = tried.events
 
     # limits: settle; breaker: record outcome
     in_doubt = (
@@ -567,17 +395,21 @@ def step(  # the design's list, in order
             cost = cap.settled_cost(output, cost)
         except UsageError as exc:
             output, error = None, exc
-    settles, settled_events = _settlements(
-        run, reserved, number, end, cost if error is None else None, in_doubt
+    settles, settled_events = _guards.settlements(
+        run.run_id,
+        room.reserved,
+        number,
+        end,
+        cost if error is None else None,
+        in_doubt,
     )
-    if retry is not None:
-        window_us = retry.window // _MICROSECOND
+    if retry is not None:  # the calls a retry ratio divides by
         settles.append(
             Settle(
                 limit_id=ratio_id(cap.name) + ":calls",
                 kind=LimitKind.COUNT,
                 scope="*",
-                window=to_us(end) - to_us(end) % window_us,
+                window=_guards.window_start(to_us(end), retry.window),
                 run_id=run.run_id,
                 step=number,
                 actual=Decimal(1),
@@ -586,11 +418,11 @@ def step(  # the design's list, in order
     events.extend(settled_events)
 
     # record result
-    if took_over_state is not None:
+    if room.took_over is not None:
         assert key is not None
         events.append(
             record.KeyExpired(
-                at=now, step=number, key=key, previous_state=took_over_state.value
+                at=room.now, step=number, key=key, previous_state=room.took_over.value
             )
         )
     update = None
@@ -693,39 +525,39 @@ def step(  # the design's list, in order
     return outcome
 
 
-# -- limits and breakers ---------------------------------------------------------------
-
-_MICROSECOND = timedelta(microseconds=1)
+# -- the limit, breaker and retry stages ------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Guards:
-    """The limits, breakers and retry budget of one config version."""
+@dataclass(slots=True, kw_only=True)
+class _Room:
+    """What the limits and the breaker gave a step before it acts."""
 
-    limits: LimitSet
-    breakers: BreakerSet
-    retry: RetryBudget | None
+    now: datetime
+    """When the step took its room (later than its start after a throttle's wait)."""
+    reserved: Sequence[Reserved] = ()
+    watch: tuple[Breaker, BreakerSpec] | None = None
+    """The breaker on the capability's resource, if any."""
+    generation: int | None = None
+    """The breaker generation that let the call through (None: not watched)."""
+    probe: bool = False
+    """The call is a half-open breaker's trial call."""
+    took_over: KeyState | None = None
+    """The state of a stale or expired key record the claim replaced."""
 
-    def __bool__(self) -> bool:
-        return bool(self.limits or self.breakers or self.retry)
 
-
-def _reservations(
+def _reserve(
     limits: LimitSet,
     run: RunPort,
     cap: Capability[Any, Any],
-    args: Mapping[str, Any],
+    args_json: Mapping[str, Any],
     cost: Decimal,
     now: datetime,
 ) -> list[Reserved]:
-    """Return the room one step takes in the limits that apply to it."""
-    return limits.reserve(
-        capability=cap.name,
-        effect=cap.effect,
-        resource=cap.resource,
-        timeout=cap.timeout,
-        args=args,
-        cost=cost,
+    return _guards.reservations(
+        limits,
+        cap,
+        args_json,
+        cost,
         principal=run.principal,
         run_id=run.run_id,
         context=run.context,
@@ -733,197 +565,233 @@ def _reservations(
     )
 
 
-def _retryable(cap: Capability[Any, Any]) -> bool:
-    """Tell whether a failed call may run again: it has a key, or it only reads."""
-    return cap.idempotency is not Idempotency.NONE or cap.effect is Effect.READ
-
-
-def _breaker_event(number: int) -> Callable[[BreakerNote], record.Event]:
-    def note(n: BreakerNote) -> record.Event:
-        if n.previous is None:
-            return record.BreakerChecked(
-                at=n.at,
-                step=number,
-                breaker=n.breaker_id,
-                state=n.state,
-                admitted=True,
-                reason=n.reason,
-            )
-        return record.BreakerTransition(
-            at=n.at,
-            step=number,
-            breaker=n.breaker_id,
-            previous=n.previous,
-            state=n.state,
-            reason=n.reason,
-        )
-
-    return note
-
-
-def _blocked(
+def _take_room(
     run: RunPort,
     cap: Capability[Any, Any],
+    room: _Room,
     events: list[record.Event],
-    now: datetime,
     number: int,
-    blocked: Blocked,
-    watch: tuple[Breaker, BreakerSpec] | None,
-) -> Flow:
-    """Record a limit's or a breaker's refusal and return the step's outcome."""
-    if isinstance(blocked, BreakerBlocked):
-        assert watch is not None
-        mode = watch[0].on_open
-        wait = blocked.retry_after_us / 1e6
-        state = (
-            "open"
-            if blocked.state is BreakerState.OPEN
-            else "half-open with its trial calls taken"
-        )
-        why = f"the breaker {blocked.breaker_id!r} of {cap.resource} is {state}"
-        events.append(
-            record.BreakerChecked(
-                at=now,
-                step=number,
-                breaker=blocked.breaker_id,
-                state=blocked.state.value,
-                admitted=False,
-                mode=mode,
-                reason=why,
-            )
-        )
-        error: TetherError
-        if mode == "escalate":
-            error = ApprovalRequired(
-                f"{cap.name}: {why}; a person must decide whether to go ahead "
-                f"(breaker {blocked.breaker_id}, retry {_after(wait)})"
-            )
-        else:
-            then = (
-                "the run is parked degraded with its remaining plan"
-                if mode == "stash"
-                else "only reads may run until it closes"
-            )
-            error = BreakerOpen(
-                f"{cap.name}: {why}; {then} (retry {_after(wait)})",
-                breaker_id=blocked.breaker_id,
-                mode=mode,
-                retry_after=wait,
-            )
-        return (
-            yield from _refuse(
-                run, cap, events, now, number, "breaker", error, OutcomeStatus.REFUSED
-            )
-        )
-    assert isinstance(blocked, LimitBlocked)
-    left = blocked.left
-    events.append(
-        record.LimitRefused(
-            at=now,
-            step=number,
-            limit=blocked.limit_id,
-            limit_kind=blocked.kind.value,
-            scope=blocked.scope,
-            cap=blocked.cap,
-            used=blocked.used,
-            held=blocked.held,
-            requested=blocked.requested,
-            left=left,
-            retry_after_us=blocked.retry_after_us,
-        )
-    )
-    after_s = blocked.retry_after_us / 1e6 if blocked.retry_after_us else None
-    what = {
-        LimitKind.BUDGET: f"needs {blocked.requested}, {left} of {blocked.cap} left",
-        LimitKind.QUOTA: f"{blocked.used} of {blocked.cap} calls used",
-        LimitKind.CONCURRENCY: f"{blocked.used} of {blocked.cap} calls in flight",
-        LimitKind.RATE: f"over {blocked.cap} at once at its rate",
-    }.get(blocked.kind, f"{left} left")
-    after = f"; retry {_after(after_s)}" if after_s else ""
-    error = LimitExceeded(
-        f"{cap.name}: limit {blocked.limit_id!r} ({blocked.kind.value}, scope "
-        f"{blocked.scope}) refused the call: {what}{after}",
-        limit_id=blocked.limit_id,
-        left=left,
-        retry_after=after_s,
-    )
-    return (
-        yield from _refuse(
-            run, cap, events, now, number, "limits", error, OutcomeStatus.REFUSED
-        )
-    )
+    args_json: Mapping[str, Any],
+    cost: Decimal,
+    key: str | None,
+    key_id: KeyId | None,
+    fingerprint: bytes | None,
+) -> Generator[GatewayEffect, Any, Outcome | None]:
+    """Claim the key, take room in the limits, pass the breaker, record the intent.
 
-
-def _after(seconds: float) -> str:
-    """Say when, in words: `in 30s`, `in 2h 5m`, `in 250ms`."""
-    if seconds < 1:
-        return f"in {max(seconds * 1000, 1):.0f}ms"
-    whole = round(seconds)
-    parts = [(whole // 3600, "h"), (whole % 3600 // 60, "m"), (whole % 60, "s")]
-    return "in " + " ".join(f"{n}{unit}" for n, unit in parts if n)[:8].strip()
-
-
-def _settlements(
-    run: RunPort,
-    reserved: Sequence[Reserved],
-    number: int,
-    end: datetime,
-    actual: Decimal | None,
-    in_doubt: bool,
-) -> tuple[list[Settle], list[record.Event]]:
-    """Return how each reservation settles, and the event that says so.
-
-    A budget settles at the call's actual cost (its own cost expression's
-    amount when it has one); a failed call releases it, but a call in doubt
-    keeps its estimate charged, since the upstream may have acted. Leases are
-    released either way; quotas and rates have nothing to settle. The
-    `limit_settled` event is written only when a budget settles at other
-    than its reservation (another actual cost, or released) or the call is in
-    doubt: otherwise the record's `limit_reserved` and `executed` say it.
+    All in one write; returns the step's outcome if any of them says no.
     """
-    settles: list[Settle] = []
-    lines: list[dict[str, Any]] = []
-    plain = not in_doubt  # every line settled as reserved: the record says so already
-    for r in reserved:
-        res = r.reserve
-        if res.kind is LimitKind.BUDGET:
-            if in_doubt:
-                amount: Decimal | None = res.amount
-            elif actual is None:
-                amount = None
-            else:
-                amount = res.amount if r.own_cost else actual
-        elif res.kind is LimitKind.CONCURRENCY:
-            amount = None
-        else:
-            continue
-        settles.append(
-            Settle(
-                limit_id=res.limit_id,
-                kind=res.kind,
-                scope=res.scope,
-                window=res.window,
+    admit = None
+    if room.watch is not None and room.generation is None:
+        admit = BreakerAdmit(
+            spec=room.watch[1],
+            read_only_pass=room.watch[0].on_open == "read_only"
+            and cap.effect is Effect.READ,
+            note=_guards.breaker_note(number),
+        )
+    throttled_us = 0
+    while True:  # at most twice: once more after a throttle's wait
+        now = room.now
+        claim = None
+        if key_id is not None and fingerprint is not None:
+            claim = Claim(
+                id=key_id,
+                fingerprint=fingerprint,
                 run_id=run.run_id,
                 step=number,
-                actual=amount,
-                reserved=res.amount,
+                now=now,
+                lease_until=now + run.claim_ttl,
+                retention=run.retention,
+                take_over_stale=cap.idempotency is not Idempotency.NONE,
+            )
+        intent: list[record.Event] = []
+        if room.reserved:
+            intent.append(
+                record.LimitReserved(
+                    at=now,
+                    step=number,
+                    limits=tuple(
+                        {
+                            "id": r.reserve.limit_id,
+                            "scope": r.reserve.scope,
+                            # text, as the record encodes a Decimal, without the
+                            # encoder's slow path
+                            "amount": str(r.reserve.amount),
+                        }
+                        for r in room.reserved
+                    ),
+                    throttled_us=throttled_us,
+                )
+            )
+        intent.append(
+            record.Intent(
+                at=now,
+                step=number,
+                capability=cap.name,
+                version=cap.version,
+                key=key,
+                cost_estimate=cost,
             )
         )
-        if res.kind is LimitKind.BUDGET and amount != res.amount:
-            plain = False
-        lines.append(
-            {
-                "id": res.limit_id,
-                "scope": res.scope,
-                "reserved": str(res.amount),
-                "actual": None if amount is None else str(amount),
-            }
+        committed: Committed = yield run.commit(
+            [*events, *intent],
+            claim=claim,
+            reserve=[r.reserve for r in room.reserved],
+            breaker=admit,
+            throttle=throttled_us == 0,
+            step=number,
         )
-    if plain:
-        # Budgets settled at their reservation and leases given back at the end
-        # of the step: `limit_reserved` and `executed` already say all of it.
-        return settles, []
-    return settles, [record.LimitSettled(at=end, step=number, limits=tuple(lines))]
+        if committed.conflict is not None:
+            assert fingerprint is not None
+            assert key is not None
+            settled = yield from _settle_by_key(
+                run, cap, committed.conflict, fingerprint, key, events, now, number
+            )
+            assert settled is not None, "the store refused a claim it may replace"
+            return settled
+        blocked = committed.blocked
+        if isinstance(blocked, Throttled) and throttled_us == 0:
+            throttled_us = blocked.delay_us
+            yield Sleep(blocked.delay_us / 1e6, run.clock)
+            room.now = run.clock.now()
+            guards = run.guards
+            if guards is not None and guards.limits and room.reserved:
+                # the window may have turned while the step waited
+                room.reserved = _reserve(
+                    guards.limits, run, cap, args_json, cost, room.now
+                )
+            continue
+        if blocked is not None:
+            assert not isinstance(blocked, Throttled)  # reserved without throttle
+            stage, error = _guards.refusal(
+                cap, events, now, number, blocked, room.watch
+            )
+            return (
+                yield from _refuse(
+                    run, cap, events, now, number, stage, error, OutcomeStatus.REFUSED
+                )
+            )
+        break
+    if admit is not None:
+        room.generation = committed.breaker_generation
+        room.probe = committed.probe
+    taken = committed.took_over
+    if taken is not None and taken.state is not KeyState.FAILED:
+        room.took_over = taken.state  # a failed call's retry expires nothing
+    return None
+
+
+@dataclass(slots=True, kw_only=True)
+class _Tried:
+    """How a step's last attempt went."""
+
+    done: Executed
+    end: datetime
+    output: BaseModel | None = None
+    out_json: dict[str, Any]
+    out_bytes: bytes = b""
+    error: TetherError | None = None
+    outcome: BreakerOutcome | None = None
+    """The breaker's sample of the last attempt, not yet recorded."""
+    events: list[record.Event]
+    """The step's events not yet written."""
+
+
+def _attempts(
+    run: RunPort,
+    cap: Capability[Any, Any],
+    handler: Handler,
+    ctx_args: tuple[object, ...],
+    args: BaseModel,
+    room: _Room,
+    retry: RetryBudget | None,
+    events: list[record.Event],
+    number: int,
+    needs_intent: bool,
+) -> Generator[GatewayEffect, Any, _Tried]:
+    """Run the handler and validate its output, retrying while the budget allows.
+
+    Retries run under the same key, each recorded, after a jittered backoff.
+    """
+    attempt = 1
+    while True:
+        done: Executed = yield Execute(
+            fn=handler.fn,
+            is_async=handler.is_async,
+            call_args=ctx_args,
+            timeout=cap.timeout,
+            clock=run.clock,
+            pool=run.pool,
+        )
+        tried = _Tried(done=done, end=run.clock.now(), out_json={}, events=events)
+
+        # validate output
+        if done.error is None and not done.timed_out:
+            try:
+                tried.output, tried.out_json = _validate_output(cap, done.value)
+                # Encoded here even without a key: a value JSON cannot hold exactly
+                # must fail the step now, not the store's write later.
+                tried.out_bytes = _canonical.dumps(tried.out_json)
+            except InvalidOutput as exc:
+                tried.error = exc
+            except _canonical.CanonicalError as exc:
+                tried.error = InvalidOutput(
+                    f"{cap.name}: output has no exact JSON form: {exc}"
+                )
+        else:
+            tried.error = _execution_error(cap, args, done)
+        error = tried.error
+        if room.watch is not None and room.generation is not None:
+            spec = room.watch[1]
+            tried.outcome = BreakerOutcome(
+                spec=spec,
+                generation=room.generation,
+                probe=room.probe,
+                failed=error is not None,
+                slow=bool(spec.slow_us) and done.duration_us >= spec.slow_us,
+                note=_guards.breaker_note(number),
+            )
+        if (
+            error is None
+            or retry is None
+            or attempt >= retry.max_attempts
+            or done.still_running
+            or isinstance(error, UsageError)
+        ):
+            return tried
+
+        # retry budget: spend one, or hand the failure back
+        delay = retry.delay(attempt, run.random)
+        committed = yield run.commit(
+            [
+                *events,
+                record.RetryScheduled(
+                    at=tried.end,
+                    step=number,
+                    attempt=attempt,
+                    delay_us=delay // _guards.MICROSECOND,
+                    duration_us=done.duration_us,
+                    error_code=error.code,
+                    message=error.message,
+                ),
+            ],
+            retry=retry.charge(
+                capability=cap.name,
+                run_id=run.run_id,
+                context=run.context,
+                window=_guards.window_start(to_us(tried.end), retry.window),
+                breaker=None if tried.outcome is None else tried.outcome.spec,
+                generation=room.generation,
+            ),
+            breaker_outcome=tried.outcome,
+            step=number,
+            keep_on_failure=needs_intent,
+        )
+        if committed.blocked is not None:
+            return tried  # no retry left, or the breaker moved: the failure goes back
+        events = []  # written with the retry, the attempt's breaker sample too
+        yield Sleep(delay.total_seconds(), run.clock)
+        attempt += 1
 
 
 # -- stages ------------------------------------------------------------------------

@@ -1,0 +1,282 @@
+"""The limit, breaker and retry stages of the call path, as small pure helpers.
+
+`gateway.step` calls these to build the store commands and the record events of
+the limits, the breaker and the retry budget; the counting itself happens in
+the store (`tether.store._limits`), inside the step's own writes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+from tether import record
+from tether.capability import Capability, Effect, Idempotency
+from tether.errors import ApprovalRequired, BreakerOpen, LimitExceeded, TetherError
+from tether.limits import LimitSet, Reserved
+from tether.principal import Principal
+from tether.resilience import Breaker, BreakerSet, RetryBudget
+from tether.store._limits import (
+    Blocked,
+    BreakerBlocked,
+    BreakerNote,
+    BreakerSpec,
+    BreakerState,
+    LimitBlocked,
+    LimitKind,
+    Settle,
+)
+
+__all__ = [
+    "MICROSECOND",
+    "Guards",
+    "after",
+    "breaker_note",
+    "refusal",
+    "reservations",
+    "retryable",
+    "settlements",
+    "window_start",
+]
+
+
+def window_start(at: int, length: timedelta) -> int:
+    """Return the start (µs) of the fixed window of `length` that holds `at` (µs)."""
+    size = length // MICROSECOND
+    return at - at % size
+
+
+MICROSECOND = timedelta(microseconds=1)
+
+
+@dataclass(frozen=True, slots=True)
+class Guards:
+    """The limits, breakers and retry budget of one config version."""
+
+    limits: LimitSet
+    breakers: BreakerSet
+    retry: RetryBudget | None
+
+    def __bool__(self) -> bool:
+        return bool(self.limits or self.breakers or self.retry)
+
+
+def reservations(
+    limits: LimitSet,
+    cap: Capability[Any, Any],
+    args: Mapping[str, Any],
+    cost: Decimal,
+    *,
+    principal: Principal,
+    run_id: str,
+    context: Mapping[str, Any],
+    now: datetime,
+) -> list[Reserved]:
+    """Return the room one step takes in the limits that apply to it.
+
+    Raises:
+        CelError: a limit's cost expression failed on these args.
+    """
+    return limits.reserve(
+        capability=cap.name,
+        effect=cap.effect,
+        resource=cap.resource,
+        timeout=cap.timeout,
+        args=args,
+        cost=cost,
+        principal=principal,
+        run_id=run_id,
+        context=context,
+        now=now,
+    )
+
+
+def retryable(cap: Capability[Any, Any]) -> bool:
+    """Tell whether a failed call may run again: it has a key, or it only reads."""
+    return cap.idempotency is not Idempotency.NONE or cap.effect is Effect.READ
+
+
+def breaker_note(number: int) -> Callable[[BreakerNote], record.Event]:
+    def note(n: BreakerNote) -> record.Event:
+        if n.previous is None:
+            return record.BreakerChecked(
+                at=n.at,
+                step=number,
+                breaker=n.breaker_id,
+                state=n.state,
+                admitted=True,
+                reason=n.reason,
+            )
+        return record.BreakerTransition(
+            at=n.at,
+            step=number,
+            breaker=n.breaker_id,
+            previous=n.previous,
+            state=n.state,
+            reason=n.reason,
+        )
+
+    return note
+
+
+def refusal(
+    cap: Capability[Any, Any],
+    events: list[record.Event],
+    now: datetime,
+    number: int,
+    blocked: Blocked,
+    watch: tuple[Breaker, BreakerSpec] | None,
+) -> tuple[str, TetherError]:
+    """Add the event that says why a limit or the breaker refused the step.
+
+    Returns:
+        The stage that refused (`limits` or `breaker`) and the error for the caller.
+    """
+    if isinstance(blocked, BreakerBlocked):
+        assert watch is not None
+        mode = watch[0].on_open
+        wait = blocked.retry_after_us / 1e6
+        state = (
+            "open"
+            if blocked.state is BreakerState.OPEN
+            else "half-open with its trial calls taken"
+        )
+        why = f"the breaker {blocked.breaker_id!r} of {cap.resource} is {state}"
+        events.append(
+            record.BreakerChecked(
+                at=now,
+                step=number,
+                breaker=blocked.breaker_id,
+                state=blocked.state.value,
+                admitted=False,
+                mode=mode,
+                reason=why,
+            )
+        )
+        error: TetherError
+        if mode == "escalate":
+            error = ApprovalRequired(
+                f"{cap.name}: {why}; a person must decide whether to go ahead "
+                f"(breaker {blocked.breaker_id}, retry {after(wait)})"
+            )
+        else:
+            then = (
+                "the run is parked degraded with its remaining plan"
+                if mode == "stash"
+                else "only reads may run until it closes"
+            )
+            error = BreakerOpen(
+                f"{cap.name}: {why}; {then} (retry {after(wait)})",
+                breaker_id=blocked.breaker_id,
+                mode=mode,
+                retry_after=wait,
+            )
+        return "breaker", error
+    assert isinstance(blocked, LimitBlocked)
+    left = blocked.left
+    events.append(
+        record.LimitRefused(
+            at=now,
+            step=number,
+            limit=blocked.limit_id,
+            limit_kind=blocked.kind.value,
+            scope=blocked.scope,
+            cap=blocked.cap,
+            used=blocked.used,
+            held=blocked.held,
+            requested=blocked.requested,
+            left=left,
+            retry_after_us=blocked.retry_after_us,
+        )
+    )
+    after_s = blocked.retry_after_us / 1e6 if blocked.retry_after_us else None
+    what = {
+        LimitKind.BUDGET: f"needs {blocked.requested}, {left} of {blocked.cap} left",
+        LimitKind.QUOTA: f"{blocked.used} of {blocked.cap} calls used",
+        LimitKind.CONCURRENCY: f"{blocked.used} of {blocked.cap} calls in flight",
+        LimitKind.RATE: f"over {blocked.cap} at once at its rate",
+    }.get(blocked.kind, f"{left} left")
+    then = f"; retry {after(after_s)}" if after_s else ""
+    error = LimitExceeded(
+        f"{cap.name}: limit {blocked.limit_id!r} ({blocked.kind.value}, scope "
+        f"{blocked.scope}) refused the call: {what}{then}",
+        limit_id=blocked.limit_id,
+        left=left,
+        retry_after=after_s,
+    )
+    return "limits", error
+
+
+def after(seconds: float) -> str:
+    """Say when, in words: `in 30s`, `in 2h 5m`, `in 250ms`."""
+    if seconds < 1:
+        return f"in {max(seconds * 1000, 1):.0f}ms"
+    whole = round(seconds)
+    parts = [(whole // 3600, "h"), (whole % 3600 // 60, "m"), (whole % 60, "s")]
+    return "in " + " ".join(f"{n}{unit}" for n, unit in parts if n)[:8].strip()
+
+
+def settlements(
+    run_id: str,
+    reserved: Sequence[Reserved],
+    number: int,
+    end: datetime,
+    actual: Decimal | None,
+    in_doubt: bool,
+) -> tuple[list[Settle], list[record.Event]]:
+    """Return how each reservation settles, and the event that says so.
+
+    A budget settles at the call's actual cost (its own cost expression's
+    amount when it has one); a failed call releases it, but a call in doubt
+    keeps its estimate charged, since the upstream may have acted. Leases are
+    released either way; quotas and rates have nothing to settle. The
+    `limit_settled` event is written only when a budget settles at other
+    than its reservation (another actual cost, or released) or the call is in
+    doubt: otherwise the record's `limit_reserved` and `executed` say it.
+    """
+    settles: list[Settle] = []
+    lines: list[dict[str, Any]] = []
+    plain = not in_doubt  # every line settled as reserved: the record says so already
+    for r in reserved:
+        res = r.reserve
+        if res.kind is LimitKind.BUDGET:
+            if in_doubt:
+                amount: Decimal | None = res.amount
+            elif actual is None:
+                amount = None
+            else:
+                amount = res.amount if r.own_cost else actual
+        elif res.kind is LimitKind.CONCURRENCY:
+            amount = None
+        else:
+            continue
+        settles.append(
+            Settle(
+                limit_id=res.limit_id,
+                kind=res.kind,
+                scope=res.scope,
+                window=res.window,
+                run_id=run_id,
+                step=number,
+                actual=amount,
+                reserved=res.amount,
+            )
+        )
+        if res.kind is LimitKind.BUDGET and amount != res.amount:
+            plain = False
+        lines.append(
+            {
+                "id": res.limit_id,
+                "scope": res.scope,
+                "reserved": str(res.amount),
+                "actual": None if amount is None else str(amount),
+            }
+        )
+    if plain:
+        # Budgets settled at their reservation and leases given back at the end
+        # of the step: `limit_reserved` and `executed` already say all of it.
+        return settles, []
+    return settles, [record.LimitSettled(at=end, step=number, limits=tuple(lines))]
