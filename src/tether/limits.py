@@ -152,6 +152,38 @@ class Limit(pydantic.BaseModel, extra="forbid", frozen=True):
         return self
 
 
+_MICROSECOND = timedelta(microseconds=1)
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """What a limit's reservations share, worked out once per config version."""
+
+    kind: LimitKind
+    cap: Decimal
+    window_us: int
+    ttl_us: int
+    interval_us: int
+    throttle_max_us: int
+    throttle_min_cost: Decimal
+
+    @classmethod
+    def of(cls, lim: Limit, default_ttl: timedelta) -> _Plan:
+        throttle = lim.throttle
+        period = _PERIOD.get(lim.per or "")
+        return cls(
+            kind=LimitKind(lim.kind),
+            cap=Decimal(lim.max) if lim.max is not None else (lim.amount or Decimal(0)),
+            window_us=0 if period is None else period // _MICROSECOND,
+            ttl_us=(lim.ttl or default_ttl) // _MICROSECOND,
+            interval_us=int(1e6 / lim.rate) if lim.rate else 0,
+            throttle_max_us=0
+            if throttle is None
+            else throttle.max_delay // _MICROSECOND,
+            throttle_min_cost=Decimal(0) if throttle is None else throttle.min_cost,
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class Reserved:
     """One limit a step took room in, to settle when it ends."""
@@ -185,6 +217,7 @@ class LimitSet:
             lim.id: compile_condition(lim.cost) for lim in self.limits if lim.cost
         }
         self._index: dict[tuple[str, str, str | None], tuple[Limit, ...]] = {}
+        self._plans: dict[str, _Plan] = {}
 
     def __bool__(self) -> bool:
         return bool(self.limits)
@@ -228,41 +261,35 @@ class LimitSet:
         at = to_us(now)
         out: list[Reserved] = []
         for lim in found:
-            kind = LimitKind(lim.kind)
+            plan = self._plans.get(lim.id)
+            if plan is None:
+                plan = self._plans[lim.id] = _Plan.of(lim, self.default_ttl)
             amount, own = Decimal(1), False
-            if kind is LimitKind.BUDGET:
+            if plan.kind is LimitKind.BUDGET:
                 condition = self._costs.get(lim.id)
                 if condition is not None:
                     amount, own = _cost(condition, args, principal, context), True
                 else:
                     amount = cost
-            window = window_us = 0
-            if lim.per in _PERIOD:
-                window_us = _PERIOD[lim.per] // timedelta(microseconds=1)
-                window = at - at % window_us
-            ttl = lim.ttl or self.default_ttl
-            if timeout is not None and timeout > ttl:
-                ttl = timeout  # a lease must not lapse while its call may still run
-            throttle = lim.throttle
+            ttl_us = plan.ttl_us
+            if timeout is not None:
+                # a lease must not lapse while its call may still run
+                ttl_us = max(ttl_us, timeout // _MICROSECOND)
             reserve = Reserve(
                 limit_id=lim.id,
-                kind=kind,
+                kind=plan.kind,
                 scope=scope_key(
                     lim.scope, run_id=run_id, principal=principal, capability=capability
                 ),
-                window=window,
-                window_us=window_us,
+                window=at - at % plan.window_us if plan.window_us else 0,
+                window_us=plan.window_us,
                 amount=amount,
-                cap=Decimal(lim.max)
-                if lim.max is not None
-                else (lim.amount or Decimal(0)),
-                hold_until=at + ttl // timedelta(microseconds=1),
-                interval_us=int(1e6 / lim.rate) if lim.rate else 0,
+                cap=plan.cap,
+                hold_until=at + ttl_us,
+                interval_us=plan.interval_us,
                 burst=lim.burst,
-                throttle_max_us=0
-                if throttle is None
-                else throttle.max_delay // timedelta(microseconds=1),
-                throttle_min_cost=Decimal(0) if throttle is None else throttle.min_cost,
+                throttle_max_us=plan.throttle_max_us,
+                throttle_min_cost=plan.throttle_min_cost,
             )
             out.append(Reserved(limit=lim, reserve=reserve, own_cost=own))
         return out

@@ -421,32 +421,31 @@ class SQLiteStore(Store):
         at = _limits.to_us(now)
 
         def query(con: sqlite3.Connection) -> list[LimitRow]:
-            rows: dict[tuple[str, str, int], list[object]] = {}
-            for lid, scope, window, value in con.execute(
-                "SELECT limit_id, scope, window, value FROM limit_counters"
+            rows: dict[tuple[str, str, int], tuple[Decimal, Decimal, int]] = {}
+            for lid, scope, window, holder, amount, until, charged in con.execute(
+                "SELECT limit_id, scope, window, holder, amount, until, charged "
+                "FROM limit_state WHERE holder <> '~' ORDER BY limit_id, scope, window"
             ):
-                rows[(lid, scope, window)] = [Decimal(value), Decimal(0), 0]
-            for lid, scope, window, amount, until in con.execute(
-                "SELECT limit_id, scope, window, amount, until FROM limit_holds "
-                "WHERE until > ? OR charged",
-                (at,),
-            ):
-                row = rows.setdefault((lid, scope, window), [Decimal(0), Decimal(0), 0])
-                if until <= at:  # lapsed, charged: spent, folded in at the next reserve
-                    row[0] = Decimal(str(row[0])) + Decimal(amount)
-                    continue
-                row[1] = Decimal(str(row[1])) + Decimal(amount)
-                row[2] = int(str(row[2])) + 1
+                if holder != "" and until <= at and not charged:
+                    continue  # a lapsed lease: gone
+                used, held, count = rows.get((lid, scope, window), _NOTHING)
+                if holder == "":
+                    used += Decimal(amount)
+                elif until > at:
+                    held, count = held + Decimal(amount), count + 1
+                elif charged:  # lapsed and spent: folded in at the next reservation
+                    used += Decimal(amount)
+                rows[(lid, scope, window)] = (used, held, count)
             return [
                 LimitRow(
                     limit_id=lid,
                     scope=scope,
                     window=_limits.from_us(window) if window else None,
-                    used=Decimal(str(used)),
-                    held=Decimal(str(held)),
-                    holds=int(str(count)),
+                    used=used,
+                    held=held,
+                    holds=count,
                 )
-                for (lid, scope, window), (used, held, count) in sorted(rows.items())
+                for (lid, scope, window), (used, held, count) in rows.items()
             ]
 
         return self._read(query)
@@ -543,6 +542,7 @@ class _Blocked(Exception):  # control flow, never escapes this module: rolls bac
 
 _EXACT_INT = 10**17
 """Below this, integer sums stay exact in SQLite's 64-bit integers."""
+_NOTHING = (Decimal(0), Decimal(0), 0)
 
 
 class _Tables:
@@ -555,7 +555,8 @@ class _Tables:
 
     def counter(self, limit_id: str, scope: str, window: int) -> Decimal:
         row = self.con.execute(
-            "SELECT value FROM limit_counters WHERE limit_id=? AND scope=? AND window=?",
+            "SELECT amount FROM limit_state WHERE limit_id=? AND scope=? AND window=? "
+            "AND holder=''",
             (limit_id, scope, window),
         ).fetchone()
         return Decimal(0) if row is None else Decimal(row[0])
@@ -564,10 +565,10 @@ class _Tables:
         self, limit_id: str, scope: str, window: int, value: Decimal, now: int
     ) -> None:
         self.con.execute(
-            "INSERT INTO limit_counters (limit_id, scope, window, value, updated) "
-            "VALUES (?,?,?,?,?) ON CONFLICT DO UPDATE SET value=excluded.value, "
-            "updated=excluded.updated",
-            (limit_id, scope, window, str(value), now),
+            "INSERT INTO limit_state (limit_id, scope, window, holder, amount, until, "
+            "charged) VALUES (?,?,?,'',?,0,0) ON CONFLICT DO UPDATE "
+            "SET amount=excluded.amount",
+            (limit_id, scope, window, str(value)),
         )
 
     def add_to_counter(
@@ -578,13 +579,12 @@ class _Tables:
         # delta or the stored value) is added by Python, read then written.
         if delta == delta.to_integral_value() and 0 <= delta < _EXACT_INT:
             cur = self.con.execute(
-                "INSERT INTO limit_counters (limit_id, scope, window, value, updated) "
-                "VALUES (?,?,?,?,?) ON CONFLICT DO UPDATE SET "
-                "value=CAST(CAST(value AS INTEGER) + CAST(excluded.value AS INTEGER) AS TEXT), "
-                "updated=excluded.updated "
-                "WHERE value GLOB '[0-9]*' AND NOT value GLOB '*[^0-9]*' "
-                "AND length(value) < 18",
-                (limit_id, scope, window, str(int(delta)), now),
+                "INSERT INTO limit_state (limit_id, scope, window, holder, amount, "
+                "until, charged) VALUES (?,?,?,'',?,0,0) ON CONFLICT DO UPDATE SET "
+                "amount=CAST(CAST(amount AS INTEGER) + CAST(excluded.amount AS INTEGER) "
+                "AS TEXT) WHERE amount GLOB '[0-9]*' AND NOT amount GLOB '*[^0-9]*' "
+                "AND length(amount) < 18",
+                (limit_id, scope, window, str(int(delta))),
             )
             if cur.rowcount == 1:
                 return
@@ -594,18 +594,15 @@ class _Tables:
     def usage(
         self, limit_id: str, scope: str, window: int, now: int
     ) -> tuple[Decimal, Decimal, int]:
-        # One statement for the counter and the holds: the counter's row has a
-        # NULL `until`.
-        key = (limit_id, scope, window)
+        # One statement, one page: the counter and its holds sit side by side.
         rows = self.con.execute(
-            "SELECT value, NULL, 0 FROM limit_counters WHERE limit_id=? AND scope=? "
-            "AND window=? UNION ALL SELECT amount, until, charged FROM limit_holds "
+            "SELECT holder, amount, until, charged FROM limit_state "
             "WHERE limit_id=? AND scope=? AND window=?",
-            key + key,
+            (limit_id, scope, window),
         ).fetchall()
         used, total, count, lapsed = Decimal(0), Decimal(0), 0, None
-        for amount, until, charged in rows:
-            if until is None:
+        for holder, amount, until, charged in rows:
+            if holder == "":
                 used = Decimal(amount)
             elif until > now:
                 total += Decimal(amount)
@@ -614,8 +611,8 @@ class _Tables:
                 lapsed = (lapsed or Decimal(0)) + (Decimal(amount) if charged else 0)
         if lapsed is not None:  # a crashed or hung worker's hold comes back by itself
             self.con.execute(
-                "DELETE FROM limit_holds WHERE limit_id=? AND scope=? AND window=? "
-                "AND until <= ?",
+                "DELETE FROM limit_state WHERE limit_id=? AND scope=? AND window=? "
+                "AND holder NOT IN ('', '~') AND until <= ?",
                 (limit_id, scope, window, now),
             )
             if lapsed:
@@ -636,32 +633,42 @@ class _Tables:
         charged: bool,
     ) -> None:
         self.con.execute(
-            "INSERT OR REPLACE INTO limit_holds (limit_id, scope, window, run_id, step, "
-            "amount, until, charged) VALUES (?,?,?,?,?,?,?,?)",
-            (limit_id, scope, window, run_id, step, str(amount), until, int(charged)),
+            "INSERT OR REPLACE INTO limit_state (limit_id, scope, window, holder, "
+            "amount, until, charged) VALUES (?,?,?,?,?,?,?)",
+            (
+                limit_id,
+                scope,
+                window,
+                f"{run_id}/{step}",
+                str(amount),
+                until,
+                int(charged),
+            ),
         )
 
     def drop_hold(
         self, limit_id: str, scope: str, window: int, run_id: str, step: int
     ) -> bool:
         cur = self.con.execute(
-            "DELETE FROM limit_holds WHERE limit_id=? AND scope=? AND window=? "
-            "AND run_id=? AND step=?",
-            (limit_id, scope, window, run_id, step),
+            "DELETE FROM limit_state WHERE limit_id=? AND scope=? AND window=? "
+            "AND holder=?",
+            (limit_id, scope, window, f"{run_id}/{step}"),
         )
         return cur.rowcount == 1
 
     def tat(self, limit_id: str, scope: str) -> int | None:
         row = self.con.execute(
-            "SELECT tat FROM limit_rates WHERE limit_id=? AND scope=?",
+            "SELECT until FROM limit_state WHERE limit_id=? AND scope=? AND window=0 "
+            "AND holder='~'",
             (limit_id, scope),
         ).fetchone()
         return None if row is None else int(row[0])
 
     def set_tat(self, limit_id: str, scope: str, tat: int) -> None:
         self.con.execute(
-            "INSERT INTO limit_rates (limit_id, scope, tat) VALUES (?,?,?) "
-            "ON CONFLICT DO UPDATE SET tat=excluded.tat",
+            "INSERT INTO limit_state (limit_id, scope, window, holder, amount, until, "
+            "charged) VALUES (?,?,0,'~','',?,0) ON CONFLICT DO UPDATE "
+            "SET until=excluded.until",
             (limit_id, scope, tat),
         )
 
@@ -691,12 +698,23 @@ class _Tables:
     def push_sample(
         self, breaker_id: str, code: str, window: int, min_calls: int, generation: int
     ) -> bool:
-        cur = self.con.execute(
-            "UPDATE breakers SET outcomes = substr(outcomes || ?, ?) "
-            "WHERE id=? AND generation=? AND state='closed' AND length(outcomes) <> ?",
-            (code, -window, breaker_id, generation, min_calls - 1),
-        )
-        return cur.rowcount == 1
+        row = self.con.execute(
+            "SELECT state, generation, outcomes FROM breakers WHERE id=?",
+            (breaker_id,),
+        ).fetchone()
+        if row is None or row[0] != "closed" or row[1] != generation:
+            return False
+        outcomes: str = row[2]
+        if len(outcomes) == min_calls - 1:
+            return False
+        pushed = (outcomes + code)[-window:]
+        # A full window of successes stays the same: a healthy upstream's
+        # breaker is read, never written.
+        if pushed != outcomes:
+            self.con.execute(
+                "UPDATE breakers SET outcomes=? WHERE id=?", (pushed, breaker_id)
+            )
+        return True
 
 
 def _breaker_row(row: Sequence[Any]) -> BreakerRow:

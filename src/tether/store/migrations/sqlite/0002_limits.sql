@@ -1,31 +1,20 @@
 -- Limits and breakers, shared by every process on the file.
 -- Amounts are decimal text (exact; never floats); times are microseconds since 1970-01-01 UTC.
-CREATE TABLE limit_counters (        -- quotas, settled budget spend, retry budgets, call counts
+--
+-- One table holds every limit's counter, holds and rate state, keyed so that a
+-- counter and its holds sit side by side: a step's reservation and its
+-- settlement then dirty one page, not one per table (each page is a WAL frame
+-- written at every commit; benchmarks/limits.py measures it).
+CREATE TABLE limit_state (
     limit_id TEXT NOT NULL,
     scope    TEXT NOT NULL,          -- whose: a run id, tenant/principal, tenant, capability or *
-    window   INTEGER NOT NULL,       -- the window's start; 0 for a run's lifetime
-    value    TEXT NOT NULL,
-    updated  INTEGER NOT NULL,
-    PRIMARY KEY (limit_id, scope, window)
-) STRICT, WITHOUT ROWID;
-
-CREATE TABLE limit_holds (           -- budget reservations and concurrency leases, until settled or lapsed
-    limit_id TEXT NOT NULL,
-    scope    TEXT NOT NULL,
-    window   INTEGER NOT NULL,
-    run_id   TEXT NOT NULL,
-    step     INTEGER NOT NULL,
-    amount   TEXT NOT NULL,
-    until    INTEGER NOT NULL,       -- a hold past this lapsed: its worker died or hung
-    charged  INTEGER NOT NULL,       -- 1: a lapsed hold counts as spent (a budget's), 0: freed (a lease)
-    PRIMARY KEY (limit_id, scope, window, run_id, step)
-) STRICT, WITHOUT ROWID;
-
-CREATE TABLE limit_rates (           -- GCRA state: the theoretical arrival time
-    limit_id TEXT NOT NULL,
-    scope    TEXT NOT NULL,
-    tat      INTEGER NOT NULL,
-    PRIMARY KEY (limit_id, scope)
+    window   INTEGER NOT NULL,       -- the window's start; 0 for a run's lifetime (or no window)
+    holder   TEXT NOT NULL,          -- '' the counter; 'run_id/step' a hold; '~' a rate's state
+    amount   TEXT NOT NULL,          -- the counter's value, or the hold's amount
+    until    INTEGER NOT NULL,       -- a hold: when it lapses (its worker died or hung),
+                                     -- a rate: its theoretical arrival time (GCRA)
+    charged  INTEGER NOT NULL,       -- a hold: 1 if it counts as spent when it lapses (a budget's)
+    PRIMARY KEY (limit_id, scope, window, holder)
 ) STRICT, WITHOUT ROWID;
 
 CREATE TABLE breakers (
