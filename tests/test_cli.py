@@ -282,7 +282,7 @@ def test_an_unexpected_error_is_one_internal_line(
     def broken(*_: object) -> None:
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(tether.cli, "_timeline", broken)
+    monkeypatch.setattr(tether.cli._runs, "_timeline", broken)
     monkeypatch.delenv("TETHER_DEBUG", raising=False)
     argv = ["demo", "--db", "memory://"]
 

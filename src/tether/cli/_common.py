@@ -1,0 +1,290 @@
+"""What every `tether` command shares: the app, options, escaping, output."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import re
+import sys
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.text import Text
+
+from tether._version import __version__
+from tether.app import Tether
+from tether.config import (
+    DEFAULT_DB,
+    resolve_db,
+)
+from tether.errors import NotFound, TetherError, UsageError
+from tether.scenarios import SCENARIOS
+from tether.store import sqlite_path
+
+__all__ = [
+    "JSON_FORMAT",
+    "_OK_STATUSES",
+    "_STYLE",
+    "_App",
+    "_Db",
+    "_Json",
+    "_RunArg",
+    "_brief",
+    "_clean",
+    "_console",
+    "_emit_json",
+    "_error",
+    "_escape_char",
+    "_field",
+    "_help_if_bare",
+    "_load_app",
+    "_ms",
+    "_open",
+    "_policy_cli",
+    "_runs_cli",
+    "_styled",
+    "_version",
+    "_with_scenario",
+    "cli",
+]
+
+JSON_FORMAT = 1
+"""Version of every `--json` document this command prints."""
+
+_OK_STATUSES = ("executed", "dry_run", "idempotent_hit")
+_STYLE = {
+    "executed": "green",
+    "dry_run": "cyan",
+    "idempotent_hit": "green",
+    "refused": "yellow",
+    "invalid": "yellow",
+    "failed": "red",
+    "in_doubt": "bold red",
+    "succeeded": "bold green",
+    "failed_run": "bold red",
+}
+_UNSAFE = re.compile(
+    "[\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff]"
+)
+"""Control characters, and the invisible and bidirectional marks that can make a
+terminal show something else than the text holds."""
+
+cli = typer.Typer(
+    name="tether",
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+_runs_cli = typer.Typer(rich_markup_mode=None)
+cli.add_typer(_runs_cli, name="runs")
+_policy_cli = typer.Typer(rich_markup_mode=None)
+cli.add_typer(_policy_cli, name="policy")
+
+_Db = Annotated[
+    str | None,
+    typer.Option(
+        "--db",
+        metavar="URL",
+        help=f"Database URL; default: $TETHER_DB, else {DEFAULT_DB}.",
+        show_default=False,
+    ),
+]
+_Json = Annotated[
+    bool, typer.Option("--json", help="Print one JSON document on stdout.")
+]
+_RunArg = Annotated[
+    str,
+    typer.Argument(
+        help="A run id, or a unique prefix of 6+ characters.", show_default=False
+    ),
+]
+
+
+# -- escaping and small formatting ------------------------------------------------------
+
+
+def _clean(value: object, limit: int | None = None) -> str:
+    """Return `value` as text safe for a terminal: control characters escaped.
+
+    Args:
+        value: anything; non-text is converted with `str`.
+        limit: cut to this many characters (with an ellipsis), when given.
+    """
+    text = value if isinstance(value, str) else str(value)
+    text = _UNSAFE.sub(_escape_char, text)
+    if limit is not None and len(text) > limit:
+        text = text[: max(limit - 1, 0)] + "…"
+    return text
+
+
+def _escape_char(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
+
+
+def _brief(value: object, limit: int = 60) -> str:
+    """Return a short one-line view of an output or args mapping."""
+    if isinstance(value, Mapping):
+        parts = []
+        for key, item in value.items():
+            if isinstance(item, Mapping):
+                shown = "{…}"
+            elif isinstance(item, list):
+                shown = f"[{len(item)} items]"
+            else:
+                shown = str(item)
+            parts.append(f"{key}={shown}")
+        return _clean(" ".join(parts), limit)
+    return _clean(value, limit)
+
+
+def _ms(duration_us: int | None) -> str:
+    if duration_us is None:
+        return ""
+    if duration_us >= 1_000_000:
+        return f"{duration_us / 1_000_000:.2f} s"
+    return f"{duration_us / 1000:.1f} ms"
+
+
+def _console() -> Console:
+    console = Console(highlight=False, soft_wrap=False, emoji=False)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console.width = 120  # a pipe or a file has no width; 80 would cut the timeline
+    return console
+
+
+def _emit_json(doc: Mapping[str, Any]) -> None:
+    # ensure_ascii: every non-ASCII and control character leaves as an escape,
+    # so a terminal showing the document cannot be steered by agent text.
+    print(json.dumps(doc, indent=2, default=str))
+
+
+def _styled(status: str | None) -> Text:
+    text = _clean(status or "")
+    return Text(text, style=_STYLE.get(text, ""))
+
+
+# -- opening the app ----------------------------------------------------------------------
+
+
+@contextmanager
+def _open(db: str | None, *, must_exist: bool = False) -> Iterator[Tether]:
+    url = resolve_db(db)
+    path = sqlite_path(url)
+    if must_exist and path and not Path(path).is_file():
+        raise NotFound(
+            f"no database at {path}; run `tether demo` first or pass --db "
+            "(or set TETHER_DB)"
+        )
+    with Tether(db=url) as app:
+        yield app
+
+
+def _with_scenario(app: Tether, run_id: str) -> None:
+    """Register the capabilities of the built-in scenario a run came from, if any.
+
+    Export and the timeline then know each capability's declaration and effect.
+    """
+    events = app.store.events(app.store.get_run(run_id).run_id)
+    if not events:
+        return
+    first = events[0].data()
+    context = first.get("context")
+    name = context.get("scenario") if isinstance(context, Mapping) else None
+    scenario = SCENARIOS.get(name) if isinstance(name, str) else None
+    if scenario is not None:
+        scenario.setup(app)
+
+
+_App = Annotated[
+    str | None,
+    typer.Option(
+        "--app",
+        metavar="MODULE:ATTR",
+        help="Your tether.Tether instance, as uvicorn names an app (myapp:app); "
+        "cases are then decided as real steps of its capabilities, with its "
+        "Python policies.",
+        show_default=False,
+    ),
+]
+
+
+def _load_app(spec: str) -> Tether:
+    """Import `MODULE:ATTR` (the current folder first on `sys.path`); return the app.
+
+    Raises:
+        UsageError: the value is malformed, the module or attribute is missing,
+            or it is not a `tether.Tether`.
+    """
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise UsageError(
+            f"--app {spec!r}: write MODULE:ATTR, e.g. myapp:app (the module and "
+            "the name of your tether.Tether in it)"
+        )
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        missing = exc.name or ""
+        if missing == module_name or module_name.startswith(missing + "."):
+            raise UsageError(
+                f"--app {spec!r}: no module {module_name!r} in {cwd} or on the "
+                "path; run from the folder that holds it"
+            ) from exc
+        raise UsageError(
+            f"--app {spec!r}: importing {module_name!r} failed: {exc}"
+        ) from exc
+    except TetherError:
+        raise  # the app's own setup failed (a bad tether.yaml, ...): its own code
+    except Exception as exc:  # user code ran: report it in one line
+        raise UsageError(
+            f"--app {spec!r}: importing {module_name!r} failed: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+    value: object = module
+    for name in attr.split("."):
+        if not hasattr(value, name):
+            raise UsageError(
+                f"--app {spec!r}: module {module_name!r} has no attribute {attr!r}"
+            )
+        value = getattr(value, name)
+    if not isinstance(value, Tether):
+        raise UsageError(
+            f"--app {spec!r}: {attr!r} is a {type(value).__name__}, not a "
+            "tether.Tether; name the app instance"
+        )
+    return value
+
+
+def _field(console: Console, label: str, value: object, limit: int = 400) -> None:
+    line = Text(f"{label:<10}", style="dim")
+    line.append(_clean(value, limit))
+    console.print(line)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"tether {__version__}")
+        raise typer.Exit
+
+
+def _help_if_bare(ctx: typer.Context) -> None:
+    # A bare `tether` or `tether runs` asks what there is: answer with the help.
+    if ctx.invoked_subcommand is None:
+        print(ctx.get_help())
+        raise typer.Exit
+
+
+def _error(code: str, message: str) -> None:
+    text = _clean(" ".join(message.split()))  # one line, whatever the message held
+    sys.stderr.write(f"error[{_clean(code, 60)}] {text}\n")
+    sys.stderr.flush()

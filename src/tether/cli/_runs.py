@@ -1,0 +1,600 @@
+"""`tether demo`, `tether runs ...` and `tether verify`: running and reading runs."""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+from rich.text import Text
+
+from tether import _canonical
+from tether.agent import run_agent
+from tether.app import Tether
+from tether.cli._common import (
+    _OK_STATUSES,
+    _STYLE,
+    JSON_FORMAT,
+    _brief,
+    _clean,
+    _console,
+    _Db,
+    _emit_json,
+    _field,
+    _Json,
+    _ms,
+    _open,
+    _RunArg,
+    _runs_cli,
+    _styled,
+    _with_scenario,
+    cli,
+)
+from tether.errors import NotFound, UsageError
+from tether.run import RunState
+from tether.scenarios import SCENARIOS
+
+__all__: list[str] = []  # commands register on `cli` on import
+
+
+# -- reading a run back -----------------------------------------------------------------
+
+
+def _step_status(event: Mapping[str, Any]) -> str:
+    stage = event.get("stage")
+    if event.get("error_code") == "in_doubt":
+        return "in_doubt"
+    if stage in ("validate", "resolve"):
+        return "invalid"
+    if stage in ("execute", "output"):
+        return "failed"
+    return "refused"
+
+
+def _timeline(app: Tether, run_id: str) -> dict[str, Any]:
+    """Return a run, its steps and its events as one JSON-ready document.
+
+    Raises:
+        NotFound: no such run.
+    """
+    row = app.store.get_run(run_id)
+    events = [
+        {**ev.data(), "hash": ev.hash.hex()} for ev in app.store.events(row.run_id)
+    ]
+    steps: dict[int, dict[str, Any]] = {}
+    proposed: list[object] = []
+    answer = message = None
+    for ev in events:
+        kind = ev.get("kind")
+        if kind == "plan_proposed":
+            proposed = list(ev.get("steps") or [])
+            if ev.get("finish"):
+                answer = ev.get("answer")
+        elif kind == "run_finished":
+            message = ev.get("message")
+        number = ev.get("step")
+        if not isinstance(number, int):
+            continue
+        step = steps.get(number)
+        if step is None:
+            first = proposed.pop(0) if proposed else None
+            plan: Mapping[str, Any] = first if isinstance(first, Mapping) else {}
+            step = steps[number] = {
+                "step": number,
+                "capability": plan.get("capability"),
+                "version": None,
+                "effect": None,
+                "args": plan.get("args"),
+                "rationale": plan.get("rationale"),
+                "decision": None,
+                "status": None,
+                "duration_ms": None,
+                "output": None,
+                "error_code": None,
+                "error": None,
+            }
+        _apply(step, ev)
+    for step in steps.values():
+        try:
+            step["effect"] = app.capabilities.get(str(step["capability"])).effect.value
+        except NotFound:
+            step["effect"] = None  # recorded under a capability this app lacks
+    return {
+        "run_id": row.run_id,
+        "status": row.status,
+        "tenant": row.tenant,
+        "principal": row.principal_id,
+        "request": row.request,
+        "created_at": row.created_at.isoformat(),
+        "updated_at": row.updated_at.isoformat(),
+        "error_code": row.error_code,
+        "message": message,
+        "answer": answer,
+        "head_seq": row.head_seq,
+        "head": row.head_hash.hex(),
+        "steps": [steps[n] for n in sorted(steps)],
+        "events": events,
+    }
+
+
+def _apply(step: dict[str, Any], ev: Mapping[str, Any]) -> None:
+    kind = ev.get("kind")
+    if kind == "validated":
+        step["capability"] = ev.get("capability")
+        step["version"] = ev.get("version")
+        step["args"] = ev.get("args")
+    elif kind == "decided":
+        step["decision"] = ev.get("verdict")
+    elif kind == "executed":
+        step["status"] = "dry_run" if ev.get("dry_run") else "executed"
+        step["output"] = ev.get("output")
+        step["duration_ms"] = _duration_ms(ev)
+    elif kind == "idempotent_hit":
+        step["status"] = "idempotent_hit"
+        step["output"] = ev.get("output")
+    elif kind == "failed":
+        step["status"] = _step_status(ev)
+        step["error_code"] = ev.get("error_code")
+        step["error"] = ev.get("message")
+        step["duration_ms"] = _duration_ms(ev)
+    elif kind == "in_doubt":
+        step["status"] = "in_doubt"
+        step["error_code"] = "in_doubt"
+        step["error"] = ev.get("message")
+        step["duration_ms"] = _duration_ms(ev)
+
+
+def _duration_ms(ev: Mapping[str, Any]) -> float | None:
+    us = ev.get("duration_us")
+    return None if not isinstance(us, int) else round(us / 1000, 3)
+
+
+def _steps_table(steps: Sequence[Mapping[str, Any]], width: int) -> Table:
+    rows = []
+    for s in steps:
+        duration = s["duration_ms"]
+        rows.append(
+            [
+                str(s["step"]),
+                _clean(s["capability"] or "?", 40),
+                _clean(s["effect"] or "?"),
+                _clean(s["decision"] or "-"),
+                _clean(s["status"] or "?"),
+                _ms(None if duration is None else int(duration * 1000)),
+            ]
+        )
+    headers = ["#", "capability", "effect", "decision", "status", "duration"]
+    fixed = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
+    # The output column alone gives way on a narrow terminal: cut it to what is left
+    # (two spaces between columns), so the table never wraps or squeezes the rest.
+    room = max(width - sum(fixed) - 2 * len(fixed), 12)
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for header in headers:
+        table.add_column(
+            header,
+            no_wrap=True,
+            justify="right" if header in ("#", "duration") else "left",
+        )
+    table.add_column("output", no_wrap=True)
+    for s, row in zip(steps, rows, strict=True):
+        if s["status"] in _OK_STATUSES:
+            out = _brief(s["output"], room)
+        else:
+            out = _clean(f"{s['error_code']}: {s['error']}", room)
+        table.add_row(
+            *(Text(cell) for cell in row[:4]),
+            _styled(row[4]),
+            row[5],
+            Text(out),
+        )
+    return table
+
+
+def _event_detail(ev: Mapping[str, Any]) -> str:  # one line per kind
+    kind = ev.get("kind")
+    if kind == "run_started":
+        principal = ev.get("principal")
+        if not isinstance(principal, Mapping):
+            return ""
+        return f"by {principal.get('id')} (tenant {principal.get('tenant')})"
+    if kind == "run_status":
+        return f"{ev.get('previous')} -> {ev.get('status')}"
+    if kind == "plan_proposed":
+        names = ", ".join(
+            str(s.get("capability") if isinstance(s, Mapping) else s)
+            for s in ev.get("steps") or []
+        )
+        done = f"finish: {ev.get('answer')}" if ev.get("finish") else ""
+        return " ".join(p for p in (names, done) if p) or "(nothing)"
+    if kind == "validated":
+        return (
+            f"{ev.get('capability')}@{ev.get('version')} {_brief(ev.get('args'), 200)}"
+        )
+    if kind == "precondition_checked":
+        checks = ", ".join(str(c) for c in ev.get("checks") or [])
+        if ev.get("failed"):
+            return f"{ev.get('failed')} failed: {ev.get('reason')}"
+        return f"held: {checks}" if checks else "none"
+    if kind == "decided":
+        rules = ", ".join(str(r) for r in ev.get("rule_ids") or []) or "default"
+        reasons = "; ".join(str(r) for r in ev.get("reasons") or [] if r)
+        why = f": {reasons}" if reasons else ""
+        return f"{ev.get('verdict')} ({rules}; policy {ev.get('policy_version')}){why}"
+    if kind == "plan_admitted":
+        verdicts = ", ".join(
+            f"{s.get('capability')}={s.get('error_code') or s.get('verdict')}"
+            for s in ev.get("steps") or []
+            if isinstance(s, Mapping)
+        )
+        left = ev.get("budget_left")
+        budget = "" if left is None else f"; budget left {left}"
+        return f"{ev.get('status')}: {verdicts} (cost {ev.get('total_cost')}{budget})"
+    if kind == "intent":
+        key = ev.get("key")
+        return f"{ev.get('capability')}" + (f" key={key}" if key else "")
+    if kind == "executed":
+        dry = "dry run " if ev.get("dry_run") else ""
+        return f"{dry}{_ms(ev.get('duration_us'))} {_brief(ev.get('output'), 200)}"
+    if kind == "failed":
+        return f"{ev.get('stage')}: {ev.get('error_code')}: {ev.get('message')}"
+    if kind == "idempotent_hit":
+        return (
+            f"stored result of {ev.get('original_run')} step {ev.get('original_step')}"
+        )
+    if kind == "run_finished":
+        code = ev.get("error_code")
+        return f"{ev.get('status')}" + (
+            f" ({code}: {ev.get('message')})" if code else ""
+        )
+    rest = {
+        k: v for k, v in ev.items() if k not in ("kind", "seq", "at", "step", "hash")
+    }
+    return _canonical.dumps(rest).decode()
+
+
+def _events_table(events: Sequence[Mapping[str, Any]]) -> Table:
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    table.add_column("seq", justify="right")
+    table.add_column("time")
+    table.add_column("step", justify="right")
+    table.add_column("event")
+    table.add_column("detail", overflow="fold")
+    for ev in events:
+        at = str(ev.get("at", ""))
+        table.add_row(
+            Text(_clean(ev.get("seq"))),
+            Text(_clean(at[11:23] if len(at) >= 23 else at)),
+            Text("" if ev.get("step") is None else _clean(ev.get("step"))),
+            Text(_clean(ev.get("kind"))),
+            Text(_clean(_event_detail(ev), 300)),
+        )
+    return table
+
+
+def _summary(doc: Mapping[str, Any]) -> Text:
+    status = str(doc["status"])
+    line = Text("run ")
+    line.append(_clean(doc["run_id"]), style="bold")
+    line.append(" ")
+    line.append(
+        status,
+        style=_STYLE["succeeded"] if status == "succeeded" else _STYLE["failed_run"],
+    )
+    line.append(f" · {len(doc['steps'])} steps · {doc['head_seq']} events")
+    if doc.get("error_code"):
+        line.append(
+            _clean(f" · {doc['error_code']}: {doc.get('message') or ''}", 200),
+            style="red",
+        )
+    return line
+
+
+@cli.command("demo")
+def _demo(
+    scenario: Annotated[
+        str,
+        typer.Option(
+            "--scenario",
+            metavar="NAME",
+            help=f"Built-in scenario: {', '.join(sorted(SCENARIOS))}.",
+        ),
+    ] = "cloud-ops",
+    as_json: _Json = False,
+    db: _Db = None,
+) -> None:
+    """Run a built-in scenario end to end and show its timeline.
+
+    The scripted agent plans, the gateway checks and executes each step, and
+    the run is recorded in the database; exit 1 if the run did not succeed.
+
+    Example: tether demo --scenario cloud-ops --db sqlite:///demo.db
+    """
+    chosen = SCENARIOS.get(scenario)
+    if chosen is None:
+        raise UsageError(
+            f"unknown scenario {_clean(scenario, 60)!r}; choose one of: "
+            f"{', '.join(sorted(SCENARIOS))}"
+        )
+    with _open(db) as app:
+        chosen.setup(app)
+        run = run_agent(
+            app,
+            chosen.planner(),
+            principal=chosen.principal,
+            request=chosen.request,
+            context=chosen.context,
+        )
+        doc = _timeline(app, run.id)
+        url = app.store.url  # the store's URL carries no secrets
+    if as_json:
+        _emit_json(
+            {
+                "format": JSON_FORMAT,
+                "scenario": chosen.name,
+                "run_id": doc["run_id"],
+                "status": doc["status"],
+                "answer": doc["answer"],
+                "error_code": doc["error_code"],
+                "steps": doc["steps"],
+            }
+        )
+    else:
+        console = _console()
+        console.print(Text(f"{chosen.name}: {chosen.description}", style="bold"))
+        _field(console, "request", doc["request"])
+        _field(console, "agent", _principal_line(chosen.principal.describe()))
+        console.print()
+        console.print(_steps_table(doc["steps"], console.width))
+        console.print()
+        if doc["answer"]:
+            _field(console, "answer", doc["answer"])
+        console.print(_summary(doc))
+        db_flag = "" if db is None else f" --db {db}"
+        _field(console, "verify", f"tether verify {doc['run_id']}{db_flag}")
+        _field(console, "inspect", f"tether runs show {doc['run_id']}{db_flag}")
+        if db is None:
+            _field(console, "database", url)
+    if doc["status"] != RunState.SUCCEEDED.value:
+        raise typer.Exit(1)
+
+
+def _principal_line(principal: Mapping[str, Any]) -> str:
+    who = f"{principal.get('id')} (tenant {principal.get('tenant')}"
+    if principal.get("on_behalf_of"):
+        who += f", on behalf of {principal.get('on_behalf_of')}"
+    return who + ")"
+
+
+@_runs_cli.command("list")
+def _runs_list(
+    limit: Annotated[
+        int,
+        typer.Option(
+            "--limit", "-n", min=1, max=10_000, help="At most this many runs."
+        ),
+    ] = 20,
+    status: Annotated[
+        str | None,
+        typer.Option(
+            "--status",
+            metavar="STATUS",
+            help=f"Only runs in this status: {', '.join(s.value for s in RunState)}.",
+        ),
+    ] = None,
+    as_json: _Json = False,
+    db: _Db = None,
+) -> None:
+    """List recorded runs, newest first.
+
+    Example: tether runs list --status failed --limit 10
+    """
+    if status is not None and status not in {s.value for s in RunState}:
+        raise UsageError(
+            f"unknown status {_clean(status, 40)!r}; use one of: "
+            f"{', '.join(s.value for s in RunState)}"
+        )
+    with _open(db, must_exist=True) as app:
+        rows = app.store.list_runs(limit=limit, status=status)
+    items: list[dict[str, Any]] = [
+        {
+            "run_id": r.run_id,
+            "status": r.status,
+            "tenant": r.tenant,
+            "principal": r.principal_id,
+            "request": r.request,
+            "created_at": r.created_at.isoformat(),
+            "updated_at": r.updated_at.isoformat(),
+            "events": r.head_seq,
+            "error_code": r.error_code,
+        }
+        for r in rows
+    ]
+    if as_json:
+        _emit_json({"format": JSON_FORMAT, "runs": items})
+        return
+    console = _console()
+    if not items:
+        console.print("no runs yet; try `tether demo`")
+        return
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for name in ("run", "status", "created (UTC)", "principal", "events", "request"):
+        table.add_column(name, no_wrap=True, overflow="ellipsis")
+    for item in items:
+        table.add_row(
+            Text(_clean(item["run_id"])),
+            _styled(item["status"]),
+            Text(_clean(_short_time(item["created_at"]))),
+            Text(_clean(item["principal"], 30)),
+            Text(str(item["events"])),
+            Text(_clean(item["request"], 50)),
+        )
+    console.print(table)
+
+
+def _short_time(iso: str) -> str:
+    try:
+        return datetime.fromisoformat(iso).strftime("%Y-%m-%d %H:%M:%S")
+    except ValueError:
+        return iso
+
+
+@_runs_cli.command("show")
+def _runs_show(
+    run: _RunArg,
+    as_json: _Json = False,
+    db: _Db = None,
+) -> None:
+    """Show a run: who asked what, each step's decision and outcome, every event.
+
+    Example: tether runs show run_0190f3a2c4
+    """
+    with _open(db, must_exist=True) as app:
+        _with_scenario(app, run)
+        doc = _timeline(app, run)
+    if as_json:
+        summary = {k: v for k, v in doc.items() if k not in ("steps", "events")}
+        _emit_json(
+            {
+                "format": JSON_FORMAT,
+                "run": summary,
+                "steps": doc["steps"],
+                "events": doc["events"],
+            }
+        )
+        return
+    console = _console()
+    _field(console, "run", doc["run_id"])
+    _field(console, "status", doc["status"])
+    _field(console, "request", doc["request"])
+    started = doc["events"][0] if doc["events"] else {}
+    principal = started.get("principal") if isinstance(started, Mapping) else None
+    _field(
+        console,
+        "agent",
+        _principal_line(principal)
+        if isinstance(principal, Mapping)
+        else doc["principal"],
+    )
+    _field(console, "created", doc["created_at"])
+    _field(console, "head", f"event {doc['head_seq']}, {doc['head']}")
+    if doc["answer"]:
+        _field(console, "answer", doc["answer"])
+    if doc["error_code"]:
+        _field(console, "error", f"{doc['error_code']}: {doc['message'] or ''}")
+    if doc["steps"]:
+        console.print()
+        console.print(_steps_table(doc["steps"], console.width))
+    console.print()
+    console.print(_events_table(doc["events"]))
+
+
+@_runs_cli.command("export")
+def _runs_export(
+    run: _RunArg,
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output",
+            "-o",
+            metavar="FILE",
+            help="Write to FILE instead of stdout.",
+            dir_okay=False,
+        ),
+    ] = None,
+    db: _Db = None,
+) -> None:
+    """Export a run's record as JSON lines: a header, then one line per event.
+
+    The header holds the run, its chain head (`head`, for `tether verify
+    --head`) and the declarations of the capabilities it called.
+
+    Example: tether runs export run_0190f3a2c4 -o incident.jsonl
+    """
+    with _open(db, must_exist=True) as app:
+        _with_scenario(app, run)
+        lines = list(app.export(run))
+    data = b"".join(line + b"\n" for line in lines)
+    if output is None:
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+        return
+    try:
+        output.write_bytes(data)
+    except OSError as exc:
+        raise UsageError(
+            f"cannot write {_clean(output)}: {exc.strerror}; choose another -o FILE"
+        ) from exc
+    head = _canonical.loads(lines[0]).get("head", "")
+    print(f"exported {len(lines) - 1} events to {_clean(output)} (head {head})")
+
+
+@cli.command("verify")
+def _verify(
+    run: _RunArg,
+    head: Annotated[
+        str | None,
+        typer.Option(
+            "--head",
+            metavar="HASH",
+            help="The chain head from an earlier export (64 hex digits); the "
+            "record must end exactly there.",
+        ),
+    ] = None,
+    as_json: _Json = False,
+    db: _Db = None,
+) -> None:
+    """Check a run's hash chain and its signed head; exit 1 naming the first bad event.
+
+    Every event's hash covers the one before it, and the chain head is signed
+    with the record key (TETHER_RECORD_KEY, else the key file beside the
+    database). Limitation: without the record key or an exported head (--head),
+    a consistent rewrite of the whole chain by someone with database write
+    access cannot be detected; such a run is reported as unanchored.
+
+    Example: tether verify run_0190f3a2c4 --head 3fa1...e9
+    """
+    if head is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", head):
+        raise UsageError(
+            f"--head must be 64 hex digits (the `head` of an export), got "
+            f"{_clean(head, 80)!r}"
+        )
+    with _open(db, must_exist=True) as app:
+        row = app.store.get_run(run)
+        report = app.verify(row.run_id, head=head)
+        signed = app.store.record_key is not None and row.head_sig is not None
+    anchored = signed or head is not None
+    if as_json:
+        _emit_json({**report.to_json(), "format": JSON_FORMAT, "anchored": anchored})
+    else:
+        console = _console()
+        if report.ok:
+            line = Text("intact ", style="bold green")
+            line.append(
+                f"run {report.run_id}: {report.events} events, head {report.head}"
+            )
+            console.print(line)
+            if not anchored:
+                console.print(
+                    Text(
+                        "unanchored: no record key signs this run and no --head was "
+                        "given, so a consistent rewrite of the whole chain would "
+                        "also pass",
+                        style="yellow",
+                    )
+                )
+        else:
+            line = Text("NOT intact ", style="bold red")
+            where = (
+                ""
+                if report.first_bad_seq is None
+                else f" (first bad event {report.first_bad_seq})"
+            )
+            line.append(_clean(f"run {report.run_id}{where}: {report.reason}", 400))
+            console.print(line)
+    if not report.ok:
+        raise typer.Exit(1)
