@@ -1,0 +1,624 @@
+"""A run's handle: the `Run` a caller steps through, with its lifecycle and record.
+
+Made by `Tether.run`; `call`/`acall` take steps through the gateway, and the
+run's state machine (`tether.run`) is checked at every transition.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from decimal import Decimal
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, TypeVar, overload
+
+import anyio.to_thread
+from pydantic import BaseModel
+
+from tether import gateway, plan, record
+from tether.capability import Capability
+from tether.errors import (
+    BreakerOpen,
+    LeaseLost,
+    StoreError,
+    TetherError,
+    UsageError,
+)
+from tether.policy import PolicySet
+from tether.principal import Principal
+from tether.record import Outcome
+from tether.run import FINAL_STATES, RunState, check_transition
+from tether.store import Batch, Claim, Committed, KeyUpdate, NewRun
+from tether.store._limits import (
+    BreakerAdmit,
+    BreakerOutcome,
+    Reserve,
+    RetryCharge,
+    Settle,
+)
+
+if TYPE_CHECKING:
+    from tether.app import Tether
+
+__all__ = ["Run"]
+
+logger = logging.getLogger("tether.app")
+
+Out = TypeVar("Out", bound=BaseModel)
+
+
+class Run:
+    """One agent task from request to outcome; every step goes through `call`.
+
+    Made by `Tether.run`; open it with `with` (or `async with`). Leaving the block
+    normally ends the run `succeeded`; leaving it with an exception ends it
+    `failed`, recording the error's code.
+    """
+
+    def __init__(
+        self,
+        app: Tether,
+        *,
+        principal: Principal,
+        request: str,
+        context: dict[str, Any],
+        budget: Decimal | int | None = None,
+    ) -> None:
+        self.app = app
+        self.id = self.run_id = app.ids.new_id("run_")
+        self.principal = principal
+        self.request = request
+        self.context: Mapping[str, Any] = context
+        self.status = RunState.PENDING
+        self.steps = 0
+        self._numbers = itertools.count(1)
+        self.clock = app.clock
+        self.store = app.store
+        self.retention = app.settings.idempotency.retention
+        self.claim_ttl = app.settings.idempotency.claim_ttl
+        self.cost = Decimal(0)
+        """Sum of the run's executed step costs."""
+        self.budget = plan.as_budget(budget)
+        """The most the run's plans may cost; None: no budget (see `admit`)."""
+        self.charges_before_claim = False
+        """The store takes the claim before it reserves limits or asks the breaker,
+        in one transaction, so a finished call's retry is answered from its key
+        and never charged or refused: no lookup is needed first (see gateway.step)."""
+        self.random = app.random
+        self.pool = app._thread_pool
+        self._upcoming: tuple[plan.StepLike, ...] = ()
+        """The steps a planner means to take after the current one (stashed with it)."""
+        self._epoch = 1
+        self._head_seq = 0
+        self._head_hash = record.genesis(self.id)
+        self._pending: list[Batch] = []
+        self._lock = threading.RLock()
+
+    def __repr__(self) -> str:
+        return f"<Run {self.id} {self.status.value}>"
+
+    # -- RunPort ---------------------------------------------------------------------
+
+    @property
+    def policy(self) -> PolicySet:
+        """The app's policy in force now (a changed `tether.yaml` applies at the next step)."""
+        app = self.app
+        return app.policy if app._config_file is None else app.current_policy()
+
+    @property
+    def guards(self) -> gateway.Guards | None:
+        """The limits, breakers and retry budget in force (read after `policy`)."""
+        return self.app.guards
+
+    def next_step(self) -> int:
+        """Return the next step number (from 1)."""
+        # next() on a count is atomic under the GIL: no lock on the hot path.
+        self.steps = number = next(self._numbers)
+        return number
+
+    def commit(
+        self,
+        events: Sequence[record.Event],
+        *,
+        claim: Claim | None = None,
+        key_update: KeyUpdate | None = None,
+        keep_on_failure: bool = False,
+        reserve: Sequence[Reserve] = (),
+        breaker: BreakerAdmit | None = None,
+        throttle: bool = True,
+        settle: Sequence[Settle] = (),
+        breaker_outcome: BreakerOutcome | None = None,
+        retry: RetryCharge | None = None,
+        step: int = 0,
+    ) -> gateway.StoreOp:
+        """Return the effect that appends `events` (and a key claim or update) to the record."""
+        batch = Batch(
+            run_id=self.id,
+            events=events,
+            claim=claim,
+            key_update=key_update,
+            at=events[-1].at,
+            reserve=reserve,
+            breaker=breaker,
+            throttle=throttle,
+            settle=settle,
+            breaker_outcome=breaker_outcome,
+            retry=retry,
+            step=step,
+        )
+        return gateway.StoreOp(self._commit, batch, keep_on_failure)
+
+    def has_pending(self) -> bool:
+        """Tell whether a result write failed and waits to be retried."""
+        return bool(self._pending)
+
+    def flush_pending(self) -> None:
+        """Write the results kept after failed writes.
+
+        Raises:
+            StoreError: the store still fails; the results stay kept.
+        """
+        with self._lock:
+            while self._pending:
+                self._write(self._pending[0])
+                self._pending.pop(0)
+
+    def _commit(self, batch: Batch, keep_on_failure: bool = False) -> Committed:
+        with self._lock:
+            if self.status in FINAL_STATES:
+                raise UsageError(
+                    f"run {self.id} is {self.status.value}; its record takes no more "
+                    "events (a step still running when the run ended cannot record)"
+                )
+            try:
+                if self._pending:
+                    self.flush_pending()
+                return self._write(batch)
+            except StoreError as exc:
+                if isinstance(exc, LeaseLost):
+                    raise
+                if keep_on_failure:
+                    # A step that already acted keeps its result until the store
+                    # takes it; the next write on this run retries it first.
+                    self._pending.append(batch)
+                    raise StoreError(
+                        f"{exc.message}; the step ran: its result is kept and is "
+                        "written first on this run's next write"
+                    ) from exc
+                raise StoreError(f"{exc.message}; nothing ran after it") from exc
+
+    def _write(self, batch: Batch) -> Committed:
+        # The chain head and epoch are read at write time: a batch kept after a
+        # failed write extends whatever the head is when it is retried.
+        batch.epoch = self._epoch
+        batch.base_seq = self._head_seq
+        batch.base_hash = self._head_hash
+        committed = self.store.commit(batch)
+        if committed.conflict is None:
+            self._head_seq, self._head_hash = committed.head_seq, committed.head_hash
+        return committed
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def _start(self) -> Batch:
+        check_transition(self.status, RunState.EXECUTING)
+        now = self.clock.now()
+        started = record.RunStarted(
+            at=now,
+            request=self.request,
+            principal=self.principal.describe(),
+            context=dict(self.context),
+        )
+        new_run = NewRun(
+            tenant=self.principal.tenant,
+            principal_id=self.principal.id,
+            request=self.request,
+            status=RunState.EXECUTING.value,
+            created_at=now,
+        )
+        return self._moving(RunState.EXECUTING, now, started, new_run=new_run)
+
+    def _finish(self, error: BaseException | None) -> Batch:
+        target = RunState.SUCCEEDED if error is None else RunState.FAILED
+        check_transition(self.status, target)
+        now = self.clock.now()
+        code = message = None
+        if isinstance(error, TetherError):
+            code, message = error.code, error.message
+        elif error is not None:
+            code, message = "internal", type(error).__name__
+        finished = record.RunFinished(
+            at=now, status=target.value, error_code=code, message=message
+        )
+        batch = self._moving(target, now, after=finished)
+        batch.error_code = code
+        return batch
+
+    def _moving(
+        self,
+        target: RunState,
+        now: datetime,
+        *before: record.Event,
+        after: record.Event | None = None,
+        new_run: NewRun | None = None,
+    ) -> Batch:
+        moved = record.RunStatus(
+            at=now, previous=self.status.value, status=target.value
+        )
+        events = [*before, moved, *([after] if after else [])]
+        return Batch(
+            run_id=self.id, events=events, at=now, status=target.value, new_run=new_run
+        )
+
+    def _apply(self, batch: Batch) -> None:
+        self._commit(batch)
+        assert batch.status is not None
+        self.status = RunState(batch.status)
+
+    def _log_lost(self) -> None:
+        if self._pending:
+            logger.error(
+                "step.result_lost",
+                extra={"tether.run_id": self.id, "tether.results": len(self._pending)},
+            )
+
+    def transition(self, target: RunState) -> None:
+        """Move the run to `target`, recording a `run_status` event.
+
+        Raises:
+            IllegalTransition: the lifecycle forbids the move.
+            StoreError: the event could not be written; the status is unchanged.
+        """
+        if target in FINAL_STATES:
+            raise UsageError(
+                f"end a run by leaving its `with` block, not with transition({target.value!r})"
+            )
+        check_transition(self.status, target)
+        self._apply(self._moving(target, self.clock.now()))
+
+    def append(self, *events: record.Event) -> None:
+        """Append events that no step writes (a proposed plan, say) to the record.
+
+        Raises:
+            StoreError: the events could not be written.
+        """
+        if events:
+            self._commit(Batch(run_id=self.id, events=events, at=events[-1].at))
+
+    def admit(self, steps: Sequence[plan.StepLike]) -> plan.Admission:
+        """Check a whole plan before its first step runs, and record the answer.
+
+        Every step is checked as the gateway would check it when its turn
+        came (the capability exists, its args validate, policy's decision),
+        and the plan's estimated cost against what is left of the run's
+        budget. Nothing runs; one `plan_admitted` event is recorded.
+        Preconditions are left to each step, since they read live state.
+
+        Args:
+            steps: `PlanStep`s or `(capability, args[, rationale])` tuples, in order.
+
+        Returns:
+            The `Admission`: `admitted`, `needs_approval` or `refused`, with
+            what was found for each step.
+
+        Raises:
+            UsageError: the run is not open, or a step is malformed.
+            StoreError: the `plan_admitted` event could not be written.
+
+        Example:
+            ```python
+            admission = run.admit([("net.ping", {"host": "db-1"})])
+            print(admission.status)
+            #> admitted
+            ```
+        """
+        if self.status is RunState.PENDING or self.status in FINAL_STATES:
+            raise UsageError(
+                f"run {self.id} is {self.status.value}; admit plans inside "
+                "`with app.run(...) as run:`"
+            )
+        admission = plan.admit(
+            plan.as_steps(steps),
+            capabilities=self.app.capabilities,
+            policy=self.policy,
+            principal=self.principal,
+            context=self.context,
+            steps_taken=self.steps,
+            cost=self.cost,
+            budget=self.budget,
+            at=self.clock.now(),
+        )
+        self.append(admission.to_event())
+        return admission
+
+    def __enter__(self) -> Run:
+        self._apply(self._start())
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self.status in FINAL_STATES or self.status is RunState.DEGRADED:
+            return  # a degraded run stays parked, to be resumed
+        try:
+            self._apply(self._finish(exc))
+        except StoreError:
+            self._log_lost()
+            if exc is None:
+                raise
+            # The body's error is the one the caller needs; the store's is secondary.
+
+    async def __aenter__(self) -> Run:
+        await anyio.to_thread.run_sync(self._apply, self._start())
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self.status in FINAL_STATES or self.status is RunState.DEGRADED:
+            return  # a degraded run stays parked, to be resumed
+        try:
+            await anyio.to_thread.run_sync(self._apply, self._finish(exc))
+        except StoreError:
+            self._log_lost()
+            if exc is None:
+                raise
+
+    # -- steps ---------------------------------------------------------------------------
+
+    def _resolve(self, capability: str | Capability[Any, Any]) -> Capability[Any, Any]:
+        if self.status is RunState.DEGRADED:
+            raise UsageError(
+                f"run {self.id} is degraded: an open breaker parked it with its "
+                "remaining plan (see its plan_stashed event); resume it once the "
+                "breaker has closed"
+            )
+        if self.status is not RunState.EXECUTING:
+            raise UsageError(
+                f"run {self.id} is {self.status.value}; call steps inside "
+                "`with app.run(...) as run:`"
+            )
+        if isinstance(capability, Capability):
+            return self.app.capabilities.get(capability.name, capability.version)
+        return self.app.capabilities.get(capability)
+
+    def step(
+        self,
+        capability: str | Capability[Any, Any],
+        args: Mapping[str, Any] | BaseModel | str | bytes | None = None,
+        *,
+        idempotency_key: str | None = None,
+        dry_run: bool = False,
+    ) -> Outcome:
+        """Take one step and return its `Outcome` (refusals and failures included).
+
+        Raises:
+            UsageError: the run is not open, or the handler is async and this
+                thread runs an event loop (use `astep`).
+            NotFound: no capability by that name.
+            StoreError: the record could not be written; nothing ran after a failed
+                intent write.
+        """
+        cap = self._resolve(capability)
+        handler = cap.dry_run_handler if dry_run else cap.handler
+        if handler is not None and handler.is_async and _loop_running():
+            raise UsageError(
+                f"{cap.name} is async and an event loop is running here; "
+                "use `await run.acall(...)`"
+            )
+        flow = gateway.step(
+            self,
+            cap,
+            {} if args is None else args,
+            key=idempotency_key,
+            dry_run=dry_run,
+        )
+        outcome = gateway.drive(flow)
+        if _stashes(outcome):
+            self._stash(outcome, cap, args, idempotency_key)
+        return outcome
+
+    async def astep(
+        self,
+        capability: str | Capability[Any, Any],
+        args: Mapping[str, Any] | BaseModel | str | bytes | None = None,
+        *,
+        idempotency_key: str | None = None,
+        dry_run: bool = False,
+    ) -> Outcome:
+        """Take one step without blocking the event loop; see `step`."""
+        cap = self._resolve(capability)
+        flow = gateway.step(
+            self,
+            cap,
+            {} if args is None else args,
+            key=idempotency_key,
+            dry_run=dry_run,
+        )
+        outcome = await gateway.adrive(flow)
+        if _stashes(outcome):
+            await anyio.to_thread.run_sync(
+                self._stash, outcome, cap, args, idempotency_key
+            )
+        return outcome
+
+    def _stash(
+        self,
+        outcome: Outcome,
+        cap: Capability[Any, Any],
+        args: object,
+        key: str | None,
+    ) -> None:
+        """Park the run `degraded` with the refused step and the plan after it."""
+        error = outcome.error
+        assert isinstance(error, BreakerOpen)
+        try:
+            first = plan.PlanStep(
+                capability=cap.name,
+                args=cap.dump_args(cap.validate_args(args or {}))[0],
+                idempotency_key=key or outcome.idempotency_key,
+            )
+        except TetherError:
+            first = plan.PlanStep(capability=cap.name, args={})
+        steps = [first, *plan.as_steps(self._upcoming)]
+        now = self.clock.now()
+        stashed = record.PlanStashed(
+            at=now,
+            breaker=error.breaker_id,
+            reason=error.message,
+            steps=tuple(
+                {
+                    "capability": s.capability,
+                    "args": dict(s.args),
+                    "idempotency_key": s.idempotency_key,
+                }
+                for s in steps
+            ),
+        )
+        self._apply(self._moving(RunState.DEGRADED, now, stashed))
+
+    def charge_usage(
+        self,
+        cost: Decimal | int,
+        *,
+        input_tokens: int = 0,
+        output_tokens: int = 0,
+        model: str | None = None,
+    ) -> None:
+        """Charge a planner's model usage to the run's budgets, as capability `llm`.
+
+        Usage has happened when it is reported: it is charged even past a
+        budget's end (recorded as it is), and the next step's reservation is
+        the one refused.
+
+        Raises:
+            UsageError: the cost is a float or negative.
+            StoreError: the charge could not be written.
+        """
+        amount = plan.as_budget(cost)
+        assert amount is not None
+        guards = self.app.guards
+        settles = (
+            []
+            if guards is None or not guards.limits
+            else guards.limits.charges(
+                principal=self.principal,
+                run_id=self.id,
+                cost=amount,
+                now=self.clock.now(),
+            )
+        )
+        charged = record.UsageCharged(
+            at=self.clock.now(),
+            cost=amount,
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+            model=model,
+            limits=tuple(s.limit_id for s in settles),
+        )
+        self._commit(
+            Batch(run_id=self.id, events=[charged], at=charged.at, settle=settles)
+        )
+        self.cost += amount
+
+    @overload
+    def call(
+        self,
+        capability: Capability[Any, Out],
+        args: Mapping[str, Any] | BaseModel | str | bytes | None = None,
+        *,
+        idempotency_key: str | None = None,
+        dry_run: bool = False,
+    ) -> Out: ...
+    @overload
+    def call(
+        self,
+        capability: str,
+        args: Mapping[str, Any] | BaseModel | str | bytes | None = None,
+        *,
+        idempotency_key: str | None = None,
+        dry_run: bool = False,
+    ) -> BaseModel: ...
+    def call(
+        self,
+        capability: str | Capability[Any, Any],
+        args: Mapping[str, Any] | BaseModel | str | bytes | None = None,
+        *,
+        idempotency_key: str | None = None,
+        dry_run: bool = False,
+    ) -> BaseModel:
+        """Call a capability through the gateway and return its output.
+
+        Args:
+            capability: its name (or the capability object, for a typed result).
+            args: a mapping, a model instance or JSON text.
+            idempotency_key: a retry with the same key and args returns the stored
+                result without running again, from any process.
+            dry_run: run the dry-run handler instead of the real one.
+
+        Raises:
+            ValidationFailed: the args do not match the input schema.
+            Refused: a precondition, policy, limit or key in use said no
+                (`Denied`, `ApprovalRequired`, `KeyInUse`, ...).
+            IdempotencyConflict: the key was used with other args.
+            CapabilityFailed: the handler raised (retry under the same key).
+            InDoubt: a `none` capability started and failed: a person must check.
+        """
+        return self.step(
+            capability, args, idempotency_key=idempotency_key, dry_run=dry_run
+        ).unwrap()
+
+    @overload
+    async def acall(
+        self,
+        capability: Capability[Any, Out],
+        args: Mapping[str, Any] | BaseModel | str | bytes | None = None,
+        *,
+        idempotency_key: str | None = None,
+        dry_run: bool = False,
+    ) -> Out: ...
+    @overload
+    async def acall(
+        self,
+        capability: str,
+        args: Mapping[str, Any] | BaseModel | str | bytes | None = None,
+        *,
+        idempotency_key: str | None = None,
+        dry_run: bool = False,
+    ) -> BaseModel: ...
+    async def acall(
+        self,
+        capability: str | Capability[Any, Any],
+        args: Mapping[str, Any] | BaseModel | str | bytes | None = None,
+        *,
+        idempotency_key: str | None = None,
+        dry_run: bool = False,
+    ) -> BaseModel:
+        """Call a capability without blocking the event loop; see `call`."""
+        outcome = await self.astep(
+            capability, args, idempotency_key=idempotency_key, dry_run=dry_run
+        )
+        return outcome.unwrap()
+
+
+def _stashes(outcome: Outcome) -> bool:
+    error = outcome.error
+    return isinstance(error, BreakerOpen) and error.mode == "stash"
+
+
+def _loop_running() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
