@@ -35,6 +35,7 @@ __all__ = [
     "Guards",
     "after",
     "breaker_note",
+    "busy_for",
     "refusal",
     "reservations",
     "retryable",
@@ -74,6 +75,7 @@ def reservations(
     run_id: str,
     context: Mapping[str, Any],
     now: datetime,
+    retry: RetryBudget | None = None,
 ) -> list[Reserved]:
     """Return the room one step takes in the limits that apply to it.
 
@@ -84,7 +86,7 @@ def reservations(
         capability=cap.name,
         effect=cap.effect,
         resource=cap.resource,
-        timeout=cap.timeout,
+        timeout=busy_for(cap, retry),
         args=args,
         cost=cost,
         principal=principal,
@@ -92,6 +94,26 @@ def reservations(
         context=context,
         now=now,
     )
+
+
+def busy_for(cap: Capability[Any, Any], retry: RetryBudget | None) -> timedelta | None:
+    """Return how long a step may keep its upstream busy, retries and backoff included.
+
+    Holds (leases, reservations) must not lapse before it: None when the
+    capability has no timeout (then the limit's ttl alone bounds it).
+    """
+    if cap.timeout is None:
+        return None
+    if retry is None or not retryable(cap):
+        return cap.timeout
+    waits = sum(
+        (
+            min(retry.backoff * 2**i, retry.backoff_cap)
+            for i in range(retry.max_attempts - 1)
+        ),
+        timedelta(0),
+    )
+    return cap.timeout * retry.max_attempts + waits
 
 
 def retryable(cap: Capability[Any, Any]) -> bool:
@@ -211,12 +233,12 @@ def refusal(
 
 
 def after(seconds: float) -> str:
-    """Say when, in words: `in 30s`, `in 2h 5m`, `in 250ms`."""
+    """Say when, in words, to two units: `in 30s`, `in 2h 5m`, `in 250ms`."""
     if seconds < 1:
         return f"in {max(seconds * 1000, 1):.0f}ms"
     whole = round(seconds)
     parts = [(whole // 3600, "h"), (whole % 3600 // 60, "m"), (whole % 60, "s")]
-    return "in " + " ".join(f"{n}{unit}" for n, unit in parts if n)[:8].strip()
+    return "in " + " ".join([f"{n}{unit}" for n, unit in parts if n][:2])
 
 
 def settlements(
@@ -226,13 +248,16 @@ def settlements(
     end: datetime,
     actual: Decimal | None,
     in_doubt: bool,
+    *,
+    keep_leases: bool = False,
 ) -> tuple[list[Settle], list[record.Event]]:
     """Return how each reservation settles, and the event that says so.
 
     A budget settles at the call's actual cost (its own cost expression's
     amount when it has one); a failed call releases it, but a call in doubt
     keeps its estimate charged, since the upstream may have acted. Leases are
-    released either way; quotas and rates have nothing to settle. The
+    released either way, unless `keep_leases` (the call may still be acting:
+    its lease stays until it lapses); quotas and rates have nothing to settle. The
     `limit_settled` event is written only when a budget settles at other
     than its reservation (another actual cost, or released) or the call is in
     doubt: otherwise the record's `limit_reserved` and `executed` say it.
@@ -249,7 +274,7 @@ def settlements(
                 amount = None
             else:
                 amount = res.amount if r.own_cost else actual
-        elif res.kind is LimitKind.CONCURRENCY:
+        elif res.kind is LimitKind.CONCURRENCY and not keep_leases:
             amount = None
         else:
             continue

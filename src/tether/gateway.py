@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 from collections.abc import Callable, Generator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -91,6 +92,8 @@ __all__ = [
 ]
 
 MAX_MESSAGE = 2000
+
+logger = logging.getLogger(__name__)
 
 
 # -- what the flow needs from its run --------------------------------------------
@@ -394,14 +397,23 @@ def step(  # the design's list, in order
         try:
             cost = cap.settled_cost(output, cost)
         except UsageError as exc:
-            output, error = None, exc
+            # The call acted and its output is valid: it is executed, settled at
+            # its estimate. Failing it now would free its key to run it again.
+            logger.warning(
+                "limits.actual_cost_failed",
+                extra={"tether.run_id": run.run_id, "tether.error": exc.message},
+            )
+    # A call that may still be acting (a timed-out thread) may still spend:
+    # its budgets keep their estimate and its leases stay held until they lapse.
+    acting = done.still_running
     settles, settled_events = _guards.settlements(
         run.run_id,
         room.reserved,
         number,
         end,
         cost if error is None else None,
-        in_doubt,
+        in_doubt or acting,
+        keep_leases=acting,
     )
     if retry is not None:  # the calls a retry ratio divides by
         settles.append(
@@ -553,6 +565,7 @@ def _reserve(
     cost: Decimal,
     now: datetime,
 ) -> list[Reserved]:
+    guards = run.guards
     return _guards.reservations(
         limits,
         cap,
@@ -562,6 +575,7 @@ def _reserve(
         run_id=run.run_id,
         context=run.context,
         now=now,
+        retry=None if guards is None else guards.retry,
     )
 
 
@@ -785,7 +799,6 @@ def _attempts(
             ),
             breaker_outcome=tried.outcome,
             step=number,
-            keep_on_failure=needs_intent,
         )
         if committed.blocked is not None:
             return tried  # no retry left, or the breaker moved: the failure goes back

@@ -122,15 +122,17 @@ class Limit(pydantic.BaseModel, extra="forbid", frozen=True):
         }
         if getattr(self, needs[kind]) is None:
             raise ValueError(f"a {kind} limit needs `{needs[kind]}`")
-        for name in ("max", "amount", "rate", "cost", "throttle"):
-            allowed = {
-                "quota": {"max"},
-                "concurrency": {"max"},
-                "budget": {"amount", "cost", "throttle"},
-                "rate": {"rate"},
-            }[kind]
+        allowed = {
+            "quota": {"max"},
+            "concurrency": {"max", "ttl"},
+            "budget": {"amount", "cost", "throttle", "ttl"},
+            "rate": {"rate", "burst"},
+        }[kind]
+        for name in ("max", "amount", "rate", "cost", "throttle", "ttl"):
             if getattr(self, name) is not None and name not in allowed:
                 raise ValueError(f"a {kind} limit takes no `{name}`")
+        if "burst" in self.model_fields_set and "burst" not in allowed:
+            raise ValueError(f"a {kind} limit takes no `burst`")
         if kind in ("quota", "budget"):
             if self.per is None:
                 raise ValueError(

@@ -165,6 +165,11 @@ class RetryBudget(pydantic.BaseModel, extra="forbid", frozen=True):
             raise ValueError(
                 "per_incident and incident go together: name the context field"
             )
+        if self.backoff > self.backoff_cap:
+            raise ValueError(
+                f"backoff ({self.backoff}) is longer than backoff_cap "
+                f"({self.backoff_cap}); the cap bounds every wait"
+            )
         return self
 
     def delay(self, attempt: int, rng: Rng) -> timedelta:

@@ -396,8 +396,8 @@ def _throttle_delay(r: Reserve, spent: Decimal, now: int) -> int:
     if not r.throttle_max_us or not r.window_us or r.amount < r.throttle_min_cost:
         return 0
     after = spent + r.amount
-    if after > r.cap or r.cap <= 0:
-        return 0  # does not fit at all: refused, not slowed
+    if after > r.cap or r.cap <= 0 or not spent:
+        return 0  # does not fit (refused, not slowed), or the window's first spend
     due = r.window + int(Decimal(r.window_us) * after / r.cap)
     return min(max(due - now, 0), r.throttle_max_us)
 
@@ -648,9 +648,9 @@ def _admit_breaker(
     at = to_us(now)
     stored = tables.breaker(spec.id)
     row, moves = breaker_view(stored, spec, at)
-    if row.state is BreakerState.CLOSED or (
-        row.state is BreakerState.OPEN and admit.read_only_pass
-    ):
+    if row.state is BreakerState.CLOSED or admit.read_only_pass:
+        # Closed; or a read under a read_only breaker: it goes through while the
+        # breaker is open or half-open, and takes no trial call's slot.
         if moves:  # (closed is never reached by time alone; kept for safety)
             tables.set_breaker(spec.id, row)
             admitted.events.extend(_notes(spec.id, moves, admit.note))
