@@ -407,3 +407,57 @@ def test_a_throttle_never_waits_longer_than_max_delay(
                 )
         assert to_us(clock.now()) - start < hour  # one window throughout
     assert {"none", "max"} <= seen, f"seed {seed}: the throttle was never tested"
+
+
+class _Ping(BaseModel):
+    host: str
+
+
+class _Pong(BaseModel):
+    up: bool
+
+
+@tether.capability("net.slowping", effect="read", resource="net", timeout=20)
+def _slow_ping(args: _Ping) -> _Pong:
+    return _Pong(up=True)
+
+
+def test_a_capability_slower_than_its_breakers_trial_deadline_is_refused(
+    tmp_path: Path,
+) -> None:
+    """A trial call could outlast `probe_timeout` and reopen the breaker while it still runs: register says so."""
+    config = tmp_path / "tether.yaml"
+    config.write_text(
+        "breakers:\n  - {id: net-br, resource: net, probe_timeout: 10s}\n"
+    )
+    with (
+        tether.Tether(db="memory://", config=config, env={}) as app,
+        pytest.raises(tether.UsageError, match="probe_timeout") as refused,
+    ):
+        app.register(_slow_ping)
+
+    assert "net-br" in refused.value.message
+    assert "net.slowping" in refused.value.message
+
+
+def test_a_reload_that_makes_a_trial_deadline_too_short_keeps_the_last_good_settings(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Hot reload refuses a breaker whose probe_timeout is shorter than a registered capability's timeout."""
+    config = tmp_path / "tether.yaml"
+    config.write_text(
+        "breakers:\n  - {id: net-br, resource: net, probe_timeout: 30s}\n"
+    )
+    with tether.Tether(db="memory://", config=config, env={}) as app:
+        app.register(_slow_ping)
+        config.write_text(
+            "breakers:\n  - {id: net-br, resource: net, probe_timeout: 5s}\n# edited\n"
+        )
+        with caplog.at_level("WARNING", logger="tether.app"):
+            app.current_policy()
+        guards = app.guards
+
+    assert guards is not None
+    (kept,) = guards.breakers.breakers
+    assert kept.probe_timeout.total_seconds() == 30
+    assert any(r.getMessage() == "policy.reload_failed" for r in caplog.records)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 from typing import Any, TypeVar
@@ -107,15 +107,11 @@ class Tether:
         """
         if not capabilities:
             raise UsageError("register() needs at least one capability")
-        ttl = self.settings.idempotency.claim_ttl
         for cap in capabilities:
-            timeout = getattr(cap, "timeout", None)  # checked by add() below
-            if timeout is not None and timeout > ttl:
-                raise UsageError(
-                    f"capability {cap.name!r}: its timeout {timeout} is longer than "
-                    f"idempotency.claim_ttl ({ttl}), so a retry could take its key over "
-                    "while it still runs; shorten the timeout or raise claim_ttl"
-                )
+            if isinstance(cap, Capability):  # anything else is refused by add()
+                problems = _misfits(self.settings, [cap])
+                if problems:
+                    raise UsageError(problems[0])
             self.capabilities.add(cap)
         return capabilities[0]
 
@@ -155,19 +151,13 @@ class Tether:
                 extra={"tether.config": str(watched.path), "tether.error": exc.message},
             )
             return
-        ttl = settings.idempotency.claim_ttl
-        too_slow = [
-            c.name
-            for c in self.capabilities
-            if c.timeout is not None and c.timeout > ttl
-        ]
-        if too_slow:
+        problems = _misfits(settings, list(self.capabilities))
+        if problems:
             logger.warning(
                 "policy.reload_failed",
                 extra={
                     "tether.config": str(watched.path),
-                    "tether.error": f"idempotency.claim_ttl {ttl} is shorter than the "
-                    f"timeout of {', '.join(too_slow)}; the last good settings stay",
+                    "tether.error": f"{problems[0]}; the last good settings stay",
                 },
             )
             return
@@ -359,6 +349,34 @@ def _policy_from(
     if has_file is None:
         return PolicySet(rules=rules, version=version)  # no policy file: allow all
     return PolicySet(rules=rules, defaults=settings.defaults, version=version)
+
+
+def _misfits(
+    settings: _config.Settings, capabilities: Sequence[Capability[Any, Any]]
+) -> list[str]:
+    """Say where capabilities' timeouts and the settings cannot work together."""
+    problems = []
+    ttl = settings.idempotency.claim_ttl
+    breakers = BreakerSet(settings.breakers)
+    for cap in capabilities:
+        timeout = cap.timeout
+        if timeout is None:
+            continue
+        if timeout > ttl:
+            problems.append(
+                f"capability {cap.name!r}: its timeout {timeout} is longer than "
+                f"idempotency.claim_ttl ({ttl}), so a retry could take its key over "
+                "while it still runs; shorten the timeout or raise claim_ttl"
+            )
+        watch = breakers.for_resource(cap.resource)
+        if watch is not None and watch[0].probe_timeout < timeout:
+            problems.append(
+                f"capability {cap.name!r}: its timeout {timeout} is longer than the "
+                f"probe_timeout ({watch[0].probe_timeout}) of breaker {watch[0].id!r}, "
+                "so a slow trial call would reopen the breaker while it still runs; "
+                "raise probe_timeout or shorten the timeout"
+            )
+    return problems
 
 
 def _guards_from(settings: _config.Settings) -> gateway.Guards | None:
