@@ -7,6 +7,7 @@ the store (`tether.store._limits`), inside the step's own writes.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -233,12 +234,20 @@ def refusal(
 
 
 def after(seconds: float) -> str:
-    """Say when, in words, to two units: `in 30s`, `in 2h 5m`, `in 250ms`."""
+    """Say when, in words, rounded up to two adjacent units: `in 30s`, `in 2h 6m`."""
     if seconds < 1:
-        return f"in {max(seconds * 1000, 1):.0f}ms"
-    whole = round(seconds)
-    parts = [(whole // 3600, "h"), (whole % 3600 // 60, "m"), (whole % 60, "s")]
-    return "in " + " ".join([f"{n}{unit}" for n, unit in parts if n][:2])
+        return f"in {min(max(math.ceil(seconds * 1000), 1), 999)}ms"
+    whole = math.ceil(seconds)
+    if whole < 60:
+        return f"in {whole}s"
+    if whole < 3600:
+        minutes, secs = divmod(whole, 60)
+        return f"in {minutes}m {secs}s" if secs else f"in {minutes}m"
+    hours, rest = divmod(whole, 3600)
+    minutes = math.ceil(rest / 60)
+    if minutes == 60:
+        hours, minutes = hours + 1, 0
+    return f"in {hours}h {minutes}m" if minutes else f"in {hours}h"
 
 
 def settlements(
