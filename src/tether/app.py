@@ -6,11 +6,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from decimal import Decimal
 from typing import Any, TypeVar
 
@@ -22,6 +24,7 @@ from tether.capability import Capability, Registry
 from tether.clock import Clock, Ids, RandomIds, Rng, SystemClock, system_rng
 from tether.errors import (
     ConfigError,
+    NotAllowedToApprove,
     NotFound,
     UsageError,
 )
@@ -30,7 +33,7 @@ from tether.limits import LimitSet
 from tether.policy import Policy, PolicySet, RuleSet
 from tether.principal import Principal
 from tether.resilience import BreakerSet
-from tether.store import Store, open_store
+from tether.store import ApprovalRow, ApprovalStatus, Store, open_store
 
 __all__ = ["Run", "Tether"]
 
@@ -214,6 +217,114 @@ class Tether:
             budget=budget,
         )
 
+    # -- approvals ---------------------------------------------------------------------
+
+    def approvals(
+        self, *, status: ApprovalStatus | str | None = None, limit: int = 50
+    ) -> list[ApprovalRow]:
+        """Return approval requests, newest first (`status` filters: `pending`, ...).
+
+        A pending request past its expiry is listed with status `expired`.
+        """
+        wanted = None if status is None else ApprovalStatus(status)
+        now = self.clock.now()
+        stored = None if wanted is ApprovalStatus.EXPIRED else wanted
+        rows = [
+            _as_of(r, now)
+            for r in self.store.list_approvals(status=stored, limit=limit)
+        ]
+        if wanted is ApprovalStatus.PENDING:
+            rows = [r for r in rows if r.status is ApprovalStatus.PENDING]
+        elif wanted is ApprovalStatus.EXPIRED:
+            rows = [r for r in rows if r.status is ApprovalStatus.EXPIRED]
+        return rows
+
+    def approval(self, approval_id: str) -> ApprovalRow:
+        """Return one approval request (a unique prefix of 6+ characters works too).
+
+        Raises:
+            NotFound: no such request.
+        """
+        return _as_of(self.store.get_approval(approval_id), self.clock.now())
+
+    def approve(
+        self, approval_id: str, *, by: str, note: str | None = None
+    ) -> ApprovalRow:
+        """Grant a pending request: the call it was made for may run once.
+
+        Raises:
+            NotFound: no such request.
+            NotAllowedToApprove: `by` is the requester, or holds no approver role
+                for it (the attempt is recorded in the run).
+            ApprovalClosed: it is decided, used or expired (recorded too).
+        """
+        return self._decide(approval_id, ApprovalStatus.APPROVED, by=by, note=note)
+
+    def deny(self, approval_id: str, *, by: str, reason: str) -> ApprovalRow:
+        """Deny a pending request; the call it was made for is refused with `reason`.
+
+        Raises:
+            UsageError: no reason given.
+            NotFound, NotAllowedToApprove, ApprovalClosed: as for `approve`.
+        """
+        if not reason or not reason.strip():
+            raise UsageError(
+                "a denial needs a reason: say why, for the agent and the record"
+            )
+        return self._decide(approval_id, ApprovalStatus.DENIED, by=by, note=reason)
+
+    def _decide(
+        self, approval_id: str, status: ApprovalStatus, *, by: str, note: str | None
+    ) -> ApprovalRow:
+        request = self.store.get_approval(approval_id)
+        refused = self._may_not_decide(request, by)
+        now = self.clock.now()
+        outcome = "approved" if status is ApprovalStatus.APPROVED else "denied"
+
+        def event(row: ApprovalRow, closed: str | None) -> record.Event:
+            why = refused or closed
+            return record.ApprovalDecided(
+                at=now,
+                step=row.step,
+                approval_id=row.id,
+                by=by,
+                outcome="refused" if why else outcome,
+                reason=why,
+                note=note,
+            )
+
+        decided = self.store.decide_approval(
+            request.id,
+            status=None if refused else status,
+            by=by,
+            note=note,
+            now=now,
+            event=event,
+        )
+        if refused:
+            raise NotAllowedToApprove(refused)
+        return decided
+
+    def _may_not_decide(self, request: ApprovalRow, by: str) -> str | None:
+        """Say why `by` may not decide `request`, or None when they may."""
+        if by in (request.principal_id, request.on_behalf_of):
+            return (
+                f"{by} asked for approval request {request.id} (or acts for who did); "
+                "nobody approves their own request"
+            )
+        roles = self.settings.approvers.get(by)
+        if roles is None:
+            return (
+                f"{by} is not an approver: name them under `approvers:` in "
+                "tether.yaml with their roles"
+            )
+        if request.approvers and set(request.approvers).isdisjoint(roles):
+            return (
+                f"{by} holds none of the roles that may decide approval request "
+                f"{request.id} ({', '.join(request.approvers)})"
+            )
+        return None
+
     def verify(self, run_id: str, *, head: str | None = None) -> record.VerifyReport:
         """Recompute a run's hash chain and check its signed head (and `head`, if given).
 
@@ -349,6 +460,13 @@ def _policy_from(
     if has_file is None:
         return PolicySet(rules=rules, version=version)  # no policy file: allow all
     return PolicySet(rules=rules, defaults=settings.defaults, version=version)
+
+
+def _as_of(row: ApprovalRow, now: datetime) -> ApprovalRow:
+    """Show a pending request past its expiry as expired (it can no longer be decided)."""
+    if row.status is ApprovalStatus.PENDING and row.expires_at <= now:
+        return dataclasses.replace(row, status=ApprovalStatus.EXPIRED)
+    return row
 
 
 def _misfits(

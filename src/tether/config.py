@@ -58,6 +58,13 @@ class IdempotencySettings(pydantic.BaseModel, extra="forbid", frozen=True):
     """How long an in-progress claim holds before another worker may take it over."""
 
 
+class ApprovalSettings(pydantic.BaseModel, extra="forbid", frozen=True):
+    """How approval requests behave."""
+
+    ttl: Duration = timedelta(hours=24)
+    """How long a request waits for a decision; undecided, it expires (a denial, recorded)."""
+
+
 class Settings(RulesConfig, extra="forbid", frozen=True):
     """The contents of `tether.yaml` that this version understands.
 
@@ -74,6 +81,10 @@ class Settings(RulesConfig, extra="forbid", frozen=True):
     """Circuit breakers per resource (`tether.resilience`)."""
     retry_budget: RetryBudget | None = None
     """Retries tether makes itself; none without this section."""
+    approvals: ApprovalSettings = ApprovalSettings()
+    approvers: dict[str, tuple[str, ...]] = pydantic.Field(default_factory=dict)
+    """Who holds which approver role: `{alice: [sre, finance]}`. Only people named
+    here may decide approval requests."""
 
     @pydantic.model_validator(mode="after")
     def _ids_are_unique_in_the_file(self) -> Settings:

@@ -12,6 +12,8 @@ TetherError
 │   ├── PreconditionFailed        precondition_failed
 │   ├── Denied                    policy_denied
 │   ├── ApprovalRequired          approval_required       parked; carries the approval id
+│   ├── ApprovalClosed            approval_closed         the request is decided, used or expired
+│   ├── NotAllowedToApprove       not_an_approver         the requester, or no approver role
 │   ├── LimitExceeded             limit_exceeded          names the limit, says what is left
 │   ├── BreakerOpen               breaker_open            names the breaker and its degraded mode
 │   └── KeyInUse                  idempotency_key_in_use
@@ -20,6 +22,7 @@ TetherError
 │   └── StepTimeout(TimeoutError) step_timeout            the handler overran its timeout
 ├── InDoubt                       in_doubt                started, outcome unknown: a human
 ├── StoreError                    store_error
+│   ├── HeadMoved                 record_moved            the record grew under this writer
 │   └── LeaseLost                 lease_lost              a newer epoch holds the run
 ├── NotFound(LookupError)         not_found               no such run, capability or event
 ├── StepLimitReached              max_steps_exceeded      a planner wanted more steps than allowed
@@ -41,11 +44,13 @@ if TYPE_CHECKING:
     from tether.record import Outcome
 
 __all__ = [
+    "ApprovalClosed",
     "ApprovalRequired",
     "BreakerOpen",
     "CapabilityFailed",
     "ConfigError",
     "Denied",
+    "HeadMoved",
     "IdempotencyConflict",
     "IllegalTransition",
     "InDoubt",
@@ -55,6 +60,7 @@ __all__ = [
     "KeyInUse",
     "LeaseLost",
     "LimitExceeded",
+    "NotAllowedToApprove",
     "NotFound",
     "PlannerGaveUp",
     "PreconditionFailed",
@@ -162,6 +168,18 @@ class ApprovalRequired(Refused):
         self.approval_id = approval_id
 
 
+class ApprovalClosed(Refused):
+    """An approval request can no longer be decided: already decided, used or expired."""
+
+    code = "approval_closed"
+
+
+class NotAllowedToApprove(Refused):
+    """This person may not decide this request (the requester, or no approver role)."""
+
+    code = "not_an_approver"
+
+
 class LimitExceeded(Refused):
     """A quota, budget, concurrency cap or rate limit refused the step.
 
@@ -245,6 +263,12 @@ class StoreError(TetherError):
     """The store could not be read or written; nothing was executed after a failed write."""
 
     code = "store_error"
+
+
+class HeadMoved(StoreError):
+    """The run's record grew under this writer (another writer, or a person's decision)."""
+
+    code = "record_moved"
 
 
 class LeaseLost(StoreError):

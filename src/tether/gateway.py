@@ -64,7 +64,18 @@ from tether.policy.cel import CelError
 from tether.principal import Principal
 from tether.record import Outcome, OutcomeStatus
 from tether.resilience import Breaker, RetryBudget, ratio_id
-from tether.store import Claim, Committed, KeyId, KeyRecord, KeyState, KeyUpdate, Store
+from tether.store import (
+    ApprovalRow,
+    ApprovalStatus,
+    Claim,
+    Committed,
+    GrantGone,
+    KeyId,
+    KeyRecord,
+    KeyState,
+    KeyUpdate,
+    Store,
+)
 from tether.store._limits import (
     BreakerAdmit,
     BreakerOutcome,
@@ -130,8 +141,15 @@ class RunPort(Protocol):
     """Sum of the run's executed step costs; the gateway adds each step's."""
     pool: Callable[[], ThreadPoolExecutor]
 
+    approval_ttl: timedelta
+    """How long an approval request waits for a decision before it expires."""
+
     def next_step(self) -> int:
         """Return the next step number."""
+        ...
+
+    def new_id(self, prefix: str) -> str:
+        """Return a new unique id (an approval request's, say)."""
         ...
 
     def has_pending(self) -> bool:
@@ -156,6 +174,8 @@ class RunPort(Protocol):
         breaker_outcome: BreakerOutcome | None = None,
         retry: RetryCharge | None = None,
         step: int = 0,
+        approval: ApprovalRow | None = None,
+        use_grant: str | None = None,
     ) -> StoreOp:
         """Return the effect that appends `events` (and limit commands) to the run's record."""
         ...
@@ -260,7 +280,15 @@ def step(  # the design's list, in order
     dry_run = dry_run or verdict is Verdict.DRY_RUN_ONLY
     handler = cap.dry_run_handler if dry_run else cap.handler
     refusal: TetherError | None = None
-    if verdict is Verdict.DENY or verdict is Verdict.REQUIRE_APPROVAL:
+    grant: ApprovalRow | None = None
+    if verdict is Verdict.REQUIRE_APPROVAL:
+        asked = yield from _ask_approval(
+            run, cap, args, args_json, args_bytes, decision, events, now, number
+        )
+        if isinstance(asked, Outcome):
+            return asked  # parked: the request waits for a person (or was denied)
+        grant = asked  # an approved request for exactly this call: it runs under it
+    elif verdict is Verdict.DENY:
         refusal = _policy_error(cap, decision)
     elif handler is None and cap.effect is not Effect.READ:
         refusal = Denied(
@@ -339,8 +367,12 @@ def step(  # the design's list, in order
                         OutcomeStatus.REFUSED,
                     )
                 )  # fmt: skip
+    room.grant = grant
     needs_intent = not dry_run and (
-        cap.effect is not Effect.READ or key_id is not None or bool(room.reserved)
+        cap.effect is not Effect.READ
+        or key_id is not None
+        or bool(room.reserved)
+        or grant is not None
     )
     if room.watch is not None and not needs_intent:
         # A read with nothing to reserve writes nothing before it runs: one look
@@ -555,6 +587,8 @@ class _Room:
     """The call is a half-open breaker's trial call."""
     took_over: KeyState | None = None
     """The state of a stale or expired key record the claim replaced."""
+    grant: ApprovalRow | None = None
+    """The approved request the step runs under, spent with its intent."""
 
 
 def _reserve(
@@ -637,6 +671,15 @@ def _take_room(
                     throttled_us=throttled_us,
                 )
             )
+        if room.grant is not None:
+            intent.append(
+                record.ApprovalUsed(
+                    at=now,
+                    step=number,
+                    approval_id=room.grant.id,
+                    decided_by=room.grant.decided_by or "",
+                )
+            )
         intent.append(
             record.Intent(
                 at=now,
@@ -654,6 +697,7 @@ def _take_room(
             breaker=admit,
             throttle=throttled_us == 0,
             step=number,
+            use_grant=None if room.grant is None else room.grant.id,
         )
         if committed.conflict is not None:
             assert fingerprint is not None
@@ -675,6 +719,17 @@ def _take_room(
                     guards.limits, run, cap, args_json, cost, room.now
                 )
             continue
+        if isinstance(blocked, GrantGone):
+            gone = ApprovalRequired(
+                f"{cap.name}: approval {blocked.approval_id} was spent by another "
+                "call (or expired) meanwhile; a grant runs one call: ask again",
+                approval_id=blocked.approval_id,
+            )
+            return (
+                yield from _refuse(
+                    run, cap, events, now, number, "policy", gone, OutcomeStatus.REFUSED
+                )
+            )
         if blocked is not None:
             assert not isinstance(blocked, Throttled)  # reserved without throttle
             stage, error = _guards.refusal(
@@ -807,6 +862,213 @@ def _attempts(
         attempt += 1
 
 
+# -- approvals ---------------------------------------------------------------------------
+
+
+def _ask_approval(
+    run: RunPort,
+    cap: Capability[Any, Any],
+    args: BaseModel,
+    args_json: dict[str, Any],
+    args_bytes: bytes,
+    decision: Decision,
+    events: list[record.Event],
+    now: datetime,
+    number: int,
+) -> Generator[GatewayEffect, Any, Outcome | ApprovalRow]:
+    """Find or make the approval request for this exact call.
+
+    Returns the approved request to run under, or the step's outcome: parked
+    on a new (or still pending) request, or refused by a person's denial. A
+    request is for exactly this call: its digest binds the capability and
+    version, the args (secrets through an HMAC), the policy version and the
+    dry run's preview; if any of them changes, it is another request.
+    """
+    preview = yield from _preview(run, cap, args, number)
+    preview_bytes = None if preview is None else _canonical.dumps(preview)
+    digest = _approval_digest(run, cap, args, args_bytes, decision, preview_bytes)
+    principal = run.principal
+    latest: ApprovalRow | None = yield StoreOp(
+        run.store.latest_approval, principal.tenant, principal.id, digest
+    )
+    if latest is not None:
+        live = latest.expires_at > now
+        if latest.status is ApprovalStatus.APPROVED and live:
+            return latest
+        if latest.status is ApprovalStatus.PENDING and live:
+            waiting = ApprovalRequired(
+                f"{cap.name}: waiting for a person's decision on approval request "
+                f"{latest.id} (`tether approvals show {latest.id}`)",
+                approval_id=latest.id,
+            )
+            return (
+                yield from _refuse(
+                    run,
+                    cap,
+                    events,
+                    now,
+                    number,
+                    "policy",
+                    waiting,
+                    OutcomeStatus.REFUSED,
+                )
+            )
+        if latest.status is ApprovalStatus.DENIED:
+            why = f": {latest.note}" if latest.note else ""
+            denied = Denied(
+                f"{cap.name}: {latest.decided_by} denied approval request {latest.id}{why}; "
+                "a changed call (other args) asks again",
+                rule_ids=decision.rule_ids,
+                reasons=(latest.note or "denied by a person",),
+            )
+            return (
+                yield from _refuse(
+                    run,
+                    cap,
+                    events,
+                    now,
+                    number,
+                    "policy",
+                    denied,
+                    OutcomeStatus.REFUSED,
+                )
+            )
+        if (
+            latest.status is ApprovalStatus.PENDING
+        ):  # expired undecided: denied, recorded
+            events.append(
+                record.ApprovalDecided(
+                    at=now,
+                    step=number,
+                    approval_id=latest.id,
+                    by="tether",
+                    outcome="expired",
+                    reason=f"no decision by {latest.expires_at.isoformat()}",
+                )
+            )
+    request = ApprovalRow(
+        id=run.new_id("apr_"),
+        run_id=run.run_id,
+        step=number,
+        tenant=principal.tenant,
+        principal_id=principal.id,
+        on_behalf_of=principal.on_behalf_of,
+        capability=cap.name,
+        version=cap.version,
+        args=_canonical.dumps(args_json),
+        preview=preview_bytes,
+        digest=digest,
+        policy_version=decision.policy_version,
+        rule_ids=decision.rule_ids,
+        reasons=decision.reasons,
+        approvers=run.policy.approvers(decision.rule_ids),
+        status=ApprovalStatus.PENDING,
+        created_at=now,
+        expires_at=now + run.approval_ttl,
+    )
+    events.append(
+        record.ApprovalRequested(
+            at=now,
+            step=number,
+            approval_id=request.id,
+            capability=cap.name,
+            version=cap.version,
+            args=args_json,
+            preview=preview,
+            digest=digest.hex(),
+            reasons=decision.reasons,
+            rule_ids=decision.rule_ids,
+            approvers=request.approvers,
+            expires_at=request.expires_at,
+        )
+    )
+    error = _policy_error(cap, decision)
+    parked = ApprovalRequired(
+        f"{error.message}; approval request {request.id} waits for a person "
+        f"(`tether approvals show {request.id}`)",
+        approval_id=request.id,
+    )
+    return (
+        yield from _refuse(
+            run,
+            cap,
+            events,
+            now,
+            number,
+            "policy",
+            parked,
+            OutcomeStatus.REFUSED,
+            approval=request,
+        )
+    )
+
+
+def _preview(
+    run: RunPort, cap: Capability[Any, Any], args: BaseModel, number: int
+) -> Generator[GatewayEffect, Any, dict[str, Any] | None]:
+    """Return what the dry-run handler says the call would do (None without one)."""
+    dry = cap.dry_run_handler
+    if dry is None:
+        return None
+    call_args: tuple[object, ...] = (args,)
+    if dry.wants_ctx:
+        call_args = (
+            args,
+            CallContext(
+                run_id=run.run_id,
+                step=number,
+                capability=cap.name,
+                idempotency_key=None,
+                dry_run=True,
+            ),
+        )
+    done: Executed = yield Execute(
+        fn=dry.fn,
+        is_async=dry.is_async,
+        call_args=call_args,
+        timeout=cap.timeout,
+        clock=run.clock,
+        pool=run.pool,
+    )
+    if done.error is not None or done.timed_out:
+        failed = _execution_error(cap, args, done)
+        return {"error": failed.code, "message": failed.message}
+    try:
+        _, out_json = _validate_output(cap, done.value)
+    except InvalidOutput as exc:
+        return {"error": exc.code, "message": exc.message}
+    if cap.secret_output:
+        return {"output": "the dry run's output holds secrets; not shown"}
+    return {"output": out_json}
+
+
+def _approval_digest(
+    run: RunPort,
+    cap: Capability[Any, Any],
+    args: BaseModel,
+    args_bytes: bytes,
+    decision: Decision,
+    preview: bytes | None,
+) -> bytes:
+    """Bind a grant to the capability and version, args, policy version and preview."""
+    fingerprint = _fingerprint(
+        run.store.record_key,
+        args_bytes,
+        record.secret_values(args) if cap.has_secrets else (),
+    )
+    digest = hashlib.sha256(b"tether-approval-v1")
+    for part in (
+        cap.name.encode(),
+        cap.version.encode(),
+        fingerprint,
+        decision.policy_version.encode(),
+        preview or b"",
+    ):
+        digest.update(len(part).to_bytes(4, "big"))
+        digest.update(part)
+    return digest.digest()
+
+
 # -- stages ------------------------------------------------------------------------
 
 
@@ -819,8 +1081,10 @@ def _refuse(
     stage: str,
     error: TetherError,
     status: OutcomeStatus,
+    *,
+    approval: ApprovalRow | None = None,
 ) -> Flow:
-    """Record why the step stopped at `stage` and return its outcome."""
+    """Record why the step stopped at `stage` (with a new approval request) and return its outcome."""
     events.append(
         record.Failed(
             at=now,
@@ -831,7 +1095,7 @@ def _refuse(
             message=error.message,
         )
     )
-    yield run.commit(events)
+    yield run.commit(events, approval=approval)
     outcome = Outcome(status=status, step=number, capability=cap.name, error=error)
     error.outcome = outcome
     return outcome

@@ -19,10 +19,11 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 import anyio.to_thread
 from pydantic import BaseModel
 
-from tether import gateway, plan, record
+from tether import _chain, gateway, plan, record
 from tether.capability import Capability
 from tether.errors import (
     BreakerOpen,
+    HeadMoved,
     LeaseLost,
     StoreError,
     TetherError,
@@ -32,7 +33,7 @@ from tether.policy import PolicySet
 from tether.principal import Principal
 from tether.record import Outcome
 from tether.run import FINAL_STATES, RunState, check_transition
-from tether.store import Batch, Claim, Committed, KeyUpdate, NewRun
+from tether.store import ApprovalRow, Batch, Claim, Committed, KeyUpdate, NewRun
 from tether.store._limits import (
     BreakerAdmit,
     BreakerOutcome,
@@ -80,6 +81,7 @@ class Run:
         self.store = app.store
         self.retention = app.settings.idempotency.retention
         self.claim_ttl = app.settings.idempotency.claim_ttl
+        self.approval_ttl = app.settings.approvals.ttl
         self.cost = Decimal(0)
         """Sum of the run's executed step costs."""
         self.budget = plan.as_budget(budget)
@@ -114,6 +116,10 @@ class Run:
         """The limits, breakers and retry budget in force (read after `policy`)."""
         return self.app.guards
 
+    def new_id(self, prefix: str) -> str:
+        """Return a new unique id from the app's id source."""
+        return self.app.ids.new_id(prefix)
+
     def next_step(self) -> int:
         """Return the next step number (from 1)."""
         # next() on a count is atomic under the GIL: no lock on the hot path.
@@ -134,6 +140,8 @@ class Run:
         breaker_outcome: BreakerOutcome | None = None,
         retry: RetryCharge | None = None,
         step: int = 0,
+        approval: ApprovalRow | None = None,
+        use_grant: str | None = None,
     ) -> gateway.StoreOp:
         """Return the effect that appends `events` (and a key claim or update) to the record."""
         batch = Batch(
@@ -149,6 +157,8 @@ class Run:
             breaker_outcome=breaker_outcome,
             retry=retry,
             step=step,
+            approval=approval,
+            use_grant=use_grant,
         )
         return gateway.StoreOp(self._commit, batch, keep_on_failure)
 
@@ -197,10 +207,42 @@ class Run:
         batch.epoch = self._epoch
         batch.base_seq = self._head_seq
         batch.base_hash = self._head_hash
-        committed = self.store.commit(batch)
+        try:
+            committed = self.store.commit(batch)
+        except HeadMoved:
+            if not self._adopt_decisions():
+                raise
+            batch.base_seq = self._head_seq
+            batch.base_hash = self._head_hash
+            committed = self.store.commit(batch)
         if committed.conflict is None:
             self._head_seq, self._head_hash = committed.head_seq, committed.head_hash
         return committed
+
+    def _adopt_decisions(self) -> bool:
+        """Take up events a person's approval decision appended to this run's record.
+
+        Deciding an approval request records the decision in the requesting
+        run, from whatever process decides. When only such events grew the
+        record (each chained onto the last), this writer extends them;
+        anything else is a second writer, and stays an error.
+        """
+        stored = self.store.events(self.id)
+        head_seq, head_hash = self._head_seq, self._head_hash
+        grown = [e for e in stored if e.seq > head_seq]
+        if not grown:
+            return False
+        for ev in grown:
+            if ev.data().get("kind") != "approval_decided":
+                return False
+            if ev.seq != head_seq + 1 or (
+                self.store.signs_heads
+                and _chain.chain_hash(head_hash, ev.seq, ev.body) != ev.hash
+            ):
+                return False
+            head_seq, head_hash = ev.seq, ev.hash
+        self._head_seq, self._head_hash = head_seq, head_hash
+        return True
 
     # -- lifecycle ---------------------------------------------------------------------
 

@@ -30,6 +30,9 @@ from tether.errors import TetherError
 __all__ = [
     "FORMAT",
     "SECRET_MASK",
+    "ApprovalDecided",
+    "ApprovalRequested",
+    "ApprovalUsed",
     "BreakerChecked",
     "BreakerTransition",
     "Decided",
@@ -476,6 +479,62 @@ class UsageCharged:
     """The step's number in the run, from 1; None for run-level events."""
 
 
+@dataclass(slots=True, kw_only=True)
+class ApprovalRequested:
+    """The step needs a person's decision; a durable request was made for it."""
+
+    approval_id: str
+    approvers: tuple[str, ...] = ()
+    """Roles that may decide; empty: any named approver but the requester."""
+    args: dict[str, Any]
+    at: datetime
+    """When the stage ran, aware UTC."""
+    capability: str
+    digest: str
+    """Hex digest the grant is bound to (capability, version, args, policy, preview)."""
+    expires_at: datetime
+    kind: Literal["approval_requested"] = "approval_requested"
+    preview: dict[str, Any] | None = None
+    """What the dry-run handler said the call would do, if it has one."""
+    reasons: tuple[str, ...] = ()
+    rule_ids: tuple[str, ...] = ()
+    step: int | None = None
+    """The step's number in the run, from 1; None for run-level events."""
+    version: str
+
+
+@dataclass(slots=True, kw_only=True)
+class ApprovalDecided:
+    """A person decided an approval request, or tried to and was refused (recorded too)."""
+
+    approval_id: str
+    at: datetime
+    """When the stage ran, aware UTC."""
+    by: str
+    """Who decided (or tried to); `tether` for an expiry."""
+    kind: Literal["approval_decided"] = "approval_decided"
+    note: str | None = None
+    outcome: str
+    """`approved`, `denied`, `expired`, or `refused` (the attempt was not allowed)."""
+    reason: str | None = None
+    """Why a `refused` attempt was refused."""
+    step: int | None = None
+    """The step's number in the run, from 1; None for run-level events."""
+
+
+@dataclass(slots=True, kw_only=True)
+class ApprovalUsed:
+    """The step runs under an approved request, which is now spent."""
+
+    approval_id: str
+    at: datetime
+    """When the stage ran, aware UTC."""
+    decided_by: str
+    kind: Literal["approval_used"] = "approval_used"
+    step: int | None = None
+    """The step's number in the run, from 1; None for run-level events."""
+
+
 Event: TypeAlias = (
     RunStarted
     | RunStatus
@@ -499,6 +558,9 @@ Event: TypeAlias = (
     | RetryScheduled
     | PlanStashed
     | UsageCharged
+    | ApprovalRequested
+    | ApprovalDecided
+    | ApprovalUsed
 )
 
 _ADAPTER: pydantic.TypeAdapter[Event] = pydantic.TypeAdapter(

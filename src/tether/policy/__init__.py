@@ -127,6 +127,22 @@ class PolicySet:
         """The decision for `effect` when every policy abstains."""
         return self._defaults[effect]
 
+    def approvers(self, rule_ids: tuple[str, ...]) -> tuple[str, ...]:
+        """Return the approver roles the rules named by `rule_ids` give, sorted."""
+        if self._rules is None or not rule_ids:
+            return ()
+        wanted = set(rule_ids)
+        return tuple(
+            sorted(
+                {
+                    r
+                    for rule in self._rules.rules
+                    if rule.id in wanted
+                    for r in rule.approvers
+                }
+            )
+        )
+
     def decide(self, request: DecisionRequest) -> Decision:
         """Return the combined decision for one step."""
         missing = sorted(set(request.scopes) - set(request.principal.scopes))

@@ -10,9 +10,12 @@ from urllib.parse import parse_qs, urlsplit
 
 from tether.errors import ConfigError
 from tether.store._base import (
+    ApprovalRow,
+    ApprovalStatus,
     Batch,
     Claim,
     Committed,
+    GrantGone,
     KeyId,
     KeyRecord,
     KeyState,
@@ -26,9 +29,12 @@ from tether.store.memory import MemoryStore
 from tether.store.sqlite import SQLiteStore
 
 __all__ = [
+    "ApprovalRow",
+    "ApprovalStatus",
     "Batch",
     "Claim",
     "Committed",
+    "GrantGone",
     "KeyId",
     "KeyRecord",
     "KeyState",

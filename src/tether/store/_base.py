@@ -9,7 +9,7 @@ worker can never write and a chain can never fork.
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -39,9 +39,12 @@ if TYPE_CHECKING:
     from tether.record import Event
 
 __all__ = [
+    "ApprovalRow",
+    "ApprovalStatus",
     "Batch",
     "Claim",
     "Committed",
+    "GrantGone",
     "KeyId",
     "KeyRecord",
     "KeyState",
@@ -51,8 +54,53 @@ __all__ = [
     "RunRow",
     "Store",
     "apply_limits",
+    "closed_reason",
     "may_replace",
 ]
+
+
+class ApprovalStatus(StrEnum):
+    """Where an approval request is."""
+
+    PENDING = "pending"
+    APPROVED = "approved"
+    """Granted, not yet used: the step it was made for may run once."""
+    DENIED = "denied"
+    EXPIRED = "expired"
+    USED = "used"
+    """Granted and spent by the step it was made for."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ApprovalRow:
+    """An approval request: a step that waits for a person's decision."""
+
+    id: str
+    run_id: str
+    step: int
+    tenant: str
+    principal_id: str
+    on_behalf_of: str | None
+    capability: str
+    version: str
+    args: bytes
+    """The canonical args as the record holds them (secrets masked)."""
+    preview: bytes | None
+    """What the dry-run handler said the call would do (canonical JSON), if it has one."""
+    digest: bytes
+    """Binds a grant to the capability and version, the canonical args (secrets
+    included, through an HMAC), the policy version and the preview."""
+    policy_version: str
+    rule_ids: tuple[str, ...]
+    reasons: tuple[str, ...]
+    approvers: tuple[str, ...]
+    """Roles that may decide; empty: any named approver but the requester."""
+    status: ApprovalStatus
+    created_at: datetime
+    expires_at: datetime
+    decided_by: str | None = None
+    decided_at: datetime | None = None
+    note: str | None = None
 
 
 class KeyState(StrEnum):
@@ -165,6 +213,11 @@ class Batch:
     """Spend a retry; when no budget is left, nothing is written."""
     step: int = 0
     """The step the limit and breaker commands belong to."""
+    approval: ApprovalRow | None = None
+    """A new approval request to store with the batch."""
+    use_grant: str | None = None
+    """Spend this approved request (approved -> used); if it is no longer
+    approved, nothing is written (`Committed.blocked` says so)."""
 
     @property
     def limited(self) -> bool:
@@ -188,13 +241,20 @@ class Committed:
     """When the claim could not be taken: the key's record; nothing was written."""
     took_over: KeyRecord | None = None
     """When the claim replaced an expired or failed record: that record."""
-    blocked: Blocked | None = None
+    blocked: Blocked | GrantGone | None = None
     """When a limit, a throttle, a retry budget or the breaker said no: why;
     nothing was written."""
     breaker_generation: int | None = None
     """The breaker generation that let the step through (for its outcome)."""
     probe: bool = False
     """The step is a half-open breaker's trial call."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GrantGone:
+    """The grant a batch meant to spend is no longer approved (spent, expired)."""
+
+    approval_id: str
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -261,6 +321,51 @@ class Store(abc.ABC):
         """Return one breaker's stored row (a closed one when it has none)."""
 
     @abc.abstractmethod
+    def latest_approval(
+        self, tenant: str, principal_id: str, digest: bytes
+    ) -> ApprovalRow | None:
+        """Return the newest approval request for this digest, if any."""
+
+    @abc.abstractmethod
+    def get_approval(self, approval_id: str) -> ApprovalRow:
+        """Return one approval request (a unique prefix of 6+ characters works too).
+
+        Raises:
+            NotFound: no such request.
+        """
+
+    @abc.abstractmethod
+    def list_approvals(
+        self, *, status: ApprovalStatus | None = None, limit: int = 50
+    ) -> list[ApprovalRow]:
+        """Return approval requests, newest first."""
+
+    @abc.abstractmethod
+    def decide_approval(
+        self,
+        approval_id: str,
+        *,
+        status: ApprovalStatus | None,
+        by: str,
+        note: str | None,
+        now: datetime,
+        event: Callable[[ApprovalRow, str | None], Event],
+    ) -> ApprovalRow:
+        """Decide a pending request and append an event to its run's record, atomically.
+
+        `event(row, refused)` makes the event: `refused` is None when the decision
+        applied, else why it did not. With `status` None nothing changes but the
+        event is appended (an attempt refused before the store, recorded). The
+        decision applies only to a pending request that has not expired: of two
+        deciders racing, exactly one wins.
+
+        Raises:
+            NotFound: no such request.
+            ApprovalClosed: the request is decided, used or expired (the event is
+                still recorded).
+        """
+
+    @abc.abstractmethod
     def lookup_key(self, key: KeyId) -> KeyRecord | None:
         """Return the record of `key`, if any."""
 
@@ -282,6 +387,17 @@ class Store(abc.ABC):
 
     def close(self) -> None:  # noqa: B027  # optional for backends without resources
         """Release connections."""
+
+
+def closed_reason(row: ApprovalRow, now: datetime) -> str:
+    """Say why a request can no longer be decided, in one line."""
+    if row.status is ApprovalStatus.PENDING and row.expires_at <= now:
+        return (
+            f"approval request {row.id} expired at {row.expires_at.isoformat()}; "
+            "the step asks again when it is retried"
+        )
+    who = f" by {row.decided_by}" if row.decided_by else ""
+    return f"approval request {row.id} is {row.status.value}{who}; a decision is final"
 
 
 def apply_limits(tables: LimitTables, batch: Batch) -> tuple[list[Event], Admitted]:

@@ -8,16 +8,20 @@ from __future__ import annotations
 
 import copy
 import threading
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING
 
 from tether import _canonical, _chain
-from tether.errors import LeaseLost, NotFound, StoreError
+from tether.errors import ApprovalClosed, HeadMoved, LeaseLost, NotFound, StoreError
 from tether.store._base import (
+    ApprovalRow,
+    ApprovalStatus,
     Batch,
     Committed,
+    GrantGone,
     KeyId,
     KeyRecord,
     KeyState,
@@ -27,6 +31,7 @@ from tether.store._base import (
     RunRow,
     Store,
     apply_limits,
+    closed_reason,
     may_replace,
 )
 from tether.store._limits import BreakerRow, from_us, to_us
@@ -55,6 +60,7 @@ class MemoryStore(Store):
         self._runs: dict[str, _Run] = {}
         self._keys: dict[KeyId, KeyRecord] = {}
         self._tables = _Tables()
+        self._approvals: dict[str, ApprovalRow] = {}
 
     def commit(self, batch: Batch) -> Committed:
         """Apply `batch` under a lock: every check first, then every change."""
@@ -70,7 +76,20 @@ class MemoryStore(Store):
                     f"run {batch.run_id} is held by lease epoch {run.row.epoch}"
                 )
             elif len(run.events) != batch.base_seq:
-                raise StoreError(f"run {batch.run_id}: the record moved; two writers")
+                raise HeadMoved(f"run {batch.run_id}: the record moved; two writers")
+            grant = None
+            if batch.use_grant is not None:
+                grant = self._approvals.get(batch.use_grant)
+                if (
+                    grant is None
+                    or grant.status is not ApprovalStatus.APPROVED
+                    or grant.expires_at <= batch.at
+                ):
+                    return Committed(
+                        head_seq=batch.base_seq,
+                        head_hash=batch.base_hash,
+                        blocked=GrantGone(approval_id=batch.use_grant),
+                    )
             claim = batch.claim
             existing = None
             if claim is not None:
@@ -94,6 +113,10 @@ class MemoryStore(Store):
                         blocked=admitted.blocked,
                     )
             # -- nothing below can fail --
+            if grant is not None:
+                self._approvals[grant.id] = replace(grant, status=ApprovalStatus.USED)
+            if batch.approval is not None:
+                self._approvals[batch.approval.id] = batch.approval
             if claim is not None:
                 self._keys[claim.id] = KeyRecord(
                     state=KeyState.IN_PROGRESS,
@@ -136,6 +159,78 @@ class MemoryStore(Store):
                 lease_until=old.lease_until,
                 completed_at=u.now,
             )
+
+    # -- approvals ----------------------------------------------------------------
+
+    def latest_approval(
+        self, tenant: str, principal_id: str, digest: bytes
+    ) -> ApprovalRow | None:
+        """Return the newest approval request for this digest, if any."""
+        with self._lock:
+            found = [
+                a
+                for a in self._approvals.values()
+                if (a.tenant, a.principal_id, a.digest)
+                == (tenant, principal_id, digest)
+            ]
+        return max(found, key=lambda a: (a.created_at, a.id), default=None)
+
+    def get_approval(self, approval_id: str) -> ApprovalRow:
+        """Return one approval request (a unique prefix of 6+ characters works too)."""
+        with self._lock:
+            row = self._approvals.get(approval_id)
+            if row is None and len(approval_id) >= 6:
+                found = [
+                    a for i, a in self._approvals.items() if i.startswith(approval_id)
+                ]
+                row = found[0] if len(found) == 1 else None
+        if row is None:
+            raise NotFound(
+                f"no approval request {approval_id!r}; see `tether approvals list`"
+            )
+        return row
+
+    def list_approvals(
+        self, *, status: ApprovalStatus | None = None, limit: int = 50
+    ) -> list[ApprovalRow]:
+        """Return approval requests, newest first."""
+        with self._lock:
+            rows = [a for a in self._approvals.values() if status in (None, a.status)]
+        rows.sort(key=lambda a: (a.created_at, a.id), reverse=True)
+        return rows[:limit]
+
+    def decide_approval(
+        self,
+        approval_id: str,
+        *,
+        status: ApprovalStatus | None,
+        by: str,
+        note: str | None,
+        now: datetime,
+        event: Callable[[ApprovalRow, str | None], Event],
+    ) -> ApprovalRow:
+        """Decide a pending request and record the event in its run, atomically."""
+        with self._lock:
+            current = self._approvals.get(approval_id)
+            if current is None:
+                raise NotFound(f"no approval request {approval_id!r}")
+            run = self._runs.get(current.run_id)
+            if run is None:
+                raise NotFound(f"no run {current.run_id!r}")
+            is_open = (
+                current.status is ApprovalStatus.PENDING and current.expires_at > now
+            )
+            closed = status is not None and not is_open
+            if status is not None and is_open:
+                current = self._approvals[approval_id] = replace(
+                    current, status=status, decided_by=by, decided_at=now, note=note
+                )
+            run.events.append(
+                event(current, closed_reason(current, now) if closed else None)
+            )
+        if closed:
+            raise ApprovalClosed(closed_reason(current, now))
+        return current
 
     def limit_rows(self, now: datetime) -> list[LimitRow]:
         """Return every limit counter and live lease set (for `tether status`)."""

@@ -21,12 +21,15 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from tether import _canonical, _chain
-from tether.errors import LeaseLost, NotFound, StoreError
+from tether.errors import ApprovalClosed, HeadMoved, LeaseLost, NotFound, StoreError
 from tether.store import _limits
 from tether.store._base import (
+    ApprovalRow,
+    ApprovalStatus,
     Batch,
     Claim,
     Committed,
+    GrantGone,
     KeyId,
     KeyRecord,
     KeyState,
@@ -34,6 +37,7 @@ from tether.store._base import (
     RunRow,
     Store,
     apply_limits,
+    closed_reason,
     may_replace,
 )
 from tether.store._limits import BreakerRow, BreakerState
@@ -236,6 +240,16 @@ class SQLiteStore(Store):
         took_over = None
         if batch.claim is not None:
             took_over = self._claim(con, batch.claim)
+        if batch.use_grant is not None:
+            cur = con.execute(
+                "UPDATE approvals SET status='used' WHERE id=? AND status='approved' "
+                "AND expires_at > ?",
+                (batch.use_grant, _us(batch.at)),
+            )
+            if cur.rowcount != 1:
+                raise _Blocked(GrantGone(approval_id=batch.use_grant))
+        if batch.approval is not None:
+            _insert_approval(con, batch.approval)
         events = batch.events
         admitted = None
         if batch.limited:
@@ -368,7 +382,7 @@ class SQLiteStore(Store):
                 f"run {batch.run_id} is held by lease epoch {epoch}, not {batch.epoch}; "
                 "this worker's writes are refused"
             )
-        raise StoreError(
+        raise HeadMoved(
             f"run {batch.run_id}: the record moved to event {head_seq} while this "
             f"writer expected {batch.base_seq}; two writers hold the run"
         )
@@ -449,6 +463,136 @@ class SQLiteStore(Store):
             ]
 
         return self._read(query)
+
+    # -- approvals ----------------------------------------------------------------
+
+    def latest_approval(
+        self, tenant: str, principal_id: str, digest: bytes
+    ) -> ApprovalRow | None:
+        """Return the newest approval request for this digest, if any."""
+        row = self._read(
+            lambda con: con.execute(
+                f"SELECT {_APPROVAL_COLUMNS} FROM approvals WHERE tenant=? AND "  # noqa: S608  # constant column list
+                "principal_id=? AND digest=? ORDER BY created_at DESC, id DESC LIMIT 1",
+                (tenant, principal_id, digest),
+            ).fetchone()
+        )
+        return None if row is None else _approval_row(row)
+
+    def get_approval(self, approval_id: str) -> ApprovalRow:
+        """Return one approval request (a unique prefix of 6+ characters works too)."""
+
+        def query(con: sqlite3.Connection) -> list[tuple[object, ...]]:
+            rows = con.execute(
+                f"SELECT {_APPROVAL_COLUMNS} FROM approvals WHERE id=?",  # noqa: S608
+                (approval_id,),
+            ).fetchall()
+            if not rows and len(approval_id) >= 6:
+                rows = con.execute(
+                    f"SELECT {_APPROVAL_COLUMNS} FROM approvals WHERE id >= ? "  # noqa: S608
+                    "AND id < ? LIMIT 2",
+                    (approval_id, approval_id + "\U0010ffff"),
+                ).fetchall()
+            return rows
+
+        rows = self._read(query)
+        if len(rows) != 1:
+            hint = (
+                "it matches several requests; give more of it"
+                if rows
+                else "see `tether approvals list`"
+            )
+            raise NotFound(f"no approval request {approval_id!r}; {hint}")
+        return _approval_row(rows[0])
+
+    def list_approvals(
+        self, *, status: ApprovalStatus | None = None, limit: int = 50
+    ) -> list[ApprovalRow]:
+        """Return approval requests, newest first."""
+        sql = f"SELECT {_APPROVAL_COLUMNS} FROM approvals"  # noqa: S608  # constant column list
+        params: tuple[object, ...] = ()
+        if status is not None:
+            sql += " WHERE status=?"
+            params = (status.value,)
+        sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
+        rows = self._read(lambda con: con.execute(sql, (*params, limit)).fetchall())
+        return [_approval_row(r) for r in rows]
+
+    def decide_approval(
+        self,
+        approval_id: str,
+        *,
+        status: ApprovalStatus | None,
+        by: str,
+        note: str | None,
+        now: datetime,
+        event: Callable[[ApprovalRow, str | None], Any],
+    ) -> ApprovalRow:
+        """Decide a pending request and record `event` in its run, in one transaction."""
+        try:
+            with self._lock:
+                con = self._con
+                con.execute("BEGIN IMMEDIATE")
+                try:
+                    current, closed = self._decide(
+                        con, approval_id, status, by, note, now, event
+                    )
+                    con.execute("COMMIT")
+                except BaseException:
+                    _rollback(con)
+                    raise
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot decide {approval_id!r}: {exc}") from exc
+        if closed:
+            raise ApprovalClosed(closed_reason(current, now))
+        return current
+
+    def _decide(
+        self,
+        con: sqlite3.Connection,
+        approval_id: str,
+        status: ApprovalStatus | None,
+        by: str,
+        note: str | None,
+        now: datetime,
+        event: Callable[[ApprovalRow, str | None], Any],
+    ) -> tuple[ApprovalRow, bool]:
+        """Decide inside the caller's transaction; return the row and whether it was closed."""
+        select = f"SELECT {_APPROVAL_COLUMNS} FROM approvals WHERE id=?"  # noqa: S608  # constant column list
+        row = con.execute(select, (approval_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"no approval request {approval_id!r}")
+        current = _approval_row(row)
+        is_open = current.status is ApprovalStatus.PENDING and current.expires_at > now
+        if status is not None and is_open:
+            # The WHERE makes racing deciders safe even without this transaction.
+            con.execute(
+                "UPDATE approvals SET status=?, decided_by=?, decided_at=?, note=? "
+                "WHERE id=? AND status='pending'",
+                (status.value, by, _us(now), note, approval_id),
+            )
+            current = _approval_row(con.execute(select, (approval_id,)).fetchone())
+        run = con.execute(
+            "SELECT epoch, head_seq, head_hash FROM runs WHERE run_id=?",
+            (current.run_id,),
+        ).fetchone()
+        if run is None:
+            raise NotFound(f"no run {current.run_id!r}")
+        closed = status is not None and not is_open
+        self._commit(
+            con,
+            Batch(
+                run_id=current.run_id,
+                events=[
+                    event(current, closed_reason(current, now) if closed else None)
+                ],
+                at=now,
+                epoch=run[0],
+                base_seq=run[1],
+                base_hash=run[2],
+            ),
+        )
+        return current, closed
 
     def breaker_row(self, breaker_id: str) -> BreakerRow:
         """Return one breaker's stored row (a closed one when it has none)."""
@@ -536,7 +680,7 @@ class _Conflict(Exception):  # control flow, never escapes this module
 
 
 class _Blocked(Exception):  # control flow, never escapes this module: rolls back
-    def __init__(self, why: _limits.Blocked) -> None:
+    def __init__(self, why: _limits.Blocked | GrantGone) -> None:
         self.why = why
 
 
@@ -715,6 +859,74 @@ class _Tables:
                 "UPDATE breakers SET outcomes=? WHERE id=?", (pushed, breaker_id)
             )
         return True
+
+
+_APPROVAL_COLUMNS = (
+    "id, run_id, step, tenant, principal_id, on_behalf_of, capability, version, args, "
+    "preview, digest, policy_version, rule_ids, reasons, approvers, status, created_at, "
+    "expires_at, decided_by, decided_at, note"
+)
+
+
+def _insert_approval(con: sqlite3.Connection, a: ApprovalRow) -> None:
+    con.execute(
+        f"INSERT INTO approvals ({_APPROVAL_COLUMNS}) VALUES "  # noqa: S608  # constant column list
+        "(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        (
+            a.id,
+            a.run_id,
+            a.step,
+            a.tenant,
+            a.principal_id,
+            a.on_behalf_of,
+            a.capability,
+            a.version,
+            a.args,
+            a.preview,
+            a.digest,
+            a.policy_version,
+            _canonical.dumps(list(a.rule_ids)).decode(),
+            _canonical.dumps(list(a.reasons)).decode(),
+            _canonical.dumps(list(a.approvers)).decode(),
+            a.status.value,
+            _us(a.created_at),
+            _us(a.expires_at),
+            a.decided_by,
+            None if a.decided_at is None else _us(a.decided_at),
+            a.note,
+        ),
+    )
+
+
+def _approval_row(row: Sequence[Any]) -> ApprovalRow:
+    (
+        id_, run_id, step, tenant, principal_id, on_behalf_of, capability, version,
+        args, preview, digest, policy_version, rule_ids, reasons, approvers, status,
+        created_at, expires_at, decided_by, decided_at, note,
+    ) = row  # fmt: skip
+    return ApprovalRow(
+        id=id_,
+        run_id=run_id,
+        step=step,
+        tenant=tenant,
+        principal_id=principal_id,
+        on_behalf_of=on_behalf_of,
+        capability=capability,
+        version=version,
+        args=args,
+        preview=preview,
+        digest=digest,
+        policy_version=policy_version,
+        rule_ids=tuple(_canonical.loads(rule_ids)),
+        reasons=tuple(_canonical.loads(reasons)),
+        approvers=tuple(_canonical.loads(approvers)),
+        status=ApprovalStatus(status),
+        created_at=_from_us(created_at),
+        expires_at=_from_us(expires_at),
+        decided_by=decided_by,
+        decided_at=None if decided_at is None else _from_us(decided_at),
+        note=note,
+    )
 
 
 def _breaker_row(row: Sequence[Any]) -> BreakerRow:
