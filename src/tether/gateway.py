@@ -395,18 +395,7 @@ def step(  # the design's list, in order
         events = []
 
     # execute (real, or dry-run), with timeout; retries under the same key
-    ctx_args: tuple[object, ...] = (args,)
-    if handler.wants_ctx:
-        ctx_args = (
-            args,
-            CallContext(
-                run_id=run.run_id,
-                step=number,
-                capability=cap.name,
-                idempotency_key=key,
-                dry_run=dry_run,
-            ),
-        )
+    ctx_args = _call_args(handler, run, cap, args, number, key, dry_run=dry_run)
     retry = None if guards is None or room.probe else guards.retry
     if retry is not None and not _guards.retryable(cap):
         retry = None
@@ -1003,6 +992,31 @@ def _ask_approval(
     )
 
 
+def _call_args(
+    handler: Handler,
+    run: RunPort,
+    cap: Capability[Any, Any],
+    args: BaseModel,
+    number: int,
+    key: str | None,
+    *,
+    dry_run: bool,
+) -> tuple[object, ...]:
+    """Return what the handler is called with: the args, and its `CallContext` if it wants one."""
+    if not handler.wants_ctx:
+        return (args,)
+    return (
+        args,
+        CallContext(
+            run_id=run.run_id,
+            step=number,
+            capability=cap.name,
+            idempotency_key=key,
+            dry_run=dry_run,
+        ),
+    )
+
+
 def _preview(
     run: RunPort, cap: Capability[Any, Any], args: BaseModel, number: int
 ) -> Generator[GatewayEffect, Any, dict[str, Any] | None]:
@@ -1010,22 +1024,10 @@ def _preview(
     dry = cap.dry_run_handler
     if dry is None:
         return None
-    call_args: tuple[object, ...] = (args,)
-    if dry.wants_ctx:
-        call_args = (
-            args,
-            CallContext(
-                run_id=run.run_id,
-                step=number,
-                capability=cap.name,
-                idempotency_key=None,
-                dry_run=True,
-            ),
-        )
     done: Executed = yield Execute(
         fn=dry.fn,
         is_async=dry.is_async,
-        call_args=call_args,
+        call_args=_call_args(dry, run, cap, args, number, None, dry_run=True),
         timeout=cap.timeout,
         clock=run.clock,
         pool=run.pool,

@@ -464,6 +464,21 @@ class SQLiteStore(Store):
 
         return self._read(query)
 
+    def _by_id(
+        self, table: str, column: str, columns: str, value: str
+    ) -> list[tuple[object, ...]]:
+        """Return the rows whose id is `value`, else the (at most 2) it is a prefix of."""
+        exact = f"SELECT {columns} FROM {table} WHERE {column}=?"  # noqa: S608  # constant names
+        prefix = f"SELECT {columns} FROM {table} WHERE {column} >= ? AND {column} < ? LIMIT 2"  # noqa: S608
+
+        def query(con: sqlite3.Connection) -> list[tuple[object, ...]]:
+            rows = con.execute(exact, (value,)).fetchall()
+            if not rows and len(value) >= 6:
+                rows = con.execute(prefix, (value, value + "\U0010ffff")).fetchall()
+            return rows
+
+        return self._read(query)
+
     # -- approvals ----------------------------------------------------------------
 
     def latest_approval(
@@ -481,21 +496,7 @@ class SQLiteStore(Store):
 
     def get_approval(self, approval_id: str) -> ApprovalRow:
         """Return one approval request (a unique prefix of 6+ characters works too)."""
-
-        def query(con: sqlite3.Connection) -> list[tuple[object, ...]]:
-            rows = con.execute(
-                f"SELECT {_APPROVAL_COLUMNS} FROM approvals WHERE id=?",  # noqa: S608
-                (approval_id,),
-            ).fetchall()
-            if not rows and len(approval_id) >= 6:
-                rows = con.execute(
-                    f"SELECT {_APPROVAL_COLUMNS} FROM approvals WHERE id >= ? "  # noqa: S608
-                    "AND id < ? LIMIT 2",
-                    (approval_id, approval_id + "\U0010ffff"),
-                ).fetchall()
-            return rows
-
-        rows = self._read(query)
+        rows = self._by_id("approvals", "id", _APPROVAL_COLUMNS, approval_id)
         if len(rows) != 1:
             hint = (
                 "it matches several requests; give more of it"
@@ -614,21 +615,7 @@ class SQLiteStore(Store):
 
     def get_run(self, run_id: str) -> RunRow:
         """Return one run, by id or by a unique prefix of at least 6 characters."""
-
-        def query(con: sqlite3.Connection) -> list[tuple[object, ...]]:
-            rows = con.execute(
-                f"SELECT {_RUN_COLUMNS} FROM runs WHERE run_id=?",  # noqa: S608  # constant column list
-                (run_id,),
-            ).fetchall()
-            if not rows and len(run_id) >= 6:
-                rows = con.execute(
-                    f"SELECT {_RUN_COLUMNS} FROM runs WHERE run_id >= ? AND run_id < ? "  # noqa: S608
-                    "LIMIT 2",
-                    (run_id, run_id + "\U0010ffff"),
-                ).fetchall()
-            return rows
-
-        rows = self._read(query)
+        rows = self._by_id("runs", "run_id", _RUN_COLUMNS, run_id)
         if len(rows) != 1:
             hint = (
                 "it matches several runs; give more of it"
