@@ -228,16 +228,10 @@ class Tether:
         """
         wanted = None if status is None else ApprovalStatus(status)
         now = self.clock.now()
-        stored = None if wanted is ApprovalStatus.EXPIRED else wanted
-        rows = [
+        return [
             _as_of(r, now)
-            for r in self.store.list_approvals(status=stored, limit=limit)
+            for r in self.store.list_approvals(status=wanted, limit=limit, now=now)
         ]
-        if wanted is ApprovalStatus.PENDING:
-            rows = [r for r in rows if r.status is ApprovalStatus.PENDING]
-        elif wanted is ApprovalStatus.EXPIRED:
-            rows = [r for r in rows if r.status is ApprovalStatus.EXPIRED]
-        return rows
 
     def approval(self, approval_id: str) -> ApprovalRow:
         """Return one approval request (a unique prefix of 6+ characters works too).

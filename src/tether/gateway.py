@@ -74,6 +74,7 @@ from tether.store import (
     KeyRecord,
     KeyState,
     KeyUpdate,
+    PendingExists,
     Store,
 )
 from tether.store._limits import (
@@ -396,7 +397,9 @@ def step(  # the design's list, in order
 
     # execute (real, or dry-run), with timeout; retries under the same key
     ctx_args = _call_args(handler, run, cap, args, number, key, dry_run=dry_run)
-    retry = None if guards is None or room.probe else guards.retry
+    # A person approved one call: no automatic retry runs it again.
+    no_retry = room.probe or room.grant is not None
+    retry = None if guards is None or no_retry else guards.retry
     if retry is not None and not _guards.retryable(cap):
         retry = None
     tried: _Tried = yield from _attempts(
@@ -720,7 +723,7 @@ def _take_room(
                 )
             )
         if blocked is not None:
-            assert not isinstance(blocked, Throttled)  # reserved without throttle
+            assert not isinstance(blocked, (Throttled, PendingExists))  # not asked for
             stage, error = _guards.refusal(
                 cap, events, now, number, blocked, room.watch
             )
@@ -977,19 +980,28 @@ def _ask_approval(
         f"(`tether approvals show {request.id}`)",
         approval_id=request.id,
     )
-    return (
-        yield from _refuse(
-            run,
-            cap,
-            events,
-            now,
-            number,
-            "policy",
-            parked,
-            OutcomeStatus.REFUSED,
-            approval=request,
-        )
+    committed: Committed = yield run.commit(
+        [*events, _failed(parked, now, number, "policy")], approval=request
     )
+    if isinstance(committed.blocked, PendingExists):
+        # Another call asked for the same thing at the same moment: wait on its request.
+        pending = committed.blocked.approval_id
+        waiting = ApprovalRequired(
+            f"{cap.name}: waiting for a person's decision on approval request "
+            f"{pending} (`tether approvals show {pending}`)",
+            approval_id=pending,
+        )
+        del events[-1]  # the request this call would have made
+        return (
+            yield from _refuse(
+                run, cap, events, now, number, "policy", waiting, OutcomeStatus.REFUSED
+            )
+        )
+    outcome = Outcome(
+        status=OutcomeStatus.REFUSED, step=number, capability=cap.name, error=parked
+    )
+    parked.outcome = outcome
+    return outcome
 
 
 def _call_args(
@@ -1083,24 +1095,26 @@ def _refuse(
     stage: str,
     error: TetherError,
     status: OutcomeStatus,
-    *,
-    approval: ApprovalRow | None = None,
 ) -> Flow:
-    """Record why the step stopped at `stage` (with a new approval request) and return its outcome."""
-    events.append(
-        record.Failed(
-            at=now,
-            step=number,
-            stage=stage,
-            error_code=error.code,
-            error_type=type(error).__name__,
-            message=error.message,
-        )
-    )
-    yield run.commit(events, approval=approval)
+    """Record why the step stopped at `stage` and return its outcome."""
+    events.append(_failed(error, now, number, stage))
+    yield run.commit(events)
     outcome = Outcome(status=status, step=number, capability=cap.name, error=error)
     error.outcome = outcome
     return outcome
+
+
+def _failed(
+    error: TetherError, now: datetime, number: int, stage: str
+) -> record.Failed:
+    return record.Failed(
+        at=now,
+        step=number,
+        stage=stage,
+        error_code=error.code,
+        error_type=type(error).__name__,
+        message=error.message,
+    )
 
 
 def _preconditions(

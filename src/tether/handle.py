@@ -49,6 +49,9 @@ __all__ = ["Run"]
 
 logger = logging.getLogger("tether.app")
 
+_DECISION_RACES = 20
+"""How many times a write re-reads the record after people's decisions grew it."""
+
 Out = TypeVar("Out", bound=BaseModel)
 
 
@@ -207,14 +210,17 @@ class Run:
         batch.epoch = self._epoch
         batch.base_seq = self._head_seq
         batch.base_hash = self._head_hash
-        try:
-            committed = self.store.commit(batch)
-        except HeadMoved:
-            if not self._adopt_decisions():
-                raise
-            batch.base_seq = self._head_seq
-            batch.base_hash = self._head_hash
-            committed = self.store.commit(batch)
+        for tries in range(_DECISION_RACES, -1, -1):
+            try:
+                committed = self.store.commit(batch)
+                break
+            except HeadMoved:
+                # People deciding this run's approval requests append to its
+                # record; take their events up and write after them.
+                if not tries or not self._adopt_decisions():
+                    raise
+                batch.base_seq = self._head_seq
+                batch.base_hash = self._head_hash
         if committed.conflict is None:
             self._head_seq, self._head_hash = committed.head_seq, committed.head_hash
         return committed

@@ -640,7 +640,10 @@ def verify(
     expected_seq = 1
     finished = False
     for ev in events:
-        if finished:
+        # A finished run's record takes nothing more, but a person's decision
+        # on one of its approval requests, which is recorded in it wherever
+        # and whenever it is made.
+        if finished and _kind(ev.body) != "approval_decided":
             return _bad(
                 run_id,
                 ev.seq,
@@ -667,7 +670,7 @@ def verify(
             )
         previous = h
         expected_seq += 1
-        finished = _kind(ev.body) == "run_finished"
+        finished = finished or _kind(ev.body) == "run_finished"
     count = expected_seq - 1
     if head_seq != count or not hmac.compare_digest(head_hash, previous):
         return _bad(

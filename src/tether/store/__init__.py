@@ -22,6 +22,7 @@ from tether.store._base import (
     KeyUpdate,
     LimitRow,
     NewRun,
+    PendingExists,
     RunRow,
     Store,
 )
@@ -42,6 +43,7 @@ __all__ = [
     "LimitRow",
     "MemoryStore",
     "NewRun",
+    "PendingExists",
     "RunRow",
     "SQLiteStore",
     "Store",

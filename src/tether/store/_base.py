@@ -51,6 +51,7 @@ __all__ = [
     "KeyUpdate",
     "LimitRow",
     "NewRun",
+    "PendingExists",
     "RunRow",
     "Store",
     "apply_limits",
@@ -214,7 +215,9 @@ class Batch:
     step: int = 0
     """The step the limit and breaker commands belong to."""
     approval: ApprovalRow | None = None
-    """A new approval request to store with the batch."""
+    """A new approval request to store with the batch; if a live pending one for
+    the same call exists, nothing is written (`Committed.blocked` names it), and
+    undecided ones past their expiry are marked expired."""
     use_grant: str | None = None
     """Spend this approved request (approved -> used); if it is no longer
     approved, nothing is written (`Committed.blocked` says so)."""
@@ -241,13 +244,20 @@ class Committed:
     """When the claim could not be taken: the key's record; nothing was written."""
     took_over: KeyRecord | None = None
     """When the claim replaced an expired or failed record: that record."""
-    blocked: Blocked | GrantGone | None = None
+    blocked: Blocked | GrantGone | PendingExists | None = None
     """When a limit, a throttle, a retry budget or the breaker said no: why;
     nothing was written."""
     breaker_generation: int | None = None
     """The breaker generation that let the step through (for its outcome)."""
     probe: bool = False
     """The step is a half-open breaker's trial call."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PendingExists:
+    """A live pending request for the same call exists: the new one was not stored."""
+
+    approval_id: str
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -336,9 +346,17 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def list_approvals(
-        self, *, status: ApprovalStatus | None = None, limit: int = 50
+        self,
+        *,
+        status: ApprovalStatus | None = None,
+        limit: int = 50,
+        now: datetime | None = None,
     ) -> list[ApprovalRow]:
-        """Return approval requests, newest first."""
+        """Return approval requests, newest first.
+
+        With `now`, a pending request past its expiry counts as expired: the
+        `pending` filter leaves it out and the `expired` filter takes it in.
+        """
 
     @abc.abstractmethod
     def decide_approval(

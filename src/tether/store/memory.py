@@ -28,6 +28,7 @@ from tether.store._base import (
     KeyUpdate,
     LimitRow,
     NewRun,
+    PendingExists,
     RunRow,
     Store,
     apply_limits,
@@ -116,7 +117,27 @@ class MemoryStore(Store):
             if grant is not None:
                 self._approvals[grant.id] = replace(grant, status=ApprovalStatus.USED)
             if batch.approval is not None:
-                self._approvals[batch.approval.id] = batch.approval
+                new = batch.approval
+                for a in list(self._approvals.values()):
+                    if (a.tenant, a.principal_id, a.digest) != (
+                        new.tenant,
+                        new.principal_id,
+                        new.digest,
+                    ) or a.status is not ApprovalStatus.PENDING:
+                        continue
+                    if a.expires_at > new.created_at:
+                        pending = a.id
+                        break
+                    self._approvals[a.id] = replace(a, status=ApprovalStatus.EXPIRED)
+                else:
+                    pending = None
+                if pending is not None:
+                    return Committed(
+                        head_seq=batch.base_seq,
+                        head_hash=batch.base_hash,
+                        blocked=PendingExists(approval_id=pending),
+                    )
+                self._approvals[new.id] = new
             if claim is not None:
                 self._keys[claim.id] = KeyRecord(
                     state=KeyState.IN_PROGRESS,
@@ -191,11 +212,22 @@ class MemoryStore(Store):
         return row
 
     def list_approvals(
-        self, *, status: ApprovalStatus | None = None, limit: int = 50
+        self,
+        *,
+        status: ApprovalStatus | None = None,
+        limit: int = 50,
+        now: datetime | None = None,
     ) -> list[ApprovalRow]:
-        """Return approval requests, newest first."""
+        """Return approval requests, newest first (see `Store.list_approvals`)."""
+
+        def shown(a: ApprovalRow) -> ApprovalStatus:
+            lapsed = now is not None and a.expires_at <= now
+            if a.status is ApprovalStatus.PENDING and lapsed:
+                return ApprovalStatus.EXPIRED
+            return a.status
+
         with self._lock:
-            rows = [a for a in self._approvals.values() if status in (None, a.status)]
+            rows = [a for a in self._approvals.values() if status in (None, shown(a))]
         rows.sort(key=lambda a: (a.created_at, a.id), reverse=True)
         return rows[:limit]
 

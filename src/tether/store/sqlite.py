@@ -34,6 +34,7 @@ from tether.store._base import (
     KeyRecord,
     KeyState,
     LimitRow,
+    PendingExists,
     RunRow,
     Store,
     apply_limits,
@@ -249,6 +250,9 @@ class SQLiteStore(Store):
             if cur.rowcount != 1:
                 raise _Blocked(GrantGone(approval_id=batch.use_grant))
         if batch.approval is not None:
+            pending = _coalesce(con, batch.approval)
+            if pending is not None:
+                raise _Blocked(PendingExists(approval_id=pending))
             _insert_approval(con, batch.approval)
         events = batch.events
         admitted = None
@@ -507,12 +511,23 @@ class SQLiteStore(Store):
         return _approval_row(rows[0])
 
     def list_approvals(
-        self, *, status: ApprovalStatus | None = None, limit: int = 50
+        self,
+        *,
+        status: ApprovalStatus | None = None,
+        limit: int = 50,
+        now: datetime | None = None,
     ) -> list[ApprovalRow]:
-        """Return approval requests, newest first."""
+        """Return approval requests, newest first (see `Store.list_approvals`)."""
         sql = f"SELECT {_APPROVAL_COLUMNS} FROM approvals"  # noqa: S608  # constant column list
         params: tuple[object, ...] = ()
-        if status is not None:
+        at = None if now is None else _us(now)
+        if status is ApprovalStatus.PENDING and at is not None:
+            sql += " WHERE status='pending' AND expires_at > ?"
+            params = (at,)
+        elif status is ApprovalStatus.EXPIRED and at is not None:
+            sql += " WHERE status='expired' OR (status='pending' AND expires_at <= ?)"
+            params = (at,)
+        elif status is not None:
             sql += " WHERE status=?"
             params = (status.value,)
         sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
@@ -667,7 +682,7 @@ class _Conflict(Exception):  # control flow, never escapes this module
 
 
 class _Blocked(Exception):  # control flow, never escapes this module: rolls back
-    def __init__(self, why: _limits.Blocked | GrantGone) -> None:
+    def __init__(self, why: _limits.Blocked | GrantGone | PendingExists) -> None:
         self.why = why
 
 
@@ -853,6 +868,24 @@ _APPROVAL_COLUMNS = (
     "preview, digest, policy_version, rule_ids, reasons, approvers, status, created_at, "
     "expires_at, decided_by, decided_at, note"
 )
+
+
+def _coalesce(con: sqlite3.Connection, a: ApprovalRow) -> str | None:
+    """Return a live pending request for the same call; mark lapsed ones expired."""
+    key = (a.tenant, a.principal_id, a.digest)
+    row = con.execute(
+        "SELECT id FROM approvals WHERE tenant=? AND principal_id=? AND digest=? "
+        "AND status='pending' AND expires_at > ? LIMIT 1",
+        (*key, _us(a.created_at)),
+    ).fetchone()
+    if row is not None:
+        return str(row[0])
+    con.execute(
+        "UPDATE approvals SET status='expired' WHERE tenant=? AND principal_id=? "
+        "AND digest=? AND status='pending' AND expires_at <= ?",
+        (*key, _us(a.created_at)),
+    )
+    return None
 
 
 def _insert_approval(con: sqlite3.Connection, a: ApprovalRow) -> None:
