@@ -13,6 +13,7 @@ import tether.record
 PUBLIC_API = [
     "Admission",
     "AdmissionStatus",
+    "ApprovalClosed",
     "ApprovalRequired",
     "BreakerOpen",
     "CallContext",
@@ -33,6 +34,7 @@ PUBLIC_API = [
     "KeyInUse",
     "LeaseLost",
     "LimitExceeded",
+    "NotAllowedToApprove",
     "NotFound",
     "Outcome",
     "OutcomeStatus",

@@ -9,6 +9,7 @@ from tether.agent import ScriptedPlanner
 from tether.app import Run, Tether
 from tether.capability import CallContext, Capability, Effect, Idempotency, capability
 from tether.errors import (
+    ApprovalClosed,
     ApprovalRequired,
     BreakerOpen,
     CapabilityFailed,
@@ -23,6 +24,7 @@ from tether.errors import (
     KeyInUse,
     LeaseLost,
     LimitExceeded,
+    NotAllowedToApprove,
     NotFound,
     PreconditionFailed,
     Refused,
@@ -41,6 +43,7 @@ from tether.run import RunState
 __all__ = [
     "Admission",
     "AdmissionStatus",
+    "ApprovalClosed",
     "ApprovalRequired",
     "BreakerOpen",
     "CallContext",
@@ -61,6 +64,7 @@ __all__ = [
     "KeyInUse",
     "LeaseLost",
     "LimitExceeded",
+    "NotAllowedToApprove",
     "NotFound",
     "Outcome",
     "OutcomeStatus",

@@ -18,7 +18,12 @@ from typing import Annotated
 
 import typer
 
-from tether.cli import _policy, _runs, _status  # noqa: F401  # their commands register on import
+from tether.cli import (  # noqa: F401  # their commands register on import
+    _approvals,
+    _policy,
+    _runs,
+    _status,
+)
 from tether.cli._common import (
     JSON_FORMAT,
     _error,
