@@ -9,20 +9,17 @@ one pipeline, two ten-line loops.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import logging
-from collections.abc import Callable, Generator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from decimal import Decimal
-from typing import Any, Protocol
+from typing import Any
 
-from pydantic import BaseModel, ValidationError
-from pydantic_core import PydanticSerializationError
+from pydantic import BaseModel
 
 from tether import _canonical, _guards, record
+from tether._approval_stage import ask_approval
 from tether._effects import (
     Execute,
     Executed,
@@ -34,48 +31,47 @@ from tether._effects import (
     drive,
 )
 from tether._guards import Guards
+from tether._stages import (
+    RunPort,
+    args_fingerprint,
+    check_preconditions,
+    execution_error,
+    handler_args,
+    policy_error,
+    refuse,
+    settle_by_key,
+    validate_output,
+)
 from tether.capability import (
-    CallContext,
     Capability,
     Effect,
     Handler,
     Idempotency,
     check_key,
-    one_line_error,
 )
-from tether.clock import Clock, Rng
 from tether.errors import (
     ApprovalRequired,
-    CapabilityFailed,
     Denied,
-    IdempotencyConflict,
     InDoubt,
     InvalidOutput,
-    KeyInUse,
-    PreconditionFailed,
-    StepTimeout,
     TetherError,
     UsageError,
     ValidationFailed,
 )
 from tether.limits import LimitSet, Reserved
-from tether.policy import Decision, DecisionRequest, PolicySet, Verdict
+from tether.policy import DecisionRequest, Verdict
 from tether.policy.cel import CelError
-from tether.principal import Principal
 from tether.record import Outcome, OutcomeStatus
 from tether.resilience import Breaker, RetryBudget, ratio_id
 from tether.store import (
     ApprovalRow,
-    ApprovalStatus,
     Claim,
     Committed,
     GrantGone,
     KeyId,
-    KeyRecord,
     KeyState,
     KeyUpdate,
     PendingExists,
-    Store,
 )
 from tether.store._limits import (
     BreakerAdmit,
@@ -83,8 +79,6 @@ from tether.store._limits import (
     BreakerSpec,
     BreakerState,
     LimitKind,
-    Reserve,
-    RetryCharge,
     Settle,
     Throttled,
     breaker_view,
@@ -103,83 +97,7 @@ __all__ = [
     "step",
 ]
 
-MAX_MESSAGE = 2000
-
 logger = logging.getLogger(__name__)
-
-
-# -- what the flow needs from its run --------------------------------------------
-
-
-class RunPort(Protocol):
-    """The run a step belongs to, as the gateway sees it."""
-
-    run_id: str
-    principal: Principal
-    context: Mapping[str, Any]
-    steps: int
-    clock: Clock
-    store: Store
-
-    @property
-    def policy(self) -> PolicySet:
-        """The policy in force for the next decision."""
-        ...
-
-    retention: timedelta
-    claim_ttl: timedelta
-
-    @property
-    def guards(self) -> Guards | None:
-        """The limits, breakers and retry budget in force; None when there are none."""
-        ...
-
-    random: Rng
-    """Where retry backoff draws its jitter."""
-    charges_before_claim: bool
-    """True when limits or a breaker act between the key lookup and the claim."""
-    cost: Decimal
-    """Sum of the run's executed step costs; the gateway adds each step's."""
-    pool: Callable[[], ThreadPoolExecutor]
-
-    approval_ttl: timedelta
-    """How long an approval request waits for a decision before it expires."""
-
-    def next_step(self) -> int:
-        """Return the next step number."""
-        ...
-
-    def new_id(self, prefix: str) -> str:
-        """Return a new unique id (an approval request's, say)."""
-        ...
-
-    def has_pending(self) -> bool:
-        """Tell whether a result write failed and waits to be retried."""
-        ...
-
-    def flush_pending(self) -> None:
-        """Write the results kept after failed writes (raises `StoreError` if it fails)."""
-        ...
-
-    def commit(
-        self,
-        events: Sequence[record.Event],
-        *,
-        claim: Claim | None = None,
-        key_update: KeyUpdate | None = None,
-        keep_on_failure: bool = False,
-        reserve: Sequence[Reserve] = (),
-        breaker: BreakerAdmit | None = None,
-        throttle: bool = True,
-        settle: Sequence[Settle] = (),
-        breaker_outcome: BreakerOutcome | None = None,
-        retry: RetryCharge | None = None,
-        step: int = 0,
-        approval: ApprovalRow | None = None,
-        use_grant: str | None = None,
-    ) -> StoreOp:
-        """Return the effect that appends `events` (and limit commands) to the run's record."""
-        ...
 
 
 # -- the call path ---------------------------------------------------------------
@@ -214,7 +132,7 @@ def step(  # the design's list, in order
         args_json, args_bytes = cap.dump_args(args)
     except ValidationFailed as exc:
         return (
-            yield from _refuse(
+            yield from refuse(
                 run, cap, events, now, number, "validate", exc, OutcomeStatus.INVALID
             )
         )
@@ -231,10 +149,10 @@ def step(  # the design's list, in order
 
     # preconditions
     if cap.preconditions:
-        failed = _preconditions(cap, args, events, now, number)
+        failed = check_preconditions(cap, args, events, now, number)
         if failed is not None:
             return (
-                yield from _refuse(
+                yield from refuse(
                     run,
                     cap,
                     events,
@@ -283,14 +201,14 @@ def step(  # the design's list, in order
     refusal: TetherError | None = None
     grant: ApprovalRow | None = None
     if verdict is Verdict.REQUIRE_APPROVAL:
-        asked = yield from _ask_approval(
+        asked = yield from ask_approval(
             run, cap, args, args_json, args_bytes, decision, events, now, number
         )
         if isinstance(asked, Outcome):
             return asked  # parked: the request waits for a person (or was denied)
         grant = asked  # an approved request for exactly this call: it runs under it
     elif verdict is Verdict.DENY:
-        refusal = _policy_error(cap, decision)
+        refusal = policy_error(cap, decision)
     elif handler is None and cap.effect is not Effect.READ:
         refusal = Denied(
             f"{cap.name}: a dry run was required but the capability has no "
@@ -298,7 +216,7 @@ def step(  # the design's list, in order
         )
     if refusal is not None:
         return (
-            yield from _refuse(
+            yield from refuse(
                 run, cap, events, now, number, "policy", refusal, OutcomeStatus.REFUSED
             )
         )
@@ -316,7 +234,7 @@ def step(  # the design's list, in order
             capability=cap.name,
             key=key,
         )
-        fingerprint = _fingerprint(
+        fingerprint = args_fingerprint(
             run.store.record_key,
             args_bytes,
             record.secret_values(args) if cap.has_secrets else (),
@@ -331,7 +249,7 @@ def step(  # the design's list, in order
         if run.charges_before_claim:
             existing = yield StoreOp(run.store.lookup_key, key_id)
         if existing is not None:
-            settled = yield from _settle_by_key(
+            settled = yield from settle_by_key(
                 run, cap, existing, fingerprint, key, events, now, number
             )
             if settled is not None:
@@ -346,7 +264,7 @@ def step(  # the design's list, in order
             "fix the capability's cost"
         )
         return (
-            yield from _refuse(
+            yield from refuse(
                 run, cap, events, now, number, "cost", broken, OutcomeStatus.REFUSED
             )
         )
@@ -363,7 +281,7 @@ def step(  # the design's list, in order
                     "in tether.yaml (guard optional fields with has(...))"
                 )
                 return (
-                    yield from _refuse(
+                    yield from refuse(
                         run, cap, events, now, number, "limits", broken,
                         OutcomeStatus.REFUSED,
                     )
@@ -396,7 +314,7 @@ def step(  # the design's list, in order
         events = []
 
     # execute (real, or dry-run), with timeout; retries under the same key
-    ctx_args = _call_args(handler, run, cap, args, number, key, dry_run=dry_run)
+    ctx_args = handler_args(handler, run, cap, args, number, key, dry_run=dry_run)
     # A person approved one call: no automatic retry runs it again.
     no_retry = room.probe or room.grant is not None
     retry = None if guards is None or no_retry else guards.retry
@@ -694,7 +612,7 @@ def _take_room(
         if committed.conflict is not None:
             assert fingerprint is not None
             assert key is not None
-            settled = yield from _settle_by_key(
+            settled = yield from settle_by_key(
                 run, cap, committed.conflict, fingerprint, key, events, now, number
             )
             assert settled is not None, "the store refused a claim it may replace"
@@ -718,7 +636,7 @@ def _take_room(
                 approval_id=blocked.approval_id,
             )
             return (
-                yield from _refuse(
+                yield from refuse(
                     run, cap, events, now, number, "policy", gone, OutcomeStatus.REFUSED
                 )
             )
@@ -728,7 +646,7 @@ def _take_room(
                 cap, events, now, number, blocked, room.watch
             )
             return (
-                yield from _refuse(
+                yield from refuse(
                     run, cap, events, now, number, stage, error, OutcomeStatus.REFUSED
                 )
             )
@@ -789,7 +707,7 @@ def _attempts(
         # validate output
         if done.error is None and not done.timed_out:
             try:
-                tried.output, tried.out_json = _validate_output(cap, done.value)
+                tried.output, tried.out_json = validate_output(cap, done.value)
                 # Encoded here even without a key: a value JSON cannot hold exactly
                 # must fail the step now, not the store's write later.
                 tried.out_bytes = _canonical.dumps(tried.out_json)
@@ -800,7 +718,7 @@ def _attempts(
                     f"{cap.name}: output has no exact JSON form: {exc}"
                 )
         else:
-            tried.error = _execution_error(cap, args, done)
+            tried.error = execution_error(cap, args, done)
         error = tried.error
         if room.watch is not None and room.generation is not None:
             spec = room.watch[1]
@@ -852,508 +770,3 @@ def _attempts(
         events = []  # written with the retry, the attempt's breaker sample too
         yield Sleep(delay.total_seconds(), run.clock)
         attempt += 1
-
-
-# -- approvals ---------------------------------------------------------------------------
-
-
-def _ask_approval(
-    run: RunPort,
-    cap: Capability[Any, Any],
-    args: BaseModel,
-    args_json: dict[str, Any],
-    args_bytes: bytes,
-    decision: Decision,
-    events: list[record.Event],
-    now: datetime,
-    number: int,
-) -> Generator[GatewayEffect, Any, Outcome | ApprovalRow]:
-    """Find or make the approval request for this exact call.
-
-    Returns the approved request to run under, or the step's outcome: parked
-    on a new (or still pending) request, or refused by a person's denial. A
-    request is for exactly this call: its digest binds the capability and
-    version, the args (secrets through an HMAC), the policy version and the
-    dry run's preview; if any of them changes, it is another request.
-    """
-    preview = yield from _preview(run, cap, args, number)
-    preview_bytes = None if preview is None else _canonical.dumps(preview)
-    digest = _approval_digest(run, cap, args, args_bytes, decision, preview_bytes)
-    principal = run.principal
-    latest: ApprovalRow | None = yield StoreOp(
-        run.store.latest_approval, principal.tenant, principal.id, digest
-    )
-    if latest is not None:
-        live = latest.expires_at > now
-        if latest.status is ApprovalStatus.APPROVED and live:
-            return latest
-        if latest.status is ApprovalStatus.PENDING and live:
-            waiting = ApprovalRequired(
-                f"{cap.name}: waiting for a person's decision on approval request "
-                f"{latest.id} (`tether approvals show {latest.id}`)",
-                approval_id=latest.id,
-            )
-            return (
-                yield from _refuse(
-                    run,
-                    cap,
-                    events,
-                    now,
-                    number,
-                    "policy",
-                    waiting,
-                    OutcomeStatus.REFUSED,
-                )
-            )
-        if latest.status is ApprovalStatus.DENIED:
-            why = f": {latest.note}" if latest.note else ""
-            denied = Denied(
-                f"{cap.name}: {latest.decided_by} denied approval request {latest.id}{why}; "
-                "a changed call (other args) asks again",
-                rule_ids=decision.rule_ids,
-                reasons=(latest.note or "denied by a person",),
-            )
-            return (
-                yield from _refuse(
-                    run,
-                    cap,
-                    events,
-                    now,
-                    number,
-                    "policy",
-                    denied,
-                    OutcomeStatus.REFUSED,
-                )
-            )
-        if (
-            latest.status is ApprovalStatus.PENDING
-        ):  # expired undecided: denied, recorded
-            events.append(
-                record.ApprovalDecided(
-                    at=now,
-                    step=number,
-                    approval_id=latest.id,
-                    by="tether",
-                    outcome="expired",
-                    reason=f"no decision by {latest.expires_at.isoformat()}",
-                )
-            )
-    request = ApprovalRow(
-        id=run.new_id("apr_"),
-        run_id=run.run_id,
-        step=number,
-        tenant=principal.tenant,
-        principal_id=principal.id,
-        on_behalf_of=principal.on_behalf_of,
-        capability=cap.name,
-        version=cap.version,
-        args=_canonical.dumps(args_json),
-        preview=preview_bytes,
-        digest=digest,
-        policy_version=decision.policy_version,
-        rule_ids=decision.rule_ids,
-        reasons=decision.reasons,
-        approvers=run.policy.approvers(decision.rule_ids),
-        status=ApprovalStatus.PENDING,
-        created_at=now,
-        expires_at=now + run.approval_ttl,
-    )
-    events.append(
-        record.ApprovalRequested(
-            at=now,
-            step=number,
-            approval_id=request.id,
-            capability=cap.name,
-            version=cap.version,
-            args=args_json,
-            preview=preview,
-            digest=digest.hex(),
-            reasons=decision.reasons,
-            rule_ids=decision.rule_ids,
-            approvers=request.approvers,
-            expires_at=request.expires_at,
-        )
-    )
-    error = _policy_error(cap, decision)
-    parked = ApprovalRequired(
-        f"{error.message}; approval request {request.id} waits for a person "
-        f"(`tether approvals show {request.id}`)",
-        approval_id=request.id,
-    )
-    committed: Committed = yield run.commit(
-        [*events, _failed(parked, now, number, "policy")], approval=request
-    )
-    if isinstance(committed.blocked, PendingExists):
-        # Another call asked for the same thing at the same moment: wait on its request.
-        pending = committed.blocked.approval_id
-        waiting = ApprovalRequired(
-            f"{cap.name}: waiting for a person's decision on approval request "
-            f"{pending} (`tether approvals show {pending}`)",
-            approval_id=pending,
-        )
-        del events[-1]  # the request this call would have made
-        return (
-            yield from _refuse(
-                run, cap, events, now, number, "policy", waiting, OutcomeStatus.REFUSED
-            )
-        )
-    outcome = Outcome(
-        status=OutcomeStatus.REFUSED, step=number, capability=cap.name, error=parked
-    )
-    parked.outcome = outcome
-    return outcome
-
-
-def _call_args(
-    handler: Handler,
-    run: RunPort,
-    cap: Capability[Any, Any],
-    args: BaseModel,
-    number: int,
-    key: str | None,
-    *,
-    dry_run: bool,
-) -> tuple[object, ...]:
-    """Return what the handler is called with: the args, and its `CallContext` if it wants one."""
-    if not handler.wants_ctx:
-        return (args,)
-    return (
-        args,
-        CallContext(
-            run_id=run.run_id,
-            step=number,
-            capability=cap.name,
-            idempotency_key=key,
-            dry_run=dry_run,
-        ),
-    )
-
-
-def _preview(
-    run: RunPort, cap: Capability[Any, Any], args: BaseModel, number: int
-) -> Generator[GatewayEffect, Any, dict[str, Any] | None]:
-    """Return what the dry-run handler says the call would do (None without one)."""
-    dry = cap.dry_run_handler
-    if dry is None:
-        return None
-    done: Executed = yield Execute(
-        fn=dry.fn,
-        is_async=dry.is_async,
-        call_args=_call_args(dry, run, cap, args, number, None, dry_run=True),
-        timeout=cap.timeout,
-        clock=run.clock,
-        pool=run.pool,
-    )
-    if done.error is not None or done.timed_out:
-        failed = _execution_error(cap, args, done)
-        return {"error": failed.code, "message": failed.message}
-    try:
-        _, out_json = _validate_output(cap, done.value)
-    except InvalidOutput as exc:
-        return {"error": exc.code, "message": exc.message}
-    if cap.secret_output:
-        return {"output": "the dry run's output holds secrets; not shown"}
-    return {"output": out_json}
-
-
-def _approval_digest(
-    run: RunPort,
-    cap: Capability[Any, Any],
-    args: BaseModel,
-    args_bytes: bytes,
-    decision: Decision,
-    preview: bytes | None,
-) -> bytes:
-    """Bind a grant to the capability and version, args, policy version and preview."""
-    fingerprint = _fingerprint(
-        run.store.record_key,
-        args_bytes,
-        record.secret_values(args) if cap.has_secrets else (),
-    )
-    digest = hashlib.sha256(b"tether-approval-v1")
-    for part in (
-        cap.name.encode(),
-        cap.version.encode(),
-        fingerprint,
-        decision.policy_version.encode(),
-        preview or b"",
-    ):
-        digest.update(len(part).to_bytes(4, "big"))
-        digest.update(part)
-    return digest.digest()
-
-
-# -- stages ------------------------------------------------------------------------
-
-
-def _refuse(
-    run: RunPort,
-    cap: Capability[Any, Any],
-    events: list[record.Event],
-    now: datetime,
-    number: int,
-    stage: str,
-    error: TetherError,
-    status: OutcomeStatus,
-) -> Flow:
-    """Record why the step stopped at `stage` and return its outcome."""
-    events.append(_failed(error, now, number, stage))
-    yield run.commit(events)
-    outcome = Outcome(status=status, step=number, capability=cap.name, error=error)
-    error.outcome = outcome
-    return outcome
-
-
-def _failed(
-    error: TetherError, now: datetime, number: int, stage: str
-) -> record.Failed:
-    return record.Failed(
-        at=now,
-        step=number,
-        stage=stage,
-        error_code=error.code,
-        error_type=type(error).__name__,
-        message=error.message,
-    )
-
-
-def _preconditions(
-    cap: Capability[Any, Any],
-    args: BaseModel,
-    events: list[record.Event],
-    now: datetime,
-    number: int,
-) -> PreconditionFailed | None:
-    names: list[str] = []
-    for check in cap.preconditions:
-        name = getattr(check, "__name__", type(check).__name__)
-        names.append(name)
-        try:
-            held = check(args)
-        except Exception as exc:  # noqa: BLE001  # a user check may raise anything
-            held = f"{type(exc).__name__}: {exc}"
-        if held is True or held is None:
-            continue
-        reason = held if isinstance(held, str) and held else f"{name} does not hold"
-        if cap.has_secrets:
-            reason = record.redact_text(reason, record.secret_values(args))
-        events.append(
-            record.PreconditionChecked(
-                at=now, step=number, checks=tuple(names), failed=name, reason=reason
-            )
-        )
-        return PreconditionFailed(f"{cap.name}: precondition {name!r} failed: {reason}")
-    events.append(record.PreconditionChecked(at=now, step=number, checks=tuple(names)))
-    return None
-
-
-def _policy_error(cap: Capability[Any, Any], decision: Decision) -> TetherError:
-    why = "; ".join(decision.reasons) or "no reason given"
-    rules = ", ".join(decision.rule_ids) or "the default"
-    if decision.verdict is Verdict.DENY:
-        return Denied(
-            f"{cap.name}: denied by {rules}: {why}",
-            rule_ids=decision.rule_ids,
-            reasons=decision.reasons,
-        )
-    return ApprovalRequired(f"{cap.name}: needs a person's approval ({rules}: {why})")
-
-
-def _fingerprint(
-    key: bytes | None, args_bytes: bytes, secrets: Sequence[str] = ()
-) -> bytes:
-    """Hash the canonical args, secrets included, so a changed secret is other args.
-
-    The record holds the args in clear but secrets masked: the secrets enter the
-    fingerprint through an HMAC under a key derived from the record key, so the
-    stored fingerprint cannot be used to guess them offline.
-    """
-    digest = hashlib.sha256(args_bytes)
-    if secrets:
-        derived = hmac.digest(key or b"", b"tether-fingerprint-v1", "sha256")
-        digest.update(hmac.digest(derived, "\x00".join(secrets).encode(), "sha256"))
-    return digest.digest()
-
-
-def _classify(
-    existing: KeyRecord,
-    fingerprint: bytes,
-    cap: Capability[Any, Any],
-    key: str,
-    now: datetime,
-    retention: timedelta,
-) -> TetherError | str:
-    """Say what a key's record means for a new call: an error, "hit" or "proceed"."""
-    state = existing.state
-    if state is KeyState.COMPLETED:
-        assert existing.completed_at is not None
-        if existing.completed_at + retention <= now:
-            return "proceed"
-    if existing.fingerprint != fingerprint:
-        return IdempotencyConflict(
-            f"{cap.name}: idempotency key {key!r:.80} was first used with other arguments "
-            f"(run {existing.run_id}, step {existing.step}); use a new key for new arguments"
-        )
-    if state is KeyState.COMPLETED:
-        return "hit"
-    if state is KeyState.IN_PROGRESS:
-        if existing.lease_until > now:
-            return KeyInUse(
-                f"{cap.name}: a call under this idempotency key is in progress "
-                f"(run {existing.run_id}, step {existing.step}); retry after it finishes"
-            )
-        if cap.idempotency is Idempotency.NONE:
-            return InDoubt(
-                f"{cap.name}: an earlier call under this key (run {existing.run_id}, step "
-                f"{existing.step}) stopped mid-call; its effect is unknown: resolve it by hand"
-            )
-        return "proceed"
-    if state is KeyState.IN_DOUBT:
-        return InDoubt(
-            f"{cap.name}: the call under this key (run {existing.run_id}, step "
-            f"{existing.step}) is in doubt; resolve it by hand before retrying"
-        )
-    return "proceed"  # failed: a retry under the same key may run again
-
-
-def _status_of(error: TetherError) -> OutcomeStatus:
-    return (
-        OutcomeStatus.IN_DOUBT if isinstance(error, InDoubt) else OutcomeStatus.REFUSED
-    )
-
-
-def _settle_by_key(
-    run: RunPort,
-    cap: Capability[Any, Any],
-    existing: KeyRecord,
-    fingerprint: bytes,
-    key: str,
-    events: list[record.Event],
-    now: datetime,
-    number: int,
-) -> Generator[GatewayEffect, Any, Outcome | None]:
-    """Answer a call from its key's record: a refusal, the stored result, or None."""
-    answer = _classify(existing, fingerprint, cap, key, now, run.retention)
-    if answer == "proceed":
-        return None
-    output = None
-    refusal = answer if isinstance(answer, TetherError) else None
-    if refusal is None:  # a hit: replay the stored result, if it can be
-        output, refusal = _stored_result(cap, existing, key)
-    if refusal is not None:
-        status = _status_of(refusal)
-        return (
-            yield from _refuse(
-                run, cap, events, now, number, "idempotency", refusal, status
-            )
-        )
-    assert existing.output is not None
-    events.append(
-        record.IdempotentHit(
-            at=now,
-            step=number,
-            key=key,
-            original_run=existing.run_id,
-            original_step=existing.step,
-            output=_canonical.loads(existing.output),
-        )
-    )
-    yield run.commit(events)
-    return Outcome(
-        status=OutcomeStatus.IDEMPOTENT_HIT,
-        step=number,
-        capability=cap.name,
-        output=output,
-        idempotency_key=key,
-    )
-
-
-def _stored_result(
-    cap: Capability[Any, Any], existing: KeyRecord, key: str
-) -> tuple[BaseModel | None, TetherError | None]:
-    """Return a key's stored result as the capability's output, or why it cannot be."""
-    assert existing.output is not None
-    if cap.secret_output:
-        return None, IdempotencyConflict(
-            f"{cap.name}: the call under idempotency key {key!r:.80} completed (run "
-            f"{existing.run_id}, step {existing.step}), but its result holds secrets, "
-            "which are never stored, so it cannot be returned again; use the first "
-            "call's result"
-        )
-    try:
-        return cap.output_model.model_validate_json(existing.output), None
-    except ValidationError:
-        return None, IdempotencyConflict(
-            f"{cap.name}: the result stored under idempotency key {key!r:.80} does "
-            f"not fit version {cap.version}'s output schema; use a new key"
-        )
-
-
-def _validate_output(
-    cap: Capability[Any, Any], value: object
-) -> tuple[BaseModel, dict[str, Any]]:
-    """Return the output and its JSON form, both checked against the output schema.
-
-    The JSON form is what the record keeps, so it is what is validated: an
-    instance made with `model_construct()` or changed by attribute assignment
-    skipped pydantic's checks, and is caught here.
-    """
-    model = cap.output_model
-    try:
-        output = value if type(value) is model else _as_model(model, value)
-        assert isinstance(output, BaseModel)
-        # Serializer and validator directly: their Python wrappers would double
-        # the cost. A wrongly typed field serializes as is, and validation fails.
-        data: dict[str, Any] = model.__pydantic_serializer__.to_python(
-            output, mode="json", warnings=False
-        )
-        if output is value:
-            model.__pydantic_validator__.validate_python(data)
-    except ValidationError as exc:
-        raise InvalidOutput(one_line_error(cap.name, "output", exc)) from exc
-    except (PydanticSerializationError, ValueError) as exc:
-        raise InvalidOutput(
-            f"{cap.name}: output does not fit its schema: {exc}"
-        ) from exc
-    return output, data
-
-
-def _as_model(model: type[BaseModel], value: object) -> BaseModel:
-    if isinstance(value, BaseModel):
-        value = value.model_dump(warnings=False)
-    return model.model_validate(value)
-
-
-def _execution_error(
-    cap: Capability[Any, Any], args: BaseModel, done: Executed
-) -> TetherError:
-    if done.timed_out:
-        limit = cap.timeout.total_seconds() if cap.timeout else 0
-        if not done.started:
-            return StepTimeout(
-                f"{cap.name}: did not start within its {limit:g}s timeout (every "
-                "handler thread was busy); nothing ran"
-            )
-        if done.still_running:
-            return StepTimeout(
-                f"{cap.name}: did not finish within its {limit:g}s timeout and may "
-                "still be running; retries under its key wait until the claim expires"
-            )
-        return StepTimeout(f"{cap.name}: did not finish within its {limit:g}s timeout")
-    exc = done.error
-    assert exc is not None
-    if isinstance(exc, UsageError):
-        return exc  # tether's own misuse error, raised inside a handler
-    text = f"{type(exc).__name__}: {exc}"
-    if not isinstance(exc, Exception):
-        text = f"{type(exc).__name__}: the caller was cancelled while the handler ran"
-    if cap.has_secrets:
-        text = record.redact_text(text, record.secret_values(args))
-    if len(text) > MAX_MESSAGE:
-        text = text[:MAX_MESSAGE] + "..."
-    failed = CapabilityFailed(f"{cap.name}: {text}")
-    if cap.has_secrets:
-        failed.__suppress_context__ = True  # the raw error may quote a secret
-    else:
-        failed.__cause__ = exc
-    return failed

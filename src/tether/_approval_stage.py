@@ -1,0 +1,250 @@
+"""The approval stage: find or make the durable request for a call, or its grant."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Generator
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel
+
+from tether import _canonical, record
+from tether._effects import (
+    Execute,
+    Executed,
+    GatewayEffect,
+    StoreOp,
+)
+from tether._stages import (
+    RunPort,
+    args_fingerprint,
+    execution_error,
+    failed_event,
+    handler_args,
+    policy_error,
+    refuse,
+    validate_output,
+)
+from tether.capability import (
+    Capability,
+)
+from tether.errors import (
+    ApprovalRequired,
+    Denied,
+    InvalidOutput,
+)
+from tether.policy import Decision
+from tether.record import Outcome, OutcomeStatus
+from tether.store import (
+    ApprovalRow,
+    ApprovalStatus,
+    Committed,
+    PendingExists,
+)
+
+__all__ = ["ask_approval"]
+
+
+# -- approvals ---------------------------------------------------------------------------
+
+
+def ask_approval(
+    run: RunPort,
+    cap: Capability[Any, Any],
+    args: BaseModel,
+    args_json: dict[str, Any],
+    args_bytes: bytes,
+    decision: Decision,
+    events: list[record.Event],
+    now: datetime,
+    number: int,
+) -> Generator[GatewayEffect, Any, Outcome | ApprovalRow]:
+    """Find or make the approval request for this exact call.
+
+    Returns the approved request to run under, or the step's outcome: parked
+    on a new (or still pending) request, or refused by a person's denial. A
+    request is for exactly this call: its digest binds the capability and
+    version, the args (secrets through an HMAC), the policy version and the
+    dry run's preview; if any of them changes, it is another request.
+    """
+    preview = yield from _preview(run, cap, args, number)
+    preview_bytes = None if preview is None else _canonical.dumps(preview)
+    digest = _approval_digest(run, cap, args, args_bytes, decision, preview_bytes)
+    principal = run.principal
+    latest: ApprovalRow | None = yield StoreOp(
+        run.store.latest_approval, principal.tenant, principal.id, digest
+    )
+    if latest is not None:
+        live = latest.expires_at > now
+        if latest.status is ApprovalStatus.APPROVED and live:
+            return latest
+        if latest.status is ApprovalStatus.PENDING and live:
+            waiting = ApprovalRequired(
+                f"{cap.name}: waiting for a person's decision on approval request "
+                f"{latest.id} (`tether approvals show {latest.id}`)",
+                approval_id=latest.id,
+            )
+            return (
+                yield from refuse(
+                    run,
+                    cap,
+                    events,
+                    now,
+                    number,
+                    "policy",
+                    waiting,
+                    OutcomeStatus.REFUSED,
+                )
+            )
+        if latest.status is ApprovalStatus.DENIED:
+            why = f": {latest.note}" if latest.note else ""
+            denied = Denied(
+                f"{cap.name}: {latest.decided_by} denied approval request {latest.id}{why}; "
+                "a changed call (other args) asks again",
+                rule_ids=decision.rule_ids,
+                reasons=(latest.note or "denied by a person",),
+            )
+            return (
+                yield from refuse(
+                    run,
+                    cap,
+                    events,
+                    now,
+                    number,
+                    "policy",
+                    denied,
+                    OutcomeStatus.REFUSED,
+                )
+            )
+        if (
+            latest.status is ApprovalStatus.PENDING
+        ):  # expired undecided: denied, recorded
+            events.append(
+                record.ApprovalDecided(
+                    at=now,
+                    step=number,
+                    approval_id=latest.id,
+                    by="tether",
+                    outcome="expired",
+                    reason=f"no decision by {latest.expires_at.isoformat()}",
+                )
+            )
+    request = ApprovalRow(
+        id=run.new_id("apr_"),
+        run_id=run.run_id,
+        step=number,
+        tenant=principal.tenant,
+        principal_id=principal.id,
+        on_behalf_of=principal.on_behalf_of,
+        capability=cap.name,
+        version=cap.version,
+        args=_canonical.dumps(args_json),
+        preview=preview_bytes,
+        digest=digest,
+        policy_version=decision.policy_version,
+        rule_ids=decision.rule_ids,
+        reasons=decision.reasons,
+        approvers=run.policy.approvers(decision.rule_ids),
+        status=ApprovalStatus.PENDING,
+        created_at=now,
+        expires_at=now + run.approval_ttl,
+    )
+    events.append(
+        record.ApprovalRequested(
+            at=now,
+            step=number,
+            approval_id=request.id,
+            capability=cap.name,
+            version=cap.version,
+            args=args_json,
+            preview=preview,
+            digest=digest.hex(),
+            reasons=decision.reasons,
+            rule_ids=decision.rule_ids,
+            approvers=request.approvers,
+            expires_at=request.expires_at,
+        )
+    )
+    error = policy_error(cap, decision)
+    parked = ApprovalRequired(
+        f"{error.message}; approval request {request.id} waits for a person "
+        f"(`tether approvals show {request.id}`)",
+        approval_id=request.id,
+    )
+    committed: Committed = yield run.commit(
+        [*events, failed_event(parked, now, number, "policy")], approval=request
+    )
+    if isinstance(committed.blocked, PendingExists):
+        # Another call asked for the same thing at the same moment: wait on its request.
+        pending = committed.blocked.approval_id
+        waiting = ApprovalRequired(
+            f"{cap.name}: waiting for a person's decision on approval request "
+            f"{pending} (`tether approvals show {pending}`)",
+            approval_id=pending,
+        )
+        del events[-1]  # the request this call would have made
+        return (
+            yield from refuse(
+                run, cap, events, now, number, "policy", waiting, OutcomeStatus.REFUSED
+            )
+        )
+    outcome = Outcome(
+        status=OutcomeStatus.REFUSED, step=number, capability=cap.name, error=parked
+    )
+    parked.outcome = outcome
+    return outcome
+
+
+def _preview(
+    run: RunPort, cap: Capability[Any, Any], args: BaseModel, number: int
+) -> Generator[GatewayEffect, Any, dict[str, Any] | None]:
+    """Return what the dry-run handler says the call would do (None without one)."""
+    dry = cap.dry_run_handler
+    if dry is None:
+        return None
+    done: Executed = yield Execute(
+        fn=dry.fn,
+        is_async=dry.is_async,
+        call_args=handler_args(dry, run, cap, args, number, None, dry_run=True),
+        timeout=cap.timeout,
+        clock=run.clock,
+        pool=run.pool,
+    )
+    if done.error is not None or done.timed_out:
+        failed = execution_error(cap, args, done)
+        return {"error": failed.code, "message": failed.message}
+    try:
+        _, out_json = validate_output(cap, done.value)
+    except InvalidOutput as exc:
+        return {"error": exc.code, "message": exc.message}
+    if cap.secret_output:
+        return {"output": "the dry run's output holds secrets; not shown"}
+    return {"output": out_json}
+
+
+def _approval_digest(
+    run: RunPort,
+    cap: Capability[Any, Any],
+    args: BaseModel,
+    args_bytes: bytes,
+    decision: Decision,
+    preview: bytes | None,
+) -> bytes:
+    """Bind a grant to the capability and version, args, policy version and preview."""
+    fingerprint = args_fingerprint(
+        run.store.record_key,
+        args_bytes,
+        record.secret_values(args) if cap.has_secrets else (),
+    )
+    digest = hashlib.sha256(b"tether-approval-v1")
+    for part in (
+        cap.name.encode(),
+        cap.version.encode(),
+        fingerprint,
+        decision.policy_version.encode(),
+        preview or b"",
+    ):
+        digest.update(len(part).to_bytes(4, "big"))
+        digest.update(part)
+    return digest.digest()
