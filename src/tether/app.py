@@ -20,6 +20,7 @@ from pydantic import BaseModel
 
 from tether import _canonical, gateway, record
 from tether import config as _config
+from tether.agent.planner import Planner
 from tether.capability import Capability, Registry
 from tether.clock import Clock, Ids, RandomIds, Rng, SystemClock, system_rng
 from tether.errors import (
@@ -89,6 +90,8 @@ class Tether:
         self.random: Rng = system_rng()
         """Where retry backoff draws its jitter (tests may seed it)."""
         self.capabilities = Registry()
+        self.planners: dict[str, Planner] = {}
+        """Planners by name (`register_planner`)."""
         self.policy = _policy_from(self.settings, version, has_file=self._config_file)
         self.guards = _guards_from(self.settings)
         """The limits, breakers and retry budget in force; None when `tether.yaml` has none."""
@@ -117,6 +120,62 @@ class Tether:
                     raise UsageError(problems[0])
             self.capabilities.add(cap)
         return capabilities[0]
+
+    def register_planner(self, name: str, planner: Planner) -> None:
+        """Name a planner, so `start` (and, later, a worker resuming runs) can use it.
+
+        Raises:
+            UsageError: `planner` has no `propose` method, or the name is taken.
+        """
+        if not isinstance(planner, Planner):
+            raise UsageError(
+                f"{planner!r} is not a planner; give it a "
+                "`propose(state: PlannerInput) -> Proposal` method"
+            )
+        if not name or name in self.planners:
+            raise UsageError(
+                f"planner name {name!r} is empty or taken; register each planner once"
+            )
+        self.planners[name] = planner
+
+    def start(
+        self,
+        request: str,
+        *,
+        planner: str,
+        principal: Principal,
+        context: Mapping[str, Any] | None = None,
+        budget: Decimal | int | None = None,
+        max_steps: int = 50,
+    ) -> Run:
+        """Run the agent loop with a registered planner until the run ends or parks.
+
+        A step that needs a person's approval parks the run in
+        `awaiting_approval` (its request waits in the store); a breaker in
+        `stash` mode parks it `degraded`. Read `run.status`.
+
+        Raises:
+            NotFound: no planner by that name.
+        """
+        found = self.planners.get(planner)
+        if found is None:
+            names = ", ".join(sorted(self.planners)) or "none registered"
+            raise NotFound(f"no planner {planner!r} ({names}); register it first")
+        # The agent loop stands beside the app (it drives a Run); imported here
+        # because tether.agent imports this module.
+        from tether.agent import run_agent
+
+        return run_agent(
+            self,
+            found,
+            principal=principal,
+            request=request,
+            context=context,
+            budget=budget,
+            max_steps=max_steps,
+            planner_name=planner,
+            park_on_approval=True,
+        )
 
     def add_policy(self, policy: Policy) -> None:
         """Add a Python policy; it takes part in the same precedence as rules.

@@ -49,6 +49,9 @@ __all__ = ["Run"]
 
 logger = logging.getLogger("tether.app")
 
+_PARKED = frozenset({RunState.DEGRADED, RunState.AWAITING_APPROVAL})
+"""States a run leaves its `with` block in, to be resumed (not ended)."""
+
 _DECISION_RACES = 20
 """How many times a write re-reads the record after people's decisions grew it."""
 
@@ -393,8 +396,8 @@ class Run:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self.status in FINAL_STATES or self.status is RunState.DEGRADED:
-            return  # a degraded run stays parked, to be resumed
+        if self.status in FINAL_STATES or self.status in _PARKED:
+            return  # a parked run stays parked, to be resumed
         try:
             self._apply(self._finish(exc))
         except StoreError:
@@ -413,8 +416,8 @@ class Run:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self.status in FINAL_STATES or self.status is RunState.DEGRADED:
-            return  # a degraded run stays parked, to be resumed
+        if self.status in FINAL_STATES or self.status in _PARKED:
+            return  # a parked run stays parked, to be resumed
         try:
             await anyio.to_thread.run_sync(self._apply, self._finish(exc))
         except StoreError:

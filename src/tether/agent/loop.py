@@ -48,6 +48,7 @@ def run_agent(
     budget: Decimal | int | None = None,
     max_steps: int = 50,
     planner_name: str = "scripted",
+    park_on_approval: bool = False,
 ) -> Run:
     """Drive one run with `planner` until it finishes or runs out of steps.
 
@@ -74,6 +75,9 @@ def run_agent(
             (the default) is no budget.
         max_steps: the most steps the run may take (default 50).
         planner_name: recorded in every `plan_proposed` event.
+        park_on_approval: when a step needs a person's approval, park the run
+            in `awaiting_approval` and return (the request waits durably)
+            instead of telling the planner and going on.
 
     Returns:
         The finished run; read `run.status` (`succeeded` or `failed`).
@@ -102,14 +106,27 @@ def run_agent(
     run = app.run(principal=principal, request=request, context=context, budget=budget)
     try:
         with run:
-            _drive(app, run, planner, max_steps=max_steps, planner_name=planner_name)
+            _drive(
+                app,
+                run,
+                planner,
+                max_steps=max_steps,
+                planner_name=planner_name,
+                park=park_on_approval,
+            )
     except (StepLimitReached, PlannerGaveUp):
         pass  # recorded as the run's failure; the caller reads `run.status`
     return run
 
 
 def _drive(
-    app: Tether, run: Run, planner: Planner, *, max_steps: int, planner_name: str
+    app: Tether,
+    run: Run,
+    planner: Planner,
+    *,
+    max_steps: int,
+    planner_name: str,
+    park: bool = False,
 ) -> None:
     tools = tuple(app.capabilities.tool_schemas())
     observations: list[Observation] = []
@@ -171,6 +188,9 @@ def _drive(
                 observations.append(seen)
                 if run.status is RunState.DEGRADED:
                     return  # parked with the rest of its plan, to resume later
+                if park and seen.error_code == "approval_required":
+                    run.transition(RunState.AWAITING_APPROVAL)
+                    return  # parked: the approval request waits for a person
                 if not seen.ok:
                     break  # the rest of the plan counted on this step's output
         if proposal.finish:
