@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import sys
+import threading
+import types
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -9,6 +13,7 @@ import pytest
 from pydantic import BaseModel
 
 import tether
+import tether.cli
 from tether.run import RunState
 from tether.testing import FakeClock
 
@@ -115,3 +120,146 @@ def test_planners_are_registered_once_and_by_name(app: tether.Tether) -> None:
         app.register_planner("odd", object())  # type: ignore[arg-type]
     with pytest.raises(tether.NotFound, match="refunds"):
         app.start("x", planner="nope", principal=BOT)
+
+
+def test_a_parked_run_resumes_after_approval_and_the_approved_step_runs_once(
+    app: tether.Tether,
+) -> None:
+    """Approve, resume: steps already taken are not taken again; the parked one runs under its grant."""
+    run = app.start("refund two", planner="refunds", principal=BOT)
+    (request,) = app.approvals(status="pending")
+    app.approve(request.id, by="alice")
+
+    resumed = app.resume(run.id)
+
+    assert resumed.id == run.id
+    assert resumed.status is RunState.SUCCEEDED
+    assert done == [50, 500]  # the small refund once, the approved one once
+    assert app.approval(request.id).status == "used"
+    kinds = [e.data()["kind"] for e in app.store.events(run.id)]
+    at = kinds.index("approval_decided")
+    assert kinds[at:].count("approval_used") == 1
+    assert kinds[-1] == "run_finished"
+    assert app.store.get_run(run.id).epoch == 2
+    assert app.verify(run.id).ok
+
+
+def test_a_run_still_waiting_parks_again_on_resume(app: tether.Tether) -> None:
+    """Resumed before anyone decided, the run asks again, coalesces, and parks again."""
+    run = app.start("refund two", planner="refunds", principal=BOT)
+
+    again = app.resume(run.id)
+
+    assert again.status is RunState.AWAITING_APPROVAL
+    assert len(app.approvals(status="pending")) == 1
+    assert done == [50]
+    assert app.verify(run.id).ok
+
+
+def test_a_denied_step_is_the_planners_to_handle(app: tether.Tether) -> None:
+    """After a denial the planner sees the refusal; the scripted one then finishes."""
+    run = app.start("refund two", planner="refunds", principal=BOT)
+    (request,) = app.approvals(status="pending")
+    app.deny(request.id, by="alice", reason="duplicate order")
+
+    resumed = app.resume(run.id)
+
+    assert resumed.status is RunState.SUCCEEDED
+    assert done == [50]
+
+
+def test_only_a_parked_run_can_be_resumed(app: tether.Tether) -> None:
+    """A finished run, or one still held, is refused with why; the old holder can no longer write."""
+    app.register_planner(
+        "small", tether.ScriptedPlanner([("pay.refund", {"cents": 10})])
+    )
+    finished = app.start("refund 10", planner="small", principal=BOT)
+    with pytest.raises(tether.UsageError, match="not parked"):
+        app.resume(finished.id)
+
+
+def test_the_old_holder_of_a_resumed_run_cannot_write(app: tether.Tether) -> None:
+    """Resume bumps the lease epoch: the handle that parked the run is a zombie now."""
+    run = app.start("refund two", planner="refunds", principal=BOT)
+    (request,) = app.approvals(status="pending")
+    app.approve(request.id, by="alice")
+    app.resume(run.id)
+
+    with pytest.raises(tether.errors.LeaseLost, match="epoch"):
+        run.transition(RunState.EXECUTING)
+
+
+def test_tether_runs_resume_continues_a_parked_run(
+    app: tether.Tether,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`tether runs resume RUN --app MODULE:ATTR` resumes with the app's planner; exit 0 once it succeeded."""
+    run = app.start("refund two", planner="refunds", principal=BOT)
+    (request,) = app.approvals(status="pending")
+    module = types.ModuleType("resume_target")
+    module.app = app  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "resume_target", module)
+
+    waiting = tether.cli.main(["runs", "resume", run.id, "--app", "resume_target:app"])
+    parked = capsys.readouterr().out
+    app.approve(request.id, by="alice")
+    finished = tether.cli.main(
+        ["runs", "resume", run.id, "--app", "resume_target:app", "--json"]
+    )
+    document = json.loads(capsys.readouterr().out)
+
+    assert (waiting, "awaiting_approval" in parked) == (1, True)
+    assert finished == 0
+    assert document == {"format": 1, "run_id": run.id, "status": "succeeded"}
+    assert done == [50, 500]
+
+
+def test_two_resumers_never_run_one_run_twice(tmp_path: Path) -> None:
+    """Two apps on one file resume the same approved run at once, 20 times: one runs it, the grant runs once."""
+    config = tmp_path / "tether.yaml"
+    config.write_text(
+        "rules:\n"
+        "  - {id: big, match: {capability: pay.refund}, when: 'args.cents > 100',\n"
+        "     decision: require_approval, reason: big, approvers: [finance]}\n"
+        "approvers: {alice: [finance]}\n"
+    )
+    db = f"sqlite:///{tmp_path / 't.db'}?synchronous=normal"
+    apps = [tether.Tether(db=db, config=config, env={}) for _ in range(2)]
+    script = tether.ScriptedPlanner([("pay.refund", {"cents": 500})])
+    for a in apps:
+        a.register(refund)
+        a.register_planner("one", script)
+    try:
+        for _ in range(20):
+            done.clear()
+            run = apps[0].start("refund", planner="one", principal=BOT)
+            (request,) = apps[0].approvals(status="pending")
+            apps[0].approve(request.id, by="alice")
+            barrier = threading.Barrier(2)
+            results: list[str] = []
+
+            def resume(
+                a: tether.Tether,
+                run_id: str = run.id,
+                barrier: threading.Barrier = barrier,
+                results: list[str] = results,
+            ) -> None:
+                barrier.wait()
+                try:
+                    results.append(a.resume(run_id).status.value)
+                except tether.TetherError as exc:
+                    results.append(exc.code)
+
+            threads = [threading.Thread(target=resume, args=(a,)) for a in apps]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(timeout=30)
+
+            assert done == [500], results
+            assert "succeeded" in results, results
+            assert apps[0].verify(run.id).ok
+    finally:
+        for a in apps:
+            a.close()

@@ -34,6 +34,7 @@ from tether.limits import LimitSet
 from tether.policy import Policy, PolicySet, RuleSet
 from tether.principal import Principal
 from tether.resilience import BreakerSet
+from tether.run import RunState
 from tether.store import ApprovalRow, ApprovalStatus, Store, open_store
 
 __all__ = ["Run", "Tether"]
@@ -176,6 +177,59 @@ class Tether:
             planner_name=planner,
             park_on_approval=True,
         )
+
+    def resume(self, run_id: str) -> Run:
+        """Continue a run parked in `awaiting_approval`, in this process, until it ends or parks again.
+
+        The run is taken over first (its lease epoch goes up, so a process
+        still holding it can no longer write), then its planner, by the name
+        its record gives, continues from the record: steps taken are not
+        taken again, and the step it parked on runs under its grant once a
+        person approved it (a denial is the planner's to handle).
+
+        Raises:
+            NotFound: no such run, or its planner is not registered here.
+            UsageError: the run is not parked (it ended, or is running).
+        """
+        row = self.store.get_run(run_id)
+        events = self.store.events(row.run_id)
+        names = [
+            e.data().get("planner")
+            for e in events
+            if e.data()["kind"] == "plan_proposed"
+        ]
+        name = names[-1] if names else None
+        planner = None if name is None else self.planners.get(str(name))
+        if planner is None:
+            raise NotFound(
+                f"run {row.run_id} was driven by planner {name!r}, which is not "
+                "registered here; register it (app.register_planner) and resume again"
+            )
+        row = self.store.take_over(
+            row.run_id, parked=(RunState.AWAITING_APPROVAL.value,)
+        )
+        from tether.agent.loop import resume_agent  # see start()
+
+        run = Run.resumed(self, row, self.store.events(row.run_id))
+        return resume_agent(self, run, planner, planner_name=str(name))
+
+    def ready_runs(self, *, limit: int = 100) -> list[str]:
+        """Return the parked runs a person has answered: ready to resume, oldest first.
+
+        A run parked in `awaiting_approval` is ready once none of its requests
+        is still pending (each was approved, denied or has expired).
+        """
+        now = self.clock.now()
+        ready = []
+        for row in self.store.list_runs(
+            status=RunState.AWAITING_APPROVAL.value, limit=limit
+        ):
+            asked = self.store.list_approvals(run_id=row.run_id, now=now, limit=1000)
+            if asked and not any(
+                _as_of(a, now).status is ApprovalStatus.PENDING for a in asked
+            ):
+                ready.append(row.run_id)
+        return ready[::-1]
 
     def add_policy(self, policy: Policy) -> None:
         """Add a Python policy; it takes part in the same precedence as rules.

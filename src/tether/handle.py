@@ -20,6 +20,7 @@ import anyio.to_thread
 from pydantic import BaseModel
 
 from tether import _chain, gateway, plan, record
+from tether._chain import StoredEvent
 from tether.capability import Capability
 from tether.errors import (
     BreakerOpen,
@@ -33,7 +34,7 @@ from tether.policy import PolicySet
 from tether.principal import Principal
 from tether.record import Outcome
 from tether.run import FINAL_STATES, RunState, check_transition
-from tether.store import ApprovalRow, Batch, Claim, Committed, KeyUpdate, NewRun
+from tether.store import ApprovalRow, Batch, Claim, Committed, KeyUpdate, NewRun, RunRow
 from tether.store._limits import (
     BreakerAdmit,
     BreakerOutcome,
@@ -105,6 +106,44 @@ class Run:
         self._head_hash = record.genesis(self.id)
         self._pending: list[Batch] = []
         self._lock = threading.RLock()
+        self._resumed = False
+        """Made by `resumed`: entering its `with` block creates nothing."""
+
+    @classmethod
+    def resumed(cls, app: Tether, row: RunRow, events: Sequence[StoredEvent]) -> Run:
+        """Rebuild a parked run's handle from its row and record, under the row's epoch.
+
+        The caller took the run over first (`Store.take_over`): this handle's
+        writes carry the new epoch, and an older writer's are refused.
+        """
+        started = events[0].data()
+        who = started["principal"]
+        run = cls(
+            app,
+            principal=Principal(
+                who["id"],
+                roles=who.get("roles", ()),
+                scopes=who.get("scopes", ()),
+                tenant=who.get("tenant", "default"),
+                on_behalf_of=who.get("on_behalf_of"),
+            ),
+            request=row.request,
+            context=dict(started.get("context") or {}),
+        )
+        run.id = run.run_id = row.run_id
+        run.status = RunState(row.status)
+        run._epoch = row.epoch
+        run._head_seq, run._head_hash = row.head_seq, row.head_hash
+        last = 0
+        for ev in events:
+            data = ev.data()
+            last = max(last, data.get("step") or 0)
+            if data["kind"] == "executed" and not data.get("dry_run"):
+                run.cost += Decimal(data.get("cost") or 0)
+        run.steps = last
+        run._numbers = itertools.count(last + 1)
+        run._resumed = True
+        return run
 
     def __repr__(self) -> str:
         return f"<Run {self.id} {self.status.value}>"
@@ -387,7 +426,8 @@ class Run:
         return admission
 
     def __enter__(self) -> Run:
-        self._apply(self._start())
+        if not self._resumed:
+            self._apply(self._start())
         return self
 
     def __exit__(
@@ -407,7 +447,8 @@ class Run:
             # The body's error is the one the caller needs; the store's is secondary.
 
     async def __aenter__(self) -> Run:
-        await anyio.to_thread.run_sync(self._apply, self._start())
+        if not self._resumed:
+            await anyio.to_thread.run_sync(self._apply, self._start())
         return self
 
     async def __aexit__(

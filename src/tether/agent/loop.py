@@ -14,6 +14,7 @@ from decimal import Decimal
 from typing import Any
 
 from tether import _canonical, record
+from tether._chain import StoredEvent
 from tether.agent.planner import (
     Observation,
     Planner,
@@ -35,7 +36,13 @@ from tether.principal import Principal
 from tether.record import OutcomeStatus
 from tether.run import RunState
 
-__all__ = ["PlannerGaveUp", "StepLimitReached", "run_agent"]
+__all__ = [
+    "PlannerGaveUp",
+    "StepLimitReached",
+    "observations_from",
+    "resume_agent",
+    "run_agent",
+]
 
 
 def run_agent(
@@ -127,9 +134,10 @@ def _drive(
     max_steps: int,
     planner_name: str,
     park: bool = False,
+    observations: list[Observation] | None = None,
 ) -> None:
     tools = tuple(app.capabilities.tool_schemas())
-    observations: list[Observation] = []
+    observations = [] if observations is None else observations
     while True:
         if run.status is not RunState.PLANNING:  # still planning after a refused plan
             run.transition(RunState.PLANNING)
@@ -197,6 +205,100 @@ def _drive(
             if proposal.gave_up:
                 raise PlannerGaveUp(proposal.answer or "the planner gave up")
             return
+
+
+def resume_agent(
+    app: Tether, run: Run, planner: Planner, *, planner_name: str, max_steps: int = 50
+) -> Run:
+    """Continue a parked planner-driven run from its record.
+
+    The planner sees every past step's outcome, read back from the record
+    (no step is taken again), except the step the run parked on: it is the
+    planner's to propose again, and the same call now runs under its grant.
+    A run parked because a person denied, or whose request expired, tells
+    the planner so instead.
+    """
+    seen = observations_from(app.store.events(run.id))
+    try:
+        with run:
+            run.transition(RunState.EXECUTING)
+            _drive(
+                app,
+                run,
+                planner,
+                max_steps=max_steps,
+                planner_name=planner_name,
+                park=True,
+                observations=seen,
+            )
+    except (StepLimitReached, PlannerGaveUp):
+        pass  # recorded as the run's failure; the caller reads `run.status`
+    return run
+
+
+_STAGE_STATUS = {
+    "validate": OutcomeStatus.INVALID,
+    "execute": OutcomeStatus.FAILED,
+    "output": OutcomeStatus.FAILED,
+}
+
+
+def observations_from(events: Sequence[StoredEvent]) -> list[Observation]:
+    """Rebuild what a planner saw of each past step from a run's record.
+
+    A step the run parked on (awaiting a person) is left out: the planner did
+    not see its outcome, and proposes it again when the run resumes.
+    """
+    found: list[Observation] = []
+    pending: dict[str, Any] = {}
+    for ev in events:
+        data = ev.data()
+        kind = data["kind"]
+        if kind == "run_status" and data["status"] == RunState.AWAITING_APPROVAL:
+            if found and found[-1].error_code == "approval_required":
+                found.pop()
+        elif kind == "validated":
+            pending = {"capability": data["capability"], "args": data["args"]}
+        elif kind == "plan_admitted" and data["status"] == "refused":
+            first: dict[str, Any] = next(
+                (s for s in data["steps"] if s.get("error_code")), {}
+            )
+            found.append(
+                Observation(
+                    step=0,
+                    capability=str(first.get("capability", "")),
+                    args={},
+                    status=OutcomeStatus.REFUSED,
+                    error_code=first.get("error_code"),
+                    error_message=first.get("error_message"),
+                )
+            )
+        elif kind in ("executed", "idempotent_hit", "failed", "in_doubt"):
+            step = int(data.get("step") or 0)
+            if kind == "failed" and data["stage"] == "validate":
+                pending = {"capability": "", "args": {}}
+            status = {
+                "executed": OutcomeStatus.DRY_RUN
+                if data.get("dry_run")
+                else OutcomeStatus.EXECUTED,
+                "idempotent_hit": OutcomeStatus.IDEMPOTENT_HIT,
+                "in_doubt": OutcomeStatus.IN_DOUBT,
+            }.get(kind) or _STAGE_STATUS.get(
+                data.get("stage", ""), OutcomeStatus.REFUSED
+            )
+            found.append(
+                Observation(
+                    step=step,
+                    capability=str(pending.get("capability", "")),
+                    args=pending.get("args") or {},
+                    status=status,
+                    output=data.get("output"),
+                    error_code=data.get("error_code")
+                    or ("in_doubt" if kind == "in_doubt" else None),
+                    error_message=data.get("message"),
+                )
+            )
+    return found
 
 
 def _take(run: Run, proposed: ProposedStep) -> Observation:

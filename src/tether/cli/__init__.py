@@ -23,6 +23,7 @@ from tether.cli import (  # noqa: F401  # their commands register on import
     _policy,
     _runs,
     _status,
+    _worker,
 )
 from tether.cli._common import (
     JSON_FORMAT,

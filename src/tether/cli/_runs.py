@@ -27,6 +27,7 @@ from tether.cli._common import (
     _emit_json,
     _field,
     _Json,
+    _load_app,
     _ms,
     _open,
     _RunArg,
@@ -491,6 +492,42 @@ def _runs_show(
         console.print(_steps_table(doc["steps"], console.width))
     console.print()
     console.print(_events_table(doc["events"]))
+
+
+_ResumeApp = Annotated[
+    str,
+    typer.Option(
+        "--app",
+        metavar="MODULE:ATTR",
+        help="Your tether.Tether instance with the run's capabilities and its "
+        "planner registered (app.register_planner), as uvicorn names an app.",
+        show_default=False,
+    ),
+]
+
+
+@_runs_cli.command("resume")
+def _runs_resume(run_id: _RunArg, app: _ResumeApp, as_json: _Json = False) -> None:
+    """Continue a run parked in awaiting_approval, here, until it ends or parks again.
+
+    The run is taken over (a process still holding it can no longer write),
+    then its planner continues from the record: steps taken are not taken
+    again, and the parked step runs under its grant once a person approved
+    it. Exit 0 when the run succeeded, 1 when it parked again or failed.
+
+    Example: tether runs resume run_01... --app myagent:app
+    """
+    tether_app = _load_app(app)
+    run = tether_app.resume(run_id)
+    status = run.status.value
+    if as_json:
+        _emit_json({"format": JSON_FORMAT, "run_id": run.id, "status": status})
+    else:
+        _console().print(
+            Text.assemble("run ", run.id, " ", _styled(status), f" · {run.steps} steps")
+        )
+    if status != "succeeded":
+        raise typer.Exit(1)
 
 
 @_runs_cli.command("export")

@@ -331,6 +331,18 @@ class Store(abc.ABC):
         """Return one breaker's stored row (a closed one when it has none)."""
 
     @abc.abstractmethod
+    def take_over(self, run_id: str, *, parked: Sequence[str]) -> RunRow:
+        """Hold a parked run for a new writer: bump its lease epoch, atomically.
+
+        The run must be in one of the `parked` states; every writer holding
+        an older epoch is refused from then on (`LeaseLost`).
+
+        Raises:
+            NotFound: no such run.
+            UsageError: the run is not parked (it ended, or another process runs it).
+        """
+
+    @abc.abstractmethod
     def latest_approval(
         self, tenant: str, principal_id: str, digest: bytes
     ) -> ApprovalRow | None:
@@ -351,11 +363,13 @@ class Store(abc.ABC):
         status: ApprovalStatus | None = None,
         limit: int = 50,
         now: datetime | None = None,
+        run_id: str | None = None,
     ) -> list[ApprovalRow]:
         """Return approval requests, newest first.
 
         With `now`, a pending request past its expiry counts as expired: the
         `pending` filter leaves it out and the `expired` filter takes it in.
+        `run_id` keeps one run's requests.
         """
 
     @abc.abstractmethod

@@ -8,14 +8,21 @@ from __future__ import annotations
 
 import copy
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING
 
 from tether import _canonical, _chain
-from tether.errors import ApprovalClosed, HeadMoved, LeaseLost, NotFound, StoreError
+from tether.errors import (
+    ApprovalClosed,
+    HeadMoved,
+    LeaseLost,
+    NotFound,
+    StoreError,
+    UsageError,
+)
 from tether.store._base import (
     ApprovalRow,
     ApprovalStatus,
@@ -181,6 +188,20 @@ class MemoryStore(Store):
                 completed_at=u.now,
             )
 
+    def take_over(self, run_id: str, *, parked: Sequence[str]) -> RunRow:
+        """Bump a parked run's lease epoch (see `Store.take_over`)."""
+        with self._lock:
+            run = self._runs.get(run_id)
+            if run is None:
+                raise NotFound(f"no run {run_id!r} in memory")
+            if run.row.status not in parked:
+                raise UsageError(
+                    f"run {run_id} is {run.row.status}, not parked in "
+                    f"{' or '.join(parked)}: only a parked run can be resumed"
+                )
+            run.row = replace(run.row, epoch=run.row.epoch + 1)
+        return self.get_run(run_id)
+
     # -- approvals ----------------------------------------------------------------
 
     def latest_approval(
@@ -217,6 +238,7 @@ class MemoryStore(Store):
         status: ApprovalStatus | None = None,
         limit: int = 50,
         now: datetime | None = None,
+        run_id: str | None = None,
     ) -> list[ApprovalRow]:
         """Return approval requests, newest first (see `Store.list_approvals`)."""
 
@@ -227,7 +249,11 @@ class MemoryStore(Store):
             return a.status
 
         with self._lock:
-            rows = [a for a in self._approvals.values() if status in (None, shown(a))]
+            rows = [
+                a
+                for a in self._approvals.values()
+                if status in (None, shown(a)) and run_id in (None, a.run_id)
+            ]
         rows.sort(key=lambda a: (a.created_at, a.id), reverse=True)
         return rows[:limit]
 

@@ -21,7 +21,14 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from tether import _canonical, _chain
-from tether.errors import ApprovalClosed, HeadMoved, LeaseLost, NotFound, StoreError
+from tether.errors import (
+    ApprovalClosed,
+    HeadMoved,
+    LeaseLost,
+    NotFound,
+    StoreError,
+    UsageError,
+)
 from tether.store import _limits
 from tether.store._base import (
     ApprovalRow,
@@ -483,6 +490,28 @@ class SQLiteStore(Store):
 
         return self._read(query)
 
+    def take_over(self, run_id: str, *, parked: Sequence[str]) -> RunRow:
+        """Bump a parked run's lease epoch (see `Store.take_over`)."""
+        row = self.get_run(run_id)
+        marks = ",".join("?" * len(parked))
+        try:
+            with self._write() as con:
+                cur = con.execute(
+                    f"UPDATE runs SET epoch=epoch+1 WHERE run_id=? AND epoch=? "  # noqa: S608  # placeholders only
+                    f"AND status IN ({marks})",
+                    (row.run_id, row.epoch, *parked),
+                )
+                taken = cur.rowcount == 1
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot take over run {run_id}: {exc}") from exc
+        if not taken:
+            now = self.get_run(row.run_id)
+            raise UsageError(
+                f"run {row.run_id} is {now.status} (epoch {now.epoch}), not parked in "
+                f"{' or '.join(parked)}: only a parked run can be resumed"
+            )
+        return self.get_run(row.run_id)
+
     # -- approvals ----------------------------------------------------------------
 
     def latest_approval(
@@ -516,6 +545,7 @@ class SQLiteStore(Store):
         status: ApprovalStatus | None = None,
         limit: int = 50,
         now: datetime | None = None,
+        run_id: str | None = None,
     ) -> list[ApprovalRow]:
         """Return approval requests, newest first (see `Store.list_approvals`)."""
         sql = f"SELECT {_APPROVAL_COLUMNS} FROM approvals"  # noqa: S608  # constant column list
@@ -525,11 +555,14 @@ class SQLiteStore(Store):
             sql += " WHERE status='pending' AND expires_at > ?"
             params = (at,)
         elif status is ApprovalStatus.EXPIRED and at is not None:
-            sql += " WHERE status='expired' OR (status='pending' AND expires_at <= ?)"
+            sql += " WHERE (status='expired' OR (status='pending' AND expires_at <= ?))"
             params = (at,)
         elif status is not None:
             sql += " WHERE status=?"
             params = (status.value,)
+        if run_id is not None:
+            sql += (" AND" if params else " WHERE") + " run_id=?"
+            params = (*params, run_id)
         sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
         rows = self._read(lambda con: con.execute(sql, (*params, limit)).fetchall())
         return [_approval_row(r) for r in rows]

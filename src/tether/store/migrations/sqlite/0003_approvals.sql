@@ -24,3 +24,4 @@ CREATE TABLE approvals (
 ) STRICT;
 CREATE INDEX approvals_by_digest ON approvals (tenant, principal_id, digest, created_at);
 CREATE INDEX approvals_by_status ON approvals (status, created_at);
+CREATE INDEX approvals_by_run ON approvals (run_id, created_at);

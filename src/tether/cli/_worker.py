@@ -1,0 +1,69 @@
+"""`tether worker`: resume parked runs once a person has answered them."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.text import Text
+
+from tether.cli._common import _console, _load_app, _styled, cli
+from tether.errors import LeaseLost, UsageError
+
+__all__: list[str] = []  # the command registers on `cli` on import
+
+_WorkerApp = Annotated[
+    str,
+    typer.Option(
+        "--app",
+        metavar="MODULE:ATTR",
+        help="Your tether.Tether instance with the runs' capabilities and planners "
+        "registered (app.register_planner), as uvicorn names an app.",
+        show_default=False,
+    ),
+]
+
+
+@cli.command("worker")
+def _worker(
+    app: _WorkerApp,
+    until_idle: Annotated[
+        bool,
+        typer.Option(
+            "--until-idle", help="Exit once no parked run is ready, instead of waiting."
+        ),
+    ] = False,
+    interval: Annotated[
+        float,
+        typer.Option(
+            "--interval", min=0.05, help="Seconds between looks for ready runs."
+        ),
+    ] = 1.0,
+) -> None:
+    """Resume parked runs as people answer them, one at a time, until stopped.
+
+    A run parked in awaiting_approval is ready once none of its approval
+    requests is still pending. Each is taken over (its lease epoch goes up, so
+    two workers never run it together) and continued by its planner from its
+    record, as `tether runs resume` does. Stop with Ctrl-C.
+
+    Example: tether worker --app myagent:app --until-idle
+    """
+    tether_app = _load_app(app)
+    console = _console()
+    clock = tether_app.clock
+    while True:
+        ready = tether_app.ready_runs()
+        for run_id in ready:
+            try:
+                run = tether_app.resume(run_id)
+            except (UsageError, LeaseLost) as exc:  # another worker took it first
+                console.print(Text(f"skipped {run_id}: {exc.message}", style="dim"))
+                continue
+            console.print(
+                Text.assemble("resumed ", run.id, " ", _styled(run.status.value))
+            )
+        if not ready:
+            if until_idle:
+                return
+            clock.sleep(interval)

@@ -1,0 +1,118 @@
+"""Approval lifecycle across processes: the agent parks and exits, a person approves, a worker resumes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import tether
+
+CLI = os.environ.get("TETHER_CLI") or str(Path(sys.executable).parent / "tether")
+
+AGENT = textwrap.dedent(
+    """
+    import os
+    from pathlib import Path
+    from pydantic import BaseModel
+    import tether
+
+    HERE = Path(os.environ["AGENT_HOME"])
+
+    class RefundIn(BaseModel):
+        cents: int
+
+    class RefundOut(BaseModel):
+        refunded: int
+
+    def preview(args: RefundIn) -> RefundOut:
+        return RefundOut(refunded=args.cents)
+
+    @tether.capability("pay.refund", effect="write", idempotency="keyed", dry_run=preview)
+    def refund(args: RefundIn) -> RefundOut:
+        with open(HERE / "effects", "a") as f:  # the upstream's own count
+            f.write(f"{args.cents}\\n")
+        return RefundOut(refunded=args.cents)
+
+    app = tether.Tether(
+        db=f"sqlite:///{HERE / 'agent.db'}", config=HERE / "tether.yaml"
+    )
+    app.register(refund)
+    app.register_planner(
+        "refunds",
+        tether.ScriptedPlanner([("pay.refund", {"cents": 50}), ("pay.refund", {"cents": 500})]),
+    )
+    """
+)
+
+CONFIG = """
+rules:
+  - {id: big, match: {capability: pay.refund}, when: "args.cents > 100",
+     decision: require_approval, reason: big refunds need finance, approvers: [finance]}
+approvers: {alice: [finance]}
+"""
+
+
+def _run(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {
+        **os.environ,
+        "AGENT_HOME": str(home),
+        "PYTHONPATH": str(home),
+        "TETHER_DB": f"sqlite:///{home / 'agent.db'}",
+        "TETHER_CONFIG": str(home / "tether.yaml"),
+    }
+    return subprocess.run(  # our own CLI and interpreter
+        args, cwd=home, env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def test_park_exit_approve_elsewhere_and_a_worker_finishes(tmp_path: Path) -> None:
+    """Three processes: the agent parks and exits; the CLI approves; `tether worker` resumes it once."""
+    (tmp_path / "agentapp.py").write_text(AGENT)
+    (tmp_path / "tether.yaml").write_text(CONFIG)
+
+    started = _run(
+        tmp_path,
+        sys.executable,
+        "-c",
+        "import agentapp; r = agentapp.app.start('refund two', planner='refunds', "
+        "principal=__import__('tether').Principal('bot', on_behalf_of='carol')); "
+        "print(r.id, r.status.value)",
+    )
+    assert started.returncode == 0, started.stderr
+    run_id, status = started.stdout.split()
+    listed = _run(tmp_path, CLI, "approvals", "list", "--status", "pending", "--json")
+    assert listed.returncode == 0, listed.stderr
+    (request,) = json.loads(listed.stdout)["approvals"]
+    idle = _run(tmp_path, CLI, "worker", "--app", "agentapp:app", "--until-idle")
+    approved = _run(
+        tmp_path, CLI, "approvals", "approve", request["id"], "--as", "alice"
+    )
+    worked = _run(tmp_path, CLI, "worker", "--app", "agentapp:app", "--until-idle")
+
+    assert status == "awaiting_approval"
+    assert (idle.returncode, "resumed" in idle.stdout) == (
+        0,
+        False,
+    )  # nothing ready yet
+    assert approved.returncode == 0, approved.stderr
+    assert worked.returncode == 0, worked.stderr
+    assert f"resumed {run_id} succeeded" in " ".join(worked.stdout.split())
+    assert (tmp_path / "effects").read_text().split() == ["50", "500"]
+    with tether.Tether(
+        db=f"sqlite:///{tmp_path / 'agent.db'}", config=tmp_path / "tether.yaml"
+    ) as app:
+        kinds = [e.data()["kind"] for e in app.store.events(run_id)]
+        assert app.verify(run_id).ok
+        assert app.store.get_run(run_id).status == "succeeded"
+    order = [
+        kinds.index("approval_requested"),
+        kinds.index("approval_decided"),
+        kinds.index("approval_used"),
+        len(kinds) - 1 - kinds[::-1].index("executed"),
+    ]
+    assert order == sorted(order)
+    assert kinds.count("approval_used") == 1
