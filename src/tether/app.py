@@ -179,7 +179,7 @@ class Tether:
         )
 
     def resume(self, run_id: str) -> Run:
-        """Continue a run parked in `awaiting_approval`, in this process, until it ends or parks again.
+        """Continue a parked run (or one whose process died), here, until it ends or parks again.
 
         The run is taken over first (its lease epoch goes up, so a process
         still holding it can no longer write), then its planner, by the name
@@ -206,7 +206,10 @@ class Tether:
                 "registered here; register it (app.register_planner) and resume again"
             )
         row = self.store.take_over(
-            row.run_id, parked=(RunState.AWAITING_APPROVAL.value,)
+            row.run_id,
+            parked=_PARKED_STATES,
+            orphaned=_ORPHANABLE_STATES,
+            now=self.clock.now(),
         )
         from tether.agent.loop import resume_agent  # see start()
 
@@ -217,7 +220,9 @@ class Tether:
         """Return the parked runs a person has answered: ready to resume, oldest first.
 
         A run parked in `awaiting_approval` is ready once none of its requests
-        is still pending (each was approved, denied or has expired).
+        is still pending (each was approved, denied or has expired); a run left
+        `executing` or `planning` is ready once its writer's lease ran out (the
+        process died: every write renews the lease for `idempotency.claim_ttl`).
         """
         now = self.clock.now()
         ready = []
@@ -229,6 +234,12 @@ class Tether:
                 _as_of(a, now).status is ApprovalStatus.PENDING for a in asked
             ):
                 ready.append(row.run_id)
+        for status in _ORPHANABLE_STATES:  # their writer died: its lease ran out
+            ready.extend(
+                row.run_id
+                for row in self.store.list_runs(status=status, limit=limit)
+                if row.lease_until is None or row.lease_until <= now
+            )
         return ready[::-1]
 
     def add_policy(self, policy: Policy) -> None:
@@ -567,6 +578,10 @@ def _policy_from(
     if has_file is None:
         return PolicySet(rules=rules, version=version)  # no policy file: allow all
     return PolicySet(rules=rules, defaults=settings.defaults, version=version)
+
+
+_PARKED_STATES = (RunState.AWAITING_APPROVAL.value,)
+_ORPHANABLE_STATES = (RunState.EXECUTING.value, RunState.PLANNING.value)
 
 
 def _as_of(row: ApprovalRow, now: datetime) -> ApprovalRow:

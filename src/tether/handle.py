@@ -53,6 +53,8 @@ logger = logging.getLogger("tether.app")
 _PARKED = frozenset({RunState.DEGRADED, RunState.AWAITING_APPROVAL})
 """States a run leaves its `with` block in, to be resumed (not ended)."""
 
+_STEP_ENDS = frozenset({"executed", "failed", "in_doubt", "idempotent_hit"})
+
 _DECISION_RACES = 20
 """How many times a write re-reads the record after people's decisions grew it."""
 
@@ -135,13 +137,22 @@ class Run:
         run._epoch = row.epoch
         run._head_seq, run._head_hash = row.head_seq, row.head_hash
         last = 0
+        open_step = None  # a step whose intent is recorded and whose result is not
         for ev in events:
             data = ev.data()
-            last = max(last, data.get("step") or 0)
-            if data["kind"] == "executed" and not data.get("dry_run"):
+            step = data.get("step") or 0
+            last = max(last, step)
+            kind = data["kind"]
+            if kind == "intent":
+                open_step = step
+            elif kind in _STEP_ENDS and step == open_step:
+                open_step = None
+            if kind == "executed" and not data.get("dry_run"):
                 run.cost += Decimal(data.get("cost") or 0)
-        run.steps = last
-        run._numbers = itertools.count(last + 1)
+        # A step cut off mid-call keeps its number, so it is retried under the
+        # same derived key (`run_id/step`) and the upstream's dedup holds.
+        run.steps = last if open_step is None else open_step - 1
+        run._numbers = itertools.count(run.steps + 1)
         run._resumed = True
         return run
 
@@ -252,6 +263,9 @@ class Run:
         batch.epoch = self._epoch
         batch.base_seq = self._head_seq
         batch.base_hash = self._head_hash
+        # Every write renews the run's lease; a step's handler runs no longer
+        # than the key claim TTL, so a live writer never loses it mid-step.
+        batch.lease_until = batch.at + self.claim_ttl
         for tries in range(_DECISION_RACES, -1, -1):
             try:
                 committed = self.store.commit(batch)

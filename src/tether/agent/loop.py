@@ -210,7 +210,7 @@ def _drive(
 def resume_agent(
     app: Tether, run: Run, planner: Planner, *, planner_name: str, max_steps: int = 50
 ) -> Run:
-    """Continue a parked planner-driven run from its record.
+    """Continue a parked (or orphaned) planner-driven run from its record.
 
     The planner sees every past step's outcome, read back from the record
     (no step is taken again), except the step the run parked on: it is the
@@ -221,7 +221,8 @@ def resume_agent(
     seen = observations_from(app.store.events(run.id))
     try:
         with run:
-            run.transition(RunState.EXECUTING)
+            if run.status is RunState.AWAITING_APPROVAL:
+                run.transition(RunState.EXECUTING)  # answered: the step goes ahead
             _drive(
                 app,
                 run,

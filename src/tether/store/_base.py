@@ -214,6 +214,8 @@ class Batch:
     """Spend a retry; when no budget is left, nothing is written."""
     step: int = 0
     """The step the limit and breaker commands belong to."""
+    lease_until: datetime | None = None
+    """Renew the run's lease until then (set by the run's writer on every write)."""
     approval: ApprovalRow | None = None
     """A new approval request to store with the batch; if a live pending one for
     the same call exists, nothing is written (`Committed.blocked` names it), and
@@ -297,6 +299,8 @@ class RunRow:
     head_hash: bytes
     head_sig: bytes | None
     error_code: str | None
+    lease_until: datetime | None = None
+    """Until when the run's writer holds it; renewed by every write."""
 
 
 class Store(abc.ABC):
@@ -331,11 +335,19 @@ class Store(abc.ABC):
         """Return one breaker's stored row (a closed one when it has none)."""
 
     @abc.abstractmethod
-    def take_over(self, run_id: str, *, parked: Sequence[str]) -> RunRow:
-        """Hold a parked run for a new writer: bump its lease epoch, atomically.
+    def take_over(
+        self,
+        run_id: str,
+        *,
+        parked: Sequence[str],
+        orphaned: Sequence[str] = (),
+        now: datetime | None = None,
+    ) -> RunRow:
+        """Hold a run for a new writer: bump its lease epoch, atomically.
 
-        The run must be in one of the `parked` states; every writer holding
-        an older epoch is refused from then on (`LeaseLost`).
+        The run must be in one of the `parked` states, or in one of the
+        `orphaned` states with its lease run out by `now` (its writer died);
+        every writer holding an older epoch is refused from then on (`LeaseLost`).
 
         Raises:
             NotFound: no such run.
@@ -477,7 +489,18 @@ def apply_limits(tables: LimitTables, batch: Batch) -> tuple[list[Event], Admitt
 
 
 def may_replace(existing: KeyRecord, claim: Claim) -> bool:
-    """Tell whether a new claim may take a key that already has a record."""
+    """Tell whether a new claim may take a key that already has a record.
+
+    An in-progress claim of the same run and step is the step's own, left by
+    a writer that died or was fenced off when the run was taken over: its new
+    writer retries it under the key, as a `keyed` retry does.
+    """
+    if (
+        existing.state is KeyState.IN_PROGRESS
+        and claim.take_over_stale
+        and (existing.run_id, existing.step) == (claim.run_id, claim.step)
+    ):
+        return existing.fingerprint == claim.fingerprint
     if existing.state is KeyState.COMPLETED:
         assert existing.completed_at is not None
         return existing.completed_at + claim.retention <= claim.now

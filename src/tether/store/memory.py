@@ -162,6 +162,10 @@ class MemoryStore(Store):
             run.events.extend(events)
             if batch.status is not None or batch.error_code is not None:
                 run.row = _replace_status(run.row, batch)
+            if batch.lease_until is not None and (
+                run.row.lease_until is None or run.row.lease_until < batch.lease_until
+            ):
+                run.row = replace(run.row, lease_until=batch.lease_until)
             if batch.key_update is not None:
                 self._update_key(batch.key_update)
             return Committed(
@@ -188,18 +192,29 @@ class MemoryStore(Store):
                 completed_at=u.now,
             )
 
-    def take_over(self, run_id: str, *, parked: Sequence[str]) -> RunRow:
-        """Bump a parked run's lease epoch (see `Store.take_over`)."""
+    def take_over(
+        self,
+        run_id: str,
+        *,
+        parked: Sequence[str],
+        orphaned: Sequence[str] = (),
+        now: datetime | None = None,
+    ) -> RunRow:
+        """Bump a parked or orphaned run's lease epoch (see `Store.take_over`)."""
         with self._lock:
             run = self._runs.get(run_id)
             if run is None:
                 raise NotFound(f"no run {run_id!r} in memory")
-            if run.row.status not in parked:
+            row = run.row
+            lapsed = now is not None and (
+                row.lease_until is None or row.lease_until <= now
+            )
+            if not (row.status in parked or (row.status in orphaned and lapsed)):
                 raise UsageError(
-                    f"run {run_id} is {run.row.status}, not parked in "
-                    f"{' or '.join(parked)}: only a parked run can be resumed"
+                    f"run {run_id} is {row.status}, not parked and not orphaned: only a "
+                    "parked run, or one whose writer's lease ran out, can be resumed"
                 )
-            run.row = replace(run.row, epoch=run.row.epoch + 1)
+            run.row = replace(row, epoch=row.epoch + 1)
         return self.get_run(run_id)
 
     # -- approvals ----------------------------------------------------------------
@@ -366,6 +381,7 @@ class MemoryStore(Store):
             head_hash=head,
             head_sig=None,
             error_code=r.error_code,
+            lease_until=r.lease_until,
         )
 
     def list_runs(self, *, limit: int = 50, status: str | None = None) -> list[RunRow]:
@@ -526,4 +542,5 @@ def _replace_status(row: RunRow, batch: Batch) -> RunRow:
         head_hash=row.head_hash,
         head_sig=row.head_sig,
         error_code=batch.error_code or row.error_code,
+        lease_until=row.lease_until,
     )

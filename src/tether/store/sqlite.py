@@ -62,7 +62,7 @@ T = TypeVar("T")
 
 _RUN_COLUMNS = (
     "run_id, status, tenant, principal_id, request, created_at, updated_at, "
-    "epoch, head_seq, head_hash, head_sig, error_code"
+    "epoch, head_seq, head_hash, head_sig, error_code, lease_until"
 )
 
 
@@ -286,10 +286,11 @@ class SQLiteStore(Store):
         # updated_at is when the status last changed: steps leave it (and the
         # cost of formatting a timestamp) alone.
         now = None if batch.status is None else _ts(batch.at)
+        lease = 0 if batch.lease_until is None else _us(batch.lease_until)
         if batch.new_run is not None:
             new = batch.new_run
             pk = con.execute(
-                f"INSERT INTO runs ({_RUN_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",  # noqa: S608  # constant column list
+                f"INSERT INTO runs ({_RUN_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",  # noqa: S608  # constant column list
                 (
                     batch.run_id,
                     new.status,
@@ -303,6 +304,7 @@ class SQLiteStore(Store):
                     head,
                     sig,
                     None,
+                    lease,
                 ),
             ).lastrowid
             assert isinstance(pk, int)
@@ -310,17 +312,17 @@ class SQLiteStore(Store):
                 row[0] = pk
         elif now is None:  # a step: the head moves, nothing else (a simpler statement)
             cur = con.execute(
-                "UPDATE runs SET head_seq=?, head_hash=?, head_sig=? "
-                "WHERE id=? AND epoch=? AND head_seq=?",
-                (seq, head, sig, pk, batch.epoch, batch.base_seq),
+                "UPDATE runs SET head_seq=?, head_hash=?, head_sig=?, "
+                "lease_until=MAX(lease_until, ?) WHERE id=? AND epoch=? AND head_seq=?",
+                (seq, head, sig, lease, pk, batch.epoch, batch.base_seq),
             )
             if cur.rowcount != 1:
                 self._fence_failure(con, batch)
         else:
             cur = con.execute(
                 "UPDATE runs SET head_seq=?, head_hash=?, head_sig=?, updated_at=?, "
-                "status=?, error_code=COALESCE(?, error_code) "
-                "WHERE id=? AND epoch=? AND head_seq=?",
+                "status=?, error_code=COALESCE(?, error_code), "
+                "lease_until=MAX(lease_until, ?) WHERE id=? AND epoch=? AND head_seq=?",
                 (
                     seq,
                     head,
@@ -328,6 +330,7 @@ class SQLiteStore(Store):
                     now,
                     batch.status,
                     batch.error_code,
+                    lease,
                     pk,
                     batch.epoch,
                     batch.base_seq,
@@ -490,25 +493,35 @@ class SQLiteStore(Store):
 
         return self._read(query)
 
-    def take_over(self, run_id: str, *, parked: Sequence[str]) -> RunRow:
-        """Bump a parked run's lease epoch (see `Store.take_over`)."""
+    def take_over(
+        self,
+        run_id: str,
+        *,
+        parked: Sequence[str],
+        orphaned: Sequence[str] = (),
+        now: datetime | None = None,
+    ) -> RunRow:
+        """Bump a parked or orphaned run's lease epoch (see `Store.take_over`)."""
         row = self.get_run(run_id)
-        marks = ",".join("?" * len(parked))
+        at = 0 if now is None else _us(now)
+        marks = ",".join("?" * len(parked)) or "NULL"
+        lost = ",".join("?" * len(orphaned)) or "NULL"
         try:
             with self._write() as con:
                 cur = con.execute(
                     f"UPDATE runs SET epoch=epoch+1 WHERE run_id=? AND epoch=? "  # noqa: S608  # placeholders only
-                    f"AND status IN ({marks})",
-                    (row.run_id, row.epoch, *parked),
+                    f"AND (status IN ({marks}) OR (status IN ({lost}) AND lease_until <= ?))",
+                    (row.run_id, row.epoch, *parked, *orphaned, at),
                 )
                 taken = cur.rowcount == 1
         except sqlite3.Error as exc:
             raise StoreError(f"cannot take over run {run_id}: {exc}") from exc
         if not taken:
-            now = self.get_run(row.run_id)
+            now_row = self.get_run(row.run_id)
             raise UsageError(
-                f"run {row.run_id} is {now.status} (epoch {now.epoch}), not parked in "
-                f"{' or '.join(parked)}: only a parked run can be resumed"
+                f"run {row.run_id} is {now_row.status} (epoch {now_row.epoch}), not parked "
+                "and not orphaned: only a parked run, or one whose writer's lease ran "
+                "out, can be resumed"
             )
         return self.get_run(row.run_id)
 
@@ -1030,6 +1043,7 @@ def _run_row(row: tuple[object, ...]) -> RunRow:
         head_hash,
         head_sig,
         error_code,
+        lease_until,
     ) = row
     return RunRow(
         run_id=str(run_id),
@@ -1044,6 +1058,7 @@ def _run_row(row: tuple[object, ...]) -> RunRow:
         head_hash=_blob(head_hash),
         head_sig=None if head_sig is None else _blob(head_sig),
         error_code=None if error_code is None else str(error_code),
+        lease_until=_from_us(int(lease_until)) if lease_until else None,  # type: ignore[call-overload]  # INTEGER column
     )
 
 
