@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import tether
@@ -116,3 +117,64 @@ def test_park_exit_approve_elsewhere_and_a_worker_finishes(tmp_path: Path) -> No
     ]
     assert order == sorted(order)
     assert kinds.count("approval_used") == 1
+
+
+CRASHING = textwrap.dedent(
+    """
+    import os
+    from pathlib import Path
+    from pydantic import BaseModel
+    import tether
+
+    HERE = Path(os.environ["AGENT_HOME"])
+
+    class In(BaseModel):
+        n: int
+
+    class Out(BaseModel):
+        n: int
+
+    @tether.capability("mail.send", effect="write")  # idempotency none: not safe to repeat
+    def send(args: In) -> Out:
+        with open(HERE / "sent", "a") as f:
+            f.write(f"{args.n}\\n")
+        if not (HERE / "crashed").exists():
+            (HERE / "crashed").touch()
+            os._exit(9)  # the process dies mid-call, after the upstream acted
+        return Out(n=args.n)
+
+    app = tether.Tether(db=f"sqlite:///{HERE / 'agent.db'}", config=HERE / "tether.yaml")
+    app.register(send)
+    app.register_planner(
+        "mail", tether.ScriptedPlanner([("mail.send", {"n": 1}), ("mail.send", {"n": 2})])
+    )
+    """
+)
+
+
+def test_a_none_step_cut_off_by_a_crash_is_in_doubt_not_run_again(
+    tmp_path: Path,
+) -> None:
+    """The worker records the cut-off `none` write in doubt and never repeats it; the planner goes on."""
+    (tmp_path / "agentapp.py").write_text(CRASHING)
+    (tmp_path / "tether.yaml").write_text("idempotency: {claim_ttl: 1s}\n")
+    crashed = _run(
+        tmp_path,
+        sys.executable,
+        "-c",
+        "import agentapp, tether; agentapp.app.start('mail', planner='mail', "
+        "principal=tether.Principal('bot'))",
+    )
+    time.sleep(1.1)  # the dead writer's lease runs out
+    worked = _run(tmp_path, CLI, "worker", "--app", "agentapp:app", "--until-idle")
+
+    assert crashed.returncode == 9
+    assert worked.returncode == 0, worked.stderr
+    assert (tmp_path / "sent").read_text().split() == ["1", "2"]  # 1 never again
+    with tether.Tether(db=f"sqlite:///{tmp_path / 'agent.db'}", env={}) as app:
+        (row,) = app.store.list_runs()
+        events = [e.data() for e in app.store.events(row.run_id)]
+        assert app.verify(row.run_id).ok
+    doubt = [e for e in events if e["kind"] == "in_doubt"]
+    assert [(e["step"], e["error_type"]) for e in doubt] == [(1, "WriterLost")]
+    assert row.status == "succeeded"

@@ -21,11 +21,12 @@ from pydantic import BaseModel
 
 from tether import _chain, gateway, plan, record
 from tether._chain import StoredEvent
-from tether.capability import Capability
+from tether.capability import Capability, Effect, Idempotency
 from tether.errors import (
     BreakerOpen,
     HeadMoved,
     LeaseLost,
+    NotFound,
     StoreError,
     TetherError,
     UsageError,
@@ -110,6 +111,8 @@ class Run:
         self._lock = threading.RLock()
         self._resumed = False
         """Made by `resumed`: entering its `with` block creates nothing."""
+        self._in_doubt_on_resume: record.InDoubtRecorded | None = None
+        """A `none` step its dead writer cut off: recorded in doubt on entering."""
 
     @classmethod
     def resumed(cls, app: Tether, row: RunRow, events: Sequence[StoredEvent]) -> Run:
@@ -137,24 +140,54 @@ class Run:
         run._epoch = row.epoch
         run._head_seq, run._head_hash = row.head_seq, row.head_hash
         last = 0
-        open_step = None  # a step whose intent is recorded and whose result is not
+        open_step, open_capability = None, ""  # intent recorded, result not
         for ev in events:
             data = ev.data()
             step = data.get("step") or 0
             last = max(last, step)
             kind = data["kind"]
             if kind == "intent":
-                open_step = step
+                open_step, open_capability = step, data["capability"]
             elif kind in _STEP_ENDS and step == open_step:
                 open_step = None
             if kind == "executed" and not data.get("dry_run"):
                 run.cost += Decimal(data.get("cost") or 0)
-        # A step cut off mid-call keeps its number, so it is retried under the
-        # same derived key (`run_id/step`) and the upstream's dedup holds.
-        run.steps = last if open_step is None else open_step - 1
-        run._numbers = itertools.count(run.steps + 1)
+        run.steps = last
+        run._numbers = itertools.count(last + 1)
         run._resumed = True
+        if open_step is not None:
+            run._cut_off(open_step, open_capability)
         return run
+
+    def _cut_off(self, number: int, capability: str) -> None:
+        """Settle a step its dead writer left between intent and result.
+
+        A step that is safe to repeat (`keyed`, `native`, a read) keeps its
+        number, so the planner's proposal of it again runs under the same
+        derived key (`run_id/step`) and the upstream's dedup holds. A `none`
+        write is never run again: it is recorded in doubt, for a person to
+        check, and the planner is told.
+        """
+        try:
+            cap: Capability[Any, Any] | None = self.app.capabilities.get(capability)
+        except NotFound:
+            cap = None
+        safe = cap is not None and (
+            cap.idempotency is not Idempotency.NONE or cap.effect is Effect.READ
+        )
+        if safe:
+            self.steps = number - 1
+            self._numbers = itertools.count(number)
+            return
+        self._in_doubt_on_resume = record.InDoubtRecorded(
+            at=self.clock.now(),
+            step=number,
+            duration_us=0,
+            error_type="WriterLost",
+            message=f"{capability} step {number}: the process running it died "
+            "mid-call; its effect is unknown, so it is not run again: check the "
+            "upstream and resolve it by hand",
+        )
 
     def __repr__(self) -> str:
         return f"<Run {self.id} {self.status.value}>"
@@ -442,6 +475,9 @@ class Run:
     def __enter__(self) -> Run:
         if not self._resumed:
             self._apply(self._start())
+        elif self._in_doubt_on_resume is not None:
+            self.append(self._in_doubt_on_resume)
+            self._in_doubt_on_resume = None
         return self
 
     def __exit__(
@@ -461,9 +497,7 @@ class Run:
             # The body's error is the one the caller needs; the store's is secondary.
 
     async def __aenter__(self) -> Run:
-        if not self._resumed:
-            await anyio.to_thread.run_sync(self._apply, self._start())
-        return self
+        return await anyio.to_thread.run_sync(self.__enter__)
 
     async def __aexit__(
         self,

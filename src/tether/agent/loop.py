@@ -218,9 +218,9 @@ def resume_agent(
     A run parked because a person denied, or whose request expired, tells
     the planner so instead.
     """
-    seen = observations_from(app.store.events(run.id))
     try:
-        with run:
+        with run:  # entering records a cut-off `none` step in doubt: read after it
+            seen = observations_from(app.store.events(run.id))
             if run.status is RunState.AWAITING_APPROVAL:
                 run.transition(RunState.EXECUTING)  # answered: the step goes ahead
             _drive(
