@@ -142,6 +142,7 @@ def _kills(tmp_path: Path, count: int) -> None:
     assert finished >= count // 2, f"seed {seed}: most kills landed before the run"
 
 
+@pytest.mark.timeout(600)  # about 2.5 s a kill: processes start, leases run out
 def test_a_killed_run_is_finished_by_a_worker_with_every_effect_once(
     tmp_path: Path,
 ) -> None:
@@ -150,6 +151,7 @@ def test_a_killed_run_is_finished_by_a_worker_with_every_effect_once(
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_a_hundred_kills(tmp_path: Path) -> None:
     """The issue's full bar: 100 kills at random points."""
     _kills(tmp_path, 100)
