@@ -7,6 +7,7 @@ import sys
 import threading
 import types
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -263,3 +264,65 @@ def test_two_resumers_never_run_one_run_twice(tmp_path: Path) -> None:
     finally:
         for a in apps:
             a.close()
+
+
+class PingIn(BaseModel):
+    n: int
+
+
+class PingOut(BaseModel):
+    n: int
+
+
+upstream: dict[str, object] = {"broken": True, "calls": []}
+
+
+@tether.capability("up.call", effect="write", idempotency="keyed", resource="up")
+def up_call(args: PingIn) -> PingOut:
+    """Call a flaky upstream."""
+    calls = upstream["calls"]
+    assert isinstance(calls, list)
+    calls.append(args.n)
+    if upstream["broken"]:
+        raise RuntimeError("upstream 503")
+    return PingOut(n=args.n)
+
+
+def test_a_stashed_run_resumes_its_plan_once_the_breaker_lets_calls_through(
+    tmp_path: Path,
+) -> None:
+    """A stash-mode breaker parks the run degraded; once the cool-down is over it is ready, and resume takes the stashed step, then the planner goes on."""
+    config = tmp_path / "tether.yaml"
+    config.write_text(
+        "breakers:\n"
+        "  - {id: up-br, resource: up, window: 2, min_calls: 2, failure_rate: 0.5,\n"
+        "     open_for: 30s, on_open: stash}\n"
+    )
+    upstream.update(broken=True, calls=[])
+    clock = FakeClock()
+    with tether.Tether(
+        db=f"sqlite:///{tmp_path / 't.db'}?synchronous=normal",
+        config=config,
+        clock=clock,
+        env={},
+    ) as app:
+        app.register(up_call)
+        app.register_planner(
+            "calls",
+            tether.ScriptedPlanner([("up.call", {"n": n}) for n in (1, 2, 3, 4)]),
+        )
+        run = app.start("four calls", planner="calls", principal=BOT)
+        parked = (run.status, app.ready_runs())
+        clock.advance(timedelta(seconds=31))
+        upstream["broken"] = False
+        ready = app.ready_runs()
+        resumed = app.resume(run.id)
+        ok = app.verify(run.id).ok
+        kinds = [e.data()["kind"] for e in app.store.events(run.id)]
+
+    assert parked == (RunState.DEGRADED, [])  # the breaker is still open
+    assert ready == [run.id]
+    assert resumed.status is RunState.SUCCEEDED
+    assert upstream["calls"] == [1, 2, 3, 4]  # 3 was stashed, not run, then run once
+    assert kinds.count("plan_stashed") == 1
+    assert ok

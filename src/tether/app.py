@@ -36,6 +36,7 @@ from tether.principal import Principal
 from tether.resilience import BreakerSet
 from tether.run import RunState
 from tether.store import ApprovalRow, ApprovalStatus, Store, open_store
+from tether.store._limits import BreakerState, breaker_view, to_us
 
 __all__ = ["Run", "Tether"]
 
@@ -178,6 +179,27 @@ class Tether:
             park_on_approval=True,
         )
 
+    def _stash_breaker_closed(self, run_id: str, now: datetime) -> bool:
+        """Tell whether the breaker that stashed a degraded run lets calls through again."""
+        stashed = [
+            e.data()["breaker"]
+            for e in self.store.events(run_id)
+            if e.data()["kind"] == "plan_stashed"
+        ]
+        if not stashed:
+            return False
+        guards = self.guards
+        found = None
+        if guards is not None:
+            found = next(
+                (b for b in guards.breakers.breakers if b.id == stashed[-1]), None
+            )
+        if found is None:
+            return True  # the breaker is gone from the config: nothing holds the run
+        row = self.store.breaker_row(found.id)
+        view, _ = breaker_view(row, found.spec(), to_us(now))
+        return view.state is not BreakerState.OPEN
+
     def resume(self, run_id: str) -> Run:
         """Continue a parked run (or one whose process died), here, until it ends or parks again.
 
@@ -217,12 +239,13 @@ class Tether:
         return resume_agent(self, run, planner, planner_name=str(name))
 
     def ready_runs(self, *, limit: int = 100) -> list[str]:
-        """Return the parked runs a person has answered: ready to resume, oldest first.
+        """Return the parked runs that may go on: ready to resume, oldest first.
 
         A run parked in `awaiting_approval` is ready once none of its requests
         is still pending (each was approved, denied or has expired); a run left
         `executing` or `planning` is ready once its writer's lease ran out (the
-        process died: every write renews the lease for `idempotency.claim_ttl`).
+        process died: every write renews the lease for `idempotency.claim_ttl`);
+        a `degraded` run once the breaker that stashed it is no longer open.
         """
         now = self.clock.now()
         ready = []
@@ -234,6 +257,11 @@ class Tether:
                 _as_of(a, now).status is ApprovalStatus.PENDING for a in asked
             ):
                 ready.append(row.run_id)
+        ready.extend(
+            row.run_id
+            for row in self.store.list_runs(status=RunState.DEGRADED.value, limit=limit)
+            if self._stash_breaker_closed(row.run_id, now)
+        )
         for status in _ORPHANABLE_STATES:  # their writer died: its lease ran out
             ready.extend(
                 row.run_id
@@ -580,7 +608,7 @@ def _policy_from(
     return PolicySet(rules=rules, defaults=settings.defaults, version=version)
 
 
-_PARKED_STATES = (RunState.AWAITING_APPROVAL.value,)
+_PARKED_STATES = (RunState.AWAITING_APPROVAL.value, RunState.DEGRADED.value)
 _ORPHANABLE_STATES = (RunState.EXECUTING.value, RunState.PLANNING.value)
 
 

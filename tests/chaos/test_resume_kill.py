@@ -81,13 +81,19 @@ def _kill_and_finish(home: Path, rng: random.Random) -> str | None:
         [
             sys.executable,
             "-c",
-            "import agentapp, tether; agentapp.app.start('thirty steps', planner='ops', "
+            "import agentapp, tether, pathlib; pathlib.Path('ready').touch(); "
+            "agentapp.app.start('thirty steps', planner='ops', "
             "principal=tether.Principal('ops-bot'))",
         ],
         cwd=home,
         env=_env(home),
     )
-    time.sleep(rng.uniform(0.3, 1.4))
+    # Kill relative to the run's start, not the interpreter's: on a loaded
+    # machine importing takes longer than the whole run.
+    deadline = time.monotonic() + 60
+    while not (home / "ready").exists() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    time.sleep(rng.uniform(0.0, 0.4))
     agent.send_signal(signal.SIGKILL)
     agent.wait(timeout=30)
     with tether.Tether(db=f"sqlite:///{home / 'agent.db'}", env={}) as app:
@@ -108,7 +114,8 @@ def _kill_and_finish(home: Path, rng: random.Random) -> str | None:
     return runs[0].run_id
 
 
-def _check(home: Path, run_id: str, seed: int) -> None:
+def _check(home: Path, run_id: str, seed: int) -> bool:
+    """Check one killed run as the worker left it; return whether it was taken over."""
     why = f"seed {seed}, {home}"
     with tether.Tether(db=f"sqlite:///{home / 'agent.db'}", env={}) as app:
         row = app.store.get_run(run_id)
@@ -123,12 +130,13 @@ def _check(home: Path, run_id: str, seed: int) -> None:
     assert set(executed.values()) == {1}, why
     calls = Counter((home / "calls").read_text().split())
     assert sum(calls.values()) <= STEPS + 1, why  # at most the cut-off step again
+    return row.epoch > 1
 
 
 def _kills(tmp_path: Path, count: int) -> None:
     seed = int(os.environ.get("TETHER_TEST_SEED", "1"))
     rng = random.Random(seed)
-    finished = 0
+    finished = taken_over = 0
     for i in range(count):
         home = tmp_path / f"k{i}"
         home.mkdir()
@@ -137,9 +145,10 @@ def _kills(tmp_path: Path, count: int) -> None:
         run_id = _kill_and_finish(home, rng)
         if run_id is None:
             continue
-        _check(home, run_id, seed)
+        taken_over += _check(home, run_id, seed)
         finished += 1
     assert finished >= count // 2, f"seed {seed}: most kills landed before the run"
+    assert taken_over >= count // 3, f"seed {seed}: most kills landed after the run"
 
 
 @pytest.mark.timeout(600)  # about 2.5 s a kill: processes start, leases run out

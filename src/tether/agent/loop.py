@@ -216,13 +216,19 @@ def resume_agent(
     (no step is taken again), except the step the run parked on: it is the
     planner's to propose again, and the same call now runs under its grant.
     A run parked because a person denied, or whose request expired, tells
-    the planner so instead.
+    the planner so instead. A `degraded` run first takes its stashed plan, in
+    order, then the planner goes on.
     """
     try:
         with run:  # entering records a cut-off `none` step in doubt: read after it
-            seen = observations_from(app.store.events(run.id))
+            events = app.store.events(run.id)
+            seen = observations_from(events)
             if run.status is RunState.AWAITING_APPROVAL:
                 run.transition(RunState.EXECUTING)  # answered: the step goes ahead
+            elif run.status is RunState.DEGRADED:
+                run.transition(RunState.EXECUTING)  # the breaker closed: take the stash
+                if not _take_stash(run, _stashed(events), seen):
+                    return run  # still open: stashed again
             _drive(
                 app,
                 run,
@@ -235,6 +241,39 @@ def resume_agent(
     except (StepLimitReached, PlannerGaveUp):
         pass  # recorded as the run's failure; the caller reads `run.status`
     return run
+
+
+def _stashed(events: Sequence[StoredEvent]) -> list[ProposedStep]:
+    """Return the steps of the run's last `plan_stashed` event."""
+    steps: list[ProposedStep] = []
+    for ev in events:
+        data = ev.data()
+        if data["kind"] == "plan_stashed":
+            steps = [
+                ProposedStep(
+                    capability=s["capability"],
+                    args=s["args"],
+                    idempotency_key=s.get("idempotency_key"),
+                )
+                for s in data["steps"]
+            ]
+    return steps
+
+
+def _take_stash(
+    run: Run, stash: Sequence[ProposedStep], seen: list[Observation]
+) -> bool:
+    """Take a stashed plan's steps in order; False if the breaker stashed it again."""
+    for index, proposed in enumerate(stash):
+        run._upcoming = tuple(stash[index + 1 :])
+        observation = _take(run, proposed)
+        run._upcoming = ()
+        seen.append(observation)
+        if run.status is RunState.DEGRADED:
+            return False
+        if not observation.ok:
+            break  # the rest of the plan counted on this step's output
+    return True
 
 
 _STAGE_STATUS = {
@@ -258,6 +297,9 @@ def observations_from(events: Sequence[StoredEvent]) -> list[Observation]:
         if kind == "run_status" and data["status"] == RunState.AWAITING_APPROVAL:
             if found and found[-1].error_code == "approval_required":
                 found.pop()
+        elif kind == "run_status" and data["status"] == RunState.DEGRADED:
+            if found and found[-1].error_code == "breaker_open":
+                found.pop()  # the stashed step: taken again from the stash
         elif kind == "validated":
             pending = {"capability": data["capability"], "args": data["args"]}
         elif kind == "plan_admitted" and data["status"] == "refused":
