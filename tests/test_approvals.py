@@ -1266,3 +1266,51 @@ class TestDecisionsLandingOnAnOpenRun:
         assert landed
         assert outcome.status is OutcomeStatus.EXECUTED
         assert app.verify(run.id).ok
+
+
+def test_an_approver_for_one_tenant_cannot_decide_anothers_request(
+    tmp_path: Path,
+) -> None:
+    """G.41: `approvers: {bob: {roles: [finance], tenants: [acme]}}` may not decide globex's request; refused and recorded."""
+    config = tmp_path / "tether.yaml"
+    config.write_text(
+        "rules:\n"
+        "  - {id: big, match: {capability: pay.refund}, when: 'args.cents > 100',\n"
+        "     decision: require_approval, reason: big, approvers: [finance]}\n"
+        "approvers:\n"
+        "  bob: {roles: [finance], tenants: [acme]}\n"
+        "  alice: [finance]\n"
+    )
+    with tether.Tether(db="memory://", config=config, clock=FakeClock(), env={}) as app:
+        app.register(_tenant_refund)
+        asker = tether.Principal("bot", tenant="globex")
+        with app.run(principal=asker, request="refund") as run:
+            outcome = run.step("pay.refund", {"cents": 500})
+        assert isinstance(outcome.error, tether.ApprovalRequired)
+        request_id = outcome.error.approval_id
+        assert request_id is not None
+        with pytest.raises(tether.NotAllowedToApprove, match="not for tenant globex"):
+            app.approve(request_id, by="bob")
+        approved = app.approve(request_id, by="alice")
+        kinds = [e.data() for e in app.store.events(run.id)]
+
+    assert approved.status == "approved"
+    refused = [
+        e
+        for e in kinds
+        if e["kind"] == "approval_decided" and e["outcome"] == "refused"
+    ]
+    assert [e["by"] for e in refused] == ["bob"]
+
+
+class _TenantIn(BaseModel):
+    cents: int
+
+
+class _TenantOut(BaseModel):
+    refunded: int
+
+
+@tether.capability("pay.refund", effect="write", idempotency="keyed")
+def _tenant_refund(args: _TenantIn) -> _TenantOut:
+    return _TenantOut(refunded=args.cents)

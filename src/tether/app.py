@@ -458,13 +458,18 @@ class Tether:
                 f"{by} asked for approval request {request.id} (or acts for who did); "
                 "nobody approves their own request"
             )
-        roles = self.settings.approvers.get(by)
-        if roles is None:
+        approver = self.settings.approvers.get(by)
+        if approver is None:
             return (
                 f"{by} is not an approver: name them under `approvers:` in "
                 "tether.yaml with their roles"
             )
-        if request.approvers and set(request.approvers).isdisjoint(roles):
+        if approver.tenants and request.tenant not in approver.tenants:
+            return (
+                f"{by} decides for {', '.join(approver.tenants)}, not for tenant "
+                f"{request.tenant} (approval request {request.id})"
+            )
+        if request.approvers and set(request.approvers).isdisjoint(approver.roles):
             return (
                 f"{by} holds none of the roles that may decide approval request "
                 f"{request.id} ({', '.join(request.approvers)})"

@@ -15,9 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
-from typing import (
-    Literal,
-)
+from typing import Annotated, Literal
 
 import pydantic
 
@@ -58,6 +56,21 @@ class IdempotencySettings(pydantic.BaseModel, extra="forbid", frozen=True):
     """How long an in-progress claim holds before another worker may take it over."""
 
 
+class Approver(pydantic.BaseModel, extra="forbid", frozen=True):
+    """A person who may decide approval requests: their roles, and whose requests."""
+
+    roles: tuple[str, ...] = ()
+    tenants: tuple[str, ...] = ()
+    """The tenants whose requests they may decide; empty: every tenant."""
+
+
+def _as_approver(value: object) -> object:
+    # `alice: [sre, finance]` is short for `alice: {roles: [sre, finance]}`.
+    if isinstance(value, (list, tuple)):
+        return {"roles": value}
+    return value
+
+
 class ApprovalSettings(pydantic.BaseModel, extra="forbid", frozen=True):
     """How approval requests behave."""
 
@@ -82,9 +95,12 @@ class Settings(RulesConfig, extra="forbid", frozen=True):
     retry_budget: RetryBudget | None = None
     """Retries tether makes itself; none without this section."""
     approvals: ApprovalSettings = ApprovalSettings()
-    approvers: dict[str, tuple[str, ...]] = pydantic.Field(default_factory=dict)
-    """Who holds which approver role: `{alice: [sre, finance]}`. Only people named
-    here may decide approval requests."""
+    approvers: dict[
+        str, Annotated[Approver, pydantic.BeforeValidator(_as_approver)]
+    ] = pydantic.Field(default_factory=dict)
+    """Who may decide approval requests, with which roles: `{alice: [sre, finance]}`,
+    or `{bob: {roles: [sre], tenants: [acme]}}` for one tenant's requests only.
+    Only people named here may decide."""
 
     @pydantic.model_validator(mode="after")
     def _ids_are_unique_in_the_file(self) -> Settings:
