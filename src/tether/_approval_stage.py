@@ -171,6 +171,7 @@ def ask_approval(
         f"{error.message}; approval request {request.id} waits for a person "
         f"(`tether approvals show {request.id}`)",
         approval_id=request.id,
+        created=True,
     )
     committed: Committed = yield run.commit(
         [*events, failed_event(parked, now, number, "policy")], approval=request

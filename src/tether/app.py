@@ -31,6 +31,7 @@ from tether.errors import (
 )
 from tether.handle import Run
 from tether.limits import LimitSet
+from tether.notify import Webhook
 from tether.policy import Policy, PolicySet, RuleSet
 from tether.principal import Principal
 from tether.resilience import BreakerSet
@@ -97,6 +98,8 @@ class Tether:
         self.policy = _policy_from(self.settings, version, has_file=self._config_file)
         self.guards = _guards_from(self.settings)
         """The limits, breakers and retry budget in force; None when `tether.yaml` has none."""
+        self.webhook = _webhook_from(self.settings, self.clock)
+        """Where approval requests and decisions are announced, if anywhere."""
         self.store: Store = open_store(self.db_url)
         # The key file is made only once the database opened: a bad --db must not
         # leave a key file beside some other file.
@@ -321,6 +324,7 @@ class Tether:
             rules=fresh.rules, defaults=fresh.defaults, version=version
         )
         self.guards = _guards_from(settings)
+        self.webhook = _webhook_from(settings, self.clock)
         self.settings = settings
         logger.info("policy.reloaded", extra={"tether.policy_version": version})
 
@@ -449,7 +453,13 @@ class Tether:
         )
         if refused:
             raise NotAllowedToApprove(refused)
+        self.notify("approval.decided", decided)
         return decided
+
+    def notify(self, event: str, row: ApprovalRow) -> None:
+        """Announce an approval request's news on the webhook, if one is configured."""
+        if self.webhook is not None:
+            self.webhook.send({"event": event, "approval": row.describe()})
 
     def _may_not_decide(self, request: ApprovalRow, by: str) -> str | None:
         """Say why `by` may not decide `request`, or None when they may."""
@@ -578,6 +588,8 @@ class Tether:
         """Close the store and stop the handler threads (abandoning any that hang)."""
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
+        if self.webhook is not None:
+            self.webhook.flush(timeout=5)  # announcements in flight get a few seconds
         self.store.close()
 
     def __enter__(self) -> Tether:
@@ -650,6 +662,13 @@ def _misfits(
                 "raise probe_timeout or shorten the timeout"
             )
     return problems
+
+
+def _webhook_from(settings: _config.Settings, clock: Clock) -> Webhook | None:
+    url = settings.approvals.webhook
+    if url is None:
+        return None
+    return Webhook(url, retries=settings.approvals.webhook_retries, sleep=clock.sleep)
 
 
 def _guards_from(settings: _config.Settings) -> gateway.Guards | None:

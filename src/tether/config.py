@@ -76,6 +76,9 @@ class ApprovalSettings(pydantic.BaseModel, extra="forbid", frozen=True):
 
     ttl: Duration = timedelta(hours=24)
     """How long a request waits for a decision; undecided, it expires (a denial, recorded)."""
+    webhook: str | None = pydantic.Field(default=None, pattern=r"^https?://")
+    """A URL that gets a JSON POST when a request is made and when it is decided."""
+    webhook_retries: int = pydantic.Field(default=3, ge=0, le=10)
 
 
 class Settings(RulesConfig, extra="forbid", frozen=True):

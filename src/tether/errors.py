@@ -163,9 +163,12 @@ class ApprovalRequired(Refused):
         *,
         outcome: Outcome | None = None,
         approval_id: str | None = None,
+        created: bool = False,
     ) -> None:
         super().__init__(message, outcome=outcome)
         self.approval_id = approval_id
+        self.created = created
+        """True when this call made the request (not one already pending)."""
 
 
 class ApprovalClosed(Refused):

@@ -23,6 +23,7 @@ from tether import _chain, gateway, plan, record
 from tether._chain import StoredEvent
 from tether.capability import Capability, Effect, Idempotency
 from tether.errors import (
+    ApprovalRequired,
     BreakerOpen,
     HeadMoved,
     LeaseLost,
@@ -566,6 +567,7 @@ class Run:
         outcome = gateway.drive(flow)
         if _stashes(outcome):
             self._stash(outcome, cap, args, idempotency_key)
+        self._announce(outcome)
         return outcome
 
     async def astep(
@@ -590,7 +592,21 @@ class Run:
             await anyio.to_thread.run_sync(
                 self._stash, outcome, cap, args, idempotency_key
             )
+        await anyio.to_thread.run_sync(self._announce, outcome)
         return outcome
+
+    def _announce(self, outcome: Outcome) -> None:
+        """Tell the webhook about an approval request this step made."""
+        error = outcome.error
+        if (
+            isinstance(error, ApprovalRequired)
+            and error.created
+            and error.approval_id is not None
+            and self.app.webhook is not None
+        ):
+            self.app.notify(
+                "approval.requested", self.store.get_approval(error.approval_id)
+            )
 
     def _stash(
         self,

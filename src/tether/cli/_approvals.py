@@ -133,29 +133,7 @@ def _iso(value: datetime | None) -> str | None:
 
 def _document(row: ApprovalRow) -> dict[str, Any]:
     """Return an approval request as the JSON-ready mapping `--json` prints."""
-    return {
-        "id": row.id,
-        "status": row.status.value,
-        "run_id": row.run_id,
-        "step": row.step,
-        "tenant": row.tenant,
-        "principal": row.principal_id,
-        "on_behalf_of": row.on_behalf_of,
-        "capability": row.capability,
-        "version": row.version,
-        "args": _canonical.loads(row.args),
-        "preview": None if row.preview is None else _canonical.loads(row.preview),
-        "rule_ids": list(row.rule_ids),
-        "reasons": list(row.reasons),
-        "approvers": list(row.approvers),
-        "policy_version": row.policy_version,
-        "digest": row.digest.hex(),
-        "created_at": _iso(row.created_at),
-        "expires_at": _iso(row.expires_at),
-        "decided_by": row.decided_by,
-        "decided_at": _iso(row.decided_at),
-        "note": row.note,
-    }
+    return row.describe()
 
 
 def _history(app: Tether, row: ApprovalRow) -> list[dict[str, Any]]:

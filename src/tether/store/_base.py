@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
 from enum import StrEnum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from tether import _canonical
 from tether._chain import StoredEvent
 from tether.store._limits import (
     Admitted,
@@ -102,6 +103,36 @@ class ApprovalRow:
     decided_by: str | None = None
     decided_at: datetime | None = None
     note: str | None = None
+
+    def describe(self) -> dict[str, Any]:
+        """Return the request as JSON-ready data (`--json`, the webhook)."""
+
+        def iso(value: datetime | None) -> str | None:
+            return None if value is None else value.isoformat()
+
+        return {
+            "id": self.id,
+            "status": self.status.value,
+            "run_id": self.run_id,
+            "step": self.step,
+            "tenant": self.tenant,
+            "principal": self.principal_id,
+            "on_behalf_of": self.on_behalf_of,
+            "capability": self.capability,
+            "version": self.version,
+            "args": _canonical.loads(self.args),
+            "preview": None if self.preview is None else _canonical.loads(self.preview),
+            "rule_ids": list(self.rule_ids),
+            "reasons": list(self.reasons),
+            "approvers": list(self.approvers),
+            "policy_version": self.policy_version,
+            "digest": self.digest.hex(),
+            "created_at": iso(self.created_at),
+            "expires_at": iso(self.expires_at),
+            "decided_by": self.decided_by,
+            "decided_at": iso(self.decided_at),
+            "note": self.note,
+        }
 
 
 class KeyState(StrEnum):
