@@ -326,3 +326,49 @@ def test_a_stashed_run_resumes_its_plan_once_the_breaker_lets_calls_through(
     assert upstream["calls"] == [1, 2, 3, 4]  # 3 was stashed, not run, then run once
     assert kinds.count("plan_stashed") == 1
     assert ok
+
+
+class WipeIn(BaseModel):
+    volume: str
+
+
+class WipeOut(BaseModel):
+    wiped: bool
+
+
+def _wipe_preview(args: WipeIn) -> WipeOut:
+    return WipeOut(wiped=False)
+
+
+@tether.capability(
+    "disk.wipe",
+    effect="write",
+    idempotency="keyed",
+    dry_run=_wipe_preview,
+    requires_approval=True,
+)
+def wipe(args: WipeIn) -> WipeOut:
+    """Wipe a volume."""
+    return WipeOut(wiped=True)
+
+
+def test_a_capability_that_always_needs_approval_asks_even_when_policy_allows(
+    tmp_path: Path,
+) -> None:
+    """`requires_approval=True`: a durable request naming the capability, whatever the rules allow; once approved it runs."""
+    config = tmp_path / "tether.yaml"
+    config.write_text("defaults: {write: allow}\napprovers: {alice: [ops]}\n")
+    with tether.Tether(db="memory://", config=config, clock=FakeClock(), env={}) as app:
+        app.register(wipe)
+        with app.run(principal=BOT, request="wipe") as run:
+            first = run.step("disk.wipe", {"volume": "scratch"})
+            assert isinstance(first.error, tether.ApprovalRequired)
+            request_id = first.error.approval_id
+            assert request_id is not None
+            request = app.approval(request_id)
+            app.approve(request_id, by="alice")
+            second = run.step("disk.wipe", {"volume": "scratch"})
+
+    assert request.rule_ids == ("capability:disk.wipe",)
+    assert request.preview is not None
+    assert second.status == "executed"

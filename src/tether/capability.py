@@ -188,6 +188,7 @@ class Capability(Generic[In, Out]):
         "name",
         "output_model",
         "preconditions",
+        "requires_approval",
         "resource",
         "scopes",
         "secret_output",
@@ -211,6 +212,7 @@ class Capability(Generic[In, Out]):
         resource: str | None,
         description: str | None,
         actual_cost: Callable[[Any], int | Decimal | str | float] | None = None,
+        requires_approval: bool = False,
     ) -> None:
         self.name = name
         self.version = version
@@ -244,6 +246,7 @@ class Capability(Generic[In, Out]):
                 f"capability {name!r}: actual_cost must be a function of the output"
             )
         self.actual_cost = actual_cost
+        self.requires_approval = requires_approval
         self.scopes = tuple(sorted(set(scopes)))
         self.timeout = timeout
         self.resource = resource
@@ -493,6 +496,7 @@ def capability(
     resource: str | None = None,
     description: str | None = None,
     actual_cost: Callable[[Any], int | Decimal | str | float] | None = None,
+    requires_approval: bool = False,
 ) -> _Decorator:
     """Describe a function as a capability; register it with `Tether.register`.
 
@@ -515,6 +519,8 @@ def capability(
         actual_cost: a function of the output returning what the call really
             cost (a payments API's fee, say); budgets settle at it. Default:
             the estimate.
+        requires_approval: every call needs a person's approval (a durable
+            request), whatever the policy allows; a deny still denies.
         scopes: scopes a principal needs to call it.
         timeout: seconds or a `timedelta`; None (the default) runs sync handlers
             inline without a deadline, since a worker thread per call costs more
@@ -582,6 +588,7 @@ def capability(
             "resource": resource,
             "description": description,
             "actual_cost": actual_cost,
+            "requires_approval": bool(requires_approval),
         }
     )
 

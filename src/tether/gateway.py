@@ -59,7 +59,7 @@ from tether.errors import (
     ValidationFailed,
 )
 from tether.limits import LimitSet, Reserved
-from tether.policy import DecisionRequest, Verdict
+from tether.policy import Decision, DecisionRequest, Verdict
 from tether.policy.cel import CelError
 from tether.record import Outcome, OutcomeStatus
 from tether.resilience import Breaker, RetryBudget, ratio_id
@@ -183,6 +183,14 @@ def step(  # the design's list, in order
         )
     else:  # no policy and an allow default: nothing to ask
         decision = policy.default(cap.effect)
+    if cap.requires_approval and decision.verdict is not Verdict.DENY:
+        # The capability always needs a person: the strictest verdict but deny.
+        decision = Decision(
+            verdict=Verdict.REQUIRE_APPROVAL,
+            rule_ids=(*decision.rule_ids, f"capability:{cap.name}"),
+            reasons=(*decision.reasons, f"{cap.name} always needs a person's approval"),
+            policy_version=decision.policy_version,
+        )
     verdict = decision.verdict
     events.append(
         record.Decided(
