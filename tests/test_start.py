@@ -372,3 +372,38 @@ def test_a_capability_that_always_needs_approval_asks_even_when_policy_allows(
     assert request.rule_ids == ("capability:disk.wipe",)
     assert request.preview is not None
     assert second.status == "executed"
+
+
+def test_an_escalating_breaker_asks_a_person_who_may_let_one_call_through(
+    tmp_path: Path,
+) -> None:
+    """`on_open: escalate`: the refused call is a durable request naming the breaker; approved, that call runs once despite the open breaker."""
+    config = tmp_path / "tether.yaml"
+    config.write_text(
+        "breakers:\n"
+        "  - {id: up-br, resource: up, window: 2, min_calls: 2, failure_rate: 0.5,\n"
+        "     open_for: 5m, on_open: escalate}\n"
+        "approvers: {alice: [sre]}\n"
+    )
+    upstream.update(broken=True, calls=[])
+    with tether.Tether(db="memory://", config=config, clock=FakeClock(), env={}) as app:
+        app.register(up_call)
+        with app.run(principal=BOT, request="calls") as run:
+            run.step("up.call", {"n": 1})
+            run.step("up.call", {"n": 2})  # the breaker opens
+            upstream["broken"] = False
+            asked = run.step("up.call", {"n": 3})
+            assert isinstance(asked.error, tether.ApprovalRequired)
+            request_id = asked.error.approval_id
+            assert request_id is not None
+            request = app.approval(request_id)
+            app.approve(request_id, by="alice", note="the upstream is back")
+            through = run.step("up.call", {"n": 3})
+            again = run.step("up.call", {"n": 3})
+        breaker = app.store.breaker_row("up-br")
+
+    assert request.rule_ids == ("breaker:up-br",)
+    assert through.status == "executed"
+    assert isinstance(again.error, tether.ApprovalRequired)  # one call per grant
+    assert upstream["calls"] == [1, 2, 3]
+    assert breaker.state == "open"  # the grant let a call past it, nothing more

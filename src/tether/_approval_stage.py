@@ -59,6 +59,7 @@ def ask_approval(
     events: list[record.Event],
     now: datetime,
     number: int,
+    stage: str = "policy",
 ) -> Generator[GatewayEffect, Any, Outcome | ApprovalRow]:
     """Find or make the approval request for this exact call.
 
@@ -82,7 +83,7 @@ def ask_approval(
         if latest.status is ApprovalStatus.PENDING and live:
             waiting = ApprovalRequired(
                 f"{cap.name}: waiting for a person's decision on approval request "
-                f"{latest.id} (`tether approvals show {latest.id}`)",
+                f"{latest.id} ({_why(decision)}; `tether approvals show {latest.id}`)",
                 approval_id=latest.id,
             )
             return (
@@ -92,7 +93,7 @@ def ask_approval(
                     events,
                     now,
                     number,
-                    "policy",
+                    stage,
                     waiting,
                     OutcomeStatus.REFUSED,
                 )
@@ -112,7 +113,7 @@ def ask_approval(
                     events,
                     now,
                     number,
-                    "policy",
+                    stage,
                     denied,
                     OutcomeStatus.REFUSED,
                 )
@@ -174,20 +175,20 @@ def ask_approval(
         created=True,
     )
     committed: Committed = yield run.commit(
-        [*events, failed_event(parked, now, number, "policy")], approval=request
+        [*events, failed_event(parked, now, number, stage)], approval=request
     )
     if isinstance(committed.blocked, PendingExists):
         # Another call asked for the same thing at the same moment: wait on its request.
         pending = committed.blocked.approval_id
         waiting = ApprovalRequired(
             f"{cap.name}: waiting for a person's decision on approval request "
-            f"{pending} (`tether approvals show {pending}`)",
+            f"{pending} ({_why(decision)}; `tether approvals show {pending}`)",
             approval_id=pending,
         )
         del events[-1]  # the request this call would have made
         return (
             yield from refuse(
-                run, cap, events, now, number, "policy", waiting, OutcomeStatus.REFUSED
+                run, cap, events, now, number, stage, waiting, OutcomeStatus.REFUSED
             )
         )
     outcome = Outcome(
@@ -195,6 +196,12 @@ def ask_approval(
     )
     parked.outcome = outcome
     return outcome
+
+
+def _why(decision: Decision) -> str:
+    """Say which rules asked for a person, and why, in a few words."""
+    rules = ", ".join(decision.rule_ids) or "the default"
+    return f"{rules}: {'; '.join(decision.reasons) or 'no reason given'}"
 
 
 def _preview(

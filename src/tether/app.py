@@ -221,9 +221,9 @@ class Tether:
         names = [
             e.data().get("planner")
             for e in events
-            if e.data()["kind"] == "plan_proposed"
+            if e.data()["kind"] in ("run_started", "plan_proposed")
         ]
-        name = names[-1] if names else None
+        name = next((n for n in reversed(names) if n), None)
         planner = None if name is None else self.planners.get(str(name))
         if planner is None:
             raise NotFound(

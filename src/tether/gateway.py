@@ -75,6 +75,7 @@ from tether.store import (
 )
 from tether.store._limits import (
     BreakerAdmit,
+    BreakerBlocked,
     BreakerOutcome,
     BreakerSpec,
     BreakerState,
@@ -315,7 +316,16 @@ def step(  # the design's list, in order
     # claim key + record intent (fenced by the run's lease epoch), with the room
     if needs_intent:
         taken = yield from _take_room(
-            run, cap, room, events, number, args_json, cost, key, key_id, fingerprint
+            run,
+            cap,
+            room,
+            events,
+            number,
+            (args, args_json, args_bytes),
+            cost,
+            key,
+            key_id,
+            fingerprint,
         )
         if isinstance(taken, Outcome):
             return taken
@@ -537,7 +547,7 @@ def _take_room(
     room: _Room,
     events: list[record.Event],
     number: int,
-    args_json: Mapping[str, Any],
+    call: tuple[BaseModel, dict[str, Any], bytes],
     cost: Decimal,
     key: str | None,
     key_id: KeyId | None,
@@ -545,8 +555,12 @@ def _take_room(
 ) -> Generator[GatewayEffect, Any, Outcome | None]:
     """Claim the key, take room in the limits, pass the breaker, record the intent.
 
-    All in one write; returns the step's outcome if any of them says no.
+    All in one write; returns the step's outcome if any of them says no. An
+    open breaker in `escalate` mode asks a person (a durable approval
+    request): once they approve, the call goes ahead despite the breaker,
+    under that single-use grant.
     """
+    args, args_json, args_bytes = call
     admit = None
     if room.watch is not None and room.generation is None:
         admit = BreakerAdmit(
@@ -648,6 +662,50 @@ def _take_room(
                     run, cap, events, now, number, "policy", gone, OutcomeStatus.REFUSED
                 )
             )
+        if (
+            isinstance(blocked, BreakerBlocked)
+            and room.watch is not None
+            and room.watch[0].on_open == "escalate"
+        ):
+            state = (
+                "open"
+                if blocked.state is BreakerState.OPEN
+                else "half-open with its trial calls taken"
+            )
+            why = f"breaker {blocked.breaker_id} of {cap.resource} is {state}"
+            events.append(
+                record.BreakerChecked(
+                    at=now,
+                    step=number,
+                    breaker=blocked.breaker_id,
+                    state=blocked.state.value,
+                    admitted=False,
+                    mode="escalate",
+                    reason=why,
+                )
+            )
+            escalated = Decision(
+                verdict=Verdict.REQUIRE_APPROVAL,
+                rule_ids=(f"breaker:{blocked.breaker_id}",),
+                reasons=(f"{why}: go ahead anyway?",),
+                policy_version=run.policy.version,
+            )
+            asked = yield from ask_approval(
+                run,
+                cap,
+                args,
+                args_json,
+                args_bytes,
+                escalated,
+                events,
+                now,
+                number,
+                stage="breaker",
+            )
+            if isinstance(asked, Outcome):
+                return asked  # parked: a person decides whether to go ahead
+            room.grant, admit = asked, None  # approved: past the breaker, once
+            continue
         if blocked is not None:
             assert not isinstance(blocked, (Throttled, PendingExists))  # not asked for
             stage, error = _guards.refusal(

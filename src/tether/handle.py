@@ -112,6 +112,8 @@ class Run:
         self._lock = threading.RLock()
         self._resumed = False
         """Made by `resumed`: entering its `with` block creates nothing."""
+        self.planner: str | None = None
+        """The registered planner driving the run, recorded when it starts."""
         self._in_doubt_on_resume: record.InDoubtRecorded | None = None
         """A `none` step its dead writer cut off: recorded in doubt on entering."""
 
@@ -350,6 +352,7 @@ class Run:
             request=self.request,
             principal=self.principal.describe(),
             context=dict(self.context),
+            planner=self.planner,
         )
         new_run = NewRun(
             tenant=self.principal.tenant,

@@ -138,6 +138,8 @@ class RunStarted:
     format: int = FORMAT
     """Record format version."""
     kind: Literal["run_started"] = "run_started"
+    planner: str | None = None
+    """The registered planner that drives the run (`Tether.start`), if one does."""
     principal: dict[str, Any]
     request: str
     step: int | None = None

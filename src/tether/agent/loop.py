@@ -111,6 +111,7 @@ def run_agent(
     if max_steps < 1:
         raise UsageError(f"max_steps must be at least 1, got {max_steps}")
     run = app.run(principal=principal, request=request, context=context, budget=budget)
+    run.planner = planner_name  # recorded in run_started: a resume finds it there
     try:
         with run:
             _drive(
