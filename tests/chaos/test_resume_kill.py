@@ -96,6 +96,11 @@ def _kill_and_finish(home: Path, rng: random.Random) -> str | None:
     time.sleep(rng.uniform(0.0, 0.4))
     agent.send_signal(signal.SIGKILL)
     agent.wait(timeout=30)
+    return _finish(home)
+
+
+def _finish(home: Path) -> str | None:
+    """Let `tether worker` finish what the dead agent left; return the run id."""
     with tether.Tether(db=f"sqlite:///{home / 'agent.db'}", env={}) as app:
         runs = app.store.list_runs(limit=5)
     if not runs:
@@ -164,3 +169,78 @@ def test_a_killed_run_is_finished_by_a_worker_with_every_effect_once(
 def test_a_hundred_kills(tmp_path: Path) -> None:
     """The issue's full bar: 100 kills at random points."""
     _kills(tmp_path, 100)
+
+
+# -- every boundary: die just before or just after the Nth write -----------------------
+
+DIE_AT = """
+import os, sys
+import tether.store.sqlite as sqlite_store
+
+_real = sqlite_store.SQLiteStore.commit
+_count = [0]
+_at, _when = int(sys.argv[1]), sys.argv[2]
+
+
+def _commit(self, batch):
+    _count[0] += 1
+    if _count[0] == _at and _when == "before":
+        os._exit(9)
+    committed = _real(self, batch)
+    if _count[0] == _at and _when == "after":
+        os._exit(9)
+    return committed
+
+
+sqlite_store.SQLiteStore.commit = _commit
+import agentapp, tether
+agentapp.app.start("thirty steps", planner="ops", principal=tether.Principal("ops-bot"))
+"""
+WRITES = 2 + STEPS * 3 + 2
+"""About how many writes a run makes (start, per step: plan, intent, result; end)."""
+
+
+def _die_at(home: Path, at: int, when: str) -> str | None:
+    agent = subprocess.run(  # our interpreter, our script
+        [sys.executable, "-c", DIE_AT, str(at), when],
+        cwd=home,
+        env=_env(home),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert agent.returncode in (0, 9), agent.stderr
+    return _finish(home)
+
+
+def _boundaries(tmp_path: Path, points: list[tuple[int, str]]) -> None:
+    for at, when in points:
+        home = tmp_path / f"w{at}{when}"
+        home.mkdir()
+        (home / "agentapp.py").write_text(AGENT)
+        (home / "tether.yaml").write_text(CONFIG)
+        run_id = _die_at(home, at, when)
+        assert run_id is not None or at == 1, (at, when)
+        if run_id is not None:
+            _check(home, run_id, at)
+
+
+_EVERY = [(n, w) for n in range(1, WRITES + 1) for w in ("before", "after")]
+
+
+@pytest.mark.timeout(600)
+def test_dying_at_a_sample_of_write_boundaries_loses_and_repeats_nothing(
+    tmp_path: Path,
+) -> None:
+    """The process dies just before or just after its Nth write (every 9th of them on a PR)."""
+    _boundaries(tmp_path, _EVERY[::9])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+def test_dying_at_every_write_boundary_loses_and_repeats_nothing(
+    tmp_path: Path,
+) -> None:
+    """RELIABILITY A, kill at every boundary: before and after each of the run's writes."""
+    _boundaries(tmp_path, _EVERY)
