@@ -407,3 +407,58 @@ def test_an_escalating_breaker_asks_a_person_who_may_let_one_call_through(
     assert isinstance(again.error, tether.ApprovalRequired)  # one call per grant
     assert upstream["calls"] == [1, 2, 3]
     assert breaker.state == "open"  # the grant let a call past it, nothing more
+
+
+class SlowIn(BaseModel):
+    n: int
+
+
+class SlowOut(BaseModel):
+    n: int
+
+
+slow_gate = threading.Event()
+slow_inside = threading.Event()
+
+
+@tether.capability("ops.slow", effect="write", idempotency="keyed", timeout=1.5)
+def slow(args: SlowIn) -> SlowOut:
+    """A step that takes a while."""
+    slow_inside.set()
+    assert slow_gate.wait(timeout=10)
+    return SlowOut(n=args.n)
+
+
+def test_a_slow_step_within_its_lease_is_not_taken_over(tmp_path: Path) -> None:
+    """RELIABILITY A, slow step vs lease TTL: while a live writer's step runs, no worker sees its run as ready or may take it."""
+    config = tmp_path / "tether.yaml"
+    config.write_text("idempotency: {claim_ttl: 2s}\n")
+    db = f"sqlite:///{tmp_path / 't.db'}?synchronous=normal"
+    slow_gate.clear()
+    slow_inside.clear()
+    with (
+        tether.Tether(db=db, config=config, env={}) as owner,
+        tether.Tether(db=db, config=config, env={}) as worker,
+    ):
+        for a in (owner, worker):
+            a.register(slow)
+            a.register_planner("slow", tether.ScriptedPlanner([("ops.slow", {"n": 1})]))
+        runs: list[tether.Run] = []
+        thread = threading.Thread(
+            target=lambda: runs.append(
+                owner.start("slow", planner="slow", principal=BOT)
+            )
+        )
+        thread.start()
+        try:
+            assert slow_inside.wait(timeout=10)
+            (row,) = worker.store.list_runs()
+            ready = worker.ready_runs()
+            with pytest.raises(tether.UsageError, match="not parked"):
+                worker.resume(row.run_id)
+        finally:
+            slow_gate.set()
+            thread.join(timeout=10)
+
+    assert ready == []
+    assert runs[0].status is RunState.SUCCEEDED
