@@ -9,6 +9,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import tether
 
@@ -152,12 +153,12 @@ CRASHING = textwrap.dedent(
 )
 
 
-def test_a_none_step_cut_off_by_a_crash_is_in_doubt_not_run_again(
-    tmp_path: Path,
-) -> None:
-    """The worker records the cut-off `none` write in doubt and never repeats it; the planner goes on."""
+def _crash_then_worker(tmp_path: Path) -> tuple[str, str]:
+    """Crash the agent mid-call in a `none` write, let a worker pass; return the run and request ids."""
     (tmp_path / "agentapp.py").write_text(CRASHING)
-    (tmp_path / "tether.yaml").write_text("idempotency: {claim_ttl: 1s}\n")
+    (tmp_path / "tether.yaml").write_text(
+        "idempotency: {claim_ttl: 1s}\napprovers: {alice: [ops]}\n"
+    )
     crashed = _run(
         tmp_path,
         sys.executable,
@@ -165,16 +166,64 @@ def test_a_none_step_cut_off_by_a_crash_is_in_doubt_not_run_again(
         "import agentapp, tether; agentapp.app.start('mail', planner='mail', "
         "principal=tether.Principal('bot'))",
     )
+    assert crashed.returncode == 9
     time.sleep(1.1)  # the dead writer's lease runs out
     worked = _run(tmp_path, CLI, "worker", "--app", "agentapp:app", "--until-idle")
-
-    assert crashed.returncode == 9
     assert worked.returncode == 0, worked.stderr
-    assert (tmp_path / "sent").read_text().split() == ["1", "2"]  # 1 never again
+    listed = _run(tmp_path, CLI, "approvals", "list", "--status", "pending", "--json")
+    (request,) = json.loads(listed.stdout)["approvals"]
+    return request["run_id"], request["id"]
+
+
+def _record(tmp_path: Path, run_id: str) -> tuple[str, list[dict[str, Any]]]:
     with tether.Tether(db=f"sqlite:///{tmp_path / 'agent.db'}", env={}) as app:
-        (row,) = app.store.list_runs()
-        events = [e.data() for e in app.store.events(row.run_id)]
-        assert app.verify(row.run_id).ok
+        assert app.verify(run_id).ok
+        return app.store.get_run(run_id).status, [
+            e.data() for e in app.store.events(run_id)
+        ]
+
+
+def test_a_none_step_cut_off_by_a_crash_goes_to_a_person_and_runs_again_if_approved(
+    tmp_path: Path,
+) -> None:
+    """The worker records the cut-off `none` write in doubt, asks a person, parks; approved, it runs again, once."""
+    run_id, request_id = _crash_then_worker(tmp_path)
+    parked, events = _record(tmp_path, run_id)
+    approved = _run(tmp_path, CLI, "approvals", "approve", request_id, "--as", "alice")
+    again = _run(tmp_path, CLI, "worker", "--app", "agentapp:app", "--until-idle")
+    status, _ = _record(tmp_path, run_id)
+
+    assert parked == "awaiting_approval"
     doubt = [e for e in events if e["kind"] == "in_doubt"]
     assert [(e["step"], e["error_type"]) for e in doubt] == [(1, "WriterLost")]
-    assert row.status == "succeeded"
+    asked = [e for e in events if e["kind"] == "approval_requested"]
+    assert [e["rule_ids"] for e in asked] == [["in_doubt"]]
+    assert approved.returncode == 0, approved.stderr
+    assert again.returncode == 0, again.stderr
+    assert status == "succeeded"
+    assert (tmp_path / "sent").read_text().split() == ["1", "1", "2"]
+
+
+def test_a_none_step_cut_off_by_a_crash_is_never_run_again_if_denied(
+    tmp_path: Path,
+) -> None:
+    """Denied (the person found it happened): the planner is told it is in doubt and goes on; it never runs again."""
+    run_id, request_id = _crash_then_worker(tmp_path)
+    denied = _run(
+        tmp_path,
+        CLI,
+        "approvals",
+        "deny",
+        request_id,
+        "--as",
+        "alice",
+        "--reason",
+        "the mail went out",
+    )
+    again = _run(tmp_path, CLI, "worker", "--app", "agentapp:app", "--until-idle")
+    status, _ = _record(tmp_path, run_id)
+
+    assert denied.returncode == 0, denied.stderr
+    assert again.returncode == 0, again.stderr
+    assert status == "succeeded"
+    assert (tmp_path / "sent").read_text().split() == ["1", "2"]

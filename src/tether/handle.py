@@ -7,6 +7,7 @@ run's state machine (`tether.run`) is checked at every transition.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import logging
 import threading
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 import anyio.to_thread
 from pydantic import BaseModel
 
-from tether import _chain, gateway, plan, record
+from tether import _canonical, _chain, gateway, plan, record
 from tether._chain import StoredEvent
 from tether.capability import Capability, Effect, Idempotency
 from tether.errors import (
@@ -36,7 +37,16 @@ from tether.policy import PolicySet
 from tether.principal import Principal
 from tether.record import Outcome
 from tether.run import FINAL_STATES, RunState, check_transition
-from tether.store import ApprovalRow, Batch, Claim, Committed, KeyUpdate, NewRun, RunRow
+from tether.store import (
+    ApprovalRow,
+    ApprovalStatus,
+    Batch,
+    Claim,
+    Committed,
+    KeyUpdate,
+    NewRun,
+    RunRow,
+)
 from tether.store._limits import (
     BreakerAdmit,
     BreakerOutcome,
@@ -48,7 +58,7 @@ from tether.store._limits import (
 if TYPE_CHECKING:
     from tether.app import Tether
 
-__all__ = ["Run"]
+__all__ = ["IN_DOUBT_RULE", "Run"]
 
 logger = logging.getLogger("tether.app")
 
@@ -56,6 +66,9 @@ _PARKED = frozenset({RunState.DEGRADED, RunState.AWAITING_APPROVAL})
 """States a run leaves its `with` block in, to be resumed (not ended)."""
 
 _STEP_ENDS = frozenset({"executed", "failed", "in_doubt", "idempotent_hit"})
+
+IN_DOUBT_RULE = "in_doubt"
+"""The rule id of an approval request for a step whose outcome is unknown."""
 
 _DECISION_RACES = 20
 """How many times a write re-reads the record after people's decisions grew it."""
@@ -114,8 +127,10 @@ class Run:
         """Made by `resumed`: entering its `with` block creates nothing."""
         self.planner: str | None = None
         """The registered planner driving the run, recorded when it starts."""
-        self._in_doubt_on_resume: record.InDoubtRecorded | None = None
-        """A `none` step its dead writer cut off: recorded in doubt on entering."""
+        self._in_doubt_on_resume: (
+            tuple[record.InDoubtRecorded, record.ApprovalRequested, ApprovalRow] | None
+        ) = None
+        """A `none` step its dead writer cut off: in doubt, and a request, on entering."""
 
     @classmethod
     def resumed(cls, app: Tether, row: RunRow, events: Sequence[StoredEvent]) -> Run:
@@ -144,12 +159,15 @@ class Run:
         run._head_seq, run._head_hash = row.head_seq, row.head_hash
         last = 0
         open_step, open_capability = None, ""  # intent recorded, result not
+        validated: dict[int, dict[str, Any]] = {}
         for ev in events:
             data = ev.data()
             step = data.get("step") or 0
             last = max(last, step)
             kind = data["kind"]
-            if kind == "intent":
+            if kind == "validated":
+                validated[step] = data
+            elif kind == "intent":
                 open_step, open_capability = step, data["capability"]
             elif kind in _STEP_ENDS and step == open_step:
                 open_step = None
@@ -159,17 +177,22 @@ class Run:
         run._numbers = itertools.count(last + 1)
         run._resumed = True
         if open_step is not None:
-            run._cut_off(open_step, open_capability)
+            run._cut_off(open_step, open_capability, validated.get(open_step, {}))
         return run
 
-    def _cut_off(self, number: int, capability: str) -> None:
+    def _cut_off(
+        self, number: int, capability: str, validated: Mapping[str, Any]
+    ) -> None:
         """Settle a step its dead writer left between intent and result.
 
         A step that is safe to repeat (`keyed`, `native`, a read) keeps its
         number, so the planner's proposal of it again runs under the same
         derived key (`run_id/step`) and the upstream's dedup holds. A `none`
-        write is never run again: it is recorded in doubt, for a person to
-        check, and the planner is told.
+        write is never run again on its own: it is recorded in doubt and goes
+        to a person as an approval request saying its outcome is unknown; the
+        run parks until they answer. Approved, the planner proposes it again
+        (a person checked it did not happen); denied or expired, the planner
+        is told it is in doubt and goes on.
         """
         try:
             cap: Capability[Any, Any] | None = self.app.capabilities.get(capability)
@@ -182,14 +205,56 @@ class Run:
             self.steps = number - 1
             self._numbers = itertools.count(number)
             return
-        self._in_doubt_on_resume = record.InDoubtRecorded(
-            at=self.clock.now(),
+        now = self.clock.now()
+        why = (
+            f"{capability} step {number}: the process running it died mid-call; its "
+            "outcome is unknown. Approve to run it again (you checked it did not "
+            "happen); deny to leave it"
+        )
+        args = dict(validated.get("args") or {})
+        request = ApprovalRow(
+            id=self.app.ids.new_id("apr_"),
+            run_id=self.id,
             step=number,
-            duration_us=0,
-            error_type="WriterLost",
-            message=f"{capability} step {number}: the process running it died "
-            "mid-call; its effect is unknown, so it is not run again: check the "
-            "upstream and resolve it by hand",
+            tenant=self.principal.tenant,
+            principal_id=self.principal.id,
+            on_behalf_of=self.principal.on_behalf_of,
+            capability=capability,
+            version=str(validated.get("version", "")),
+            args=_canonical.dumps(args),
+            preview=None,
+            digest=hashlib.sha256(
+                f"tether-in-doubt\x00{self.id}\x00{number}".encode()
+            ).digest(),
+            policy_version=self.policy.version,
+            rule_ids=(IN_DOUBT_RULE,),
+            reasons=(why,),
+            approvers=(),
+            status=ApprovalStatus.PENDING,
+            created_at=now,
+            expires_at=now + self.approval_ttl,
+        )
+        self._in_doubt_on_resume = (
+            record.InDoubtRecorded(
+                at=now,
+                step=number,
+                duration_us=0,
+                error_type="WriterLost",
+                message=why,
+            ),
+            record.ApprovalRequested(
+                at=now,
+                step=number,
+                approval_id=request.id,
+                capability=capability,
+                version=request.version,
+                args=args,
+                digest=request.digest.hex(),
+                reasons=request.reasons,
+                rule_ids=request.rule_ids,
+                expires_at=request.expires_at,
+            ),
+            request,
         )
 
     def __repr__(self) -> str:
@@ -480,8 +545,14 @@ class Run:
         if not self._resumed:
             self._apply(self._start())
         elif self._in_doubt_on_resume is not None:
-            self.append(self._in_doubt_on_resume)
+            doubt, asked, request = self._in_doubt_on_resume
             self._in_doubt_on_resume = None
+            self._commit(
+                Batch(
+                    run_id=self.id, events=[doubt, asked], at=doubt.at, approval=request
+                )
+            )
+            self._apply(self._moving(RunState.AWAITING_APPROVAL, doubt.at))
         return self
 
     def __exit__(

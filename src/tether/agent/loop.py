@@ -31,6 +31,7 @@ from tether.errors import (
     UsageError,
     ValidationFailed,
 )
+from tether.handle import IN_DOUBT_RULE
 from tether.plan import Admission
 from tether.principal import Principal
 from tether.record import OutcomeStatus
@@ -221,7 +222,10 @@ def resume_agent(
     order, then the planner goes on.
     """
     try:
+        before = run.status
         with run:  # entering records a cut-off `none` step in doubt: read after it
+            if run.status is not before:
+                return run  # parked on entering: a person decides the in-doubt step
             events = app.store.events(run.id)
             seen = observations_from(events)
             if run.status is RunState.AWAITING_APPROVAL:
@@ -292,9 +296,20 @@ def observations_from(events: Sequence[StoredEvent]) -> list[Observation]:
     """
     found: list[Observation] = []
     pending: dict[str, Any] = {}
+    doubt_requests: dict[str, int] = {}  # in-doubt approval request -> its step
     for ev in events:
         data = ev.data()
         kind = data["kind"]
+        if kind == "approval_requested" and IN_DOUBT_RULE in data.get("rule_ids", ()):
+            doubt_requests[data["approval_id"]] = int(data.get("step") or 0)
+        elif kind == "approval_decided" and data.get("outcome") == "approved":
+            step = doubt_requests.pop(data["approval_id"], None)
+            if step is not None:  # a person checked: the planner proposes it again
+                found = [
+                    o
+                    for o in found
+                    if not (o.step == step and o.status is OutcomeStatus.IN_DOUBT)
+                ]
         if kind == "run_status" and data["status"] == RunState.AWAITING_APPROVAL:
             if found and found[-1].error_code == "approval_required":
                 found.pop()
