@@ -826,7 +826,7 @@ class TestExpiry:
     def test_an_undecided_request_expires_and_the_next_call_asks_anew(
         self, world: World
     ) -> None:
-        """Listed as expired; the next identical call records its expiry by `tether`, then asks."""
+        """Listed as expired; the next identical call is denied by the expiry (recorded, by `tether`); the one after asks anew."""
         app = world.app
         with app.run(principal=world.bot, request="refund") as run:
             old = asked_id(run.step("pay.refund", refund(500)))
@@ -838,26 +838,25 @@ class TestExpiry:
             assert app.approvals(status="pending") == []
             assert app.approval(old).status is ApprovalStatus.EXPIRED
 
+            lapsed = run.step("pay.refund", refund(500))
             outcome = run.step("pay.refund", refund(500))
             new = asked_id(outcome)
 
+        assert isinstance(lapsed.error, tether.Denied)  # expiry is a no, for that call
+        assert "expired undecided" in lapsed.error.message
         assert new != old
         assert world.bank.refunds == []
-        step = of_step(events(app, run.id), outcome.step)
-        assert kinds(step) == [
-            "validated",
-            "decided",
-            "approval_decided",
-            "approval_requested",
-            "failed",
-        ]
+        step = of_step(events(app, run.id), lapsed.step)
+        assert kinds(step) == ["validated", "decided", "approval_decided", "failed"]
         expired = step[2]
         assert (expired["approval_id"], expired["outcome"], expired["by"]) == (
             old,
             "expired",
             "tether",
         )
-        assert step[3]["approval_id"] == new
+        asked = of_step(events(app, run.id), outcome.step)
+        assert kinds(asked) == ["validated", "decided", "approval_requested", "failed"]
+        assert asked[2]["approval_id"] == new
         assert [r.id for r in app.approvals(status="pending")] == [new]
         assert [r.id for r in app.approvals(status="expired")] == [old]
         assert app.verify(run.id).ok

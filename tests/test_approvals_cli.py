@@ -575,6 +575,7 @@ def test_an_expired_request_cannot_be_approved(
     code, out, err = run_cli(
         capsys, "approvals", "approve", scene.approval_id, "--as", "alice", *as_app
     )
+    lapsed = scene.run.step("pay.refund", ARGS)
     retried = scene.run.step("pay.refund", ARGS)
 
     assert listed[0] == 0
@@ -582,7 +583,8 @@ def test_an_expired_request_cannot_be_approved(
     assert_refused(code, out, err, "approval_closed")
     assert f"approval request {scene.approval_id} expired at" in err
     assert scene.decisions()[0] == ("refused", "alice")
-    assert isinstance(retried.error, tether.ApprovalRequired)  # asks again
+    assert isinstance(lapsed.error, tether.Denied)  # expiry is a no for that call
+    assert isinstance(retried.error, tether.ApprovalRequired)  # the next asks again
     assert retried.error.approval_id != scene.approval_id
     assert scene.refunds == []
 

@@ -118,9 +118,10 @@ def ask_approval(
                     OutcomeStatus.REFUSED,
                 )
             )
-        if (
-            latest.status is ApprovalStatus.PENDING
-        ):  # expired undecided: denied, recorded
+        if latest.status is ApprovalStatus.PENDING:
+            # Expired undecided: that is a no, for the call that waited on it,
+            # recorded; a later call asks again.
+            yield StoreOp(run.store.expire_approval, latest.id, now)
             events.append(
                 record.ApprovalDecided(
                     at=now,
@@ -129,6 +130,17 @@ def ask_approval(
                     by="tether",
                     outcome="expired",
                     reason=f"no decision by {latest.expires_at.isoformat()}",
+                )
+            )
+            lapsed = Denied(
+                f"{cap.name}: approval request {latest.id} expired undecided at "
+                f"{latest.expires_at.isoformat()}, which is a no; calling again asks anew",
+                rule_ids=decision.rule_ids,
+                reasons=("the approval request expired undecided",),
+            )
+            return (
+                yield from refuse(
+                    run, cap, events, now, number, stage, lapsed, OutcomeStatus.REFUSED
                 )
             )
     request = ApprovalRow(

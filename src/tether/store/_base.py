@@ -416,6 +416,10 @@ class Store(abc.ABC):
         """
 
     @abc.abstractmethod
+    def expire_approval(self, approval_id: str, now: datetime) -> bool:
+        """Mark a pending request past its expiry `expired`; tell whether this call did."""
+
+    @abc.abstractmethod
     def decide_approval(
         self,
         approval_id: str,

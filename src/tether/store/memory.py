@@ -272,6 +272,17 @@ class MemoryStore(Store):
         rows.sort(key=lambda a: (a.created_at, a.id), reverse=True)
         return rows[:limit]
 
+    def expire_approval(self, approval_id: str, now: datetime) -> bool:
+        """Mark a pending request past its expiry `expired` (see `Store.expire_approval`)."""
+        with self._lock:
+            row = self._approvals.get(approval_id)
+            if row is None or row.status is not ApprovalStatus.PENDING:
+                return False
+            if row.expires_at > now:
+                return False
+            self._approvals[approval_id] = replace(row, status=ApprovalStatus.EXPIRED)
+            return True
+
     def decide_approval(
         self,
         approval_id: str,

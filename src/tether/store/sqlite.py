@@ -580,6 +580,19 @@ class SQLiteStore(Store):
         rows = self._read(lambda con: con.execute(sql, (*params, limit)).fetchall())
         return [_approval_row(r) for r in rows]
 
+    def expire_approval(self, approval_id: str, now: datetime) -> bool:
+        """Mark a pending request past its expiry `expired` (see `Store.expire_approval`)."""
+        try:
+            with self._write() as con:
+                cur = con.execute(
+                    "UPDATE approvals SET status='expired' WHERE id=? AND "
+                    "status='pending' AND expires_at <= ?",
+                    (approval_id, _us(now)),
+                )
+                return cur.rowcount == 1
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot expire {approval_id!r}: {exc}") from exc
+
     def decide_approval(
         self,
         approval_id: str,
