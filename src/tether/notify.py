@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
 import threading
 import urllib.error
 import urllib.request
@@ -24,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 
 class Webhook:
-    """POST JSON documents to one URL, each in its own daemon thread, with retries.
+    """POST JSON documents to one URL, in order, from one background thread, with retries.
 
     Args:
         url: where to POST (`http://` or `https://`).
@@ -45,22 +46,36 @@ class Webhook:
         self.retries = retries
         self.timeout = timeout
         self._sleep = sleep
-        self._threads: list[threading.Thread] = []
+        self._queue: queue.Queue[bytes] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
 
     def send(self, document: Mapping[str, Any]) -> None:
-        """Deliver `document` in the background."""
-        body = json.dumps(document, default=str, sort_keys=True).encode()
-        thread = threading.Thread(
-            target=self._deliver, args=(body,), name="tether-webhook", daemon=True
-        )
-        self._threads = [t for t in self._threads if t.is_alive()]
-        self._threads.append(thread)
-        thread.start()
+        """Deliver `document` in the background, after the ones sent before it."""
+        self._queue.put(json.dumps(document, default=str, sort_keys=True).encode())
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._run, name="tether-webhook", daemon=True
+                )
+                self._thread.start()
 
     def flush(self, timeout: float | None = None) -> None:
-        """Wait for deliveries in flight (on close, and in tests)."""
-        for thread in list(self._threads):
-            thread.join(timeout)
+        """Wait until the documents sent so far are delivered or given up (at most `timeout`)."""
+        waiter = threading.Thread(target=self._queue.join, daemon=True)
+        waiter.start()
+        waiter.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            try:
+                body = self._queue.get(timeout=5)
+            except queue.Empty:
+                return  # idle: the next send starts a thread again
+            try:
+                self._deliver(body)
+            finally:
+                self._queue.task_done()
 
     def _deliver(self, body: bytes) -> None:
         error = ""
