@@ -16,21 +16,19 @@ import contextlib
 import fcntl
 import json
 import os
-import queue
 import random
-import subprocess
 import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from pydantic import BaseModel
 
 import tether
 
-from ._workers import IN_HANDLER, PRINCIPAL, READY, RESULT, Worker
+from ._workers import IN_HANDLER, PRINCIPAL, READY, RESULT, Worker, spawning
 
 __all__ = [
     "LimitWorker",
@@ -243,43 +241,14 @@ class LimitWorker(Worker):
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (str(root), env.get("PYTHONPATH", "")) if p
         )
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", __name__, *args],
-            cwd=cwd,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
+        super().__init__(
+            args, cwd=cwd, command=(sys.executable, "-m", __name__), env=env
         )
-        self._start_pumps()
-
-    def _start_pumps(self) -> None:
-        self._lines = queue.Queue()
-        self._stderr = []
-        self._pumps = [
-            threading.Thread(target=self._pump_stdout, daemon=True),
-            threading.Thread(target=self._pump_stderr, daemon=True),
-        ]
-        for pump in self._pumps:
-            pump.start()
 
 
-@contextlib.contextmanager
-def spawner(cwd: Path) -> Iterator[Callable[..., LimitWorker]]:
-    """Yield a function that starts workers; kill any still running on exit."""
-    started: list[LimitWorker] = []
-
-    def spawn(*args: str) -> LimitWorker:
-        worker = LimitWorker(args, cwd=cwd)
-        started.append(worker)
-        return worker
-
-    try:
-        yield spawn
-    finally:
-        for worker in started:
-            worker.kill()
+def spawner(cwd: Path) -> contextlib.AbstractContextManager[Callable[..., LimitWorker]]:
+    """Yield a function that starts limit workers; kill any still running on exit."""
+    return spawning(cwd, LimitWorker)
 
 
 if __name__ == "__main__":

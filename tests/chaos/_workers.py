@@ -18,8 +18,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 from pydantic import BaseModel
 
@@ -183,10 +184,18 @@ def main(argv: Sequence[str]) -> None:
 class Worker:
     """One worker process; its stdout is read line by line in a thread."""
 
-    def __init__(self, args: Sequence[str], *, cwd: Path) -> None:
+    def __init__(
+        self,
+        args: Sequence[str],
+        *,
+        cwd: Path,
+        command: Sequence[str] = (sys.executable, __file__),
+        env: Mapping[str, str] | None = None,
+    ) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, __file__, *args],
+            [*command, *args],
             cwd=cwd,
+            env=env,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -252,13 +261,21 @@ class Worker:
             ) from None
 
 
-@contextlib.contextmanager
-def spawner(cwd: Path) -> Iterator[Callable[..., Worker]]:
-    """Yield a function that starts workers; kill any still running on exit."""
-    started: list[Worker] = []
+W = TypeVar("W", bound=Worker)
 
-    def spawn(*args: str) -> Worker:
-        worker = Worker(args, cwd=cwd)
+
+def spawner(cwd: Path) -> contextlib.AbstractContextManager[Callable[..., Worker]]:
+    """Yield a function that starts workers; kill any still running on exit."""
+    return spawning(cwd, Worker)
+
+
+@contextlib.contextmanager
+def spawning(cwd: Path, make: Callable[..., W]) -> Iterator[Callable[..., W]]:
+    """Yield a function that starts workers made by `make`; kill any still running on exit."""
+    started: list[W] = []
+
+    def spawn(*args: str) -> W:
+        worker = make(args, cwd=cwd)
         started.append(worker)
         return worker
 
