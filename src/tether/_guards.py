@@ -16,7 +16,7 @@ from typing import Any
 
 from tether import record
 from tether.capability import Capability, Effect, Idempotency
-from tether.errors import ApprovalRequired, BreakerOpen, LimitExceeded, TetherError
+from tether.errors import BreakerOpen, LimitExceeded, TetherError
 from tether.limits import LimitSet, Reserved
 from tether.principal import Principal
 from tether.resilience import Breaker, BreakerSet, RetryBudget
@@ -36,6 +36,7 @@ __all__ = [
     "Guards",
     "after",
     "breaker_note",
+    "breaker_refused",
     "busy_for",
     "refusal",
     "reservations",
@@ -145,6 +146,35 @@ def breaker_note(number: int) -> Callable[[BreakerNote], record.Event]:
     return note
 
 
+def breaker_refused(
+    cap: Capability[Any, Any],
+    blocked: BreakerBlocked,
+    mode: str,
+    events: list[record.Event],
+    now: datetime,
+    number: int,
+) -> str:
+    """Record that the breaker refused the step (`breaker_checked`); return why, in words."""
+    state = (
+        "open"
+        if blocked.state is BreakerState.OPEN
+        else "half-open with its trial calls taken"
+    )
+    why = f"breaker {blocked.breaker_id} of {cap.resource} is {state}"
+    events.append(
+        record.BreakerChecked(
+            at=now,
+            step=number,
+            breaker=blocked.breaker_id,
+            state=blocked.state.value,
+            admitted=False,
+            mode=mode,
+            reason=why,
+        )
+    )
+    return why
+
+
 def refusal(
     cap: Capability[Any, Any],
     events: list[record.Event],
@@ -161,43 +191,20 @@ def refusal(
     if isinstance(blocked, BreakerBlocked):
         assert watch is not None
         mode = watch[0].on_open
+        assert mode != "escalate", "an escalating breaker asks a person (gateway)"
         wait = blocked.retry_after_us / 1e6
-        state = (
-            "open"
-            if blocked.state is BreakerState.OPEN
-            else "half-open with its trial calls taken"
+        why = breaker_refused(cap, blocked, mode, events, now, number)
+        then = (
+            "the run is parked degraded with its remaining plan"
+            if mode == "stash"
+            else "only reads may run until it closes"
         )
-        why = f"the breaker {blocked.breaker_id!r} of {cap.resource} is {state}"
-        events.append(
-            record.BreakerChecked(
-                at=now,
-                step=number,
-                breaker=blocked.breaker_id,
-                state=blocked.state.value,
-                admitted=False,
-                mode=mode,
-                reason=why,
-            )
+        return "breaker", BreakerOpen(
+            f"{cap.name}: {why}; {then} (retry {after(wait)})",
+            breaker_id=blocked.breaker_id,
+            mode=mode,
+            retry_after=wait,
         )
-        error: TetherError
-        if mode == "escalate":
-            error = ApprovalRequired(
-                f"{cap.name}: {why}; a person must decide whether to go ahead "
-                f"(breaker {blocked.breaker_id}, retry {after(wait)})"
-            )
-        else:
-            then = (
-                "the run is parked degraded with its remaining plan"
-                if mode == "stash"
-                else "only reads may run until it closes"
-            )
-            error = BreakerOpen(
-                f"{cap.name}: {why}; {then} (retry {after(wait)})",
-                breaker_id=blocked.breaker_id,
-                mode=mode,
-                retry_after=wait,
-            )
-        return "breaker", error
     assert isinstance(blocked, LimitBlocked)
     left = blocked.left
     events.append(

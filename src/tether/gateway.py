@@ -667,23 +667,7 @@ def _take_room(
             and room.watch is not None
             and room.watch[0].on_open == "escalate"
         ):
-            state = (
-                "open"
-                if blocked.state is BreakerState.OPEN
-                else "half-open with its trial calls taken"
-            )
-            why = f"breaker {blocked.breaker_id} of {cap.resource} is {state}"
-            events.append(
-                record.BreakerChecked(
-                    at=now,
-                    step=number,
-                    breaker=blocked.breaker_id,
-                    state=blocked.state.value,
-                    admitted=False,
-                    mode="escalate",
-                    reason=why,
-                )
-            )
+            why = _guards.breaker_refused(cap, blocked, "escalate", events, now, number)
             escalated = Decision(
                 verdict=Verdict.REQUIRE_APPROVAL,
                 rule_ids=(f"breaker:{blocked.breaker_id}",),

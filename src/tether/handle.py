@@ -639,9 +639,8 @@ class Run:
             dry_run=dry_run,
         )
         outcome = gateway.drive(flow)
-        if _stashes(outcome):
-            self._stash(outcome, cap, args, idempotency_key)
-        self._announce(outcome)
+        if outcome.error is not None:
+            self._after_refusal(outcome, cap, args, idempotency_key)
         return outcome
 
     async def astep(
@@ -662,17 +661,24 @@ class Run:
             dry_run=dry_run,
         )
         outcome = await gateway.adrive(flow)
-        if _stashes(outcome):
+        if outcome.error is not None:  # the store is only touched after a refusal
             await anyio.to_thread.run_sync(
-                self._stash, outcome, cap, args, idempotency_key
+                self._after_refusal, outcome, cap, args, idempotency_key
             )
-        await anyio.to_thread.run_sync(self._announce, outcome)
         return outcome
 
-    def _announce(self, outcome: Outcome) -> None:
-        """Tell the webhook about an approval request this step made."""
+    def _after_refusal(
+        self,
+        outcome: Outcome,
+        cap: Capability[Any, Any],
+        args: object,
+        key: str | None,
+    ) -> None:
+        """Park a run a stash-mode breaker refused; announce a new approval request."""
         error = outcome.error
-        if (
+        if isinstance(error, BreakerOpen) and error.mode == "stash":
+            self._stash(outcome, cap, args, key)
+        elif (
             isinstance(error, ApprovalRequired)
             and error.created
             and error.approval_id is not None
@@ -839,11 +845,6 @@ class Run:
             capability, args, idempotency_key=idempotency_key, dry_run=dry_run
         )
         return outcome.unwrap()
-
-
-def _stashes(outcome: Outcome) -> bool:
-    error = outcome.error
-    return isinstance(error, BreakerOpen) and error.mode == "stash"
 
 
 def _loop_running() -> bool:
