@@ -43,7 +43,7 @@ from tether.store import (
     PendingExists,
 )
 
-__all__ = ["ask_approval"]
+__all__ = ["ask_approval", "requested_event"]
 
 
 # -- approvals ---------------------------------------------------------------------------
@@ -163,22 +163,7 @@ def ask_approval(
         created_at=now,
         expires_at=now + run.approval_ttl,
     )
-    events.append(
-        record.ApprovalRequested(
-            at=now,
-            step=number,
-            approval_id=request.id,
-            capability=cap.name,
-            version=cap.version,
-            args=args_json,
-            preview=preview,
-            digest=digest.hex(),
-            reasons=decision.reasons,
-            rule_ids=decision.rule_ids,
-            approvers=request.approvers,
-            expires_at=request.expires_at,
-        )
-    )
+    events.append(requested_event(request, args_json, preview))
     error = policy_error(cap, decision)
     parked = ApprovalRequired(
         f"{error.message}; approval request {request.id} waits for a person "
@@ -208,6 +193,26 @@ def ask_approval(
     )
     parked.outcome = outcome
     return outcome
+
+
+def requested_event(
+    request: ApprovalRow, args: dict[str, Any], preview: dict[str, Any] | None
+) -> record.ApprovalRequested:
+    """Return the record's `approval_requested` event for a new request."""
+    return record.ApprovalRequested(
+        at=request.created_at,
+        step=request.step,
+        approval_id=request.id,
+        capability=request.capability,
+        version=request.version,
+        args=args,
+        preview=preview,
+        digest=request.digest.hex(),
+        reasons=request.reasons,
+        rule_ids=request.rule_ids,
+        approvers=request.approvers,
+        expires_at=request.expires_at,
+    )
 
 
 def _why(decision: Decision) -> str:

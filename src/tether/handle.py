@@ -21,6 +21,7 @@ import anyio.to_thread
 from pydantic import BaseModel
 
 from tether import _canonical, _chain, gateway, plan, record
+from tether._approval_stage import requested_event
 from tether._chain import StoredEvent
 from tether.capability import Capability, Effect, Idempotency
 from tether.errors import (
@@ -242,18 +243,7 @@ class Run:
                 error_type="WriterLost",
                 message=why,
             ),
-            record.ApprovalRequested(
-                at=now,
-                step=number,
-                approval_id=request.id,
-                capability=capability,
-                version=request.version,
-                args=args,
-                digest=request.digest.hex(),
-                reasons=request.reasons,
-                rule_ids=request.rule_ids,
-                expires_at=request.expires_at,
-            ),
+            requested_event(request, args, None),
             request,
         )
 
