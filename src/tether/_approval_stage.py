@@ -235,6 +235,7 @@ def _preview(
         timeout=cap.timeout,
         clock=run.clock,
         pool=run.pool,
+        preview=True,
     )
     if done.error is not None or done.timed_out:
         failed = execution_error(cap, args, done)

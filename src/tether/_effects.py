@@ -79,6 +79,9 @@ class Execute:
     timeout: timedelta | None
     clock: Clock
     pool: Callable[[], ThreadPoolExecutor]
+    preview: bool = False
+    """A dry run asked for an approval request's preview, not the step's own call
+    (replay answers it from the request's recorded preview)."""
 
     def _done(
         self,

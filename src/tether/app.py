@@ -564,6 +564,7 @@ class Tether:
                 "head_seq": row.head_seq,
                 "head": row.head_hash.hex(),
                 "policy_version": self.policy.version,
+                "config": self._config_text(),
                 "capabilities": caps,
             }
         )
@@ -575,6 +576,15 @@ class Tether:
                     "event": _canonical.loads(ev.body),
                 }
             )
+
+    def _config_text(self) -> str | None:
+        """The policy file's text, for an export to replay under elsewhere."""
+        if self.config_path is None:
+            return None
+        try:
+            return self.config_path.read_text(encoding="utf-8")
+        except OSError:
+            return None  # removed since it loaded: the export still has the version
 
     # -- resources -------------------------------------------------------------------
 

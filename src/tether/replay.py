@@ -51,6 +51,7 @@ from tether.store import ApprovalStatus, Store
 __all__ = [
     "DecisionChange",
     "Divergence",
+    "Mode",
     "Prediction",
     "RecordedRun",
     "ReplayError",
@@ -484,6 +485,10 @@ class _Walk:
             if number is not None and e.get("kind") not in _RUN_LEVEL:
                 self.by_step.setdefault(int(number), []).append(e)
         self.proposed: deque[dict[str, Any]] = deque()
+        self.version_noted = False
+        """The policy version differs (said once, in the notes)."""
+        self.previews: dict[tuple[str, bytes], Any] = {}
+        """The recorded preview of each approval request, by capability and args."""
         self.seen = (
             0  # replayed events already compared (an index into the scratch record)
         )
@@ -555,7 +560,8 @@ class _Walk:
             self._diverge(None, "plan_admitted", None, "plan_admitted", exc.message)
             return
         new = self._fresh()
-        self._compare(None, [event], new)
+        # Named by the step it admits, so the report points at the plan's first step.
+        self._compare(run.steps + 1, [event], new, run_level=True)
         if self.replayer.mode == "what_if" and new:
             self._plan_changes(event, new[-1])
 
@@ -567,7 +573,7 @@ class _Walk:
             output_tokens=int(event.get("output_tokens", 0)),
             model=event.get("model"),
         )
-        self._compare(None, [event], self._fresh())
+        self._compare(None, [event], self._fresh(), run_level=True)
 
     def _decided(self, event: dict[str, Any]) -> None:
         """Apply a person's recorded decision to the scratch store."""
@@ -635,8 +641,15 @@ class _Walk:
             self._predict(number, cap, args, recorded)
         self.clock.set(_at(recorded[0]))
         attempts = deque(_attempts(recorded))
+        asked = next((e for e in recorded if e["kind"] == "approval_requested"), None)
+        seen_as = (name, _canonical.dumps(args))
+        if asked is not None:
+            self.previews[seen_as] = asked.get("preview")
+        # A step that found its request already pending recorded no preview of its
+        # own: it was the pending request's (the digest covers it).
+        preview = self.previews.get(seen_as)
         flow = gateway.step(run, cap, args, key=key, dry_run=dry_run)
-        _drive(flow, cap, attempts, self.clock)
+        _drive(flow, cap, attempts, preview, self.clock)
         self.report.steps += 1
         now = self._fresh()
         self._compare(number, recorded, now)
@@ -698,10 +711,12 @@ class _Walk:
         number: int | None,
         recorded: Sequence[dict[str, Any]],
         now: Sequence[dict[str, Any]],
+        *,
+        run_level: bool = False,
     ) -> None:
         mine = [e for e in recorded if e["kind"] not in _NOT_COMPARED]
         theirs = [e for e in now if e["kind"] not in _NOT_COMPARED]
-        if number is None:  # a run-level action: only its own kinds
+        if run_level:  # a plan admission or a usage charge: only its own kinds
             kinds = {e["kind"] for e in mine}
             theirs = [e for e in theirs if e["kind"] in kinds]
         for old, new in itertools.zip_longest(mine, theirs):
@@ -715,7 +730,13 @@ class _Walk:
                 self._diverge(number, old["kind"], None, _summary(old), _summary(new),
                               old, new)  # fmt: skip
                 return
-            name = _first_difference(old, new)
+            was, now = old.get("policy_version"), new.get("policy_version")
+            if was != now and not self.version_noted:
+                self.version_noted = True
+                self.report.notes.append(
+                    f"recorded under policy version {was}, replayed under {now}"
+                )
+            name = _first_difference(old, new, versions_differ=self.version_noted)
             if name is not None:
                 self._diverge(
                     number, old["kind"], name, old.get(name), new.get(name), old, new
@@ -856,6 +877,7 @@ def _drive(
     flow: Flow,
     cap: Capability[Any, Any],
     attempts: deque[_Attempt],
+    preview: Mapping[str, Any] | None,
     clock: _ReplayClock,
 ) -> record.Outcome:
     """Drive a step with the record standing in for every handler call."""
@@ -865,13 +887,35 @@ def _drive(
             effect = flow.send(reply)
         except StopIteration as done:
             return done.value  # type: ignore[no-any-return]  # the flow's return value
-        if isinstance(effect, Execute):
+        if isinstance(effect, Execute) and effect.preview:
+            reply = _recorded_preview(cap, preview)
+        elif isinstance(effect, Execute):
             reply = _recorded_result(cap, attempts, clock)
         elif isinstance(effect, Sleep):
             clock.sleep(effect.seconds)
             reply = None
         else:
             reply = effect.perform()  # the scratch store
+
+
+def _recorded_preview(
+    cap: Capability[Any, Any], preview: Mapping[str, Any] | None
+) -> Executed:
+    """An approval request's preview, as the record kept it."""
+    if preview is not None and isinstance(preview.get("output"), Mapping):
+        return Executed(
+            value=cap.output_model.model_validate(preview["output"]), duration_us=0
+        )
+    if preview is not None and "error" in preview:
+        message = str(preview.get("message", ""))
+        if preview["error"] == "step_timeout":
+            return Executed(timed_out=True, duration_us=0)
+        type_name, text = _split_failure(cap.name, message, None)
+        return Executed(error=_failure(type_name, text), duration_us=0)
+    return Executed(
+        error=_failure("NotInRecord", "the record has no preview for this request"),
+        duration_us=0,
+    )
 
 
 def _recorded_result(
@@ -918,9 +962,24 @@ def _split_failure(name: str, message: str, error_type: object) -> tuple[str, st
     return type_name, text
 
 
-def _first_difference(old: Mapping[str, Any], new: Mapping[str, Any]) -> str | None:
-    for name in sorted(set(old) | set(new)):
-        if name in IGNORED_FIELDS:
+_VERSIONED = frozenset({"policy_version", "digest"})
+"""Fields that change with the policy file's version (a grant's digest covers it):
+a new version alone is a note; what it changes shows in verdicts and rules."""
+
+
+_FIRST = ("verdict", "status", "admitted", "state", "rule_ids", "limit", "breaker")
+"""Fields a reader wants named first when several differ: the outcome, then why."""
+
+
+def _weight(name: str) -> tuple[int, str]:
+    return (_FIRST.index(name) if name in _FIRST else len(_FIRST), name)
+
+
+def _first_difference(
+    old: Mapping[str, Any], new: Mapping[str, Any], *, versions_differ: bool
+) -> str | None:
+    for name in sorted(set(old) | set(new), key=_weight):
+        if name in IGNORED_FIELDS or (versions_differ and name in _VERSIONED):
             continue
         if old.get(name) != new.get(name):
             if (

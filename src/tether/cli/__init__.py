@@ -21,6 +21,7 @@ import typer
 from tether.cli import (  # noqa: F401  # their commands register on import
     _approvals,
     _policy,
+    _replay,
     _runs,
     _status,
     _worker,
