@@ -38,7 +38,7 @@ from tether.replay import (
 )
 from tether.scenarios import SCENARIOS
 
-__all__ = ["apps_for", "scenario_of"]
+__all__ = ["apps_for", "config_of", "scenario_of"]
 
 _Target = Annotated[
     str,
@@ -101,7 +101,7 @@ class apps_for:  # used like a function: apps_for(...).get(run)
 
 
 @contextmanager
-def _config_of(recorded: RecordedRun) -> Iterator[Path | None]:
+def config_of(recorded: RecordedRun) -> Iterator[Path | None]:
     """The policy file an exported run carries, as a file, if it carries one."""
     text = recorded.header.get("config")
     if not isinstance(text, str):
@@ -158,7 +158,7 @@ def _replay(
         loaded = None if app is None else _load_app(app)
         replay_app = apps_for(loaded, db, stack).get(recorded)
         file = (
-            policy if policy is not None else stack.enter_context(_config_of(recorded))
+            policy if policy is not None else stack.enter_context(config_of(recorded))
         )
         replayer = (
             Replayer(replay_app, mode=mode)
