@@ -30,6 +30,7 @@ from tether.replay._report import (
     ReplayError,
     ReplayReport,
 )
+from tether.replay._scratch import Met, ScratchStore, met_by
 from tether.replay._world import (
     FirstRng,
     ReplayClock,
@@ -37,6 +38,7 @@ from tether.replay._world import (
     attempts,
     call_of,
     drive,
+    recorded_checks,
 )
 from tether.store import ApprovalStatus
 
@@ -156,6 +158,8 @@ class _Walk:
             if number is not None and e.get("kind") not in _RUN_LEVEL:
                 self.by_step.setdefault(int(number), []).append(e)
         self.proposed: deque[dict[str, Any]] = deque()
+        self.own_requests = set(approvals)
+        """Approval requests this run made (any other it waited on was another run's)."""
         self.version_noted = False
         """The policy version differs (said once, in the notes)."""
         self.previews: dict[tuple[str, bytes], Any] = {}
@@ -202,9 +206,10 @@ class _Walk:
 
     def _fresh(self) -> list[dict[str, Any]]:
         """The events the scratch run gained since the last call."""
-        stored = self.scratch.store.events(self.run_.id)
-        new = [_canonical.loads(e.body) for e in stored[self.seen :]]
-        self.seen = len(stored)
+        store = self.scratch.store
+        assert isinstance(store, ScratchStore)
+        new = store.events_since(self.run_.id, self.seen)
+        self.seen += len(new)
         return new
 
     # -- run-level events --------------------------------------------------------------
@@ -319,8 +324,16 @@ class _Walk:
         # A step that found its request already pending recorded no preview of its
         # own: it was the pending request's (the digest covers it).
         preview = self.previews.get(seen_as)
+        if cap.preconditions:
+            cap = recorded_checks(cap, recorded)
+        store = self.scratch.store
+        assert isinstance(store, ScratchStore)
+        store.met = met_by(recorded, self.own_requests)
         flow = gateway.step(run, cap, args, key=key, dry_run=dry_run)
-        drive(flow, cap, results, preview, self.clock)
+        try:
+            drive(flow, cap, results, preview, self.clock)
+        finally:
+            store.met = Met()
         self.report.steps += 1
         now = self._fresh()
         self._compare(number, recorded, now)
@@ -504,6 +517,7 @@ def _scratch_app(replayer: Replayer, clock: ReplayClock, ids: ReplayIds) -> Teth
     scratch.guards = replayer._guards  # the same module's class
     scratch.random = FirstRng()
     scratch.webhook = None
+    scratch.store = ScratchStore()
     return scratch
 
 
@@ -523,6 +537,10 @@ def _weight(name: str) -> tuple[int, str]:
 def _first_difference(
     old: Mapping[str, Any], new: Mapping[str, Any], *, versions_differ: bool
 ) -> str | None:
+    if old.keys() == new.keys() and all(
+        value == new[name] or name in IGNORED_FIELDS for name, value in old.items()
+    ):
+        return None  # the common case, without sorting field names
     for name in sorted(set(old) | set(new), key=_weight):
         if name in IGNORED_FIELDS or (versions_differ and name in _VERSIONED):
             continue

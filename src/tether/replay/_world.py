@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
@@ -131,6 +132,33 @@ def attempts(recorded: Sequence[dict[str, Any]]) -> Iterator[Attempt]:
             kind == "failed" and e.get("stage") in ("execute", "output")
         ):
             yield Attempt("failed", e)
+
+
+def recorded_checks(
+    cap: Capability[Any, Any], recorded: Sequence[dict[str, Any]]
+) -> Capability[Any, Any]:
+    """The capability with each precondition answering as the record says it did.
+
+    A precondition reads live state (is the version still the one expected?):
+    asked again it would read today's world, or call the upstream. So its
+    outcome is the world's and comes from the record; what replay checks is
+    that today's capability runs the same checks, in the same order.
+    """
+    checked = next((e for e in recorded if e["kind"] == "precondition_checked"), {})
+    failed, reason = checked.get("failed"), checked.get("reason")
+
+    def stand_in(name: str) -> Callable[[object], bool | str]:
+        def check(_args: object) -> bool | str:
+            return str(reason or f"{name} does not hold") if name == failed else True
+
+        check.__name__ = name
+        return check
+
+    twin = copy.copy(cap)
+    twin.preconditions = tuple(
+        stand_in(getattr(c, "__name__", type(c).__name__)) for c in cap.preconditions
+    )
+    return twin
 
 
 def drive(

@@ -1,0 +1,139 @@
+"""The scratch store a replay writes to, seeded with what other runs left behind.
+
+A recorded step may have met state that other runs made: a budget they had
+spent, a pending approval request for the same call, a finished call under the
+same idempotency key. The scratch store starts empty, so before each step the
+walk tells it what the record says the step met, and the store puts exactly
+that in place when the step's write arrives, keyed by what today's code asks
+for (the limit's scope and window, the request's digest). Today's code then
+decides against that state: a lowered budget refuses where the record shows
+room, a raised one admits where the record shows a refusal.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from decimal import Decimal
+from typing import Any
+
+from tether import _canonical
+from tether.store import Batch, Committed, KeyRecord, KeyState
+from tether.store._limits import LimitKind, to_us
+from tether.store.memory import MemoryStore
+
+__all__ = ["Met", "ScratchStore", "met_by"]
+
+_APPROVAL_ID = re.compile(r"\bapr_[0-9A-Za-z]+")
+
+
+@dataclass(slots=True, kw_only=True)
+class Met:
+    """What one recorded step met that its own run did not make."""
+
+    limits: dict[str, Mapping[str, Any]] = field(default_factory=dict)
+    """Recorded refusals by limit id: `used` and `held` as the step saw them."""
+    pending: str | None = None
+    """Another run's pending approval request the step waited on."""
+    key_output: Mapping[str, Any] | None = None
+    """A finished call's output the step was answered with (an idempotent hit)."""
+    key_origin: tuple[str, int] | None = None
+
+
+def met_by(recorded: Sequence[Mapping[str, Any]], own_requests: set[str]) -> Met:
+    """Read from a step's recorded events what it met outside its run."""
+    met = Met()
+    for e in recorded:
+        kind = e["kind"]
+        if kind == "limit_refused":
+            met.limits[str(e["limit"])] = e
+        elif kind == "idempotent_hit" and e.get("original_run"):
+            met.key_output = e.get("output")
+            met.key_origin = (str(e["original_run"]), int(e["original_step"]))
+        elif (
+            kind == "failed"
+            and e.get("stage") == "policy"
+            and e.get("error_code") == "approval_required"
+            and not any(x["kind"] == "approval_requested" for x in recorded)
+        ):
+            found = _APPROVAL_ID.search(str(e.get("message", "")))
+            if found and found.group() not in own_requests:
+                met.pending = found.group()
+    return met
+
+
+class ScratchStore(MemoryStore):
+    """A memory store that puts in place, at a step's write, what the step met."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.met = Met()
+
+    def commit(self, batch: Batch) -> Committed:
+        """Seed what the current step met, then commit as the memory store does."""
+        met = self.met
+        if met.limits and batch.reserve:
+            self._seed_limits(batch, met.limits)
+        pending = met.pending
+        if pending is not None and batch.approval and pending not in self._approvals:
+            # Another run's request for the same call: same digest, still pending.
+            self._approvals[pending] = replace(batch.approval, id=pending)
+        if met.key_output is not None and batch.claim is not None:
+            self._seed_key(batch, met)
+        return super().commit(batch)
+
+    def events_since(self, run_id: str, start: int) -> list[dict[str, Any]]:
+        """The run's events from position `start` on, as JSON data.
+
+        `events()` encodes and chains the whole record each time: a walk that
+        reads after every step would be quadratic in the run's length.
+        """
+        with self._lock:
+            new = self._runs[run_id].events[start:]
+        return [_canonical.loads(_canonical.dumps_fields(e)) for e in new]
+
+    def _seed_limits(
+        self, batch: Batch, refused: Mapping[str, Mapping[str, Any]]
+    ) -> None:
+        tables = self._tables
+        now = to_us(batch.at)
+        for r in batch.reserve:
+            seen = refused.get(r.limit_id)
+            if seen is None or r.kind is LimitKind.RATE:
+                continue  # a rate limit's state is a time, not a count: not seeded
+            used, held, _ = tables.usage(r.limit_id, r.scope, r.window, now)
+            want_used = Decimal(str(seen.get("used", 0)))
+            want_held = Decimal(str(seen.get("held", 0)))
+            if r.kind is LimitKind.CONCURRENCY:
+                for n in range(int(want_used) - int(used + held)):
+                    tables.add_hold(
+                        r.limit_id, r.scope, r.window, "replay:other", n,
+                        Decimal(1), r.hold_until or now + 1, charged=False,
+                    )  # fmt: skip
+                continue
+            if want_used > used:
+                tables.set_counter(r.limit_id, r.scope, r.window, want_used, now)
+            if want_held > held:
+                tables.add_hold(
+                    r.limit_id, r.scope, r.window, "replay:other", 0,
+                    want_held - held, r.hold_until or now + 1, charged=False,
+                )  # fmt: skip
+
+    def _seed_key(self, batch: Batch, met: Met) -> None:
+        claim = batch.claim
+        assert claim is not None
+        assert met.key_origin is not None
+        if claim.id in self._keys:
+            return
+        run_id, step = met.key_origin
+        self._keys[claim.id] = KeyRecord(
+            state=KeyState.COMPLETED,
+            fingerprint=claim.fingerprint,  # the same args: it answered the step
+            run_id=run_id,
+            step=step,
+            output=_canonical.dumps(met.key_output),
+            claimed_at=claim.now,
+            lease_until=claim.lease_until,
+            completed_at=claim.now,
+        )
