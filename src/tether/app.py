@@ -536,15 +536,21 @@ class Tether:
     def export(self, run_id: str) -> Iterator[bytes]:
         """Yield a run's record as JSON lines: a header, then one line per event.
 
-        The header holds the run, its chain head and the declarations of the
-        capabilities it called, so the file can be checked and replayed elsewhere.
+        The header holds the run, its chain head, the declarations of the
+        capabilities it called and the policy version it ran under, with the
+        `tether.yaml` text when the app's file is still that version, so the
+        file can be checked and replayed elsewhere.
 
         Raises:
             NotFound: no such run.
         """
         row = self.store.get_run(run_id)
         events = self.store.events(row.run_id)
-        names = sorted({str(e.data().get("capability")) for e in events} - {"None"})
+        data = [e.data() for e in events]
+        names = sorted({str(d.get("capability")) for d in data} - {"None"})
+        versions = {str(d["policy_version"]) for d in data if d.get("policy_version")}
+        ran_under = next(iter(versions)) if len(versions) == 1 else None
+        same_policy = versions <= {self.policy.version}
         caps: dict[str, dict[str, object] | None] = {}
         for name in names:
             try:
@@ -563,8 +569,10 @@ class Tether:
                 "created_at": row.created_at,
                 "head_seq": row.head_seq,
                 "head": row.head_hash.hex(),
-                "policy_version": self.policy.version,
-                "config": self._config_text(),
+                "policy_version": ran_under or self.policy.version,
+                # The file's text only when it is the version the run ran under:
+                # a file edited since would replay the run under another policy.
+                "config": self._config_text() if same_policy else None,
                 "capabilities": caps,
             }
         )

@@ -145,6 +145,8 @@ def step(  # the design's list, in order
             version=cap.version,
             effect=cap.effect,  # a StrEnum: encodes as its value
             args=args_json,
+            key=key,
+            dry_run=dry_run,
         )
     )
 

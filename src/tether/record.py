@@ -220,8 +220,12 @@ class Validated:
     at: datetime
     """When the stage ran, aware UTC."""
     capability: str
+    dry_run: bool = False
+    """The caller asked for a dry run (a policy may still force one)."""
     effect: str
     """The capability's declared effect: `read`, `write` or `destructive`."""
+    key: str | None = None
+    """The caller's idempotency key, if it gave one (replay calls the step again with it)."""
     kind: Literal["validated"] = "validated"
     step: int | None = None
     """The step's number in the run, from 1; None for run-level events."""

@@ -15,11 +15,19 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
 from tether import _canonical
-from tether.store import Batch, Committed, KeyRecord, KeyState
+from tether.store import (
+    ApprovalRow,
+    ApprovalStatus,
+    Batch,
+    Committed,
+    KeyRecord,
+    KeyState,
+)
 from tether.store._limits import LimitKind, to_us
 from tether.store.memory import MemoryStore
 
@@ -39,6 +47,8 @@ class Met:
     key_output: Mapping[str, Any] | None = None
     """A finished call's output the step was answered with (an idempotent hit)."""
     key_origin: tuple[str, int] | None = None
+    grant: Mapping[str, Any] | None = None
+    """Another run's approved request the step ran under (its `approval_used`)."""
 
 
 def met_by(recorded: Sequence[Mapping[str, Any]], own_requests: set[str]) -> Met:
@@ -48,6 +58,8 @@ def met_by(recorded: Sequence[Mapping[str, Any]], own_requests: set[str]) -> Met
         kind = e["kind"]
         if kind == "limit_refused":
             met.limits[str(e["limit"])] = e
+        elif kind == "approval_used" and str(e["approval_id"]) not in own_requests:
+            met.grant = e
         elif kind == "idempotent_hit" and e.get("original_run"):
             met.key_output = e.get("output")
             met.key_origin = (str(e["original_run"]), int(e["original_step"]))
@@ -82,6 +94,37 @@ class ScratchStore(MemoryStore):
         if met.key_output is not None and batch.claim is not None:
             self._seed_key(batch, met)
         return super().commit(batch)
+
+    def latest_approval(
+        self, tenant: str, principal_id: str, digest: bytes
+    ) -> ApprovalRow | None:
+        """Answer as the store did: with another run's approved request, if one was used."""
+        used = self.met.grant
+        if used is not None and str(used["approval_id"]) not in self._approvals:
+            when = datetime.fromisoformat(str(used["at"]).replace("Z", "+00:00"))
+            self._approvals[str(used["approval_id"])] = ApprovalRow(
+                id=str(used["approval_id"]),
+                run_id="replay:other-run",
+                step=0,
+                tenant=tenant,
+                principal_id=principal_id,
+                on_behalf_of=None,
+                capability="",
+                version="",
+                args=b"{}",
+                preview=None,
+                digest=digest,  # made for exactly this call, as the grant was
+                policy_version="",
+                rule_ids=(),
+                reasons=(),
+                approvers=(),
+                status=ApprovalStatus.APPROVED,
+                created_at=when,
+                expires_at=when + timedelta(days=1),
+                decided_by=str(used.get("decided_by")),
+                decided_at=when,
+            )
+        return super().latest_approval(tenant, principal_id, digest)
 
     def events_since(self, run_id: str, start: int) -> list[dict[str, Any]]:
         """The run's events from position `start` on, as JSON data.

@@ -136,7 +136,12 @@ class _Walk:
             )
         first = self.events[0]
         fmt = first.get("format", 1)
-        if not isinstance(fmt, int) or fmt > record.FORMAT:
+        if type(fmt) is not int:
+            raise ReplayError(
+                f"{recorded.source}: record format {fmt!r} is not a format version "
+                "(a whole number); the record is damaged: export it again"
+            )
+        if fmt > record.FORMAT:
             raise ReplayError(
                 f"{recorded.source}: record format {fmt} is newer than this tether "
                 f"reads ({record.FORMAT}); upgrade tether to replay it"
@@ -400,6 +405,10 @@ class _Walk:
     ) -> None:
         mine = [e for e in recorded if e["kind"] not in _NOT_COMPARED]
         theirs = [e for e in now if e["kind"] not in _NOT_COMPARED]
+        if not run_level:
+            # A step that finds its request lapsed records the expiry as a decision;
+            # decisions are walked where the record has them (see _decided).
+            theirs = [e for e in theirs if e["kind"] != "approval_decided"]
         if run_level:  # a plan admission or a usage charge: only its own kinds
             kinds = {e["kind"] for e in mine}
             theirs = [e for e in theirs if e["kind"] in kinds]
@@ -542,6 +551,8 @@ def _first_difference(
     ):
         return None  # the common case, without sorting field names
     for name in sorted(set(old) | set(new), key=_weight):
+        if name not in old and name in new:
+            continue  # a field added since the record was written: nothing to compare
         if name in IGNORED_FIELDS or (versions_differ and name in _VERSIONED):
             continue
         if old.get(name) != new.get(name):

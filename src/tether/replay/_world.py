@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import re
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -27,6 +28,10 @@ __all__ = [
 ]
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+_IN_DOUBT = re.compile(r"did not finish cleanly \((.*)\); its effect is unknown", re.S)
+"""The handler's own error inside an `in_doubt` message (gateway.step writes it)."""
+_TIMED_OUT = re.compile(r": did not (finish|start) within its [0-9.e+]+s timeout")
 
 
 class ReplayClock:
@@ -105,6 +110,10 @@ def call_of(
         name, args = str(proposal["capability"]), dict(proposal.get("args") or {})
     else:
         return None
+    if validated is not None and "key" in validated:
+        # Since the record keeps the caller's key and dry-run flag, they are read
+        # as given; older records have them only where the step got far enough.
+        return name, args, validated["key"], bool(validated.get("dry_run"))
     key = None
     if "intent" in by_kind:
         key = by_kind["intent"].get("key")
@@ -235,6 +244,12 @@ def _recorded_result(
         )
     if code == "usage_error":
         return Executed(error=UsageError(message), duration_us=duration)
+    if e["kind"] == "in_doubt":
+        inner = _IN_DOUBT.search(message)
+        message = inner.group(1) if inner else message
+        if _TIMED_OUT.search(message):
+            running = "may still be running" in message
+            return Executed(timed_out=True, still_running=running, duration_us=duration)
     type_name, text = _split_failure(cap.name, message, e.get("error_type"))
     return Executed(error=_failure(type_name, text), duration_us=duration)
 
