@@ -41,7 +41,6 @@ from rich.table import Table
 import tether
 from call_path import Bar, _cpu_model, _git, _pressure, bars_json, bars_table
 from tether import _canonical, _chain
-from tether.agent import run_agent
 from tether.replay import RecordedRun, Replayer
 from tether.scenarios import SCENARIOS
 
@@ -63,13 +62,7 @@ limits:
 
 def _record(app: tether.Tether) -> str:
     scenario = SCENARIOS["cloud-ops"]
-    run = run_agent(
-        app,
-        scenario.planner(),
-        principal=scenario.principal,
-        request=scenario.request,
-        context=scenario.context,
-    )
+    run = scenario.run(app)
     return run.id
 
 

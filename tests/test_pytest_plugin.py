@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 import tether
-from tether.agent import run_agent
 from tether.scenarios import SCENARIOS
 
 RULE = """\
@@ -36,13 +35,7 @@ def export_demo(folder: Path, policy: str | None) -> Path:
     scenario = SCENARIOS["cloud-ops"]
     with tether.Tether(db="memory://", config=config, env={}) as app:
         scenario.setup(app)
-        run = run_agent(
-            app,
-            scenario.planner(),
-            principal=scenario.principal,
-            request=scenario.request,
-            context=scenario.context,
-        )
+        run = scenario.run(app)
         target = folder / "tests" / "incident.tether.jsonl"
         target.parent.mkdir(exist_ok=True)
         target.write_bytes(b"".join(line + b"\n" for line in app.export(run.id)))

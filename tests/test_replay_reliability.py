@@ -33,7 +33,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 import tether
 from tether import _canonical, _chain
-from tether.agent import run_agent
 from tether.cli import main
 from tether.clock import SystemClock
 from tether.policy import RulesConfig, RuleSet
@@ -95,13 +94,7 @@ def demo(config: Path | None) -> tuple[tether.Tether, RecordedRun]:
     """Run the cloud-ops demo on a fresh `memory://` app; return it and the record."""
     app = tether.Tether(db="memory://", config=config, env={})
     SCENARIO.setup(app)
-    run = run_agent(
-        app,
-        SCENARIO.planner(),
-        principal=SCENARIO.principal,
-        request=SCENARIO.request,
-        context=SCENARIO.context,
-    )
+    run = SCENARIO.run(app)
     assert run.status is tether.RunState.SUCCEEDED
     return app, RecordedRun.from_store(app.store, run.id)
 
@@ -271,13 +264,7 @@ def record_corpus(config: Path) -> tuple[tether.Tether, list[RecordedRun]]:
     SCENARIO.setup(app)
     runs = []
     for _ in range(4):
-        run = run_agent(
-            app,
-            SCENARIO.planner(),
-            principal=SCENARIO.principal,
-            request=SCENARIO.request,
-            context=SCENARIO.context,
-        )
+        run = SCENARIO.run(app)
         runs.append(run.id)
         clock.advance(timedelta(minutes=20))
     rng = random.Random(SEED)

@@ -180,13 +180,7 @@ def test_registry_describes_cloud_ops_with_a_fresh_world_per_app(
     for _ in range(2):
         with temporary_app() as app:
             scenario.setup(app)
-            run = run_agent(
-                app,
-                scenario.planner(),
-                principal=scenario.principal,
-                request=scenario.request,
-                context=scenario.context,
-            )
+            run = scenario.run(app)
             statuses.append(run.status)
 
     assert scenario.name == "cloud-ops"

@@ -14,7 +14,6 @@ from rich.table import Table
 from rich.text import Text
 
 from tether import _canonical
-from tether.agent import run_agent
 from tether.app import Tether
 from tether.cli._common import (
     _OK_STATUSES,
@@ -323,13 +322,7 @@ def _demo(
         )
     with _open(db) as app:
         chosen.setup(app)
-        run = run_agent(
-            app,
-            chosen.planner(),
-            principal=chosen.principal,
-            request=chosen.request,
-            context=chosen.context,
-        )
+        run = chosen.run(app)
         doc = _timeline(app, run.id)
         url = app.store.url  # the store's URL carries no secrets
     if as_json:

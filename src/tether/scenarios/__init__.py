@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from tether.agent import Planner
+from tether.agent import Planner, run_agent
 from tether.app import Tether
+from tether.handle import Run
 from tether.principal import Principal
 from tether.scenarios import cloud_ops
 
@@ -47,6 +48,16 @@ class Scenario:
     """Who the agent acts as."""
     context: Mapping[str, Any] = field(default_factory=dict)
     """Recorded with the run; holds `scenario` so tools can find the capabilities."""
+
+    def run(self, app: Tether) -> Run:
+        """Run the scripted agent once on `app` (set up with `setup` first)."""
+        return run_agent(
+            app,
+            self.planner(),
+            principal=self.principal,
+            request=self.request,
+            context=self.context,
+        )
 
 
 SCENARIOS: Mapping[str, Scenario] = MappingProxyType(
