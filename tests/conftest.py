@@ -1,4 +1,8 @@
-"""Fixtures shared by the whole suite: an app on a fresh SQLite file, a fake clock."""
+"""Fixtures shared by the whole suite: an app on a fresh SQLite file, a fake clock.
+
+The PostgreSQL fixtures (`postgres_database`, `postgres_urls`, `postgres_url`)
+live in `_postgres.py`.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,10 @@ from collections.abc import Iterator
 import pytest
 
 import tether
+from _postgres import postgres_database, postgres_url, postgres_urls
 from tether.testing import FakeClock, temporary_app
+
+__all__ = ["postgres_database", "postgres_url", "postgres_urls"]
 
 
 @pytest.fixture

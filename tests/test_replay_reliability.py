@@ -558,7 +558,7 @@ def test_a_tighter_rule_threshold_diverges_first_at_the_log_search(
 def test_a_tighter_input_schema_diverges_first_at_the_log_search(
     tmp_path: Path, recorded_demo: tuple[tether.Tether, RecordedRun]
 ) -> None:
-    """`logs.search` re-declared with a 3-character query refuses step 2's recorded args."""
+    """`logs.search` redeclared with a 3-character query refuses step 2's recorded args."""
     app, recorded = recorded_demo
     variant = tighter_logs_app(app, tmp_path / "tether.yaml")
 

@@ -202,7 +202,10 @@ def record_key(db_url: str, env: Mapping[str, str] | None = None) -> bytes | Non
     """Return the key that signs chain heads for the database at `db_url`.
 
     `TETHER_RECORD_KEY` wins (hex, or any text); else, for a SQLite file, the
-    key file beside it, created on first use with mode 0600; else None.
+    key file beside it, created on first use with mode 0600; else None, and
+    chain heads are left unsigned. A PostgreSQL database gets no key file: its
+    workers run on many hosts, which must all sign with one key, so the key is
+    `TETHER_RECORD_KEY`, set alike on every host (kept outside the database).
     """
     env = os.environ if env is None else env
     given = env.get("TETHER_RECORD_KEY")

@@ -2,7 +2,8 @@
 
 Each test runs against every backend through the `store` fixture; a backend
 that behaves differently from the others fails here, on a laptop, before any
-call path notices. PostgreSQL joins the parameter list when its backend lands.
+call path notices. The PostgreSQL cases use the server of `_postgres.py`, each
+on a fresh schema.
 """
 
 from __future__ import annotations
@@ -37,14 +38,19 @@ ARGS_FP = b"\x01" * 32
 OTHER_FP = b"\x02" * 32
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+BACKENDS = ["memory", "sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+
+
+@pytest.fixture(params=BACKENDS)
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
     """A fresh, empty store of each backend."""
-    urls = {
-        "memory": "memory://",
-        "sqlite": f"sqlite:///{tmp_path / 'tether.db'}?synchronous=normal",
-    }
-    s = open_store(urls[request.param], record_key=b"conformance-key")
+    if request.param == "postgres":
+        url = request.getfixturevalue("postgres_url")
+    elif request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'tether.db'}?synchronous=normal"
+    else:
+        url = "memory://"
+    s = open_store(url, record_key=b"conformance-key")
     yield s
     s.close()
 

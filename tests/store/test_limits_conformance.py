@@ -1,7 +1,7 @@
 """Limits behave the same on every store backend (RELIABILITY F.37 for C's limits).
 
-Each test drives a `Tether` app, as a user would, on `memory://` and on a SQLite
-file, and reads the outcome three ways: what the step returned, what its record
+Each test drives a `Tether` app, as a user would, on `memory://`, on a SQLite
+file and on PostgreSQL (a fresh schema per app, see `_postgres.py`), and reads the outcome three ways: what the step returned, what its record
 says, and what `store.limit_rows` holds. The fake clock moves time; nothing sleeps.
 """
 
@@ -84,7 +84,9 @@ def capabilities(handler: Handler) -> list[tether.Capability[ChargeIn, ChargeOut
     ]
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(
+    params=["memory", "sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+)
 def backend(request: pytest.FixtureRequest) -> str:
     """The store backend under test."""
     return str(request.param)
@@ -104,21 +106,29 @@ def handler() -> Handler:
 
 @pytest.fixture
 def make_app(
-    backend: str, tmp_path: Path, clock: FakeClock, handler: Handler
+    backend: str,
+    tmp_path: Path,
+    clock: FakeClock,
+    handler: Handler,
+    request: pytest.FixtureRequest,
 ) -> Iterator[Callable[[str], tether.Tether]]:
     """Return a function that opens a fresh app on the backend with `limits:` as given."""
     opened: list[tether.Tether] = []
+    fresh_postgres: Callable[[], str] | None = (
+        request.getfixturevalue("postgres_urls") if backend == "postgres" else None
+    )
 
     def make(limits: str) -> tether.Tether:
         folder = tmp_path / f"app-{len(opened)}"
         folder.mkdir()
         config = folder / "tether.yaml"
         config.write_text(f"limits:\n{limits}")
-        db = (
-            "memory://"
-            if backend == "memory"
-            else f"sqlite:///{folder / 'tether.db'}?synchronous=normal"
-        )
+        if fresh_postgres is not None:
+            db = fresh_postgres()
+        elif backend == "sqlite":
+            db = f"sqlite:///{folder / 'tether.db'}?synchronous=normal"
+        else:
+            db = "memory://"
         app = tether.Tether(db=db, config=config, env={}, clock=clock)
         app.register(*capabilities(handler))
         opened.append(app)

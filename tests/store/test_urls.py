@@ -31,7 +31,9 @@ def test_sqlite_url_takes_the_synchronous_option(tmp_path: Path) -> None:
         ("sqlite://", "has no file path"),
         ("sqlite:///x.db?journal=wal", r"unknown option\(s\) journal"),
         ("sqlite:///x.db?synchronous=off", "synchronous must be full or normal"),
-        ("postgresql://u:hunter2@db/tether", "not built yet"),
+        ("postgresql://u:hunter2@db/tether?flavour=x", r"invalid URI query parameter"),
+        ("postgres://u:hunter2@db/tether?pool_size=0", "pool_size must be"),
+        ("postgresql://u:hunter2@db/tether?pool_size=many", "pool_size must be"),
         ("mysql://db/tether", "not one tether knows"),
     ],
 )

@@ -1,11 +1,14 @@
 """Durable state: the store interface and its backends.
 
 `open_store(url)` picks the backend from the URL: `sqlite:///path/to/file.db`
-(optionally `?synchronous=normal`) or `memory://`.
+(optionally `?synchronous=normal`), `postgresql://user@host:port/dbname`
+(optionally `?pool_size=N`, beside libpq's own parameters) or `memory://`.
+`PostgresStore` is imported on first use: it needs the `postgres` extra.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
 from tether.errors import ConfigError
@@ -29,6 +32,9 @@ from tether.store._base import (
 from tether.store.memory import MemoryStore
 from tether.store.sqlite import SQLiteStore
 
+if TYPE_CHECKING:
+    from tether.store.postgres import PostgresStore
+
 __all__ = [
     "ApprovalRow",
     "ApprovalStatus",
@@ -44,6 +50,7 @@ __all__ = [
     "MemoryStore",
     "NewRun",
     "PendingExists",
+    "PostgresStore",
     "RunRow",
     "SQLiteStore",
     "Store",
@@ -51,6 +58,24 @@ __all__ = [
     "safe_url",
     "sqlite_path",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # psycopg is an optional extra: import the PostgreSQL backend only when asked.
+    if name == "PostgresStore":
+        return _postgres().PostgresStore
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _postgres() -> Any:
+    try:
+        from tether.store import postgres
+    except ImportError as exc:
+        raise ConfigError(
+            f"the PostgreSQL backend needs psycopg ({exc}); "
+            "pip install 'tether[postgres]'"
+        ) from exc
+    return postgres
 
 
 def sqlite_path(url: str) -> str | None:
@@ -78,11 +103,12 @@ def open_store(url: str, *, record_key: bytes | None = None) -> Store:
     """Open the store named by `url`.
 
     Raises:
-        ConfigError: the URL names no backend tether has.
-        StoreError: the database cannot be opened.
+        ConfigError: the URL names no backend tether has, or an option it does
+            not know (a PostgreSQL URL may carry libpq's parameters).
+        StoreError: the database cannot be opened (or the server reached).
     """
     parts = urlsplit(url)
-    url = safe_url(url)  # every message below quotes it
+    given, url = url, safe_url(url)  # every message below quotes the safe one
     if parts.scheme == "memory":
         return MemoryStore()
     if parts.scheme == "sqlite":
@@ -103,12 +129,10 @@ def open_store(url: str, *, record_key: bytes | None = None) -> Store:
                 f"database URL {url!r}: synchronous must be full or normal, got {sync!r}"
             )
         return SQLiteStore(path, synchronous=sync, record_key=record_key)  # type: ignore[arg-type]  # checked above
-    if parts.scheme.startswith("postgres"):
-        raise ConfigError(
-            f"database URL {url!r}: the PostgreSQL backend is not built yet; "
-            "use sqlite:///path/to/file.db"
-        )
+    if parts.scheme in ("postgresql", "postgres"):
+        store: Store = _postgres().PostgresStore(given, record_key=record_key)
+        return store
     raise ConfigError(
-        f"database URL {url!r} is not one tether knows; use sqlite:///path/to/file.db "
-        "or memory://"
+        f"database URL {url!r} is not one tether knows; use sqlite:///path/to/file.db, "
+        "postgresql://user@host:port/dbname or memory://"
     )

@@ -508,22 +508,25 @@ class SQLiteStore(Store):
         lost = ",".join("?" * len(orphaned)) or "NULL"
         try:
             with self._write() as con:
-                cur = con.execute(
+                # RETURNING, not a read after COMMIT: by then another worker may
+                # have taken the run over again, and its epoch is not ours.
+                rows = con.execute(
                     f"UPDATE runs SET epoch=epoch+1 WHERE run_id=? AND epoch=? "  # noqa: S608  # placeholders only
-                    f"AND (status IN ({marks}) OR (status IN ({lost}) AND lease_until <= ?))",
+                    f"AND (status IN ({marks}) OR (status IN ({lost}) AND lease_until <= ?)) "
+                    f"RETURNING {_RUN_COLUMNS}",
                     (row.run_id, row.epoch, *parked, *orphaned, at),
-                )
-                taken = cur.rowcount == 1
+                ).fetchall()  # every row: a RETURNING statement left open blocks COMMIT
+                taken = rows[0] if rows else None
         except sqlite3.Error as exc:
             raise StoreError(f"cannot take over run {run_id}: {exc}") from exc
-        if not taken:
+        if taken is None:
             now_row = self.get_run(row.run_id)
             raise UsageError(
                 f"run {row.run_id} is {now_row.status} (epoch {now_row.epoch}), not parked "
                 "and not orphaned: only a parked run, or one whose writer's lease ran "
                 "out, can be resumed"
             )
-        return self.get_run(row.run_id)
+        return _run_row(taken)
 
     # -- approvals ----------------------------------------------------------------
 
