@@ -28,6 +28,7 @@ from tether.store._limits import (
     BreakerState,
     LimitBlocked,
     LimitKind,
+    Reserve,
     Settle,
 )
 
@@ -255,6 +256,39 @@ def after(seconds: float) -> str:
     if minutes == 60:
         hours, minutes = hours + 1, 0
     return f"in {hours}h {minutes}m" if minutes else f"in {hours}h"
+
+
+def charged_after(reserve: Reserve) -> bool:
+    """Tell whether a read may be charged this limit after it answers.
+
+    Counting limits may: a quota, a budget without a throttle. A concurrency
+    cap and a rate limit bound calls while they happen, and a throttle slows
+    a call before it starts: those are taken before.
+    """
+    return reserve.kind is LimitKind.QUOTA or (
+        reserve.kind is LimitKind.BUDGET and not reserve.throttle_max_us
+    )
+
+
+def reserved_event(
+    reserved: Sequence[Reserved], now: datetime, number: int, throttled_us: int = 0
+) -> record.LimitReserved:
+    """The `limit_reserved` event for a step's reservations."""
+    return record.LimitReserved(
+        at=now,
+        step=number,
+        limits=tuple(
+            {
+                "id": r.reserve.limit_id,
+                "scope": r.reserve.scope,
+                # text, as the record encodes a Decimal, without the encoder's
+                # slow path
+                "amount": str(r.reserve.amount),
+            }
+            for r in reserved
+        ),
+        throttled_us=throttled_us,
+    )
 
 
 def settlements(

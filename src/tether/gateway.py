@@ -298,11 +298,26 @@ def step(  # the design's list, in order
                     )
                 )  # fmt: skip
     room.grant = grant
-    needs_intent = not dry_run and (
-        cap.effect is not Effect.READ
-        or key_id is not None
-        or bool(room.reserved)
-        or grant is not None
+    # A read whose limits only count (quotas, budgets without a throttle) is
+    # charged after it answers, in the one write that records it: it acts on
+    # nothing, so running it before the check spends nothing a refusal must undo.
+    room.after = (
+        not dry_run
+        and cap.effect is Effect.READ
+        and key_id is None
+        and grant is None
+        and bool(room.reserved)
+        and all(_guards.charged_after(r.reserve) for r in room.reserved)
+    )
+    needs_intent = (
+        not dry_run
+        and not room.after
+        and (
+            cap.effect is not Effect.READ
+            or key_id is not None
+            or bool(room.reserved)
+            or grant is not None
+        )
     )
     if room.watch is not None and not needs_intent:
         # A read with nothing to reserve writes nothing before it runs: one look
@@ -313,7 +328,8 @@ def step(  # the design's list, in order
         if view.state is BreakerState.CLOSED and not moves:
             room.generation = view.generation
         else:
-            needs_intent = True
+            needs_intent, room.after = True, False
+    before = list(events)  # what a refusal after the answer records
 
     # claim key + record intent (fenced by the run's lease epoch), with the room
     if needs_intent:
@@ -423,14 +439,21 @@ def step(  # the design's list, in order
                 output=out_bytes,
                 now=end,
             )
-        yield run.commit(
-            events,
+        committed = yield run.commit(
+            _charged(room, events, len(before), number),
             key_update=update,
             keep_on_failure=needs_intent,
+            reserve=[r.reserve for r in room.reserved] if room.after else (),
             settle=settles,
             breaker_outcome=outcome_cmd,
             step=number,
         )
+        if committed.blocked is not None:
+            if cost and not dry_run:
+                run.cost -= cost
+            return (
+                yield from _refused_after(run, cap, room, before, committed, number)
+            )
         status = OutcomeStatus.DRY_RUN if dry_run else OutcomeStatus.EXECUTED
         return Outcome(
             status=status,
@@ -479,14 +502,17 @@ def step(  # the design's list, in order
             state=KeyState.IN_DOUBT if in_doubt else KeyState.FAILED,
             now=end,
         )
-    yield run.commit(
-        events,
+    committed = yield run.commit(
+        _charged(room, events, len(before), number),
         key_update=update,
         keep_on_failure=needs_intent,
+        reserve=[r.reserve for r in room.reserved] if room.after else (),
         settle=settles,
         breaker_outcome=outcome_cmd,
         step=number,
     )
+    if committed.blocked is not None:
+        return (yield from _refused_after(run, cap, room, before, committed, number))
     status = OutcomeStatus.IN_DOUBT if in_doubt else OutcomeStatus.FAILED
     outcome = Outcome(
         status=status,
@@ -519,6 +545,40 @@ class _Room:
     """The state of a stale or expired key record the claim replaced."""
     grant: ApprovalRow | None = None
     """The approved request the step runs under, spent with its intent."""
+    after: bool = False
+    """The read is charged after it answers, in the write that records it."""
+
+
+def _charged(
+    room: _Room, events: list[record.Event], before: int, number: int
+) -> list[record.Event]:
+    """The step's events, with its reservation after the checks when it is charged now."""
+    if not room.after:
+        return events
+    reserved = _guards.reserved_event(room.reserved, room.now, number)
+    return [*events[:before], reserved, *events[before:]]
+
+
+def _refused_after(
+    run: RunPort,
+    cap: Capability[Any, Any],
+    room: _Room,
+    before: list[record.Event],
+    committed: Committed,
+    number: int,
+) -> Flow:
+    """A read charged after it answered found no room: refused, its answer dropped."""
+    blocked = committed.blocked
+    assert blocked is not None
+    assert not isinstance(
+        blocked, (Throttled, PendingExists, GrantGone)
+    )  # not asked for
+    now = room.now
+    stage, error = _guards.refusal(cap, before, now, number, blocked, room.watch)
+    return (
+        yield from refuse(run, cap, before, now, number, stage, error,
+                          OutcomeStatus.REFUSED)
+    )  # fmt: skip
 
 
 def _reserve(
@@ -589,21 +649,7 @@ def _take_room(
         intent: list[record.Event] = []
         if room.reserved:
             intent.append(
-                record.LimitReserved(
-                    at=now,
-                    step=number,
-                    limits=tuple(
-                        {
-                            "id": r.reserve.limit_id,
-                            "scope": r.reserve.scope,
-                            # text, as the record encodes a Decimal, without the
-                            # encoder's slow path
-                            "amount": str(r.reserve.amount),
-                        }
-                        for r in room.reserved
-                    ),
-                    throttled_us=throttled_us,
-                )
+                _guards.reserved_event(room.reserved, now, number, throttled_us)
             )
         if room.grant is not None:
             intent.append(

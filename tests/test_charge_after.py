@@ -1,0 +1,168 @@
+"""A read whose limits only count is charged after it answers, in the write that records it.
+
+A read acts on nothing, so it may run before its quota or budget is checked:
+the check, the charge and the record are then one write (one commit on SQLite,
+one transaction on PostgreSQL) instead of an intent before and a result after.
+When the limit has no room by then, the step is refused and its answer dropped,
+and nothing is charged. Limits that bound a call while it happens (a
+concurrency cap, a rate, a budget's throttle) are still taken before it runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import BaseModel
+
+import tether
+from tether.record import OutcomeStatus
+from tether.store import Batch, Committed, Store
+from tether.testing import FakeClock
+
+PRINCIPAL = tether.Principal("ops-bot", tenant="acme")
+
+
+class QueryIn(BaseModel):
+    n: int
+
+
+class QueryOut(BaseModel):
+    n: int
+
+
+CALLS: list[int] = []
+
+
+@tether.capability("metrics.read", effect="read", cost=2)
+def query(args: QueryIn) -> QueryOut:
+    CALLS.append(args.n)
+    return QueryOut(n=args.n)
+
+
+class Counting:
+    """Wraps a store's `commit` to count the writes a step makes."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.real = store.commit
+        self.batches: list[Batch] = []
+
+    def __call__(self, batch: Batch) -> Committed:
+        self.batches.append(batch)
+        return self.real(batch)
+
+
+@pytest.fixture(params=["sqlite", "memory"])
+def app_for(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
+    """Return a function that opens an app with `limits` on each backend."""
+    opened: list[tether.Tether] = []
+
+    def make(limits: str) -> tuple[tether.Tether, Counting]:
+        config = tmp_path / f"tether-{len(opened)}.yaml"
+        config.write_text(f"limits:\n{limits}")
+        db = (
+            "memory://"
+            if request.param == "memory"
+            else f"sqlite:///{tmp_path / f'{len(opened)}.db'}?synchronous=normal"
+        )
+        app = tether.Tether(db=db, config=config, clock=FakeClock(), env={})
+        app.register(query)
+        counting = Counting(app.store)
+        app.store.commit = counting  # type: ignore[method-assign]  # counts writes
+        opened.append(app)
+        return app, counting
+
+    CALLS.clear()
+    yield make
+    for app in opened:
+        app.close()
+
+
+def kinds(app: tether.Tether, run_id: str) -> list[str]:
+    return [e.data()["kind"] for e in app.store.events(run_id)][2:]  # after the start
+
+
+def test_a_read_under_a_budget_is_checked_charged_and_recorded_in_one_write(
+    app_for: Any,
+) -> None:
+    app, writes = app_for(
+        "  - {id: reads, kind: budget, scope: tenant, per: day, amount: 10}\n"
+    )
+    with app.run(principal=PRINCIPAL, request="read") as run:
+        before = len(writes.batches)
+        out = run.call("metrics.read", {"n": 1})
+        during = len(writes.batches) - before
+
+    assert out.n == 1
+    assert during == 1
+    assert kinds(app, run.id)[:4] == [
+        "validated",
+        "decided",
+        "limit_reserved",
+        "executed",
+    ]
+    rows = {r.limit_id: r for r in app.store.limit_rows(app.clock.now())}
+    assert rows["reads"].used == Decimal(2)
+
+
+def test_a_read_past_its_budget_is_refused_after_answering_and_charged_nothing(
+    app_for: Any,
+) -> None:
+    app, _ = app_for(
+        "  - {id: reads, kind: budget, scope: tenant, per: day, amount: 5}\n"
+    )
+    with app.run(principal=PRINCIPAL, request="read") as run:
+        outcomes = [run.step("metrics.read", {"n": n}) for n in range(3)]
+
+    assert [o.status for o in outcomes] == [
+        OutcomeStatus.EXECUTED,
+        OutcomeStatus.EXECUTED,
+        OutcomeStatus.REFUSED,
+    ]
+    refused = outcomes[-1].error
+    assert isinstance(refused, tether.LimitExceeded)
+    assert refused.limit_id == "reads"
+    assert CALLS == [0, 1, 2]  # the third read ran: it acts on nothing
+    step3 = [e.data() for e in app.store.events(run.id) if e.data().get("step") == 3]
+    assert [e["kind"] for e in step3][-2:] == ["limit_refused", "failed"]
+    assert "executed" not in [e["kind"] for e in step3]
+    rows = {r.limit_id: r for r in app.store.limit_rows(app.clock.now())}
+    assert rows["reads"].used == Decimal(4)  # the refused read charged nothing
+
+
+def test_a_quota_counts_reads_charged_after_and_refuses_past_its_max(
+    app_for: Any,
+) -> None:
+    app, _ = app_for("  - {id: reads, kind: quota, scope: run, per: run, max: 2}\n")
+    with app.run(principal=PRINCIPAL, request="read") as run:
+        statuses = [run.step("metrics.read", {"n": n}).status for n in range(3)]
+
+    assert statuses[:2] == [OutcomeStatus.EXECUTED, OutcomeStatus.EXECUTED]
+    assert statuses[2] is OutcomeStatus.REFUSED
+
+
+@pytest.mark.parametrize(
+    "limit",
+    [
+        "  - {id: reads, kind: concurrency, max: 2}\n",
+        "  - {id: reads, kind: rate, rate: 100/s, burst: 10}\n",
+        "  - {id: reads, kind: budget, scope: tenant, per: day, amount: 1000,"
+        " throttle: {max_delay: 1s}}\n",
+    ],
+    ids=["concurrency", "rate", "throttled-budget"],
+)
+def test_limits_that_bound_a_call_while_it_runs_are_taken_before_it(
+    app_for: Any, limit: str
+) -> None:
+    app, writes = app_for(limit)
+    with app.run(principal=PRINCIPAL, request="read") as run:
+        before = len(writes.batches)
+        run.call("metrics.read", {"n": 1})
+        during = len(writes.batches) - before
+
+    assert during == 2  # the reservation before, the result after
+    assert "intent" in kinds(app, run.id)
