@@ -129,10 +129,12 @@ def _single(
     for _ in range(rounds):
         samples["baseline.pg.insert"] += _timed_loop(insert, seconds)
         with app.run(principal=who, request="bench") as run:
-            n = iter(range(10**9))
-            samples["tether.pg.read_budget"] += _timed_loop(
-                lambda: run.call("bench.read", {"n": next(n)}), seconds
-            )
+            numbers = iter(range(10**9))
+
+            def step(run: Any = run, numbers: Any = numbers) -> None:
+                run.call("bench.read", {"n": next(numbers)})
+
+            samples["tether.pg.read_budget"] += _timed_loop(step, seconds)
     app.close()
     conn.close()
     return samples
