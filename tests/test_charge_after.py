@@ -26,11 +26,11 @@ from tether.testing import FakeClock
 PRINCIPAL = tether.Principal("ops-bot", tenant="acme")
 
 
-class QueryIn(BaseModel):
+class MetricsArgs(BaseModel):
     n: int
 
 
-class QueryOut(BaseModel):
+class MetricsValue(BaseModel):
     n: int
 
 
@@ -38,9 +38,9 @@ CALLS: list[int] = []
 
 
 @tether.capability("metrics.read", effect="read", cost=2)
-def query(args: QueryIn) -> QueryOut:
+def query(args: MetricsArgs) -> MetricsValue:
     CALLS.append(args.n)
-    return QueryOut(n=args.n)
+    return MetricsValue(n=args.n)
 
 
 class Counting:
