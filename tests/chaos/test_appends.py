@@ -25,6 +25,7 @@ from tether import record
 pytestmark = pytest.mark.chaos
 
 DEADLINE_S = 9.0
+START_S = 60.0
 PROCESSES = 8
 SHARED = 6
 """Processes writing the shared file; the others write one file each."""
@@ -71,7 +72,7 @@ who = tether.Principal(f"agent-{name}", tenant="acme")
 done, errors = [], []
 
 Path(f"{go}.{name}.ready").touch()
-deadline = time.monotonic() + 8
+deadline = time.monotonic() + 60
 while not Path(go).exists():
     if time.monotonic() > deadline:
         sys.exit("no go file")
@@ -161,12 +162,15 @@ def test_eight_processes_append_without_breaking_or_forking(tmp_path: Path) -> N
             for i, db in enumerate(dbs)
         ]
         stack.callback(_kill_stragglers, procs)  # runs before each Popen's exit waits
-        deadline = time.monotonic() + DEADLINE_S
+        # Starting eight interpreters is not under test: on a busy 2-core machine
+        # it takes a while, so it gets its own, generous deadline.
+        started_by = time.monotonic() + START_S
         while len(list(tmp_path.glob("go.*.ready"))) < PROCESSES:
-            assert time.monotonic() < deadline, "workers did not start in time"
+            assert time.monotonic() < started_by, "workers did not start in time"
             assert all(p.poll() is None for p in procs), "a worker died at start"
             time.sleep(0.01)
         go.touch()  # every worker is ready: their appends start together
+        deadline = time.monotonic() + DEADLINE_S
         for proc in procs:
             out, err = proc.communicate(timeout=max(0.1, deadline - time.monotonic()))
             assert proc.returncode == 0, err[-2000:]
