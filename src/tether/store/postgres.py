@@ -321,15 +321,20 @@ class PostgresStore(Store):
                 # The connection broke (server restart, network): the pool drops
                 # it on return; check() drops its idle siblings, dead too.
                 self._pool.check()
-                if lost is None or reconnected:
-                    raise StoreError(
-                        f"cannot {what}: lost the connection to {self.url} "
-                        f"({_one_line(exc)}); check the server, then try again"
-                    ) from exc
-                reconnected = True
+                gone = StoreError(
+                    f"cannot {what}: lost the connection to {self.url} "
+                    f"({_one_line(exc)}); check the server, then try again"
+                )
+                if lost is None:
+                    raise gone from exc
+                # Asked after every loss, not just the first: a retry may land
+                # before its own connection goes, and its answer must stand.
                 answer = lost(exc)
                 if answer is not None:
                     return answer
+                if reconnected:
+                    raise gone from exc  # twice lost, nothing landed: give up
+                reconnected = True
             except psycopg.Error as exc:
                 raise StoreError(
                     f"cannot {what} in {self.url}: {_one_line(exc)}"
