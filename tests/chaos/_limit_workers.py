@@ -1,9 +1,10 @@
-"""Worker processes for the limits chaos tests (RELIABILITY C.19, C.21).
+"""Worker processes for the limits chaos tests (RELIABILITY C.19, C.20, C.21).
 
 Run as a module (`python -m chaos._limit_workers COMMAND ...`, see `spawner`):
-each command opens its own `Tether` on the SQLite file and `tether.yaml` the
-parent names, waits for the parent's go file when it is given one, calls a
-capability in a loop and prints one `RESULT` line of JSON. The capabilities
+each command opens its own `Tether` on the database (a SQLite file or a
+PostgreSQL schema, with the record key from `TETHER_RECORD_KEY` when set) and
+`tether.yaml` the parent names, waits for the parent's go file when it is
+given one, calls a capability in a loop and prints one `RESULT` line of JSON. The capabilities
 here keep their own account outside the database: `meter.hold` counts the
 calls in flight across every process in a counter file under `fcntl.flock`,
 so the parent can check a concurrency cap against what really ran at once.
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import functools
 import json
 import os
 import random
@@ -21,16 +23,26 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from pydantic import BaseModel
 
 import tether
+from tether.errors import HeadMoved
 
-from ._workers import IN_HANDLER, PRINCIPAL, READY, RESULT, Worker, spawning
+from ._workers import (
+    IN_HANDLER,
+    PRINCIPAL,
+    READY,
+    RESULT,
+    Worker,
+    spawning,
+    worker_env,
+)
 
 __all__ = [
+    "CALLED",
     "LimitWorker",
     "SpendIn",
     "SpendOut",
@@ -41,7 +53,11 @@ __all__ = [
     "spawner",
 ]
 
-GO_TIMEOUT_S = 10.0
+CALLED = "CALLED"
+CALM_TIMEOUT_S = 10.0
+"""How long `endure` tries to write a kept result once the chaos stopped."""
+GO_TIMEOUT_S = 60.0
+"""How long a worker waits for the parent's signal (8 interpreters start slowly)."""
 
 
 class SpendIn(BaseModel, extra="forbid"):
@@ -55,10 +71,14 @@ class SpendOut(BaseModel):
     actual: int
 
 
-def make_spend() -> tether.Capability[SpendIn, SpendOut]:
-    """Declare `meter.spend`: estimated at `args.cost`, settled at `args.actual`."""
+def make_spend(
+    on_call: Callable[[], None] | None = None,
+) -> tether.Capability[SpendIn, SpendOut]:
+    """Declare `meter.spend`: estimated at `args.cost`, settled at `args.actual`; `on_call` counts calls."""
 
     def spend(args: SpendIn) -> SpendOut:
+        if on_call is not None:
+            on_call()
         return SpendOut(actual=args.actual)
 
     return tether.capability(
@@ -140,18 +160,22 @@ def _tally(outcome: tether.Outcome) -> str:
 
 
 def _go(opts: argparse.Namespace) -> None:
-    print(READY, flush=True)
-    path = Path(opts.go)
+    _signal(READY, Path(opts.go))
+
+
+def _signal(marker: str, path: Path) -> None:
+    """Print `marker`, then wait for the parent to make `path`."""
+    print(marker, flush=True)
     deadline = time.monotonic() + GO_TIMEOUT_S
     while not path.exists():
         if time.monotonic() > deadline:
-            sys.exit(f"no go signal at {path} within {GO_TIMEOUT_S}s")
+            sys.exit(f"no signal at {path} within {GO_TIMEOUT_S}s")
         time.sleep(0.002)
 
 
 def spend(opts: argparse.Namespace) -> None:
     """Call `meter.spend` `--calls` times in one run; costs 1, or random ones from `--seed`."""
-    app = tether.Tether(db=opts.db, config=opts.config, env={})
+    app = tether.Tether(db=opts.db, config=opts.config, env=worker_env())
     app.register(make_spend())
     rng = random.Random(opts.seed)
     plan = []
@@ -170,9 +194,89 @@ def spend(opts: argparse.Namespace) -> None:
     print(RESULT + json.dumps({"runs": [run.id], "tally": tally}), flush=True)
 
 
+def _code(exc: tether.StoreError) -> str:
+    """Return the error's code; `record_moved` for a `HeadMoved` a run wrapped, and `landed_unknown` for a write the store could not tell landed."""
+    cause = exc.__cause__
+    if isinstance(cause, HeadMoved):
+        return cause.code
+    if "cannot tell whether it landed" in exc.message:  # PostgresStore._landed
+        return "landed_unknown"
+    return exc.code
+
+
+def endure(opts: argparse.Namespace) -> None:
+    """Call `meter.spend` (cost 1) `--calls` times in one run while the parent kills our sessions.
+
+    After the calls it prints `CALLED` and waits for the `--calm` file (the
+    parent has stopped the chaos), then writes what it keeps and ends the run.
+    Prints the tally of what this worker saw: `executed` and refusals as
+    `spend` does; `raised:CODE` for each step that raised a `StoreError`;
+    `kept` for a step whose handler ran but whose result could not be written
+    (the run keeps it and writes it first at its next write), and `late` when
+    such a result landed; `flush:CODE` for each failed try to write it at the
+    end; `unknown` for one still kept when the worker gave up on it; `handled`
+    for every call the handler took; `cut` for the operations whose connection
+    broke under them; `unfinished:CODE` when the run's end could not be
+    written. A `HeadMoved` the run wrapped counts under its own code,
+    `record_moved`, and a write the store cannot tell landed as
+    `landed_unknown`.
+    """
+    handled = [0]
+
+    def count() -> None:
+        handled[0] += 1
+
+    app = tether.Tether(db=opts.db, config=opts.config, env=worker_env())
+    app.register(make_spend(count))
+    tally: Counter[str] = Counter()
+    # The run opens before the chaos does: its first write is not what is tested.
+    run = app.run(principal=PRINCIPAL, request="endure").__enter__()
+    _go(opts)
+    for _ in range(opts.calls):
+        was_kept, before = run.has_pending(), handled[0]
+        try:
+            outcome = run.step("meter.spend", {"cost": 1, "actual": 1})
+        except tether.LeaseLost:
+            raise  # nobody else writes this run: a lost lease is a bug
+        except tether.StoreError as exc:
+            tally[f"raised:{_code(exc)}"] += 1
+            ran = handled[0] > before
+            # A kept result is written before the next step goes on: if this one
+            # ran, or nothing is kept now, the earlier one landed.
+            tally["late"] += was_kept and (ran or not run.has_pending())
+            tally["kept"] += ran
+            assert not ran or run.has_pending(), "a step ran and its result is gone"
+        else:
+            tally[_tally(outcome)] += 1
+            tally["late"] += was_kept
+    _signal(CALLED, Path(opts.calm))  # the parent stops the chaos
+    deadline = time.monotonic() + CALM_TIMEOUT_S
+    while run.has_pending() and time.monotonic() < deadline:
+        try:
+            run.flush_pending()
+        except tether.StoreError as exc:
+            tally[f"flush:{_code(exc)}"] += 1
+            if isinstance(exc, HeadMoved):
+                break  # with the chaos over, nothing will move the head back
+            time.sleep(0.05)
+        else:
+            tally["late"] += 1
+    tally["unknown"] += run.has_pending()
+    tally["handled"] = handled[0]
+    # Operations whose connection broke under them, as the store's pool counts
+    # them (psycopg_pool's stats): the proof that the chaos cut operations mid-flight.
+    tally["cut"] = app.store._pool.get_stats().get("returns_bad", 0)  # type: ignore[attr-defined]  # PostgresStore's pool
+    try:
+        run.__exit__(None, None, None)
+    except tether.StoreError as exc:
+        tally[f"unfinished:{_code(exc)}"] += 1
+    app.close()
+    print(RESULT + json.dumps({"runs": [run.id], "tally": tally}), flush=True)
+
+
 def hold(opts: argparse.Namespace) -> None:
     """Call `meter.hold` from `--threads` threads, `--calls` times each, one run per thread."""
-    app = tether.Tether(db=opts.db, config=opts.config, env={})
+    app = tether.Tether(db=opts.db, config=opts.config, env=worker_env())
     app.register(make_hold(Path(opts.counter), opts.hold))
     tally: Counter[str] = Counter()
     runs: list[str] = []
@@ -199,7 +303,7 @@ def hold(opts: argparse.Namespace) -> None:
 
 def hang(opts: argparse.Namespace) -> None:
     """Call `meter.block`, which blocks in its handler until the parent kills us."""
-    app = tether.Tether(db=opts.db, config=opts.config, env={})
+    app = tether.Tether(db=opts.db, config=opts.config, env=worker_env())
     app.register(make_block(hang=True))
     with app.run(principal=PRINCIPAL, request="block") as run:
         run.call("meter.block", {"n": 0})
@@ -209,13 +313,15 @@ def main(argv: Sequence[str]) -> None:
     """Parse the command line and run one command."""
     parser = argparse.ArgumentParser(prog="_limit_workers.py")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("spend", "hold", "hang"):
+    for name in ("spend", "endure", "hold", "hang"):
         cmd = sub.add_parser(name)
         cmd.add_argument("--db", required=True)
         cmd.add_argument("--config", required=True)
         if name != "hang":
             cmd.add_argument("--go", required=True)
             cmd.add_argument("--calls", type=int, required=True)
+        if name == "endure":
+            cmd.add_argument("--calm", required=True)
         if name == "spend":
             cmd.add_argument("--seed", type=int, default=0)
             cmd.add_argument("--random", action="store_true")
@@ -224,7 +330,8 @@ def main(argv: Sequence[str]) -> None:
             cmd.add_argument("--threads", type=int, default=3)
             cmd.add_argument("--hold", type=float, default=0.005)
     opts = parser.parse_args(argv)
-    {"spend": spend, "hold": hold, "hang": hang}[opts.command](opts)
+    commands = {"spend": spend, "endure": endure, "hold": hold, "hang": hang}
+    commands[opts.command](opts)
 
 
 # -- the parent's side ----------------------------------------------------------
@@ -233,11 +340,13 @@ def main(argv: Sequence[str]) -> None:
 class LimitWorker(Worker):
     """A `Worker` that runs a command of this module (`python -m`) instead of `_workers.py`."""
 
-    def __init__(self, args: Sequence[str], *, cwd: Path) -> None:
+    def __init__(
+        self, args: Sequence[str], *, cwd: Path, env: Mapping[str, str] | None = None
+    ) -> None:
         # The package root is on the child's path so `-m` finds this module
         # under the same name pytest imported it as (relative imports work).
         root = Path(__file__).parents[len(__name__.split(".")) - 1]
-        env = dict(os.environ)
+        env = {**os.environ, **(env or {})}
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (str(root), env.get("PYTHONPATH", "")) if p
         )
@@ -246,9 +355,11 @@ class LimitWorker(Worker):
         )
 
 
-def spawner(cwd: Path) -> contextlib.AbstractContextManager[Callable[..., LimitWorker]]:
-    """Yield a function that starts limit workers; kill any still running on exit."""
-    return spawning(cwd, LimitWorker)
+def spawner(
+    cwd: Path, env: Mapping[str, str] | None = None
+) -> contextlib.AbstractContextManager[Callable[..., LimitWorker]]:
+    """Yield a function that starts limit workers (with `env` added to ours); kill any still running on exit."""
+    return spawning(cwd, functools.partial(LimitWorker, env=env))
 
 
 if __name__ == "__main__":

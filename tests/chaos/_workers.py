@@ -32,6 +32,17 @@ IN_HANDLER = "IN-HANDLER "
 RESULT = "RESULT "
 ARGS = {"order_id": "o-1", "amount_cents": 1200}
 PRINCIPAL = tether.Principal("pay-bot", tenant="acme")
+RECORD_KEY_VAR = "TETHER_RECORD_KEY"
+
+
+def worker_env() -> dict[str, str]:
+    """Return the `env=` a worker opens its `Tether` with: only the record key, if set.
+
+    Every process on one PostgreSQL database must sign chain heads with the same
+    key, which no key file can share; on SQLite the key file beside the database
+    does, and the variable is unset.
+    """
+    return {k: v for k, v in os.environ.items() if k == RECORD_KEY_VAR}
 
 
 class ChargeIn(BaseModel, extra="forbid"):

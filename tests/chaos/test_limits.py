@@ -1,220 +1,124 @@
-"""Limits under contention: real processes on one SQLite file (RELIABILITY C.19, C.21, C.22).
+"""Limits under contention: real processes on one database (RELIABILITY C.19, C.21, C.22).
 
-Every process opens its own `Tether` on one file; the store is the only thing
-they share, so a limit holds across them only if the store's counting does.
-The totals are checked three ways: what the workers saw, what the records say
-(read back from the file), and what `store.limit_rows` holds at the end.
+Every process opens its own `Tether` on one SQLite file (4 processes) or one
+PostgreSQL schema (8 processes, issue 8's first bar); the store is the only
+thing they share, so a limit holds across them only if the store's counting
+does. The totals are checked three ways: what the workers saw, what the
+records say (read back from the database), and what `store.limit_rows` holds
+at the end.
 """
 
 from __future__ import annotations
 
 import bisect
 import contextlib
-import json
-import os
 import random
 import time
-from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 import tether
-from tether.store._base import LimitRow
 from tether.testing import FakeClock
 
-from ._limit_workers import (
-    LimitWorker,
-    inflight_peak,
-    make_block,
-    make_spend,
-    spawner,
+from ._backends import Backend
+from ._limit_checks import (
+    DEADLINE_S,
+    clear_of_midnight,
+    events,
+    fire,
+    new_seed,
+    row,
+    settled,
+    settlement,
+    setup,
+    steps,
 )
-from ._workers import IN_HANDLER, PRINCIPAL, READY, RESULT
-
-DEADLINE_S = 20.0
-
-
-@pytest.fixture
-def spawn(tmp_path: Path) -> Iterator[Callable[..., LimitWorker]]:
-    """Start worker processes in `tmp_path`; any still running at teardown are killed."""
-    with spawner(tmp_path) as start:
-        yield start
-
-
-def new_seed() -> int:
-    """Return the seed for a randomized test: `TETHER_TEST_SEED`, or a fresh one."""
-    seed = int(
-        os.environ.get("TETHER_TEST_SEED") or random.SystemRandom().randrange(2**32)
-    )
-    print(f"seed={seed} (rerun with TETHER_TEST_SEED={seed})")
-    return seed
-
-
-def setup(tmp_path: Path, limits: str) -> tuple[str, Path]:
-    """Write `tether.yaml` with `limits`, create the database, return (db URL, config)."""
-    config = tmp_path / "tether.yaml"
-    config.write_text(f"limits:\n{limits}")
-    db = f"sqlite:///{tmp_path / 'shared.db'}?synchronous=normal"
-    tether.Tether(db=db, config=config, env={}).close()  # schema and key, made once
-    return db, config
-
-
-def clear_of_midnight() -> None:
-    """Wait out the last seconds of a UTC day, so a day window cannot turn mid-test.
-
-    The multi-process tests use the real clock and a day window; a window that
-    turned halfway would give a second budget and fail them for no fault.
-    """
-    now = datetime.now(UTC)
-    midnight = (now + timedelta(days=1)).replace(
-        hour=0, minute=0, second=0, microsecond=0
-    )
-    if midnight - now < timedelta(seconds=30):
-        time.sleep((midnight - now).total_seconds() + 0.1)
-
-
-def fire(
-    spawn: Callable[..., LimitWorker], tmp_path: Path, runs: Sequence[Sequence[str]]
-) -> tuple[list[str], Counter[str]]:
-    """Start one worker per argument list, release them together; return run ids and the summed tally."""
-    deadline = time.monotonic() + DEADLINE_S
-    go = tmp_path / "go"
-    workers = [spawn(*args, "--go", str(go)) for args in runs]
-    for worker in workers:
-        worker.expect(READY, deadline)
-    go.touch()
-    run_ids: list[str] = []
-    tally: Counter[str] = Counter()
-    for worker in workers:
-        result = json.loads(worker.expect(RESULT, deadline))
-        run_ids += result["runs"]
-        tally.update(result["tally"])
-        assert worker.wait(deadline) == 0
-    return run_ids, tally
-
-
-def events(
-    app: tether.Tether, run_ids: Sequence[str], kind: str
-) -> list[dict[str, Any]]:
-    """Return the events of `kind` in the records of `run_ids`, read back from the store."""
-    found = []
-    for run_id in run_ids:
-        assert app.verify(run_id).ok
-        found += [
-            e.data() for e in app.store.events(run_id) if e.data()["kind"] == kind
-        ]
-    return found
-
-
-def settled(
-    app: tether.Tether, run_ids: Sequence[str], limit: str
-) -> list[dict[str, Any]]:
-    """Return every settlement line of `limit` in the records, one per reserving step.
-
-    A step that settled as it reserved has no `limit_settled` event (its
-    `limit_reserved` and `executed` say it): its line is the reservation's.
-    """
-    found = []
-    for run_id in run_ids:
-        assert app.verify(run_id).ok
-        for step in steps(app, run_id):
-            line = settlement(step, limit)
-            if line is not None:
-                found.append(line)
-    return found
-
-
-def settlement(step: dict[str, dict[str, Any]], limit: str) -> dict[str, Any] | None:
-    """Return how `limit` settled in one step (None: the step reserved none of it)."""
-    reserved = step.get("limit_reserved")
-    if reserved is None:
-        return None
-    (taken,) = [x for x in reserved["limits"] if x["id"] == limit]
-    for line in step.get("limit_settled", {}).get("limits", []):
-        if line["id"] == limit:
-            return dict(line)
-    return {
-        "id": limit,
-        "scope": taken["scope"],
-        "reserved": taken["amount"],
-        "actual": taken["amount"],
-    }
-
-
-def steps(app: tether.Tether, run_id: str) -> list[dict[str, dict[str, Any]]]:
-    """Return a run's steps in order, each its events by kind."""
-    found: dict[int, dict[str, dict[str, Any]]] = {}
-    for e in app.store.events(run_id):
-        data = e.data()
-        if data["step"] is not None:
-            found.setdefault(data["step"], {})[data["kind"]] = data
-    return [found[n] for n in sorted(found)]
-
-
-def row(app: tether.Tether, limit: str) -> LimitRow:
-    """Return the one counter row of `limit` (a global scope, one window)."""
-    rows = [r for r in app.store.limit_rows(datetime.now(UTC)) if r.limit_id == limit]
-    assert len(rows) == 1, rows
-    return rows[0]
-
+from ._limit_workers import LimitWorker, inflight_peak, make_block, make_spend
+from ._workers import IN_HANDLER, PRINCIPAL
 
 # -- C.19: no overspend --------------------------------------------------------------
 
 
-@pytest.mark.chaos
-@pytest.mark.parametrize(
-    "limit",
-    [
-        "  - {id: budget, kind: budget, per: day, amount: 1000}\n",
-        "  - {id: quota, kind: quota, per: day, max: 1000}\n",
-    ],
-    ids=["budget", "quota"],
-)
-def test_four_processes_spend_exactly_the_limit_and_not_a_call_more(
-    spawn: Callable[..., LimitWorker], tmp_path: Path, limit: str
-) -> None:
-    """4 processes x 500 calls of cost 1 against 1000: exactly 1000 run, 1000 are refused naming the limit, and store and record agree."""
-    limit_id = limit.split("id: ")[1].split(",")[0]
-    db, config = setup(tmp_path, limit)
-    clear_of_midnight()
-    args = ["spend", "--db", db, "--config", str(config), "--calls", "500"]
+LIMITS = {
+    "budget": "  - {{id: budget, kind: budget, per: day, amount: {n}}}\n",
+    "quota": "  - {{id: quota, kind: quota, per: day, max: {n}}}\n",
+}
 
-    run_ids, tally = fire(spawn, tmp_path, [args] * 4)
-    app = tether.Tether(db=db, config=config, env={})
+
+def spend_exactly(
+    spawn: Callable[..., LimitWorker],
+    tmp_path: Path,
+    backend: Backend,
+    limit_id: str,
+    amount: int,
+) -> None:
+    """Make twice `amount` calls of cost 1 from every process; check exactly `amount` ran."""
+    db, config = setup(backend, tmp_path, LIMITS[limit_id].format(n=amount))
+    clear_of_midnight()
+    calls = str(2 * amount // backend.processes)
+    args = ["spend", "--db", db, "--config", str(config), "--calls", calls]
+
+    run_ids, tally = fire(spawn, tmp_path, [args] * backend.processes)
+    app = backend.open(config)
     executed = events(app, run_ids, "executed")
     refused = events(app, run_ids, "limit_refused")
     settles = settled(app, run_ids, limit_id)
     final = row(app, limit_id)
     app.close()
 
-    assert tally == {"executed": 1000, f"limit_exceeded:{limit_id}": 1000}
-    assert len(executed) == 1000
+    assert tally == {"executed": amount, f"limit_exceeded:{limit_id}": amount}
+    assert len(executed) == amount
     assert {(e["limit"], Decimal(e["left"])) for e in refused} == {
         (limit_id, Decimal(0))
     }
-    assert len(refused) == 1000
-    assert (final.used, final.held, final.holds) == (Decimal(1000), Decimal(0), 0)
-    assert sum(Decimal(e["cost"]) for e in executed) == 1000
+    assert len(refused) == amount
+    assert (final.used, final.held, final.holds) == (Decimal(amount), Decimal(0), 0)
+    assert sum(Decimal(e["cost"]) for e in executed) == amount
     if limit_id == "budget":  # a budget settles each call; a quota only counts it
         assert sum(Decimal(line["actual"]) for line in settles) == final.used
 
 
 @pytest.mark.chaos
-def test_random_costs_settling_above_and_below_never_overspend_beyond_recorded_overruns(
-    spawn: Callable[..., LimitWorker], tmp_path: Path
+@pytest.mark.parametrize("limit_id", ["budget", "quota"])
+def test_every_process_together_spends_exactly_the_limit_and_not_a_call_more(
+    spawn: Callable[..., LimitWorker], tmp_path: Path, backend: Backend, limit_id: str
 ) -> None:
-    """P processes x M calls of random cost 1..10, each settling up to 3 below or above: spending stays within the budget plus the overruns the record shows, and the store equals the record."""
+    """Twice the limit in calls of cost 1 from 4 processes (8 on PostgreSQL): exactly the limit runs (1000; 500 on PostgreSQL, 1000 in the soak), the rest are refused naming it, and store and record agree."""
+    amount = 1000 if backend.name == "sqlite" else 500
+    spend_exactly(spawn, tmp_path, backend, limit_id, amount)
+
+
+@pytest.mark.chaos
+@pytest.mark.postgres
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
+@pytest.mark.parametrize("limit_id", ["budget", "quota"])
+def test_eight_processes_spend_exactly_a_limit_of_1000_on_postgres(
+    spawn: Callable[..., LimitWorker], tmp_path: Path, backend: Backend, limit_id: str
+) -> None:
+    """Issue 8's bar at the limits issue's full size: 2000 calls from 8 processes against 1000."""
+    spend_exactly(spawn, tmp_path, backend, limit_id, 1000)
+
+
+@pytest.mark.chaos
+def test_random_costs_settling_above_and_below_never_overspend_beyond_recorded_overruns(
+    spawn: Callable[..., LimitWorker], tmp_path: Path, backend: Backend
+) -> None:
+    """P processes (2..4, 2..8 on PostgreSQL) x M calls of random cost 1..10, each settling up to 3 below or above: spending stays within the budget plus the overruns the record shows, and the store equals the record."""
     seed = new_seed()
     rng = random.Random(seed)
-    processes, calls = rng.randint(2, 4), rng.randint(100, 200)
+    processes = rng.randint(2, backend.processes)
+    calls = rng.randint(100, 200) * 4 // backend.processes
     budget = rng.randint(2 * processes * calls, 7 * processes * calls // 2)
     db, config = setup(
-        tmp_path, f"  - {{id: budget, kind: budget, per: day, amount: {budget}}}\n"
+        backend,
+        tmp_path,
+        f"  - {{id: budget, kind: budget, per: day, amount: {budget}}}\n",
     )
     clear_of_midnight()
     args = [
@@ -230,7 +134,7 @@ def test_random_costs_settling_above_and_below_never_overspend_beyond_recorded_o
     seeds = [str(rng.randrange(2**32)) for _ in range(processes)]
 
     run_ids, tally = fire(spawn, tmp_path, [[*args, "--seed", s] for s in seeds])
-    app = tether.Tether(db=db, config=config, env={})
+    app = backend.open(config)
     lines = settled(app, run_ids, "budget")
     refused = events(app, run_ids, "limit_refused")
     executed = events(app, run_ids, "executed")
@@ -238,7 +142,7 @@ def test_random_costs_settling_above_and_below_never_overspend_beyond_recorded_o
     final = row(app, "budget")
     app.close()
 
-    why = f"seed={seed} processes={processes} calls={calls} budget={budget}"
+    why = f"seed={seed} {backend.name} processes={processes} calls={calls} budget={budget}"
     spent = sum(Decimal(line["actual"]) for line in lines)
     overruns = sum(
         max(Decimal(line["actual"]) - Decimal(line["reserved"]), Decimal(0))
@@ -278,25 +182,27 @@ def test_random_costs_settling_above_and_below_never_overspend_beyond_recorded_o
 
 
 @pytest.mark.chaos
-def test_twelve_callers_in_four_processes_never_run_more_than_the_cap_at_once(
-    spawn: Callable[..., LimitWorker], tmp_path: Path
+def test_callers_in_every_process_never_run_more_than_the_cap_at_once(
+    spawn: Callable[..., LimitWorker], tmp_path: Path, backend: Backend
 ) -> None:
-    """Cap 3, 4 processes x 3 threads calling a handler that holds 5 ms: at most 3 ever in flight (counted by the handler under a file lock), some calls refused naming the cap, some run."""
-    db, config = setup(tmp_path, "  - {id: cap3, kind: concurrency, max: 3}\n")
+    """Cap 3, 4 processes (8 on PostgreSQL) x 3 threads, 480 calls of a handler that holds 5 ms: at most 3 ever in flight (counted by the handler under a file lock), some calls refused naming the cap, some run."""
+    db, config = setup(backend, tmp_path, "  - {id: cap3, kind: concurrency, max: 3}\n")
     counter = tmp_path / "in-flight"
     counter.write_text("0 0")
     args = ["hold", "--db", db, "--config", str(config), "--counter", str(counter)]
+    processes = backend.processes
 
+    calls = str(40 * 4 // processes)  # 480 calls in all, on either backend
     run_ids, tally = fire(
-        spawn, tmp_path, [[*args, "--calls", "40", "--threads", "3"]] * 4
+        spawn, tmp_path, [[*args, "--calls", calls, "--threads", "3"]] * processes
     )
-    app = tether.Tether(db=db, config=config, env={})
+    app = backend.open(config)
     executed = events(app, run_ids, "executed")
     live = [r for r in app.store.limit_rows(datetime.now(UTC)) if r.holds]
     app.close()
 
     assert set(tally) == {"executed", "limit_exceeded:cap3"}
-    assert sum(tally.values()) == 4 * 3 * 40
+    assert sum(tally.values()) == 480
     assert len(executed) == tally["executed"] > 0
     assert tally["limit_exceeded:cap3"] > 0
     in_flight_now, peak = inflight_peak(counter)
@@ -364,12 +270,14 @@ def lease_round(
     ],
 )
 def test_a_killed_lease_holder_blocks_its_slot_until_the_ttl_then_frees_it(
-    spawn: Callable[..., LimitWorker], tmp_path: Path, kills: int
+    spawn: Callable[..., LimitWorker], tmp_path: Path, backend: Backend, kills: int
 ) -> None:
     """Cap 1, ttl 1 s: a SIGKILLed worker's lease refuses other processes' calls until it lapses, and the slot is free within ttl + 1 s of the kill."""
     ttl = timedelta(seconds=1)
-    db, config = setup(tmp_path, "  - {id: one, kind: concurrency, max: 1, ttl: 1s}\n")
-    app = tether.Tether(db=db, config=config, env={})
+    db, config = setup(
+        backend, tmp_path, "  - {id: one, kind: concurrency, max: 1, ttl: 1s}\n"
+    )
+    app = backend.open(config)
     app.register(make_block(hang=False))
 
     with app.run(principal=PRINCIPAL, request="after the kill") as run:
@@ -385,16 +293,21 @@ def test_a_killed_lease_holder_blocks_its_slot_until_the_ttl_then_frees_it(
 RATE, BURST = 7, 4  # 1e6 / 7 is no whole number of µs: rounding must not over-admit
 
 
-def rate_apps(backend: str, tmp_path: Path, clock: FakeClock) -> list[tether.Tether]:
-    """Return the apps that share the limit: three on one SQLite file (as three processes would), or one in memory."""
+def rate_apps(
+    request: pytest.FixtureRequest, store: str, tmp_path: Path, clock: FakeClock
+) -> list[tether.Tether]:
+    """Return the apps that share the limit: three on one database (as three processes would), or one in memory."""
     config = tmp_path / "tether.yaml"
     config.write_text(
         f"limits:\n  - {{id: r, kind: rate, rate: {RATE}/s, burst: {BURST}}}\n"
     )
-    if backend == "memory":
+    if store == "memory":
         apps = [tether.Tether(db="memory://", config=config, env={}, clock=clock)]
     else:
-        db = f"sqlite:///{tmp_path / 'rate.db'}?synchronous=normal"
+        if store == "postgres":
+            db = request.getfixturevalue("postgres_urls")()
+        else:
+            db = f"sqlite:///{tmp_path / 'rate.db'}?synchronous=normal"
         apps = [
             tether.Tether(db=db, config=config, env={}, clock=clock) for _ in range(3)
         ]
@@ -403,15 +316,17 @@ def rate_apps(backend: str, tmp_path: Path, clock: FakeClock) -> list[tether.Tet
     return apps
 
 
-@pytest.mark.parametrize("backend", ["memory", "sqlite"])
+@pytest.mark.parametrize(
+    "store", ["memory", "sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+)
 def test_a_rate_limit_admits_no_more_than_rate_times_window_plus_burst_and_not_much_less(
-    backend: str, tmp_path: Path
+    request: pytest.FixtureRequest, store: str, tmp_path: Path
 ) -> None:
     """Offered ~4x the rate for 30 s (fake clock): every window of length T admits <= R*T + b, and steady admission is >= 95% of R."""
     seed = new_seed()
     rng = random.Random(seed)
     clock = FakeClock()
-    apps = rate_apps(backend, tmp_path, clock)
+    apps = rate_apps(request, store, tmp_path, clock)
     interval = timedelta(seconds=1) / RATE
     start = clock.now()
     accepted: list[datetime] = []
@@ -436,7 +351,7 @@ def test_a_rate_limit_admits_no_more_than_rate_times_window_plus_burst_and_not_m
             clock.advance(interval * rng.uniform(0, 0.5))
     duration = clock.now() - start
 
-    why = f"seed={seed} backend={backend}"
+    why = f"seed={seed} store={store}"
     assert refused > len(accepted), why  # the load saturated the limit
     for window in (
         interval / 2,

@@ -1,0 +1,269 @@
+"""No overspend while the server cuts the workers' connections (RELIABILITY C.20, with A.9's invariants).
+
+Eight processes spend one budget on one PostgreSQL schema while a thread here
+terminates their server sessions (`pg_terminate_backend`) at random intervals.
+A caller may see `StoreError` (the workers count them), but the budget never
+overspends: successes stay within it, what the store holds equals what the
+records say (used: the sum of recorded executed costs; held: the reservations
+recorded without a result), and what the workers saw succeed is what the
+records say executed (beyond it, only results a worker was told it could not
+be sure of). Once the chaos stops, every run writes again: each result a
+worker was told is kept lands, each run ends, and the workers' view and the
+records are equal.
+
+Two paces: every 80-300 ms in CI, every 5-40 ms in the soak. At the dense
+pace some writes commit while both their answer and the store's look at
+whether they landed are cut: the store says it cannot tell, and the run can
+never write again (`LANDED_UNKNOWN`; the last test here pins it down exactly).
+Until that is fixed the tests check the budget and the records, then mark
+themselves xfailed when that bug showed, instead of failing for it.
+"""
+
+from __future__ import annotations
+
+import random
+import secrets
+import threading
+from collections import Counter
+from collections.abc import Callable
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+import tether
+from tether.store.postgres import PostgresStore
+
+from ._backends import Backend, postgres_backend
+from ._limit_checks import clear_of_midnight, events, fire, new_seed, row, setup, steps
+from ._limit_workers import make_spend, spawner
+from ._workers import PRINCIPAL
+
+pytestmark = [pytest.mark.chaos, pytest.mark.postgres]
+
+LANDED_UNKNOWN = (
+    "store bug: when a write committed but neither its answer nor "
+    "PostgresStore._landed's look at the run gets back, the write is 'cannot "
+    "tell whether it landed', and the run's next writes all fail with "
+    "HeadMoved ('two writers hold the run'): the run can never end"
+)
+
+
+class Chaos:
+    """A thread that terminates every server session tagged `tag`, at random intervals."""
+
+    def __init__(
+        self, admin_url: str, tag: str, rng: random.Random, pace: tuple[float, float]
+    ) -> None:
+        self.admin_url, self.tag, self.rng, self.pace = admin_url, tag, rng, pace
+        self.terminated = self.sweeps = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._error: BaseException | None = None
+
+    def _run(self) -> None:
+        try:
+            with psycopg.connect(self.admin_url, autocommit=True) as conn:
+                while not self._stop.wait(self.rng.uniform(*self.pace)):
+                    rows = conn.execute(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                        "WHERE datname = current_database() "
+                        "AND application_name = %s AND pid <> pg_backend_pid()",
+                        (self.tag,),
+                    ).fetchall()
+                    self.terminated += sum(1 for (ok,) in rows if ok)
+                    self.sweeps += 1
+        except BaseException as exc:  # reported by __exit__, in the test's thread
+            self._error = exc
+
+    def __enter__(self) -> Chaos:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        assert self._error is None, f"the chaos thread failed: {self._error!r}"
+
+
+@pytest.fixture
+def tagged(postgres_urls: Callable[[], str]) -> tuple[Backend, str]:
+    """A fresh schema whose every connection carries a tag of its own; and the tag."""
+    tag = f"tether-chaos-{secrets.token_hex(4)}"
+    return postgres_backend(postgres_urls(), tag=tag), tag
+
+
+def spend_through_chaos(
+    tmp_path: Path,
+    postgres_database: str,
+    tagged: tuple[Backend, str],
+    *,
+    pace: tuple[float, float],
+    calls: int,
+    budget: int,
+) -> None:
+    """Spend `budget` from eight processes of `calls` calls while `Chaos` at `pace` cuts their sessions; check it all."""
+    backend, tag = tagged
+    seed = new_seed()
+    db, config = setup(
+        backend,
+        tmp_path,
+        f"  - {{id: budget, kind: budget, per: day, amount: {budget}}}\n",
+    )
+    clear_of_midnight()
+    args = ["endure", "--db", db, "--config", str(config), "--calls", str(calls)]
+    chaos = Chaos(postgres_database, tag, random.Random(seed), pace)
+
+    with spawner(tmp_path, backend.env) as spawn:
+        run_ids, tally = fire(spawn, tmp_path, [args] * backend.processes, during=chaos)
+    with backend.open(config) as app:
+        executed = events(app, run_ids, "executed")
+        refused = events(app, run_ids, "limit_refused")
+        by_step = [s for run_id in run_ids for s in steps(app, run_id)]
+        final = row(app, "budget")
+        ended = Counter(app.store.get_run(run_id).status for run_id in run_ids)
+
+    why = (
+        f"seed={seed} terminated={chaos.terminated} tally={dict(sorted(tally.items()))}"
+    )
+    print(why, dict(ended))
+    succeeded = tally["executed"] + tally["late"]
+    # A reservation whose step recorded no result is still held.
+    open_holds = [
+        Decimal(line["amount"])
+        for s in by_step
+        if "limit_reserved" in s and "executed" not in s and "failed" not in s
+        for line in s["limit_reserved"]["limits"]
+    ]
+    assert chaos.terminated > 0, why
+    assert tally["cut"] > 0, why  # operations lost their connection mid-flight
+    # Never overspent; the store holds exactly what the record says.
+    assert len(executed) <= budget, why
+    assert final.used == sum(Decimal(e["cost"]) for e in executed), why
+    assert (final.held, final.holds) == (sum(open_holds), len(open_holds)), why
+    assert final.used + final.held <= budget, why
+    assert {(e["limit"], Decimal(e["left"])) for e in refused} <= {
+        ("budget", Decimal(0))
+    }, why
+    # What the workers saw succeed (or refused) is recorded so; what else is
+    # recorded executed is a result a worker still keeps, unsure it landed.
+    assert tally["handled"] == tally["executed"] + tally["kept"], why
+    assert succeeded <= len(executed) <= succeeded + tally["unknown"], why
+    assert tally["limit_exceeded:budget"] <= len(refused), why
+    # Once the chaos stopped, every kept result landed and every run ended.
+    ends = (
+        (tally["unknown"], tally["kept"]) == (0, tally["late"]),
+        tally["limit_exceeded:budget"] == len(refused),
+        ended == {"succeeded": backend.processes},
+        open_holds == [],  # no reservation outlived its step
+    )
+    bug = any(k.endswith((":record_moved", ":landed_unknown")) for k in tally)
+    if not all(ends) and bug:
+        pytest.xfail(f"{LANDED_UNKNOWN}; {why}")
+    assert all(ends), f"{why} ends={ends}"
+
+
+@pytest.mark.timeout(180)
+def test_eight_processes_never_overspend_a_budget_while_their_connections_are_cut(
+    tmp_path: Path, postgres_database: str, tagged: tuple[Backend, str]
+) -> None:
+    """240 calls of cost 1 against 100, every session cut every 80-300 ms: successes <= 100, the store equals the record, the workers' view equals the record, and after the chaos every run ends."""
+    spend_through_chaos(
+        tmp_path, postgres_database, tagged, pace=(0.08, 0.3), calls=30, budget=100
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_eight_processes_never_overspend_while_retries_lose_their_connection_too(
+    tmp_path: Path, postgres_database: str, tagged: tuple[Backend, str]
+) -> None:
+    """640 calls against 300 with every session cut every 5-40 ms, so that retries lose their connections too."""
+    spend_through_chaos(
+        tmp_path, postgres_database, tagged, pace=(0.005, 0.04), calls=80, budget=300
+    )
+
+
+# -- failpoints: a write commits, and the connection goes before its answer -----------
+
+
+@pytest.fixture
+def lossy(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Make the store's next write tries lose their connection, as the returned list says.
+
+    Each entry is one try of a write: `before` (the connection goes before
+    anything is sent), `after` (the write commits, then the connection goes
+    before the answer comes), or `after-unseen` (as `after`, and the store's
+    look at whether it landed cannot reach the server either). A failpoint,
+    like `test_resume_kill.py`'s `DIE_AT`: real server, real transactions,
+    the losses placed exactly.
+    """
+    plan: list[str] = []
+    blind: list[bool] = []
+    commit, get_run = PostgresStore._commit, PostgresStore.get_run
+
+    def lossy_commit(self: PostgresStore, conn: Any, attempt: Any) -> Any:
+        what = plan.pop(0) if plan else None
+        if what == "before":
+            raise psycopg.OperationalError("failpoint: lost before the write")
+        committed = commit(self, conn, attempt)
+        if what in ("after", "after-unseen"):
+            blind.append(what == "after-unseen")
+            raise psycopg.OperationalError("failpoint: lost after COMMIT")
+        return committed
+
+    def blind_get_run(self: PostgresStore, run_id: str) -> Any:
+        if blind and blind.pop():
+            raise tether.StoreError("failpoint: the read lost its connection twice")
+        return get_run(self, run_id)
+
+    monkeypatch.setattr(PostgresStore, "_commit", lossy_commit)
+    monkeypatch.setattr(PostgresStore, "get_run", blind_get_run)
+    return plan
+
+
+def three_steps(url: str, lossy: list[str], plan: list[str]) -> list[object]:
+    """Take three steps; the second's intent write tries go as `plan` says; return what each gave, the run's end, and its record's verdict."""
+    app = tether.Tether(db=url, env={"TETHER_RECORD_KEY": "k" * 32})
+    app.register(make_spend())
+    seen: list[object] = []
+    with app:
+        with app.run(principal=PRINCIPAL, request="lossy") as run:
+            for n in range(3):
+                lossy[:] = plan if n == 1 else []
+                try:
+                    seen.append(
+                        run.step("meter.spend", {"cost": 1, "actual": 1}).status
+                    )
+                except tether.StoreError as exc:
+                    seen.append(type(exc))
+        seen.append(app.store.get_run(run.id).status)
+        seen.append(app.verify(run.id).ok)
+    return seen
+
+
+def test_a_write_whose_retry_lands_as_its_connection_drops_is_not_reported_lost(
+    postgres_url: str, lossy: list[str]
+) -> None:
+    """The second step's intent loses its connection before the write, and its retry after COMMIT: every step runs, and the run ends."""
+    seen = three_steps(postgres_url, lossy, ["before", "after"])
+
+    assert seen == [tether.OutcomeStatus.EXECUTED] * 3 + ["succeeded", True]
+
+
+@pytest.mark.xfail(reason=LANDED_UNKNOWN, strict=True, raises=tether.StoreError)
+def test_a_write_that_landed_unseen_leaves_the_run_able_to_write(
+    postgres_url: str, lossy: list[str]
+) -> None:
+    """The second step's intent commits, and neither its answer nor a look at the run gets back: the step fails unsure, and the third step and the run's end are written."""
+    seen = three_steps(postgres_url, lossy, ["after-unseen"])
+
+    assert seen == [
+        tether.OutcomeStatus.EXECUTED,
+        tether.StoreError,
+        tether.OutcomeStatus.EXECUTED,
+        "succeeded",
+        True,
+    ]
