@@ -23,7 +23,7 @@ from tether.store._base import LimitRow
 
 from ._backends import Backend
 from ._limit_workers import CALLED, LimitWorker
-from ._workers import READY, RESULT
+from ._workers import READY, RESULT, START_S
 
 __all__ = [
     "DEADLINE_S",
@@ -96,8 +96,9 @@ def fire(
     go, calm = tmp_path / "go", tmp_path / "calm"
     extra = ["--go", str(go)] + (["--calm", str(calm)] if during else [])
     workers = [spawn(*args, *extra) for args in runs]
+    started_by = time.monotonic() + START_S
     for worker in workers:
-        worker.expect(READY, deadline)
+        worker.expect(READY, started_by)
     with during or contextlib.nullcontext():
         go.touch()
         deadline = time.monotonic() + FINISH_S

@@ -27,6 +27,8 @@ from pydantic import BaseModel
 import tether
 
 READY = "READY"
+START_S = 60.0
+"""How long interpreters may take to start: not under test, and slow on a busy 2-core machine."""
 STEP_RETURNED = "STEP-RETURNED "
 IN_HANDLER = "IN-HANDLER "
 RESULT = "RESULT "
@@ -137,7 +139,7 @@ def same_key(opts: argparse.Namespace) -> None:
 
     threads = [threading.Thread(target=fire) for _ in range(opts.threads)]
     print(READY, flush=True)
-    _wait_for(Path(opts.go), timeout=10)
+    _wait_for(Path(opts.go), timeout=START_S)
     for t in threads:
         t.start()
     for t in threads:

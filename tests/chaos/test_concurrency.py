@@ -17,6 +17,7 @@ from ._workers import (
     PRINCIPAL,
     READY,
     RESULT,
+    START_S,
     Worker,
     effect_lines,
     make_charge,
@@ -63,9 +64,11 @@ def fire_same_key(
         )
         for _ in range(processes)
     ]
+    started_by = time.monotonic() + START_S
     for worker in workers:
-        worker.expect(READY, deadline)
+        worker.expect(READY, started_by)
     go.touch()
+    deadline = time.monotonic() + DEADLINE_S
     outcomes = []
     for worker in workers:
         outcomes += json.loads(worker.expect(RESULT, deadline))
