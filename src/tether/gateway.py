@@ -329,7 +329,8 @@ def step(  # the design's list, in order
             room.generation = view.generation
         else:
             needs_intent, room.after = True, False
-    before = list(events)  # what a refusal after the answer records
+    # What a refusal after the answer records (copied only when one can come).
+    before = list(events) if room.after else []
 
     # claim key + record intent (fenced by the run's lease epoch), with the room
     if needs_intent:

@@ -86,7 +86,7 @@ class RecordItem(pytest.Item):
         recorded = RecordedRun.from_file(self.path)
         with ExitStack() as stack:
             loaded = None if spec is None else _load_app(str(spec))
-            app = apps_for(loaded, None, stack).get(recorded)
+            app = apps_for(loaded, stack).get(recorded)
             file = (
                 Path(config.rootpath, str(policy))
                 if policy

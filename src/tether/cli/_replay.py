@@ -27,7 +27,7 @@ from tether.cli._common import (
     _policy_cli,
     cli,
 )
-from tether.errors import NotFound, TetherError, UsageError
+from tether.errors import NotFound, UsageError
 from tether.replay import (
     DecisionChange,
     Mode,
@@ -81,9 +81,8 @@ def scenario_of(recorded: RecordedRun) -> str | None:
 class apps_for:  # used like a function: apps_for(...).get(run)
     """The app each run replays against: the user's (--app) or a scenario's."""
 
-    def __init__(self, loaded: Tether | None, db: str | None, stack: ExitStack) -> None:
+    def __init__(self, loaded: Tether | None, stack: ExitStack) -> None:
         self.loaded = loaded
-        self.db = db
         self.stack = stack
         self._by_scenario: dict[str | None, Tether] = {}
 
@@ -156,7 +155,7 @@ def _replay(
     recorded = _load(target, db)
     with ExitStack() as stack:
         loaded = None if app is None else _load_app(app)
-        replay_app = apps_for(loaded, db, stack).get(recorded)
+        replay_app = apps_for(loaded, stack).get(recorded)
         file = (
             policy if policy is not None else stack.enter_context(config_of(recorded))
         )
@@ -278,7 +277,7 @@ def _what_if(
     with ExitStack() as stack:
         store_app = stack.enter_context(_open(db, must_exist=True))
         loaded = None if app is None else _load_app(app)
-        apps = apps_for(loaded, db, stack)
+        apps = apps_for(loaded, stack)
         if runs:
             ids = [store_app.store.get_run(r).run_id for r in runs]
         else:
@@ -384,6 +383,3 @@ def _since(text: str | None) -> datetime | None:
             "or 2026-11-30T14:00"
         ) from exc
     return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
-
-
-_ = TetherError  # the CLI's entry point turns these into one line

@@ -92,7 +92,7 @@ class Replayer:
         self.settings = app.settings if settings is None else settings
         self.policy = app.current_policy() if policy is None else policy
         self.mode: Mode = mode
-        self._guards = app.guards if settings is None else _guards_for(self.settings)
+        self._guards = app.guards if settings is None else _guards_from(self.settings)
 
     @classmethod
     def for_file(cls, app: Tether, path: str | Path, *, mode: Mode) -> Replayer:
@@ -116,10 +116,6 @@ class Replayer:
                 format, or a capability this app does not have).
         """
         return _Walk(self, recorded).run()
-
-
-def _guards_for(settings: Settings) -> gateway.Guards | None:
-    return _guards_from(settings)
 
 
 class _Walk:
