@@ -258,15 +258,17 @@ class ConfigFile:
     `changed()` costs one `stat` call; a step asks it before its decision.
     """
 
-    __slots__ = ("_stamp", "path")
+    __slots__ = ("_name", "_stamp", "path")
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        # os.stat of a str: Path.stat's own Python costs as much as the syscall.
+        self._name = os.fspath(path)
         self._stamp = self._read_stamp()
 
     def _read_stamp(self) -> tuple[int, int, int] | None:
         try:
-            st = self.path.stat()
+            st = os.stat(self._name)
         except OSError:
             return None
         return (st.st_mtime_ns, st.st_size, st.st_ino)
