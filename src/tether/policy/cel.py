@@ -15,9 +15,8 @@ import functools
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any
-
-import cel
 
 __all__ = [
     "MAX_EXPRESSION",
@@ -50,6 +49,19 @@ _FUNCTIONS = frozenset(
 """The functions the runtime has; any other call would fail at every evaluation."""
 _CALL = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)\s*\(")
 _TOP_LEVEL = re.compile(r"(?<![\w.])(args|principal|context|capability|run)\b")
+
+
+@functools.cache
+def _runtime() -> ModuleType:
+    """Import the CEL runtime on first use.
+
+    Its package imports its own command line (prompt_toolkit, typer) on
+    import: half of `import tether`'s time, which every `tether` command and
+    every app without conditions would pay for nothing.
+    """
+    import cel  # deferred: see above
+
+    return cel
 
 
 class CelError(ValueError):
@@ -87,7 +99,7 @@ def compile_condition(source: str) -> Condition:
         )
     _check_nesting(source)
     try:
-        program = cel.compile(source)
+        program = _runtime().compile(source)
     except ValueError as exc:
         raise CelError(_parse_error(exc)) from exc
     code = _code_only(source)
@@ -209,7 +221,7 @@ class Scope:
     __slots__ = ("_context", "_pending")
 
     def __init__(self, values: Mapping[str, object]) -> None:
-        self._context = cel.Context()
+        self._context = _runtime().Context()
         self._pending = dict(values)
 
     def evaluate(self, condition: Condition) -> bool:
