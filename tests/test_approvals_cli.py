@@ -400,7 +400,10 @@ def test_json_documents_match_the_api(
     assert json.loads(listed[1]) == {"format": 1, "approvals": [document(pending)]}
     shown_doc = json.loads(shown[1])
     assert shown_doc["approval"] == document(pending)
-    assert [e["kind"] for e in shown_doc["events"]] == ["approval_requested"]
+    assert [e["kind"] for e in shown_doc["events"]] == [
+        "approval_requested",
+        "failed",
+    ]  # asked; the step parked on it
     decided = scene.app.approval(scene.approval_id)
     assert json.loads(approved[1]) == {"format": 1, "approval": document(decided)}
     assert (decided.status, decided.decided_by, decided.note) == (

@@ -145,6 +145,49 @@ def test_a_parked_run_resumes_after_approval_and_the_approved_step_runs_once(
     assert app.verify(run.id).ok
 
 
+def test_a_run_waiting_on_another_runs_request_is_ready_once_it_is_decided(
+    app: tether.Tether,
+) -> None:
+    """Two runs ask for the same call: one request; both are ready once it is decided.
+
+    The grant runs one call: the run resumed first takes it, the other asks
+    again with a request of its own, and runs once that one is approved.
+    """
+    first = app.start("refund two", planner="refunds", principal=BOT)
+    second = app.start("refund two, again", planner="refunds", principal=BOT)
+    (request,) = app.approvals(status="pending")
+    waiting = app.ready_runs()
+    app.approve(request.id, by="alice")
+
+    ready = app.ready_runs()
+    resumed = [app.resume(first.id)]
+    clock = app.clock
+    assert isinstance(clock, FakeClock)
+    clock.advance(
+        timedelta(seconds=1)
+    )  # the newest request for a call is the one in force
+    resumed.append(app.resume(second.id))
+    (again,) = app.approvals(status="pending")
+    app.approve(again.id, by="alice")
+    ready_again = app.ready_runs()
+    last = app.resume(second.id)
+
+    assert request.run_id == first.id
+    assert second.status is RunState.AWAITING_APPROVAL
+    assert waiting == []
+    assert sorted(ready) == sorted([first.id, second.id])
+    assert [r.status for r in resumed] == [
+        RunState.SUCCEEDED,
+        RunState.AWAITING_APPROVAL,
+    ]
+    assert again.run_id == second.id
+    assert ready_again == [second.id]
+    assert last.status is RunState.SUCCEEDED
+    assert done == [50, 50, 500, 500]  # each run's refunds, each once
+    assert app.verify(first.id).ok
+    assert app.verify(second.id).ok
+
+
 def test_a_run_still_waiting_parks_again_on_resume(app: tether.Tether) -> None:
     """Resumed before anyone decided, the run asks again, coalesces, and parks again."""
     run = app.start("refund two", planner="refunds", principal=BOT)

@@ -216,6 +216,7 @@ def failed_event(
         error_code=error.code,
         error_type=type(error).__name__,
         message=error.message,
+        approval_id=error.approval_id if isinstance(error, ApprovalRequired) else None,
     )
 
 

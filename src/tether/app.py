@@ -244,8 +244,9 @@ class Tether:
     def ready_runs(self, *, limit: int = 100) -> list[str]:
         """Return the parked runs that may go on: ready to resume, oldest first.
 
-        A run parked in `awaiting_approval` is ready once none of its requests
-        is still pending (each was approved, denied or has expired); a run left
+        A run parked in `awaiting_approval` is ready once none of the requests
+        it made or waits on is still pending (each was approved, denied or has
+        expired); it may wait on another run's request for the same call. A run left
         `executing` or `planning` is ready once its writer's lease ran out (the
         process died: every write renews the lease for `idempotency.claim_ttl`);
         a `degraded` run once the breaker that stashed it is no longer open.
@@ -256,6 +257,10 @@ class Tether:
             status=RunState.AWAITING_APPROVAL.value, limit=limit
         ):
             asked = self.store.list_approvals(run_id=row.run_id, now=now, limit=1000)
+            own = {a.id for a in asked}
+            asked += [
+                self.store.get_approval(i) for i in self._awaited(row.run_id) - own
+            ]
             if asked and not any(
                 _as_of(a, now).status is ApprovalStatus.PENDING for a in asked
             ):
@@ -272,6 +277,17 @@ class Tether:
                 if row.lease_until is None or row.lease_until <= now
             )
         return ready[::-1]
+
+    def _awaited(self, run_id: str) -> set[str]:
+        """Return the approval requests a run's steps waited on, from its record."""
+        found = set()
+        for ev in self.store.events(run_id):
+            if b'"approval_id":"' not in ev.body:  # most events: no decoding
+                continue
+            data = ev.data()
+            if data["kind"] == "failed":
+                found.add(str(data["approval_id"]))
+        return found
 
     def add_policy(self, policy: Policy) -> None:
         """Add a Python policy; it takes part in the same precedence as rules.

@@ -327,6 +327,10 @@ class Executed:
 class Failed:
     """The step failed or was refused at `stage`; what was wrong, by type and message."""
 
+    approval_id: str | None = None
+    """The approval request the step waits on (`approval_required` only): its
+    own, or one another run made for the same call; the run is ready to
+    resume once it is decided."""
     at: datetime
     """When the stage ran, aware UTC."""
     duration_us: int | None = None
