@@ -40,6 +40,7 @@ __all__ = [
     "breaker_refused",
     "busy_for",
     "refusal",
+    "released",
     "reservations",
     "retryable",
     "settlements",
@@ -312,18 +313,47 @@ def settlements(
     than its reservation (another actual cost, or released) or the call is in
     doubt: otherwise the record's `limit_reserved` and `executed` say it.
     """
+    return _settle(
+        run_id,
+        [(r.reserve, r.own_cost) for r in reserved],
+        number,
+        end,
+        actual,
+        in_doubt,
+        keep_leases=keep_leases,
+    )
+
+
+def released(
+    run_id: str, reserves: Sequence[Reserve], number: int, end: datetime
+) -> tuple[list[Settle], list[record.Event]]:
+    """Release a step's reservations as a failed call does (the step did not run)."""
+    return _settle(
+        run_id, [(r, False) for r in reserves], number, end, None, in_doubt=False
+    )
+
+
+def _settle(
+    run_id: str,
+    reserved: Sequence[tuple[Reserve, bool]],
+    number: int,
+    end: datetime,
+    actual: Decimal | None,
+    in_doubt: bool,
+    *,
+    keep_leases: bool = False,
+) -> tuple[list[Settle], list[record.Event]]:
     settles: list[Settle] = []
     lines: list[dict[str, Any]] = []
     plain = not in_doubt  # every line settled as reserved: the record says so already
-    for r in reserved:
-        res = r.reserve
+    for res, own_cost in reserved:
         if res.kind is LimitKind.BUDGET:
             if in_doubt:
                 amount: Decimal | None = res.amount
             elif actual is None:
                 amount = None
             else:
-                amount = res.amount if r.own_cost else actual
+                amount = res.amount if own_cost else actual
         elif res.kind is LimitKind.CONCURRENCY and not keep_leases:
             amount = None
         else:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 import anyio.to_thread
 from pydantic import BaseModel
 
-from tether import _canonical, _chain, gateway, plan, record
+from tether import _canonical, _chain, _guards, gateway, plan, record
 from tether._approval_stage import requested_event
 from tether._chain import StoredEvent
 from tether.capability import Capability, Effect, Idempotency
@@ -44,6 +44,7 @@ from tether.store import (
     Batch,
     Claim,
     Committed,
+    KeyState,
     KeyUpdate,
     NewRun,
     RunRow,
@@ -123,6 +124,12 @@ class Run:
         self._head_seq = 0
         self._head_hash = record.genesis(self.id)
         self._pending: list[Batch] = []
+        self._unsure: Batch | None = None
+        """The last write that failed: it may have landed all the same (its
+        answer lost with the connection); the next write first looks."""
+        self._closing: Batch | None = None
+        """The write that closes a step whose intent landed unseen, to make
+        before any other (see `_look_unsure`)."""
         self._lock = threading.RLock()
         self._resumed = False
         """Made by `resumed`: entering its `with` block creates nothing."""
@@ -320,6 +327,7 @@ class Run:
             StoreError: the store still fails; the results stay kept.
         """
         with self._lock:
+            self._look_unsure()
             while self._pending:
                 self._write(self._pending[0])
                 self._pending.pop(0)
@@ -332,6 +340,7 @@ class Run:
                     "events (a step still running when the run ended cannot record)"
                 )
             try:
+                self._look_unsure()
                 if self._pending:
                     self.flush_pending()
                 return self._write(batch)
@@ -368,9 +377,96 @@ class Run:
                     raise
                 batch.base_seq = self._head_seq
                 batch.base_hash = self._head_hash
+            except LeaseLost:
+                raise
+            except StoreError:
+                self._unsure = batch
+                raise
         if committed.conflict is None:
             self._head_seq, self._head_hash = committed.head_seq, committed.head_hash
         return committed
+
+    def _look_unsure(self) -> None:
+        """Find out whether the last failed write landed; take it up if it did.
+
+        A write whose connection broke after it was sent may have committed
+        (PostgreSQL: when even the store's own look could not reach the
+        server). The run's lease epoch fences every other writer off, so
+        events past this writer's head, while the epoch is still its own, are
+        that write's (and people's approval decisions after it): they are
+        taken up. A kept result that landed is not written again; a step
+        intent that landed opened room for a step that never ran: its key,
+        limits and the record are closed as a failed step's would be, in a
+        write made before any other, and made again until it lands.
+
+        Raises:
+            StoreError: the store still cannot be read or written (the write
+                stays unsure, or the closing write is still to make).
+        """
+        batch = self._unsure
+        if batch is not None:
+            row = self.store.get_run(self.id)
+            grown = [e for e in self.store.events(self.id) if e.seq > self._head_seq]
+            self._unsure = None
+            if self._took_up(batch, row, grown):
+                if batch is self._closing:
+                    self._closing = None
+                elif any(b is batch for b in self._pending):
+                    self._pending = [b for b in self._pending if b is not batch]
+                elif any(isinstance(e, record.Intent) for e in batch.events):
+                    self._closing = self._never_ran(batch)
+        if self._closing is not None:
+            self._write(self._closing)
+            self._closing = None
+
+    def _took_up(self, batch: Batch, row: RunRow, grown: list[StoredEvent]) -> bool:
+        """Take up `batch` and what followed it if it is what grew the record."""
+        if row.epoch != self._epoch or not grown:
+            return False  # not ours to take up (LeaseLost comes), or it did not land
+        if grown[0].body != _canonical.dumps_fields(batch.events[0]):
+            return False  # another write: the next one says so (HeadMoved)
+        head_hash = self._head_hash
+        for ev in grown:
+            if self.store.signs_heads and (
+                _chain.chain_hash(head_hash, ev.seq, ev.body) != ev.hash
+            ):
+                return False  # not a chain from this head: HeadMoved says so
+            head_hash = ev.hash
+        self._head_seq, self._head_hash = grown[-1].seq, head_hash
+        return True
+
+    def _never_ran(self, intent: Batch) -> Batch:
+        """The write that closes a step whose intent landed unseen: it did not run."""
+        now = self.clock.now()
+        claim = intent.claim
+        settles, settled = _guards.released(self.id, intent.reserve, intent.step, now)
+        failed = record.Failed(
+            at=now,
+            step=intent.step,
+            stage="intent",
+            error_code=StoreError.code,
+            error_type=StoreError.__name__,
+            message=(
+                "the step's intent was written, but the answer was lost with the "
+                "connection; the step did not run, and its key and limits are freed"
+            ),
+        )
+        return Batch(
+            run_id=self.id,
+            events=[*settled, failed],
+            at=now,
+            settle=settles,
+            step=intent.step,
+            key_update=None
+            if claim is None
+            else KeyUpdate(
+                id=claim.id,
+                run_id=self.id,
+                step=intent.step,
+                state=KeyState.FAILED,
+                now=now,
+            ),
+        )
 
     def _adopt_decisions(self) -> bool:
         """Take up events a person's approval decision appended to this run's record.

@@ -339,7 +339,8 @@ class Failed:
     kind: Literal["failed"] = "failed"
     message: str
     stage: str
-    """`resolve`, `validate`, `precondition`, `policy`, `idempotency`, `execute`, `output`."""
+    """`resolve`, `validate`, `precondition`, `policy`, `idempotency`, `execute`,
+    `output`; `intent` for a step whose intent landed unseen and never ran."""
     step: int | None = None
     """The step's number in the run, from 1; None for run-level events."""
 

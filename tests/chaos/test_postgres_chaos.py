@@ -13,10 +13,9 @@ records are equal.
 
 Two paces: every 80-300 ms in CI, every 5-40 ms in the soak. At the dense
 pace some writes commit while both their answer and the store's look at
-whether they landed are cut: the store says it cannot tell, and the run can
-never write again (`LANDED_UNKNOWN`; the last test here pins it down exactly).
-Until that is fixed the tests check the budget and the records, then mark
-themselves xfailed when that bug showed, instead of failing for it.
+whether they landed are cut: the step is told the store failed, and the run's
+next write finds the write landed and takes it up (the last test here places
+that loss exactly).
 """
 
 from __future__ import annotations
@@ -42,13 +41,6 @@ from ._limit_workers import make_spend, spawner
 from ._workers import PRINCIPAL
 
 pytestmark = [pytest.mark.chaos, pytest.mark.postgres]
-
-LANDED_UNKNOWN = (
-    "store bug: when a write committed but neither its answer nor "
-    "PostgresStore._landed's look at the run gets back, the write is 'cannot "
-    "tell whether it landed', and the run's next writes all fail with "
-    "HeadMoved ('two writers hold the run'): the run can never end"
-)
 
 
 class Chaos:
@@ -159,9 +151,6 @@ def spend_through_chaos(
         ended == {"succeeded": backend.processes},
         open_holds == [],  # no reservation outlived its step
     )
-    bug = any(k.endswith((":record_moved", ":landed_unknown")) for k in tally)
-    if not all(ends) and bug:
-        pytest.xfail(f"{LANDED_UNKNOWN}; {why}")
     assert all(ends), f"{why} ends={ends}"
 
 
@@ -224,8 +213,15 @@ def lossy(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return plan
 
 
-def three_steps(url: str, lossy: list[str], plan: list[str]) -> list[object]:
-    """Take three steps; the second's intent write tries go as `plan` says; return what each gave, the run's end, and its record's verdict."""
+def three_steps(
+    url: str, lossy: list[str], plan: list[str]
+) -> tuple[list[object], list[dict[str, Any]]]:
+    """Take three steps; the second's intent write tries go as `plan` says.
+
+    Returns:
+        What each step gave, the run's end and its record's verdict; and the
+        second step's recorded events.
+    """
     app = tether.Tether(db=url, env={"TETHER_RECORD_KEY": "k" * 32})
     app.register(make_spend())
     seen: list[object] = []
@@ -241,24 +237,24 @@ def three_steps(url: str, lossy: list[str], plan: list[str]) -> list[object]:
                     seen.append(type(exc))
         seen.append(app.store.get_run(run.id).status)
         seen.append(app.verify(run.id).ok)
-    return seen
+        second = [e.data() for e in app.store.events(run.id) if e.data()["step"] == 2]
+    return seen, second
 
 
 def test_a_write_whose_retry_lands_as_its_connection_drops_is_not_reported_lost(
     postgres_url: str, lossy: list[str]
 ) -> None:
     """The second step's intent loses its connection before the write, and its retry after COMMIT: every step runs, and the run ends."""
-    seen = three_steps(postgres_url, lossy, ["before", "after"])
+    seen, _ = three_steps(postgres_url, lossy, ["before", "after"])
 
     assert seen == [tether.OutcomeStatus.EXECUTED] * 3 + ["succeeded", True]
 
 
-@pytest.mark.xfail(reason=LANDED_UNKNOWN, strict=True, raises=tether.StoreError)
 def test_a_write_that_landed_unseen_leaves_the_run_able_to_write(
     postgres_url: str, lossy: list[str]
 ) -> None:
     """The second step's intent commits, and neither its answer nor a look at the run gets back: the step fails unsure, and the third step and the run's end are written."""
-    seen = three_steps(postgres_url, lossy, ["after-unseen"])
+    seen, second = three_steps(postgres_url, lossy, ["after-unseen"])
 
     assert seen == [
         tether.OutcomeStatus.EXECUTED,
@@ -267,3 +263,6 @@ def test_a_write_that_landed_unseen_leaves_the_run_able_to_write(
         "succeeded",
         True,
     ]
+    # The intent landed; the step never ran: the record closes it as failed.
+    assert [e["kind"] for e in second] == ["validated", "decided", "intent", "failed"]
+    assert (second[-1]["stage"], second[-1]["error_code"]) == ("intent", "store_error")
