@@ -7,10 +7,17 @@ by round:
 - `baseline.pg.insert`: a bare `INSERT` of one step's event bytes, committed
   (autocommit: one statement, one round trip, one WAL flush): the floor;
 - `tether.pg.read_budget`: `run.call` of a no-op `read` capability that a
-  budget charges (cost 1), through the full call path on PostgreSQL: its
-  record and its budget charge in one pipelined batch;
+  budget charges (cost 1), through the full call path on PostgreSQL: a read
+  charged after it answers, so its record and its budget charge are one
+  autocommit statement (`tether_charge` checks and adds to the counter in the
+  server, under the locked path's advisory lock);
 - `dbos.pg` (with the `bench` group): a DBOS workflow holding one step on the
   same server, in a subprocess (DBOS keeps one global instance per process).
+
+Beside the insert's and tether's latency, their round trips per call, counted
+on the wire: libpq's trace of the one connection each uses (the app on
+`?pool_size=1`), where every `Sync` (extended protocol, pipelined or not) and
+every `Query` (simple protocol) waits for the server's `ReadyForQuery`.
 
 Then throughput: calls per second through the full call path with 1, 4 and 8
 client processes, on PostgreSQL and on SQLite (one file, WAL,
@@ -21,9 +28,9 @@ independent budgets.
     .venv/bin/python benchmarks/postgres.py            # about 2 minutes
     .venv/bin/python benchmarks/postgres.py --quick    # about 40 seconds
 
-Bars (issue 8): the read step with its budget charge has a median under 1.3x
-the bare insert's, and is at least 5x faster than a DBOS step. Figures go to
-`benchmarks/results/postgres.json`.
+Bars (issue 8): the read step with its budget charge costs one round trip and
+has a median under 1.3x the bare insert's, and is at least 5x faster than a
+DBOS step. Figures go to `benchmarks/results/postgres.json`.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ import gc
 import json
 import multiprocessing as mp
 import os
+import re
 import secrets
 import statistics
 import subprocess
@@ -52,6 +60,7 @@ from rich.table import Table
 
 import tether
 from call_path import Bar, _cpu_model, _git, _pressure, bars_json, bars_table
+from tether.store import PostgresStore
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -102,9 +111,31 @@ def _timed_loop(fn: Callable[[], None], seconds: float) -> list[int]:
     return samples
 
 
+def _round_trips(
+    conn: psycopg.Connection[Any], call: Callable[[], object], n: int
+) -> float:
+    """Return the round trips per call of `call`, which uses only `conn`, over `n` calls.
+
+    Ten calls go first, untraced: psycopg prepares a statement on its fifth
+    use, which costs one more round trip, once per connection.
+    """
+    for _ in range(10):
+        call()
+    with tempfile.TemporaryFile("w+") as log:
+        conn.pgconn.trace(log.fileno())
+        try:
+            for _ in range(n):
+                call()
+        finally:
+            conn.pgconn.untrace()  # flushes libpq's trace
+        log.seek(0)
+        sent = re.findall(r"\tF\t\d+\t(\w+)", log.read())
+    return sum(message in ("Sync", "Query") for message in sent) / n
+
+
 def _single(
     db: str, pg_admin: str, config: Path, rounds: int, seconds: float
-) -> dict[str, list[int]]:
+) -> tuple[dict[str, list[int]], dict[str, float]]:
     samples: dict[str, list[int]] = {
         "baseline.pg.insert": [],
         "tether.pg.read_budget": [],
@@ -126,6 +157,20 @@ def _single(
 
     app = _app(db, config)
     who = tether.Principal("bench", tenant="acme")
+    trips = {"baseline.pg.insert": _round_trips(conn, insert, 100)}
+    # An app of one connection, so the trace of that one sees all it sends.
+    one = _app(f"{db}{'&' if urlsplit(db).query else '?'}pool_size=1", config)
+    store = one.store
+    assert isinstance(store, PostgresStore)
+    with one.run(principal=who, request="bench") as run:
+        numbers = iter(range(10**9))
+        # The pool's only connection: traced while the app takes it for its work.
+        with store._pool.connection() as traced:
+            pass
+        trips["tether.pg.read_budget"] = _round_trips(
+            traced, lambda: run.call("bench.read", {"n": next(numbers)}), 100
+        )
+    one.close()
     for _ in range(rounds):
         samples["baseline.pg.insert"] += _timed_loop(insert, seconds)
         with app.run(principal=who, request="bench") as run:
@@ -137,7 +182,7 @@ def _single(
             samples["tether.pg.read_budget"] += _timed_loop(step, seconds)
     app.close()
     conn.close()
-    return samples
+    return samples, trips
 
 
 def _dbos(pg_url: str, seconds: float) -> list[int] | str:
@@ -254,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
             shared = _config(Path(folder), "global")
             own = _config(Path(folder), "principal")
             console.print("single client, interleaved rounds ...")
-            single = _single(pg, args.url, shared, rounds, seconds)
+            single, trips = _single(pg, args.url, shared, rounds, seconds)
             latency = {k: _stats(v) for k, v in single.items()}
             console.print("DBOS on the same server ...")
             dbos = _dbos(
@@ -282,6 +327,14 @@ def main(argv: list[str] | None = None) -> int:
     step = latency["tether.pg.read_budget"]["median_us"]
     bars = [
         Bar(
+            id="pg.read_step_round_trips",
+            what="round trips per read step + budget charge (libpq trace)",
+            value=trips["tether.pg.read_budget"],
+            op="<=",
+            threshold=1.0,
+            unit="",
+        ),
+        Bar(
             id="pg.read_step_vs_insert",
             what="read step + budget charge, median / bare INSERT+COMMIT median",
             value=step / base,
@@ -301,12 +354,13 @@ def main(argv: list[str] | None = None) -> int:
         ),
     ]
     table = Table(title="single client (µs)")
-    for column in ("case", "median", "p99", "n", "vs insert"):
+    for column in ("case", "median", "p99", "n", "vs insert", "round trips"):
         table.add_column(column)
     for case, s in latency.items():
         table.add_row(
             case, f"{s['median_us']:.0f}", f"{s['p99_us']:.0f}", str(s["n"]),
             f"{s['median_us'] / base:.2f}x",
+            f"{trips[case]:.2f}" if case in trips else "-",
         )  # fmt: skip
     console.print(table)
     table = Table(title="calls per second, full call path")
@@ -316,7 +370,9 @@ def main(argv: list[str] | None = None) -> int:
         table.add_row(case, f"{rate:,.0f}")
     console.print(table)
     console.print(bars_table(bars_json(bars)["bars"], ".2f"))
-    doc.update(latency=latency, throughput=throughput, **bars_json(bars))
+    doc.update(
+        latency=latency, round_trips=trips, throughput=throughput, **bars_json(bars)
+    )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=2) + "\n")

@@ -10,7 +10,7 @@ concurrency cap, a rate, a budget's throttle) are still taken before it runs.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -56,19 +56,27 @@ class Counting:
         return self.real(batch)
 
 
-@pytest.fixture(params=["sqlite", "memory"])
+@pytest.fixture(
+    params=["sqlite", "memory", pytest.param("postgres", marks=pytest.mark.postgres)]
+)
 def app_for(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
     """Return a function that opens an app with `limits` on each backend."""
     opened: list[tether.Tether] = []
+    fresh: Callable[[], str] | None = (
+        request.getfixturevalue("postgres_urls")
+        if request.param == "postgres"
+        else None
+    )
 
     def make(limits: str) -> tuple[tether.Tether, Counting]:
         config = tmp_path / f"tether-{len(opened)}.yaml"
         config.write_text(f"limits:\n{limits}")
-        db = (
-            "memory://"
-            if request.param == "memory"
-            else f"sqlite:///{tmp_path / f'{len(opened)}.db'}?synchronous=normal"
-        )
+        if fresh is not None:
+            db = fresh()
+        elif request.param == "memory":
+            db = "memory://"
+        else:
+            db = f"sqlite:///{tmp_path / f'{len(opened)}.db'}?synchronous=normal"
         app = tether.Tether(db=db, config=config, clock=FakeClock(), env={})
         app.register(query)
         counting = Counting(app.store)

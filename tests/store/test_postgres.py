@@ -25,7 +25,7 @@ from tether.testing import FakeClock
 
 pytestmark = pytest.mark.postgres
 
-LATEST = 4
+LATEST = 5
 """The newest migration's number."""
 
 

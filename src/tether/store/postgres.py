@@ -10,12 +10,18 @@ sorted order (so two writers never deadlock on them) before the rows are read,
 which also covers rows that do not exist yet.
 
 A write without limits, breakers or an approval request is one statement in
-autocommit: its writes are data-modifying CTEs, and a failed fence, claim or
-grant raises inside the server (`tether_require`), which undoes the statement.
-A write with limits is one transaction of two round trips: the locks and reads
-(`BEGIN`, one lock and one `SELECT` per limit, pipelined), then that same
-kind of statement and `COMMIT`, since the limit rules (`tether.store._limits`)
-are written once, in Python, for every backend.
+autocommit (one round trip): its writes are data-modifying CTEs, and a failed
+fence, claim or grant raises inside the server (`tether_require`), which undoes
+the statement. So is a write whose limits only charge counters (a read charged
+after it answers: quotas, budgets without a throttle, settled in the same
+batch): its statement first calls `tether_charge` (0005_charge.sql), which
+takes the locked path's advisory locks, then checks and adds to the counters
+as the limit rules would; when a counter has no room it raises, nothing is
+written, and the write takes the locked path, which says what is left. Any
+other write with limits is one transaction of two round trips: the locks and
+reads (`BEGIN`, one lock and one `SELECT` per limit, pipelined), then that
+same kind of statement and `COMMIT`, since the limit rules
+(`tether.store._limits`) are written once, in Python, for every backend.
 """
 
 from __future__ import annotations
@@ -66,7 +72,7 @@ from tether.store._base import (
     closed_reason,
     may_replace,
 )
-from tether.store._limits import BreakerRow, BreakerState, LimitKind
+from tether.store._limits import BreakerRow, BreakerState, LimitKind, Reserve
 
 __all__ = [
     "CONNECT_TIMEOUT_S",
@@ -117,6 +123,8 @@ _UPSERT_LIMIT = (
 
 _REQUIRE_FAILED = "TT001"
 """The SQLSTATE `tether_require` raises (0001_init.sql); its hint names the check."""
+_NO_ROOM = "TT002"
+"""The SQLSTATE `tether_charge` raises (0005_charge.sql): a counter has no room."""
 
 
 def parse_url(url: str) -> tuple[str, int]:
@@ -358,9 +366,10 @@ class PostgresStore(Store):
                         f"write run {batch.run_id}",
                         lost=lambda exc: self._landed(attempt, exc),
                     )
-                except _ClaimTaken:
-                    # The fast path found the key taken: read it under a lock.
-                    attempt.read_claim = True
+                except _NeedsLocks:
+                    # The one statement found the key taken or a counter full:
+                    # decide it under the locks, exactly.
+                    attempt.locked = True
         except _Conflict as c:
             return Committed(
                 head_seq=batch.base_seq, head_hash=batch.base_hash, conflict=c.record
@@ -420,14 +429,16 @@ class PostgresStore(Store):
         took_over: KeyRecord | None = None
         events = batch.events
         admitted = None
+        charges = None if attempt.locked else _counter_charges(batch)
         # A claim and a key update of one batch would be one statement's two
         # writes to one row, which cannot see each other: claim first, then.
-        locked = (
-            attempt.read_claim
+        locked = charges is None and (
+            attempt.locked
             or batch.limited
             or batch.approval is not None
             or (batch.claim is not None and batch.key_update is not None)
         )
+        gate = ""
         if locked:
             tables, took_over = self._locked_reads(w, batch)
             if tables is not None:
@@ -437,6 +448,13 @@ class PostgresStore(Store):
                 tables.flush(q)
         else:
             # One statement, in autocommit: atomic by itself, no BEGIN/COMMIT.
+            if charges is not None:
+                self._charge(q, batch, charges)
+                # The fence reads the charge's answer: the charge runs first
+                # (an uncorrelated subquery is a one-time filter, evaluated
+                # before the run's row is read), and once (a CTE with a
+                # volatile call is materialized, never inlined).
+                gate = " AND (SELECT ok FROM ch)"
             if batch.claim is not None:
                 c = batch.claim
                 q.add(
@@ -505,19 +523,19 @@ class PostgresStore(Store):
         elif batch.status is None:  # a step: the head moves, nothing else
             q.add(
                 "r",
-                "UPDATE runs SET head_seq=%s, head_hash=%s, head_sig=%s, "
+                "UPDATE runs SET head_seq=%s, head_hash=%s, head_sig=%s, "  # noqa: S608  # constant gate
                 "lease_until=GREATEST(lease_until, %s) WHERE run_id=%s AND epoch=%s "
-                "AND head_seq=%s RETURNING id",
+                f"AND head_seq=%s{gate} RETURNING id",
                 (seq, head, sig, lease, batch.run_id, batch.epoch, batch.base_seq),
                 check="fence",
             )
         else:
             q.add(
                 "r",
-                "UPDATE runs SET head_seq=%s, head_hash=%s, head_sig=%s, "
+                "UPDATE runs SET head_seq=%s, head_hash=%s, head_sig=%s, "  # noqa: S608  # constant gate
                 "updated_at=%s, status=%s, error_code=COALESCE(%s, error_code), "
                 "lease_until=GREATEST(lease_until, %s) WHERE run_id=%s AND epoch=%s "
-                "AND head_seq=%s RETURNING id",
+                f"AND head_seq=%s{gate} RETURNING id",
                 (
                     seq,
                     head,
@@ -600,11 +618,13 @@ class PostgresStore(Store):
                 f"cannot create run {batch.run_id} in {self.url}: a run with that "
                 "id exists already"
             ) from exc
+        if exc.sqlstate == _NO_ROOM:
+            raise _NeedsLocks from exc
         if exc.sqlstate != _REQUIRE_FAILED:
             raise exc
         check = exc.diag.message_hint
         if check == "claim":
-            raise _ClaimTaken from exc
+            raise _NeedsLocks from exc
         if check == "grant":
             assert batch.use_grant is not None
             raise _Blocked(GrantGone(approval_id=batch.use_grant)) from exc
@@ -624,6 +644,35 @@ class PostgresStore(Store):
             f"run {batch.run_id}: the record moved to event {head_seq} while this "
             f"writer expected {batch.base_seq}; two writers hold the run"
         ) from exc
+
+    def _charge(
+        self, q: _Statement, batch: Batch, charges: Sequence[tuple[Reserve, Decimal]]
+    ) -> None:
+        """Add the `tether_charge` call that checks and adds to the batch's counters."""
+        locks = sorted(
+            {
+                _lock_key(self._schema, "limit", r.limit_id, r.scope, str(r.window))
+                for r, _ in charges
+            }
+        )
+        q.add(
+            "ch",
+            "SELECT tether_charge(%s::bigint[], %s::text[], %s::text[], "
+            "%s::bigint[], %s::boolean[], %s::numeric[], %s::numeric[], "
+            "%s::numeric[], %s, %s) AS ok",
+            (
+                locks,
+                [r.limit_id for r, _ in charges],
+                [r.scope for r, _ in charges],
+                [r.window for r, _ in charges],
+                [r.kind is LimitKind.BUDGET for r, _ in charges],
+                [r.amount for r, _ in charges],
+                [r.cap for r, _ in charges],
+                [delta for _, delta in charges],
+                f"{batch.run_id}/{batch.step}",
+                _us(batch.at),
+            ),
+        )
 
     def _locked_reads(
         self, w: _Writer, batch: Batch
@@ -1097,8 +1146,9 @@ class _Attempt:
     batch: Batch
     result: Committed | None = None
     """The answer of the try whose COMMIT went out, were it to land."""
-    read_claim: bool = False
-    """The fast path found the key taken: read it, under a lock, this time."""
+    locked: bool = False
+    """The one-statement write found the key taken or a counter full: take the
+    locks and decide it exactly this time."""
 
 
 class _Writer:
@@ -1185,9 +1235,11 @@ def _event_rows(n: int) -> str:
 class _Statement:
     """One statement made of data-modifying CTEs, whose checks end it.
 
-    PostgreSQL runs every CTE of a statement, referenced or not, on one
-    snapshot; a failed check (`tether_require`) then fails the statement and
-    undoes them all. The checks run in the order they were added.
+    PostgreSQL runs every data-modifying CTE of a statement, referenced or
+    not, on one snapshot; a failed check (`tether_require`) then fails the
+    statement and undoes them all. The checks run in the order they were
+    added. (`tether_charge`, called from a CTE the fence reads, is the one
+    part that reads on snapshots of its own, taken after its locks.)
     """
 
     __slots__ = ("checks", "params", "parts")
@@ -1224,8 +1276,57 @@ class _Blocked(Exception):  # control flow, never escapes this module: rolls bac
         self.why = why
 
 
-class _ClaimTaken(Exception):  # control flow, never escapes this module
-    """The fast path found the key taken: `commit` tries again, reading it."""
+class _NeedsLocks(Exception):  # control flow, never escapes this module
+    """The one statement found the key taken or a counter full: lock and decide it."""
+
+
+def _counter_charges(batch: Batch) -> list[tuple[Reserve, Decimal]] | None:
+    """Return each reservation and its counter's gain when counters are all the batch limits.
+
+    That is a read charged after it answers (`tether._guards.charged_after`):
+    quotas, and budgets without a throttle, each settled by the same step in
+    the same batch, in distinct groups, with no breaker, retry, claim, grant,
+    approval or new run. On such a batch `apply_limits` admits when every
+    counter has room, adds no events, and leaves each quota's counter plus its
+    amount and each budget's counter plus its actual cost (the hold it adds,
+    the settle drops), lapsed holds gone (the charged ones counted as spent):
+    what `tether_charge` does in the server. None: the batch needs the locks.
+    """
+    if (
+        not batch.reserve
+        or batch.breaker is not None
+        or batch.breaker_outcome is not None
+        or batch.retry is not None
+        or batch.claim is not None
+        or batch.use_grant is not None
+        or batch.approval is not None
+        or batch.new_run is not None
+    ):
+        return None
+    settled: dict[tuple[str, str, int], Decimal] = {}
+    for s in batch.settle:
+        group = (s.limit_id, s.scope, s.window)
+        if (
+            s.kind is not LimitKind.BUDGET
+            or (s.run_id, s.step) != (batch.run_id, batch.step)
+            or group in settled
+        ):
+            return None
+        settled[group] = s.actual or Decimal(0)  # None: released, nothing spent
+    charges: list[tuple[Reserve, Decimal]] = []
+    seen: set[tuple[str, str, int]] = set()
+    for r in batch.reserve:
+        group = (r.limit_id, r.scope, r.window)
+        if group in seen:
+            return None  # two reservations of one group read the same counter
+        seen.add(group)
+        if r.kind is LimitKind.QUOTA:
+            charges.append((r, r.amount))
+        elif r.kind is LimitKind.BUDGET and not r.throttle_max_us and group in settled:
+            charges.append((r, settled.pop(group)))
+        else:
+            return None
+    return None if settled else charges  # left: a hold this batch did not take
 
 
 def _limit_keys(batch: Batch) -> tuple[list[tuple[str, str, int]], list[str]]:
