@@ -278,6 +278,14 @@ class Tether:
             )
         return ready[::-1]
 
+    def wait_for_news(self, seconds: float) -> None:
+        """Wait up to `seconds` for news that may make a parked run ready.
+
+        On PostgreSQL a decided approval request ends the wait at once (from
+        any process on any host); otherwise it is a sleep on the app's clock.
+        """
+        self.store.wait_for_news(seconds, self.clock.sleep)
+
     def _awaited(self, run_id: str) -> set[str]:
         """Return the approval requests a run's steps waited on, from its record."""
         found = set()

@@ -7,6 +7,9 @@ exactly one worker (the others find it taken: its take-over bumped the lease
 epoch, and a worker overtaken before its first write is fenced off), no step's
 handler runs twice (counted in the upstream's own file, outside the database),
 every run finishes and verifies, and more than one worker did the work.
+
+A waiting worker is woken by the decision itself (LISTEN/NOTIFY), not by its
+next look: with looks a minute apart, an approved run is resumed at once.
 """
 
 from __future__ import annotations
@@ -19,9 +22,18 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
+import psycopg
 import pytest
 
-from ._agents import AGENT, agent_env, calls, effects, start_worker, worker_output
+from ._agents import (
+    AGENT,
+    agent_env,
+    calls,
+    effects,
+    start_worker,
+    stop,
+    worker_output,
+)
 from ._backends import postgres_backend
 
 pytestmark = [pytest.mark.chaos, pytest.mark.postgres]
@@ -136,3 +148,63 @@ def test_eight_workers_resume_two_hundred_approved_runs_each_exactly_once(
 ) -> None:
     """Eight workers race for 200 approved runs: the same, at soak scale."""
     share(tmp_path, postgres_urls, workers=8, runs=200)
+
+
+PARK_ONE = """
+import agentapp, tether
+run = agentapp.app.start("one", planner="ops",
+                         principal=tether.Principal("ops-bot", on_behalf_of="carol"))
+assert run.status.value == "awaiting_approval", run.status
+print(run.id)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_waiting_worker_resumes_an_approved_run_at_once_not_at_its_next_look(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    """A worker looking every 60 s resumes a run within seconds of its approval: the decision wakes it."""
+    backend = postgres_backend(postgres_url)
+    (tmp_path / "agentapp.py").write_text(AGENT)
+    (tmp_path / "tether.yaml").write_text(CONFIG)
+    env = agent_env(tmp_path, backend, steps=STEPS, pause=0.0, AGENT_GATED=str(GATED))
+    parked = subprocess.run(  # our interpreter, our script
+        [sys.executable, "-c", PARK_ONE],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert parked.returncode == 0, parked.stderr
+    run_id = parked.stdout.strip()
+    worker = start_worker(tmp_path, env, "--interval", "60")
+    try:
+        with (
+            backend.open(tmp_path / "tether.yaml") as app,
+            psycopg.connect(postgres_url, autocommit=True) as conn,
+        ):
+            deadline = time.monotonic() + 60
+            while not conn.execute(  # the worker found nothing ready and listens
+                "SELECT 1 FROM pg_stat_activity WHERE query LIKE 'LISTEN %%'"
+                " AND pid <> pg_backend_pid()"
+            ).fetchone():
+                assert time.monotonic() < deadline, worker_output(tmp_path, worker)
+                assert worker.poll() is None, worker_output(tmp_path, worker)
+                time.sleep(0.05)
+            (request,) = app.approvals(status="pending")
+            app.approve(request.id, by="alice")
+            approved = time.monotonic()
+            while app.store.get_run(run_id).status != "succeeded":
+                assert time.monotonic() - approved < 20, worker_output(tmp_path, worker)
+                time.sleep(0.05)
+            took = time.monotonic() - approved
+            assert app.verify(run_id).ok
+    finally:
+        stop(worker)
+
+    out, _ = worker_output(tmp_path, worker)
+    assert RESUMED.findall(out) == [(run_id, "succeeded")]
+    assert took < 20  # the next look was 60 s away
+    print(f"resumed {took:.2f} s after the approval")

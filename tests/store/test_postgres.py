@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import socket
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -232,6 +234,66 @@ def test_an_app_records_to_postgres_as_to_sqlite(
         app.close()
 
 
+# -- LISTEN/NOTIFY: a decision wakes a waiting worker ----------------------------------
+
+
+@tether.capability("notes.gated", requires_approval=True)
+def gated(args: Note) -> Note:
+    return args
+
+
+def _ask(app: tether.Tether) -> str:
+    """Park a step on a new approval request; return the request's id."""
+    app.register(gated)
+    with app.run(principal=tether.Principal("bot"), request="ask") as run:
+        outcome = run.step("notes.gated", {"text": "hi"})
+    assert isinstance(outcome.error, tether.ApprovalRequired)
+    assert outcome.error.approval_id is not None
+    return outcome.error.approval_id
+
+
+@pytest.mark.timeout(60)
+def test_a_decision_wakes_a_waiting_worker_and_one_in_another_schema_does_not(
+    postgres_urls: Callable[[], str], tmp_path: Path
+) -> None:
+    """A wait ends as a request of its schema is decided; a decision in another schema, or none, lets it run out."""
+    url, elsewhere = postgres_urls(), postgres_urls()
+    config = tmp_path / "tether.yaml"
+    config.write_text("approvers: {alice: [ops]}\n")
+    waiter, decider, other = (
+        tether.Tether(db=u, config=config, env={}) for u in (url, url, elsewhere)
+    )
+    slept: list[float] = []
+    woke: list[float] = []
+    try:
+        here, there = _ask(decider), _ask(other)
+        started = time.monotonic()
+        waiter.store.wait_for_news(0.2, slept.append)  # no news: runs out; listens
+        quiet = time.monotonic() - started
+
+        def wait() -> None:
+            t0 = time.monotonic()
+            waiter.store.wait_for_news(30, slept.append)
+            woke.append(time.monotonic() - t0)
+
+        thread = threading.Thread(target=wait)
+        thread.start()
+        other.approve(there, by="alice")
+        time.sleep(0.5)
+        asleep = not woke
+        decider.approve(here, by="alice")
+        thread.join(10)
+    finally:
+        for app in (waiter, decider, other):
+            app.close()
+
+    assert quiet >= 0.2
+    assert asleep  # another schema's decision is not this store's news
+    assert woke  # woken by the decision, 30 s before the wait's end
+    assert woke[0] < 5
+    assert slept == []  # the server answered: nothing fell back to sleeping
+
+
 # -- A.9: the server goes away under a running store -----------------------------------
 
 
@@ -289,3 +351,22 @@ def test_writes_fail_closed_while_the_server_is_down_and_resume_after(
         assert chain_ok(store, "run_a")
     finally:
         store.close()
+
+
+@pytest.mark.timeout(120)
+def test_waiting_for_news_while_the_server_is_down_sleeps_and_listens_again_after(
+    cluster: Cluster,
+) -> None:
+    """With the server stopped a worker's wait falls back to sleeping; once it is back, it listens again."""
+    store = open_store(cluster.url)
+    slept: list[float] = []
+    try:
+        store.wait_for_news(0.01, slept.append)  # listens
+        cluster.stop()
+        store.wait_for_news(0.01, slept.append)  # the listener is gone: sleeps
+        cluster.start()
+        store.wait_for_news(0.01, slept.append)  # listens on a new connection
+    finally:
+        store.close()
+
+    assert slept == [0.01]

@@ -36,7 +36,12 @@ def _worker(
     interval: Annotated[
         float,
         typer.Option(
-            "--interval", min=0.05, help="Seconds between looks for ready runs."
+            "--interval",
+            min=0.05,
+            help="Seconds between looks for ready runs. On PostgreSQL a decided "
+            "approval request wakes the worker at once (LISTEN/NOTIFY); the looks "
+            "find runs ready by time (an orphaned run's lapsed lease, a breaker's "
+            "cool-down).",
         ),
     ] = 1.0,
 ) -> None:
@@ -51,7 +56,6 @@ def _worker(
     """
     tether_app = _load_app(app)
     console = _console()
-    clock = tether_app.clock
     while True:
         ready = tether_app.ready_runs()
         for run_id in ready:
@@ -66,4 +70,4 @@ def _worker(
         if not ready:
             if until_idle:
                 return
-            clock.sleep(interval)
+            tether_app.wait_for_news(interval)

@@ -464,6 +464,15 @@ class Store(abc.ABC):
     def events(self, run_id: str) -> list[StoredEvent]:
         """Return a run's events in order."""
 
+    def wait_for_news(self, seconds: float, sleep: Callable[[float], None]) -> None:
+        """Wait up to `seconds`, less when news may have made a parked run ready.
+
+        News is a decided approval request. A backend that cannot hear of it
+        (another process's write to a SQLite file) just sleeps with `sleep`:
+        its waiter polls.
+        """
+        sleep(seconds)
+
     def close(self) -> None:  # noqa: B027  # optional for backends without resources
         """Release connections."""
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -39,6 +40,7 @@ from urllib.parse import parse_qs, quote, urlencode, urlsplit
 
 import psycopg
 from psycopg import errors as pg_errors
+from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.pq import TransactionStatus
 from psycopg_pool import ConnectionPool, PoolTimeout
@@ -231,6 +233,14 @@ class PostgresStore(Store):
             open=False,
         )
         self._pool.open(wait=False)
+        self._conninfo = conninfo
+        # Deciding a request notifies this channel; a worker waiting for news
+        # listens on it (one per schema: stores in other schemas are others).
+        self._channel = (
+            "tether_news_" + hashlib.sha256(self._schema.encode()).hexdigest()[:16]
+        )
+        self._listener: psycopg.Connection[Any] | None = None
+        self._listen_lock = threading.Lock()
 
     # -- setup ------------------------------------------------------------------
 
@@ -1102,6 +1112,9 @@ class PostgresStore(Store):
             base_seq=run[1],
             base_hash=bytes(run[2]),
         )
+        if status is not None and is_open:
+            # Delivered when the decision commits: a waiting worker wakes now.
+            conn.execute("SELECT pg_notify(%s, %s)", (self._channel, current.run_id))
         self._append(conn, batch)
         return current, closed
 
@@ -1131,8 +1144,41 @@ class PostgresStore(Store):
             )
         conn.execute("COMMIT")
 
+    def wait_for_news(self, seconds: float, sleep: Callable[[float], None]) -> None:
+        """Wait up to `seconds`, less once an approval request is decided (LISTEN/NOTIFY).
+
+        The first wait opens a connection of its own that listens; a decision
+        made after that wakes the waiter as it commits, from any host. While
+        the server cannot be reached, it waits with `sleep`, as a poller does.
+        """
+        with self._listen_lock:
+            try:
+                conn = self._listener
+                if conn is None or conn.closed:
+                    conn = self._listener = psycopg.connect(
+                        self._conninfo, autocommit=True
+                    )
+                    conn.execute(
+                        sql.SQL("LISTEN {}").format(sql.Identifier(self._channel))
+                    )
+                for _ in conn.notifies(timeout=seconds, stop_after=1):
+                    pass
+            except psycopg.Error:
+                self._close_listener()
+            else:
+                return
+        sleep(seconds)
+
+    def _close_listener(self) -> None:
+        conn, self._listener = self._listener, None
+        if conn is not None:
+            with contextlib.suppress(psycopg.Error):
+                conn.close()
+
     def close(self) -> None:
-        """Close the pool's connections."""
+        """Close the pool's connections (and the listener's)."""
+        with self._listen_lock:
+            self._close_listener()
         self._pool.close()
 
 
