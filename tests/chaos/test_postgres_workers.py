@@ -65,6 +65,21 @@ print(" ".join(ids))
 RESUMED = re.compile(r"^resumed (\S+) (\S+)$", re.MULTILINE)
 
 
+def script(home: Path, env: dict[str, str], code: str, *args: str) -> str:
+    """Run `code` in a Python of the agent's deployment; return what it printed."""
+    done = subprocess.run(  # our interpreter, our script
+        [sys.executable, "-c", code, *args],
+        cwd=home,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
 def share(
     tmp_path: Path, make_url: Callable[[], str], *, workers: int, runs: int
 ) -> None:
@@ -73,17 +88,7 @@ def share(
     (tmp_path / "agentapp.py").write_text(AGENT)
     (tmp_path / "tether.yaml").write_text(CONFIG)
     env = agent_env(tmp_path, backend, steps=STEPS, pause=0.02, AGENT_GATED=str(GATED))
-    seeded = subprocess.run(  # our interpreter, our script
-        [sys.executable, "-c", SEED_RUNS, str(runs)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert seeded.returncode == 0, seeded.stderr
-    run_ids = seeded.stdout.split()
+    run_ids = script(tmp_path, env, SEED_RUNS, str(runs)).split()
     go = tmp_path / "go"
     procs = [
         start_worker(tmp_path, {**env, "AGENT_GO": str(go)}, "--until-idle", *POLL)
@@ -168,17 +173,7 @@ def test_a_waiting_worker_resumes_an_approved_run_at_once_not_at_its_next_look(
     (tmp_path / "agentapp.py").write_text(AGENT)
     (tmp_path / "tether.yaml").write_text(CONFIG)
     env = agent_env(tmp_path, backend, steps=STEPS, pause=0.0, AGENT_GATED=str(GATED))
-    parked = subprocess.run(  # our interpreter, our script
-        [sys.executable, "-c", PARK_ONE],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert parked.returncode == 0, parked.stderr
-    run_id = parked.stdout.strip()
+    run_id = script(tmp_path, env, PARK_ONE).strip()
     worker = start_worker(tmp_path, env, "--interval", "60")
     try:
         with (
