@@ -15,6 +15,7 @@ from pydantic import BaseModel
 
 import tether
 import tether.cli
+from tether._chain import StoredEvent
 from tether.run import RunState
 from tether.testing import FakeClock
 
@@ -186,6 +187,29 @@ def test_a_run_waiting_on_another_runs_request_is_ready_once_it_is_decided(
     assert done == [50, 50, 500, 500]  # each run's refunds, each once
     assert app.verify(first.id).ok
     assert app.verify(second.id).ok
+
+
+def test_a_workers_looks_read_a_parked_runs_record_once_until_it_grows(
+    app: tether.Tether, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`ready_runs` reads a waiting run's record at its first look only; a decision it records makes it read again."""
+    run = app.start("refund two", planner="refunds", principal=BOT)
+    (request,) = app.approvals(status="pending")
+    read: list[str] = []
+    events = app.store.events
+
+    def counting(run_id: str) -> list[StoredEvent]:
+        read.append(run_id)
+        return events(run_id)
+
+    monkeypatch.setattr(app.store, "events", counting)
+    looks = [app.ready_runs() for _ in range(3)]
+    app.approve(request.id, by="alice")  # recorded in the run: its record grows
+    after = app.ready_runs()
+
+    assert looks == [[], [], []]
+    assert after == [run.id]
+    assert read.count(run.id) == 2
 
 
 def test_a_run_still_waiting_parks_again_on_resume(app: tether.Tether) -> None:

@@ -36,7 +36,7 @@ from tether.policy import Policy, PolicySet, RuleSet
 from tether.principal import Principal
 from tether.resilience import BreakerSet
 from tether.run import RunState
-from tether.store import ApprovalRow, ApprovalStatus, Store, open_store
+from tether.store import ApprovalRow, ApprovalStatus, RunRow, Store, open_store
 from tether.store._limits import BreakerState, breaker_view, to_us
 
 __all__ = ["Run", "Tether"]
@@ -88,6 +88,8 @@ class Tether:
         )
         self.settings, version = _config.load_settings(self.config_path)
         self._policy_lock = threading.Lock()
+        self._awaited_by_run: dict[str, tuple[tuple[int, bytes], frozenset[str]]] = {}
+        """What `ready_runs` read of each parked run's record, by its head."""
         self.clock: Clock = clock or SystemClock()
         self.ids: Ids = ids or RandomIds(self.clock)
         self.random: Rng = system_rng()
@@ -258,9 +260,7 @@ class Tether:
         ):
             asked = self.store.list_approvals(run_id=row.run_id, now=now, limit=1000)
             own = {a.id for a in asked}
-            asked += [
-                self.store.get_approval(i) for i in self._awaited(row.run_id) - own
-            ]
+            asked += [self.store.get_approval(i) for i in self._awaited(row) - own]
             if asked and not any(
                 _as_of(a, now).status is ApprovalStatus.PENDING for a in asked
             ):
@@ -286,16 +286,29 @@ class Tether:
         """
         self.store.wait_for_news(seconds, self.clock.sleep)
 
-    def _awaited(self, run_id: str) -> set[str]:
-        """Return the approval requests a run's steps waited on, from its record."""
+    def _awaited(self, row: RunRow) -> frozenset[str]:
+        """Return the approval requests a run's steps waited on, from its record.
+
+        Kept by the record's head: a parked run's record does not grow while
+        it waits, so a worker's looks read it once, not at every look.
+        """
+        seen = self._awaited_by_run.get(row.run_id)
+        if seen is not None and seen[0] == (row.head_seq, row.head_hash):
+            return seen[1]
         found = set()
-        for ev in self.store.events(run_id):
+        for ev in self.store.events(row.run_id):
             if b'"approval_id":"' not in ev.body:  # most events: no decoding
                 continue
             data = ev.data()
             if data["kind"] == "failed":
                 found.add(str(data["approval_id"]))
-        return found
+        if len(self._awaited_by_run) >= _AWAITED_KEPT:
+            self._awaited_by_run.clear()  # parked runs come and go: start afresh
+        self._awaited_by_run[row.run_id] = (
+            (row.head_seq, row.head_hash),
+            frozenset(found),
+        )
+        return frozenset(found)
 
     def add_policy(self, policy: Policy) -> None:
         """Add a Python policy; it takes part in the same precedence as rules.
@@ -667,6 +680,8 @@ def _policy_from(
     return PolicySet(rules=rules, defaults=settings.defaults, version=version)
 
 
+_AWAITED_KEPT = 10_000
+"""Parked runs whose awaited requests `ready_runs` keeps between looks."""
 _PARKED_STATES = (RunState.AWAITING_APPROVAL.value, RunState.DEGRADED.value)
 _ORPHANABLE_STATES = (RunState.EXECUTING.value, RunState.PLANNING.value)
 
