@@ -10,7 +10,6 @@ import asyncio
 import hashlib
 import itertools
 import logging
-import threading
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from decimal import Decimal
@@ -20,15 +19,14 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 import anyio.to_thread
 from pydantic import BaseModel
 
-from tether import _canonical, _chain, _guards, gateway, plan, record
+from tether import _canonical, gateway, plan, record
 from tether._approval_stage import requested_event
 from tether._chain import StoredEvent
+from tether._run_writer import RunWriter
 from tether.capability import Capability, Effect, Idempotency
 from tether.errors import (
     ApprovalRequired,
     BreakerOpen,
-    HeadMoved,
-    LeaseLost,
     NotFound,
     StoreError,
     TetherError,
@@ -44,7 +42,6 @@ from tether.store import (
     Batch,
     Claim,
     Committed,
-    KeyState,
     KeyUpdate,
     NewRun,
     RunRow,
@@ -71,9 +68,6 @@ _STEP_ENDS = frozenset({"executed", "failed", "in_doubt", "idempotent_hit"})
 
 IN_DOUBT_RULE = "in_doubt"
 """The rule id of an approval request for a step whose outcome is unknown."""
-
-_DECISION_RACES = 20
-"""How many times a write re-reads the record after people's decisions grew it."""
 
 Out = TypeVar("Out", bound=BaseModel)
 
@@ -120,17 +114,7 @@ class Run:
         self.pool = app._thread_pool
         self._upcoming: tuple[plan.StepLike, ...] = ()
         """The steps a planner means to take after the current one (stashed with it)."""
-        self._epoch = 1
-        self._head_seq = 0
-        self._head_hash = record.genesis(self.id)
-        self._pending: list[Batch] = []
-        self._unsure: Batch | None = None
-        """The last write that failed: it may have landed all the same (its
-        answer lost with the connection); the next write first looks."""
-        self._closing: Batch | None = None
-        """The write that closes a step whose intent landed unseen, to make
-        before any other (see `_look_unsure`)."""
-        self._lock = threading.RLock()
+        self._writer = RunWriter(self.store, self.id, self.clock, self.claim_ttl)
         self._resumed = False
         """Made by `resumed`: entering its `with` block creates nothing."""
         self.planner: str | None = None
@@ -163,8 +147,14 @@ class Run:
         )
         run.id = run.run_id = row.run_id
         run.status = RunState(row.status)
-        run._epoch = row.epoch
-        run._head_seq, run._head_hash = row.head_seq, row.head_hash
+        run._writer = RunWriter(
+            app.store,
+            row.run_id,
+            app.clock,
+            run.claim_ttl,
+            epoch=row.epoch,
+            head=(row.head_seq, row.head_hash),
+        )
         last = 0
         open_step, open_capability = None, ""  # intent recorded, result not
         validated: dict[int, dict[str, Any]] = {}
@@ -318,7 +308,7 @@ class Run:
 
     def has_pending(self) -> bool:
         """Tell whether a result write failed and waits to be retried."""
-        return bool(self._pending)
+        return self._writer.has_pending()
 
     def flush_pending(self) -> None:
         """Write the results kept after failed writes.
@@ -326,172 +316,16 @@ class Run:
         Raises:
             StoreError: the store still fails; the results stay kept.
         """
-        with self._lock:
-            self._look_unsure()
-            while self._pending:
-                self._write(self._pending[0])
-                self._pending.pop(0)
+        self._writer.flush_pending()
 
     def _commit(self, batch: Batch, keep_on_failure: bool = False) -> Committed:
-        with self._lock:
+        with self._writer.lock:
             if self.status in FINAL_STATES:
                 raise UsageError(
                     f"run {self.id} is {self.status.value}; its record takes no more "
                     "events (a step still running when the run ended cannot record)"
                 )
-            try:
-                self._look_unsure()
-                if self._pending:
-                    self.flush_pending()
-                return self._write(batch)
-            except StoreError as exc:
-                if isinstance(exc, LeaseLost):
-                    raise
-                if keep_on_failure:
-                    # A step that already acted keeps its result until the store
-                    # takes it; the next write on this run retries it first.
-                    self._pending.append(batch)
-                    raise StoreError(
-                        f"{exc.message}; the step ran: its result is kept and is "
-                        "written first on this run's next write"
-                    ) from exc
-                raise StoreError(f"{exc.message}; nothing ran after it") from exc
-
-    def _write(self, batch: Batch) -> Committed:
-        # The chain head and epoch are read at write time: a batch kept after a
-        # failed write extends whatever the head is when it is retried.
-        batch.epoch = self._epoch
-        batch.base_seq = self._head_seq
-        batch.base_hash = self._head_hash
-        # Every write renews the run's lease; a step's handler runs no longer
-        # than the key claim TTL, so a live writer never loses it mid-step.
-        batch.lease_until = batch.at + self.claim_ttl
-        for tries in range(_DECISION_RACES, -1, -1):
-            try:
-                committed = self.store.commit(batch)
-                break
-            except HeadMoved:
-                # People deciding this run's approval requests append to its
-                # record; take their events up and write after them.
-                if not tries or not self._adopt_decisions():
-                    raise
-                batch.base_seq = self._head_seq
-                batch.base_hash = self._head_hash
-            except LeaseLost:
-                raise
-            except StoreError:
-                self._unsure = batch
-                raise
-        if committed.conflict is None:
-            self._head_seq, self._head_hash = committed.head_seq, committed.head_hash
-        return committed
-
-    def _look_unsure(self) -> None:
-        """Find out whether the last failed write landed; take it up if it did.
-
-        A write whose connection broke after it was sent may have committed
-        (PostgreSQL: when even the store's own look could not reach the
-        server). The run's lease epoch fences every other writer off, so
-        events past this writer's head, while the epoch is still its own, are
-        that write's (and people's approval decisions after it): they are
-        taken up. A kept result that landed is not written again; a step
-        intent that landed opened room for a step that never ran: its key,
-        limits and the record are closed as a failed step's would be, in a
-        write made before any other, and made again until it lands.
-
-        Raises:
-            StoreError: the store still cannot be read or written (the write
-                stays unsure, or the closing write is still to make).
-        """
-        batch = self._unsure
-        if batch is not None:
-            row = self.store.get_run(self.id)
-            grown = [e for e in self.store.events(self.id) if e.seq > self._head_seq]
-            self._unsure = None
-            if self._took_up(batch, row, grown):
-                if batch is self._closing:
-                    self._closing = None
-                elif any(b is batch for b in self._pending):
-                    self._pending = [b for b in self._pending if b is not batch]
-                elif any(isinstance(e, record.Intent) for e in batch.events):
-                    self._closing = self._never_ran(batch)
-        if self._closing is not None:
-            self._write(self._closing)
-            self._closing = None
-
-    def _took_up(self, batch: Batch, row: RunRow, grown: list[StoredEvent]) -> bool:
-        """Take up `batch` and what followed it if it is what grew the record."""
-        if row.epoch != self._epoch or not grown:
-            return False  # not ours to take up (LeaseLost comes), or it did not land
-        if grown[0].body != _canonical.dumps_fields(batch.events[0]):
-            return False  # another write: the next one says so (HeadMoved)
-        head_hash = self._head_hash
-        for ev in grown:
-            if self.store.signs_heads and (
-                _chain.chain_hash(head_hash, ev.seq, ev.body) != ev.hash
-            ):
-                return False  # not a chain from this head: HeadMoved says so
-            head_hash = ev.hash
-        self._head_seq, self._head_hash = grown[-1].seq, head_hash
-        return True
-
-    def _never_ran(self, intent: Batch) -> Batch:
-        """The write that closes a step whose intent landed unseen: it did not run."""
-        now = self.clock.now()
-        claim = intent.claim
-        settles, settled = _guards.released(self.id, intent.reserve, intent.step, now)
-        failed = record.Failed(
-            at=now,
-            step=intent.step,
-            stage="intent",
-            error_code=StoreError.code,
-            error_type=StoreError.__name__,
-            message=(
-                "the step's intent was written, but the answer was lost with the "
-                "connection; the step did not run, and its key and limits are freed"
-            ),
-        )
-        return Batch(
-            run_id=self.id,
-            events=[*settled, failed],
-            at=now,
-            settle=settles,
-            step=intent.step,
-            key_update=None
-            if claim is None
-            else KeyUpdate(
-                id=claim.id,
-                run_id=self.id,
-                step=intent.step,
-                state=KeyState.FAILED,
-                now=now,
-            ),
-        )
-
-    def _adopt_decisions(self) -> bool:
-        """Take up events a person's approval decision appended to this run's record.
-
-        Deciding an approval request records the decision in the requesting
-        run, from whatever process decides. When only such events grew the
-        record (each chained onto the last), this writer extends them;
-        anything else is a second writer, and stays an error.
-        """
-        stored = self.store.events(self.id)
-        head_seq, head_hash = self._head_seq, self._head_hash
-        grown = [e for e in stored if e.seq > head_seq]
-        if not grown:
-            return False
-        for ev in grown:
-            if ev.data().get("kind") != "approval_decided":
-                return False
-            if ev.seq != head_seq + 1 or (
-                self.store.signs_heads
-                and _chain.chain_hash(head_hash, ev.seq, ev.body) != ev.hash
-            ):
-                return False
-            head_seq, head_hash = ev.seq, ev.hash
-        self._head_seq, self._head_hash = head_seq, head_hash
-        return True
+            return self._writer.commit(batch, keep_on_failure=keep_on_failure)
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -552,10 +386,11 @@ class Run:
         self.status = RunState(batch.status)
 
     def _log_lost(self) -> None:
-        if self._pending:
+        kept = self._writer.kept()
+        if kept:
             logger.error(
                 "step.result_lost",
-                extra={"tether.run_id": self.id, "tether.results": len(self._pending)},
+                extra={"tether.run_id": self.id, "tether.results": kept},
             )
 
     def transition(self, target: RunState) -> None:
