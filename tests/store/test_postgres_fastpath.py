@@ -34,9 +34,11 @@ from _postgres import with_options
 from tether import record
 from tether.errors import HeadMoved
 from tether.store import Batch, Committed, NewRun, PostgresStore, Store, open_store
-from tether.store import postgres as pg
 from tether.store._limits import LimitBlocked, LimitKind, Reserve, Settle, to_us
+from tether.store.postgres import _write as pg_write
 from tether.store.postgres import parse_url
+from tether.store.postgres._connection import lock_key
+from tether.store.postgres._tables import counter_charges
 
 pytestmark = pytest.mark.postgres
 
@@ -55,7 +57,7 @@ LATER = T0 + timedelta(seconds=2)
 def locked_path(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Make every PostgreSQL write inside take the locked path (two round trips)."""
     with monkeypatch.context() as m:
-        m.setattr(pg, "_counter_charges", lambda batch: None)
+        m.setattr(pg_write, "counter_charges", lambda batch: None)
         yield
 
 
@@ -405,7 +407,7 @@ def test_a_batch_that_needs_more_than_counters_takes_the_locked_path(
     batch: Batch,
 ) -> None:
     """Anything but counters each charged once, budgets settled by their own step, is left to the locked path."""
-    assert pg._counter_charges(batch) is None
+    assert counter_charges(batch) is None
 
 
 def test_a_read_charged_after_it_answers_is_all_counters() -> None:
@@ -413,7 +415,7 @@ def test_a_read_charged_after_it_answers_is_all_counters() -> None:
     budget = replace(BUDGET, actual=3)
     batch = batch_of([budget.reserve(), QUOTA.reserve()], [budget.settle("r", 1)])
 
-    charges = pg._counter_charges(batch)
+    charges = counter_charges(batch)
 
     assert charges is not None
     assert [(r.limit_id, gain) for r, gain in charges] == [
@@ -556,7 +558,7 @@ def test_the_charge_waits_for_the_locked_path_and_reads_what_it_committed(
     url = one_connection()
     store = open_store(url)
     assert isinstance(store, PostgresStore)
-    lock = pg._lock_key(store._schema, "limit", "b", SCOPE, str(WINDOW))
+    lock = lock_key(store._schema, "limit", "b", SCOPE, str(WINDOW))
     try:
         writer = Writer(store)
         set_up(writer, {"b": 5}, ())
@@ -594,7 +596,7 @@ def test_a_charge_cut_off_while_it_waits_is_tried_again_and_charged_once(
     url = one_connection()
     store = open_store(url, record_key=b"k" * 32)
     assert isinstance(store, PostgresStore)
-    lock = pg._lock_key(store._schema, "limit", "b", SCOPE, str(WINDOW))
+    lock = lock_key(store._schema, "limit", "b", SCOPE, str(WINDOW))
     try:
         writer = Writer(store)
         set_up(writer, {"b": 5}, ())

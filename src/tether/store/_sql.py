@@ -1,0 +1,334 @@
+"""What the two SQL backends share: columns, row codecs, two queries, refusals.
+
+`tether.store.sqlite` and `tether.store.postgres` keep the same tables, and
+each writes its own SQL (placeholders and dialects differ). What is the same in
+both is here: the column lists; the values a row is written with, and the
+decoding of a row read back, from either driver (a limit amount is text in
+SQLite and `numeric` in PostgreSQL; a run's timestamps are ISO text in SQLite
+and `timestamptz` in PostgreSQL, and the caller decodes them); the listing
+queries, which differ only in their placeholder; and how a commit refuses a
+batch or reports a failed fence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from tether import _canonical
+from tether.errors import HeadMoved, LeaseLost, UsageError
+from tether.store import _limits
+from tether.store._base import (
+    ApprovalRow,
+    ApprovalStatus,
+    Batch,
+    Committed,
+    GrantGone,
+    KeyRecord,
+    KeyState,
+    LimitRow,
+    PendingExists,
+    RunRow,
+)
+from tether.store._limits import BreakerRow, BreakerState
+
+__all__ = [
+    "APPROVAL_COLUMNS",
+    "RUN_COLUMNS",
+    "KeyConflict",
+    "Refused",
+    "WriteBlocked",
+    "approval_row",
+    "approval_values",
+    "approvals_query",
+    "breaker_row",
+    "breaker_values",
+    "fence_error",
+    "key_record",
+    "limit_summary",
+    "not_one",
+    "not_resumable",
+    "run_row",
+    "runs_query",
+]
+
+_us = _limits.to_us
+_from_us = _limits.from_us
+
+RUN_COLUMNS = (
+    "run_id, status, tenant, principal_id, request, created_at, updated_at, "
+    "epoch, head_seq, head_hash, head_sig, error_code, lease_until"
+)
+APPROVAL_COLUMNS = (
+    "id, run_id, step, tenant, principal_id, on_behalf_of, capability, version, args, "
+    "preview, digest, policy_version, rule_ids, reasons, approvers, status, created_at, "
+    "expires_at, decided_by, decided_at, note"
+)
+_NOTHING = (Decimal(0), Decimal(0), 0)
+
+
+class Refused(Exception):  # control flow, never escapes a backend's commit: rolls back
+    """The batch is answered without being written."""
+
+    def answer(self, batch: Batch) -> Committed:
+        """Return what `commit` says: nothing written, the head where it was."""
+        raise NotImplementedError
+
+
+class KeyConflict(Refused):
+    """The batch's idempotency key is held by a record it may not replace."""
+
+    def __init__(self, existing: KeyRecord) -> None:
+        self.record = existing
+
+    def answer(self, batch: Batch) -> Committed:
+        return Committed(
+            head_seq=batch.base_seq, head_hash=batch.base_hash, conflict=self.record
+        )
+
+
+class WriteBlocked(Refused):
+    """A limit, a breaker, a spent grant or a pending request holds the batch back."""
+
+    def __init__(self, why: _limits.Blocked | GrantGone | PendingExists) -> None:
+        self.why = why
+
+    def answer(self, batch: Batch) -> Committed:
+        return Committed(
+            head_seq=batch.base_seq, head_hash=batch.base_hash, blocked=self.why
+        )
+
+
+def fence_error(batch: Batch, epoch: int, head_seq: int) -> LeaseLost | HeadMoved:
+    """Return why `batch`'s fence failed on a run now at `epoch` and `head_seq`."""
+    if epoch != batch.epoch:
+        return LeaseLost(
+            f"run {batch.run_id} is held by lease epoch {epoch}, not {batch.epoch}; "
+            "this worker's writes are refused"
+        )
+    return HeadMoved(
+        f"run {batch.run_id}: the record moved to event {head_seq} while this "
+        f"writer expected {batch.base_seq}; two writers hold the run"
+    )
+
+
+def not_one(rows: Sequence[object], several: str, listing: str) -> str:
+    """Say why a look-up by id or prefix found `rows`, not one: none, or `several`."""
+    if rows:
+        return f"it matches several {several}; give more of it"
+    return f"see `{listing}`"
+
+
+def not_resumable(now_row: RunRow) -> UsageError:
+    """Return why `take_over` refused a run (`now_row`: the run as it is now)."""
+    return UsageError(
+        f"run {now_row.run_id} is {now_row.status} (epoch {now_row.epoch}), not parked "
+        "and not orphaned: only a parked run, or one whose writer's lease ran "
+        "out, can be resumed"
+    )
+
+
+def limit_summary(rows: Iterable[Sequence[Any]], at: int) -> list[LimitRow]:
+    """Fold `limit_state` rows (but the `~` ones), in key order, into `LimitRow`s."""
+    summed: dict[tuple[str, str, int], tuple[Decimal, Decimal, int]] = {}
+    for lid, scope, window, holder, amount, until, charged in rows:
+        if holder != "" and until <= at and not charged:
+            continue  # a lapsed lease: gone
+        used, held, count = summed.get((lid, scope, window), _NOTHING)
+        if holder == "":
+            used += Decimal(amount)
+        elif until > at:
+            held, count = held + Decimal(amount), count + 1
+        elif charged:  # lapsed and spent: folded in at the next reservation
+            used += Decimal(amount)
+        summed[(lid, scope, window)] = (used, held, count)
+    return [
+        LimitRow(
+            limit_id=lid,
+            scope=scope,
+            window=_from_us(window) if window else None,
+            used=used,
+            held=held,
+            holds=count,
+        )
+        for (lid, scope, window), (used, held, count) in summed.items()
+    ]
+
+
+def runs_query(
+    mark: str, *, status: str | None, limit: int
+) -> tuple[str, tuple[object, ...]]:
+    """Return `list_runs`' query and parameters; `mark` is the placeholder."""
+    sql = f"SELECT {RUN_COLUMNS} FROM runs"  # noqa: S608  # constant column list
+    params: tuple[object, ...] = ()
+    if status is not None:
+        sql += f" WHERE status={mark}"
+        params = (status,)
+    sql += f" ORDER BY created_at DESC, run_id DESC LIMIT {mark}"
+    return sql, (*params, limit)
+
+
+def approvals_query(
+    mark: str,
+    *,
+    status: ApprovalStatus | None,
+    now: datetime | None,
+    run_id: str | None,
+    limit: int,
+) -> tuple[str, tuple[object, ...]]:
+    """Return `list_approvals`' query and parameters; `mark` is the placeholder."""
+    sql = f"SELECT {APPROVAL_COLUMNS} FROM approvals"  # noqa: S608  # constant column list
+    params: tuple[object, ...] = ()
+    at = None if now is None else _us(now)
+    if status is ApprovalStatus.PENDING and at is not None:
+        sql += f" WHERE status='pending' AND expires_at > {mark}"
+        params = (at,)
+    elif status is ApprovalStatus.EXPIRED and at is not None:
+        sql += (
+            f" WHERE (status='expired' OR (status='pending' AND expires_at <= {mark}))"
+        )
+        params = (at,)
+    elif status is not None:
+        sql += f" WHERE status={mark}"
+        params = (status.value,)
+    if run_id is not None:
+        sql += (" AND" if params else " WHERE") + f" run_id={mark}"
+        params = (*params, run_id)
+    sql += f" ORDER BY created_at DESC, id DESC LIMIT {mark}"
+    return sql, (*params, limit)
+
+
+def approval_values(a: ApprovalRow) -> tuple[object, ...]:
+    """Return the values of an `approvals` row, in `APPROVAL_COLUMNS` order."""
+    return (
+        a.id,
+        a.run_id,
+        a.step,
+        a.tenant,
+        a.principal_id,
+        a.on_behalf_of,
+        a.capability,
+        a.version,
+        a.args,
+        a.preview,
+        a.digest,
+        a.policy_version,
+        _canonical.dumps(list(a.rule_ids)).decode(),
+        _canonical.dumps(list(a.reasons)).decode(),
+        _canonical.dumps(list(a.approvers)).decode(),
+        a.status.value,
+        _us(a.created_at),
+        _us(a.expires_at),
+        a.decided_by,
+        None if a.decided_at is None else _us(a.decided_at),
+        a.note,
+    )
+
+
+def approval_row(row: Sequence[Any]) -> ApprovalRow:
+    """Decode an `approvals` row read in `APPROVAL_COLUMNS` order."""
+    (
+        id_, run_id, step, tenant, principal_id, on_behalf_of, capability, version,
+        args, preview, digest, policy_version, rule_ids, reasons, approvers, status,
+        created_at, expires_at, decided_by, decided_at, note,
+    ) = row  # fmt: skip
+    return ApprovalRow(
+        id=id_,
+        run_id=run_id,
+        step=step,
+        tenant=tenant,
+        principal_id=principal_id,
+        on_behalf_of=on_behalf_of,
+        capability=capability,
+        version=version,
+        args=bytes(args),
+        preview=None if preview is None else bytes(preview),
+        digest=bytes(digest),
+        policy_version=policy_version,
+        rule_ids=tuple(_canonical.loads(rule_ids)),
+        reasons=tuple(_canonical.loads(reasons)),
+        approvers=tuple(_canonical.loads(approvers)),
+        status=ApprovalStatus(status),
+        created_at=_from_us(created_at),
+        expires_at=_from_us(expires_at),
+        decided_by=decided_by,
+        decided_at=None if decided_at is None else _from_us(decided_at),
+        note=note,
+    )
+
+
+def breaker_row(row: Sequence[Any]) -> BreakerRow:
+    """Decode a `breakers` row without its id (state, since, ..., probe_deadline)."""
+    state, since, generation, outcomes, probes, deadline = row
+    return BreakerRow(
+        state=BreakerState(state),
+        since=since,
+        generation=generation,
+        outcomes=outcomes,
+        probes=probes,
+        probe_deadline=deadline,
+    )
+
+
+def breaker_values(breaker_id: str, row: BreakerRow) -> tuple[object, ...]:
+    """Return the values of a `breakers` row: id, state, ..., probe_deadline."""
+    return (
+        breaker_id,
+        row.state.value,
+        row.since,
+        row.generation,
+        row.outcomes,
+        row.probes,
+        row.probe_deadline,
+    )
+
+
+def key_record(row: Sequence[Any]) -> KeyRecord:
+    """Decode an `idempotency_keys` row: state, fingerprint, ..., completed_at."""
+    state, fp, run_id, step, output, claimed, lease, completed = row
+    return KeyRecord(
+        state=KeyState(state),
+        fingerprint=bytes(fp),
+        run_id=run_id,
+        step=step,
+        output=None if output is None else bytes(output),
+        claimed_at=_from_us(claimed),
+        lease_until=_from_us(lease),
+        completed_at=None if completed is None else _from_us(completed),
+    )
+
+
+def run_row(row: Sequence[Any], timestamp: Callable[[Any], datetime]) -> RunRow:
+    """Decode a `runs` row read in `RUN_COLUMNS` order; `timestamp` reads its times."""
+    (
+        run_id,
+        status,
+        tenant,
+        principal_id,
+        request,
+        created,
+        updated,
+        epoch,
+        head_seq,
+        head_hash,
+        head_sig,
+        error_code,
+        lease_until,
+    ) = row
+    return RunRow(
+        run_id=run_id,
+        status=status,
+        tenant=tenant,
+        principal_id=principal_id,
+        request=request,
+        created_at=timestamp(created),
+        updated_at=timestamp(updated),
+        epoch=epoch,
+        head_seq=head_seq,
+        head_hash=bytes(head_hash),
+        head_sig=None if head_sig is None else bytes(head_sig),
+        error_code=error_code,
+        lease_until=_from_us(lease_until) if lease_until else None,
+    )

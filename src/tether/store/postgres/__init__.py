@@ -1,0 +1,184 @@
+"""The PostgreSQL backend: one database shared by every worker on every host.
+
+`PostgresStore` is made of parts, one idea a module:
+
+- `_connection`: the URL, the pool, migrations, and the retrying `_run` every
+  operation goes through;
+- `_write`: `commit`, in one statement or one locked transaction (its docstring
+  counts the round trips);
+- `_locked`: the locked path's advisory locks and reads, claims and grants;
+- `_tables`: the limit and breaker rows a batch reads and writes;
+- `_approvals`: approval requests, and deciding them;
+- `_pipeline`: pipelined statements and the one-statement builder.
+
+Reads of runs, keys, limits and breakers are here, on the store itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg
+
+from tether import _chain
+from tether.errors import NotFound
+from tether.store import _limits
+from tether.store._base import KeyId, KeyRecord, LimitRow, RunRow
+from tether.store._limits import BreakerRow
+from tether.store._sql import (
+    RUN_COLUMNS,
+    breaker_row,
+    limit_summary,
+    not_one,
+    not_resumable,
+    run_row,
+    runs_query,
+)
+from tether.store.postgres._approvals import Approvals
+from tether.store.postgres._connection import (
+    CONNECT_TIMEOUT_S,
+    DEFAULT_POOL_SIZE,
+    POOL_TIMEOUT_S,
+    parse_url,
+)
+from tether.store.postgres._locked import read_key
+from tether.store.postgres._tables import BREAKER_COLUMNS, LIMIT_COLUMNS
+from tether.store.postgres._write import Writes
+
+__all__ = [
+    "CONNECT_TIMEOUT_S",
+    "DEFAULT_POOL_SIZE",
+    "POOL_TIMEOUT_S",
+    "PostgresStore",
+    "parse_url",
+]
+
+_us = _limits.to_us
+
+
+class PostgresStore(Writes, Approvals):
+    """A store in a PostgreSQL database, shared by every process that opens it.
+
+    Opening migrates the schema (under an advisory lock, so processes opening
+    together migrate once). Tables go in the first schema of the connection's
+    `search_path` (`?options=-csearch_path%3Dtether` picks one).
+
+    Args:
+        url: `postgresql://user@host:port/dbname`, with libpq's connection
+            parameters and tether's `?pool_size=N` as query options.
+        pool_size: connections kept at most (default: the URL's, else
+            `DEFAULT_POOL_SIZE`); a pool starts with one.
+        record_key: the key that signs chain heads; None leaves heads unsigned.
+
+    Raises:
+        ConfigError: the URL has an option neither tether nor libpq knows.
+        StoreError: the server cannot be reached, or the schema is newer than
+            this tether.
+    """
+
+    # -- reads ------------------------------------------------------------------
+
+    def limit_rows(self, now: datetime) -> list[LimitRow]:
+        """Return every limit counter and live lease set (for `tether status`)."""
+        at = _us(now)
+
+        def query(conn: psycopg.Connection[Any]) -> list[LimitRow]:
+            return limit_summary(
+                conn.execute(
+                    f"SELECT {LIMIT_COLUMNS} FROM limit_state WHERE holder <> '~' "  # noqa: S608  # constant column list
+                    'ORDER BY limit_id, scope, "window"'
+                ),
+                at,
+            )
+
+        return self._read(query, "read the limits")
+
+    def breaker_row(self, breaker_id: str) -> BreakerRow:
+        """Return one breaker's stored row (a closed one when it has none)."""
+        row = self._read(
+            lambda conn: conn.execute(
+                f"SELECT {BREAKER_COLUMNS} FROM breakers WHERE id=%s",  # noqa: S608  # constant column list
+                (breaker_id,),
+            ).fetchone(),
+            "read a breaker",
+        )
+        return BreakerRow() if row is None else breaker_row(row[1:])
+
+    def breaker_rows(self) -> dict[str, BreakerRow]:
+        """Return every breaker's stored row, by id."""
+        rows = self._read(
+            lambda conn: conn.execute(
+                f"SELECT {BREAKER_COLUMNS} FROM breakers ORDER BY id"  # noqa: S608  # constant column list
+            ).fetchall(),
+            "read the breakers",
+        )
+        return {r[0]: breaker_row(r[1:]) for r in rows}
+
+    def lookup_key(self, key: KeyId) -> KeyRecord | None:
+        """Return the record of `key`, if any."""
+        return self._read(lambda conn: read_key(conn, key), "read a key")
+
+    def get_run(self, run_id: str) -> RunRow:
+        """Return one run, by id or by a unique prefix of at least 6 characters."""
+        rows = self._by_id("runs", "run_id", RUN_COLUMNS, run_id)
+        if len(rows) != 1:
+            hint = not_one(rows, "runs", "tether runs list")
+            raise NotFound(f"no run {run_id!r} in {self.url}; {hint}")
+        return run_row(rows[0], _utc)
+
+    def list_runs(self, *, limit: int = 50, status: str | None = None) -> list[RunRow]:
+        """Return the newest runs first."""
+        sql, params = runs_query("%s", status=status, limit=limit)
+        rows = self._read(
+            lambda conn: conn.execute(sql, params).fetchall(), "list runs"
+        )
+        return [run_row(r, _utc) for r in rows]
+
+    def events(self, run_id: str) -> list[_chain.StoredEvent]:
+        """Return a run's events in order."""
+        if "\0" in run_id:
+            return []
+        rows = self._read(
+            lambda conn: conn.execute(
+                "SELECT e.seq, e.body, e.hash FROM events e JOIN runs r ON r.id = e.run "
+                "WHERE r.run_id=%s ORDER BY e.seq",
+                (run_id,),
+            ).fetchall(),
+            f"read run {run_id}",
+        )
+        return [_chain.StoredEvent(seq=s, body=b, hash=h) for s, b, h in rows]
+
+    def take_over(
+        self,
+        run_id: str,
+        *,
+        parked: Sequence[str],
+        orphaned: Sequence[str] = (),
+        now: datetime | None = None,
+    ) -> RunRow:
+        """Bump a parked or orphaned run's lease epoch (see `Store.take_over`).
+
+        One conditional `UPDATE`: of workers racing for a run, the first bumps
+        the epoch and the others, re-checking the row once its lock is free,
+        find the epoch moved and are refused.
+        """
+        row = self.get_run(run_id)
+        at = 0 if now is None else _us(now)
+        taken = self._run(
+            lambda conn: conn.execute(
+                f"UPDATE runs SET epoch=epoch+1 WHERE run_id=%s AND epoch=%s "  # noqa: S608  # constant column list
+                "AND (status = ANY(%s) OR (status = ANY(%s) AND lease_until <= %s)) "
+                f"RETURNING {RUN_COLUMNS}",
+                (row.run_id, row.epoch, list(parked), list(orphaned), at),
+            ).fetchone(),
+            f"take over run {run_id}",
+        )
+        if taken is None:
+            raise not_resumable(self.get_run(row.run_id))
+        return run_row(taken, _utc)
+
+
+def _utc(value: datetime) -> datetime:
+    return value.astimezone(UTC)

@@ -1,0 +1,395 @@
+"""The PostgreSQL write path: one database shared by every worker on every host.
+
+Every decision two workers could race on is settled by PostgreSQL itself, at
+READ COMMITTED: a run's write is fenced by an atomic
+`UPDATE runs ... WHERE epoch=%s AND head_seq=%s`; an idempotency key is claimed
+by `INSERT ... ON CONFLICT DO NOTHING` and, when taken, read `FOR UPDATE`; an
+approval is decided under its row lock; and the limit and breaker rows a batch
+reads then writes are guarded by transaction-scoped advisory locks, taken in
+sorted order (so two writers never deadlock on them) before the rows are read,
+which also covers rows that do not exist yet.
+
+A write without limits, breakers or an approval request is one statement in
+autocommit (one round trip): its writes are data-modifying CTEs, and a failed
+fence, claim or grant raises inside the server (`tether_require`), which undoes
+the statement. So is a write whose limits only charge counters (a read charged
+after it answers: quotas, budgets without a throttle, settled in the same
+batch): its statement first calls `tether_charge` (0005_charge.sql), which
+takes the locked path's advisory locks, then checks and adds to the counters
+as the limit rules would; when a counter has no room it raises, nothing is
+written, and the write takes the locked path, which says what is left. Any
+other write with limits is one transaction of two round trips: the locks and
+reads (`BEGIN`, one lock and one `SELECT` per limit, pipelined), then that
+same kind of statement and `COMMIT`, since the limit rules
+(`tether.store._limits`) are written once, in Python, for every backend.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+import psycopg
+from psycopg import errors as pg_errors
+
+from tether import _canonical, _chain
+from tether.errors import NotFound, StoreError
+from tether.store import _limits
+from tether.store._base import (
+    Batch,
+    Committed,
+    GrantGone,
+    KeyRecord,
+    KeyState,
+    apply_limits,
+)
+from tether.store._limits import LimitKind, Reserve
+from tether.store._sql import RUN_COLUMNS, Refused, WriteBlocked, fence_error
+from tether.store.postgres._connection import Connected, lock_key, one_line
+from tether.store.postgres._locked import locked_reads
+from tether.store.postgres._pipeline import Statement, Writer, rollback
+from tether.store.postgres._tables import counter_charges
+
+__all__ = ["Writes"]
+
+_us = _limits.to_us
+
+_REQUIRE_FAILED = "TT001"
+"""The SQLSTATE `tether_require` raises (0001_init.sql); its hint names the check."""
+_NO_ROOM = "TT002"
+"""The SQLSTATE `tether_charge` raises (0005_charge.sql): a counter has no room."""
+
+
+class Writes(Connected):
+    """The writes of `PostgresStore`: `commit`, and what it takes to land one."""
+
+    def commit(self, batch: Batch) -> Committed:
+        """Write `batch` in one transaction (see the module docstring for its cost)."""
+        attempt = _Attempt(batch)
+        try:
+            while True:
+                try:
+                    return self._run(
+                        lambda conn: self._commit(conn, attempt),
+                        f"write run {batch.run_id}",
+                        lost=lambda exc: self._landed(attempt, exc),
+                    )
+                except _NeedsLocks:
+                    # The one statement found the key taken or a counter full:
+                    # decide it under the locks, exactly.
+                    attempt.locked = True
+        except Refused as refused:
+            return refused.answer(batch)
+
+    def _landed(
+        self, attempt: _Attempt, exc: psycopg.OperationalError
+    ) -> Committed | None:
+        """Tell whether a write whose connection broke was committed after all.
+
+        Its events' chain head is its own: if the run's head is that one, the
+        write landed and its answer stands. If the head is still the batch's
+        base, nothing landed and the write is tried again (the fence makes a
+        late commit of the lost try and the new one exclusive).
+
+        Raises:
+            StoreError: it cannot tell (the write had no events, the server
+                is still away, or the head is neither).
+        """
+        batch, done = attempt.batch, attempt.result
+        if done is None:
+            return None  # the connection broke before the COMMIT was sent
+        unknown = StoreError(
+            f"cannot write run {batch.run_id}: lost the connection to {self.url} "
+            f"({one_line(exc)}) after sending the write, and cannot tell whether "
+            "it landed; check the run's record"
+        )
+        if done.head_seq == batch.base_seq:
+            raise unknown from exc  # no events: the head cannot tell
+        try:
+            row = self.get_run(batch.run_id)
+        except NotFound:
+            return None  # a new run that was not created
+        except StoreError as again:
+            raise unknown from again
+        if (row.head_seq, row.head_hash) == (done.head_seq, done.head_hash):
+            return done
+        if (row.head_seq, row.epoch) == (batch.base_seq, batch.epoch):
+            return None
+        raise unknown from exc
+
+    def _commit(self, conn: psycopg.Connection[Any], attempt: _Attempt) -> Committed:
+        w = Writer(conn)
+        try:
+            return self._write(w, attempt)
+        finally:
+            w.close()
+
+    def _write(self, w: Writer, attempt: _Attempt) -> Committed:
+        batch = attempt.batch
+        attempt.result = None
+        q = Statement()
+        took_over: KeyRecord | None = None
+        events = batch.events
+        admitted = None
+        charges = None if attempt.locked else counter_charges(batch)
+        # A claim and a key update of one batch would be one statement's two
+        # writes to one row, which cannot see each other: claim first, then.
+        locked = charges is None and (
+            attempt.locked
+            or batch.limited
+            or batch.approval is not None
+            or (batch.claim is not None and batch.key_update is not None)
+        )
+        gate = ""
+        if locked:
+            tables, took_over = locked_reads(w, batch, self._schema)
+            if tables is not None:
+                events, admitted = apply_limits(tables, batch)
+                if admitted.blocked is not None:
+                    raise WriteBlocked(admitted.blocked)
+                tables.flush(q)
+        else:
+            # One statement, in autocommit: atomic by itself, no BEGIN/COMMIT.
+            if charges is not None:
+                self._charge(q, batch, charges)
+                # The fence reads the charge's answer: the charge runs first
+                # (an uncorrelated subquery is a one-time filter, evaluated
+                # before the run's row is read), and once (a CTE with a
+                # volatile call is materialized, never inlined).
+                gate = " AND (SELECT ok FROM ch)"
+            if batch.claim is not None:
+                c = batch.claim
+                q.add(
+                    "c",
+                    "INSERT INTO idempotency_keys (tenant, principal_id, capability, "
+                    "key, fingerprint, state, run_id, step, claimed_at, lease_until) "
+                    "VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s) ON CONFLICT DO NOTHING "
+                    "RETURNING 1",
+                    (
+                        c.id.tenant,
+                        c.id.principal_id,
+                        c.id.capability,
+                        c.id.key,
+                        c.fingerprint,
+                        KeyState.IN_PROGRESS.value,
+                        c.run_id,
+                        c.step,
+                        _us(c.now),
+                        _us(c.lease_until),
+                    ),
+                    check="claim",
+                )
+            if batch.use_grant is not None:
+                q.add(
+                    "g",
+                    "UPDATE approvals SET status='used' WHERE id=%s AND "
+                    "status='approved' AND expires_at > %s RETURNING 1",
+                    (batch.use_grant, _us(batch.at)),
+                    check="grant",
+                )
+        seq, head = batch.base_seq, batch.base_hash
+        rows: list[Any] = []
+        for event in events:
+            seq += 1
+            body = _canonical.dumps_fields(event)
+            head = _chain.chain_hash(head, seq, body)
+            rows += (seq, event.kind, event.step, body, head)
+        sig = (
+            None
+            if self.record_key is None
+            else self._mac(self.record_key).head(batch.run_id, seq, head)
+        )
+        lease = 0 if batch.lease_until is None else _us(batch.lease_until)
+        if batch.new_run is not None:
+            new = batch.new_run
+            q.add(
+                "r",
+                f"INSERT INTO runs ({RUN_COLUMNS}) VALUES "  # noqa: S608  # constant column list
+                "(%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s) RETURNING id",
+                (
+                    batch.run_id,
+                    new.status,
+                    new.tenant,
+                    new.principal_id,
+                    new.request,
+                    new.created_at,
+                    batch.at,
+                    batch.epoch,
+                    seq,
+                    head,
+                    sig,
+                    None,
+                    lease,
+                ),
+            )
+        elif batch.status is None:  # a step: the head moves, nothing else
+            q.add(
+                "r",
+                "UPDATE runs SET head_seq=%s, head_hash=%s, head_sig=%s, "  # noqa: S608  # constant gate
+                "lease_until=GREATEST(lease_until, %s) WHERE run_id=%s AND epoch=%s "
+                f"AND head_seq=%s{gate} RETURNING id",
+                (seq, head, sig, lease, batch.run_id, batch.epoch, batch.base_seq),
+                check="fence",
+            )
+        else:
+            q.add(
+                "r",
+                "UPDATE runs SET head_seq=%s, head_hash=%s, head_sig=%s, "  # noqa: S608  # constant gate
+                "updated_at=%s, status=%s, error_code=COALESCE(%s, error_code), "
+                "lease_until=GREATEST(lease_until, %s) WHERE run_id=%s AND epoch=%s "
+                f"AND head_seq=%s{gate} RETURNING id",
+                (
+                    seq,
+                    head,
+                    sig,
+                    batch.at,
+                    batch.status,
+                    batch.error_code,
+                    lease,
+                    batch.run_id,
+                    batch.epoch,
+                    batch.base_seq,
+                ),
+                check="fence",
+            )
+        if rows:
+            # From the run's row as this statement wrote it: no run, no events.
+            # A VALUES list: unnest() of five arrays costs twice as much.
+            q.add(
+                "e",
+                "INSERT INTO events (run, seq, kind, step, body, hash) "  # noqa: S608  # placeholders only
+                f"SELECT r.id, x.* FROM r, (VALUES {_event_rows(len(events))}) AS x",
+                rows,
+            )
+        if batch.key_update is not None:
+            u = batch.key_update
+            q.add(
+                "k",
+                "UPDATE idempotency_keys SET state=%s, output=%s, completed_at=%s "
+                "WHERE tenant=%s AND principal_id=%s AND capability=%s AND key=%s "
+                "AND run_id=%s AND step=%s",
+                (
+                    u.state.value,
+                    u.output,
+                    _us(u.now),
+                    u.id.tenant,
+                    u.id.principal_id,
+                    u.id.capability,
+                    u.id.key,
+                    u.run_id,
+                    u.step,
+                ),
+            )
+        if admitted is None:
+            result = Committed(head_seq=seq, head_hash=head, took_over=took_over)
+        else:
+            result = Committed(
+                head_seq=seq,
+                head_hash=head,
+                took_over=took_over,
+                breaker_generation=admitted.breaker_generation,
+                probe=admitted.probe,
+            )
+        sql, params = q.build()
+        if locked:
+            w.execute(sql, params)
+            w.execute("COMMIT")
+            attempt.result = result
+            failed = w.sync()
+        else:
+            attempt.result = result
+            try:
+                w.conn.execute(sql, params)
+                failed = None
+            except psycopg.OperationalError:
+                raise
+            except psycopg.Error as exc:
+                failed = exc
+        if failed is not None:
+            attempt.result = None  # nothing of it was committed
+            self._failed(w.conn, batch, failed)
+        return result
+
+    def _failed(
+        self, conn: psycopg.Connection[Any], batch: Batch, exc: psycopg.Error
+    ) -> None:
+        """Turn a failed pipelined write into its answer; always raises."""
+        rollback(conn)
+        if isinstance(exc, pg_errors.UniqueViolation) and batch.new_run is not None:
+            raise StoreError(
+                f"cannot create run {batch.run_id} in {self.url}: a run with that "
+                "id exists already"
+            ) from exc
+        if exc.sqlstate == _NO_ROOM:
+            raise _NeedsLocks from exc
+        if exc.sqlstate != _REQUIRE_FAILED:
+            raise exc
+        check = exc.diag.message_hint
+        if check == "claim":
+            raise _NeedsLocks from exc
+        if check == "grant":
+            assert batch.use_grant is not None
+            raise WriteBlocked(GrantGone(approval_id=batch.use_grant)) from exc
+        assert check == "fence", check
+        row = conn.execute(
+            "SELECT epoch, head_seq FROM runs WHERE run_id=%s", (batch.run_id,)
+        ).fetchone()
+        if row is None:
+            raise NotFound(f"no run {batch.run_id!r} in {self.url}") from exc
+        epoch, head_seq = row
+        raise fence_error(batch, epoch, head_seq) from exc
+
+    def _charge(
+        self, q: Statement, batch: Batch, charges: Sequence[tuple[Reserve, Decimal]]
+    ) -> None:
+        """Add the `tether_charge` call that checks and adds to the batch's counters."""
+        locks = sorted(
+            {
+                lock_key(self._schema, "limit", r.limit_id, r.scope, str(r.window))
+                for r, _ in charges
+            }
+        )
+        q.add(
+            "ch",
+            "SELECT tether_charge(%s::bigint[], %s::text[], %s::text[], "
+            "%s::bigint[], %s::boolean[], %s::numeric[], %s::numeric[], "
+            "%s::numeric[], %s, %s) AS ok",
+            (
+                locks,
+                [r.limit_id for r, _ in charges],
+                [r.scope for r, _ in charges],
+                [r.window for r, _ in charges],
+                [r.kind is LimitKind.BUDGET for r, _ in charges],
+                [r.amount for r, _ in charges],
+                [r.cap for r, _ in charges],
+                [delta for _, delta in charges],
+                f"{batch.run_id}/{batch.step}",
+                _us(batch.at),
+            ),
+        )
+
+
+@dataclass(slots=True)
+class _Attempt:
+    """One `commit` call across its tries."""
+
+    batch: Batch
+    result: Committed | None = None
+    """The answer of the try whose COMMIT went out, were it to land."""
+    locked: bool = False
+    """The one-statement write found the key taken or a counter full: take the
+    locks and decide it exactly this time."""
+
+
+class _NeedsLocks(Exception):  # control flow, never escapes this module
+    """The one statement found the key taken or a counter full: lock and decide it."""
+
+
+@functools.cache
+def _event_rows(n: int) -> str:
+    """Return the placeholders of `n` event rows (the first typed for VALUES)."""
+    first = "(%s::bigint, %s::text, %s::integer, %s::bytea, %s::bytea)"
+    return ", ".join([first] + ["(%s, %s, %s, %s, %s)"] * (n - 1))

@@ -1,0 +1,149 @@
+"""The embedded SQLite backend: one file, WAL, safe for several processes on one host.
+
+Every connection is set up the same way (WAL, `synchronous` as configured,
+`busy_timeout` 10 s, foreign keys on) and every writing transaction begins with
+`BEGIN IMMEDIATE`: a deferred transaction that upgrades to a write gets
+SQLITE_BUSY at once, ignoring `busy_timeout`.
+
+`SQLiteStore` below holds the reads; its bases and helpers live beside it:
+`_connection` opens, configures and migrates the file and runs transactions;
+`_write` is `commit` and its checks (claim, grant, approval request, fence);
+`_tables` gives the limit rules the file's limit and breaker rows; and
+`_approvals` lists, expires and decides approval requests.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+from datetime import datetime
+
+from tether import _chain
+from tether.errors import NotFound, StoreError
+from tether.store import _limits
+from tether.store._base import KeyId, KeyRecord, LimitRow, RunRow
+from tether.store._limits import BreakerRow
+from tether.store._sql import (
+    RUN_COLUMNS,
+    breaker_row,
+    limit_summary,
+    not_one,
+    not_resumable,
+    run_row,
+    runs_query,
+)
+from tether.store.sqlite._approvals import Approvals
+from tether.store.sqlite._connection import BUSY_TIMEOUT_MS, PAGE_SIZE, Synchronous
+from tether.store.sqlite._tables import Tables
+from tether.store.sqlite._write import read_key
+
+__all__ = ["BUSY_TIMEOUT_MS", "PAGE_SIZE", "SQLiteStore", "Synchronous"]
+
+_us = _limits.to_us
+
+
+class SQLiteStore(Approvals):
+    """A store in one SQLite file.
+
+    Args:
+        path: the database file; its folder is created when missing.
+        synchronous: `"full"` (default: a step is on disk before `call` returns,
+            through power loss too) or `"normal"` (several times faster; survives
+            a process crash, but the last steps may be lost if the machine loses
+            power).
+        record_key: the key that signs chain heads; None leaves heads unsigned.
+    """
+
+    # -- reads ------------------------------------------------------------------
+
+    def limit_rows(self, now: datetime) -> list[LimitRow]:
+        """Return every limit counter and live lease set (for `tether status`)."""
+        at = _limits.to_us(now)
+
+        def query(con: sqlite3.Connection) -> list[LimitRow]:
+            return limit_summary(
+                con.execute(
+                    "SELECT limit_id, scope, window, holder, amount, until, charged "
+                    "FROM limit_state WHERE holder <> '~' ORDER BY limit_id, scope, window"
+                ),
+                at,
+            )
+
+        return self._read(query)
+
+    def take_over(
+        self,
+        run_id: str,
+        *,
+        parked: Sequence[str],
+        orphaned: Sequence[str] = (),
+        now: datetime | None = None,
+    ) -> RunRow:
+        """Bump a parked or orphaned run's lease epoch (see `Store.take_over`)."""
+        row = self.get_run(run_id)
+        at = 0 if now is None else _us(now)
+        marks = ",".join("?" * len(parked)) or "NULL"
+        lost = ",".join("?" * len(orphaned)) or "NULL"
+        try:
+            with self._write() as con:
+                # RETURNING, not a read after COMMIT: by then another worker may
+                # have taken the run over again, and its epoch is not ours.
+                rows = con.execute(
+                    f"UPDATE runs SET epoch=epoch+1 WHERE run_id=? AND epoch=? "  # noqa: S608  # placeholders only
+                    f"AND (status IN ({marks}) OR (status IN ({lost}) AND lease_until <= ?)) "
+                    f"RETURNING {RUN_COLUMNS}",
+                    (row.run_id, row.epoch, *parked, *orphaned, at),
+                ).fetchall()  # every row: a RETURNING statement left open blocks COMMIT
+                taken = rows[0] if rows else None
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot take over run {run_id}: {exc}") from exc
+        if taken is None:
+            raise not_resumable(self.get_run(row.run_id))
+        return run_row(taken, _dt)
+
+    def breaker_row(self, breaker_id: str) -> BreakerRow:
+        """Return one breaker's stored row (a closed one when it has none)."""
+        return self._read(lambda con: Tables(con).breaker(breaker_id))
+
+    def breaker_rows(self) -> dict[str, BreakerRow]:
+        """Return every breaker's stored row, by id."""
+        rows = self._read(
+            lambda con: con.execute(
+                "SELECT id, state, since, generation, outcomes, probes, probe_deadline "
+                "FROM breakers ORDER BY id"
+            ).fetchall()
+        )
+        return {r[0]: breaker_row(r[1:]) for r in rows}
+
+    def lookup_key(self, key: KeyId) -> KeyRecord | None:
+        """Return the record of `key`, if any."""
+        return self._read(lambda con: read_key(con, key))
+
+    def get_run(self, run_id: str) -> RunRow:
+        """Return one run, by id or by a unique prefix of at least 6 characters."""
+        rows = self._by_id("runs", "run_id", RUN_COLUMNS, run_id)
+        if len(rows) != 1:
+            hint = not_one(rows, "runs", "tether runs list")
+            raise NotFound(f"no run {run_id!r} in {str(self.path)!r}; {hint}")
+        return run_row(rows[0], _dt)
+
+    def list_runs(self, *, limit: int = 50, status: str | None = None) -> list[RunRow]:
+        """Return the newest runs first."""
+        sql, params = runs_query("?", status=status, limit=limit)
+        rows = self._read(lambda con: con.execute(sql, params).fetchall())
+        return [run_row(r, _dt) for r in rows]
+
+    def events(self, run_id: str) -> list[_chain.StoredEvent]:
+        """Return a run's events in order."""
+        rows = self._read(
+            lambda con: con.execute(
+                "SELECT e.seq, e.body, e.hash FROM events e JOIN runs r ON r.id = e.run "
+                "WHERE r.run_id=? ORDER BY e.seq",
+                (run_id,),
+            ).fetchall()
+        )
+        return [_chain.StoredEvent(seq=s, body=b, hash=h) for s, b, h in rows]
+
+
+def _dt(value: str) -> datetime:
+    return datetime.fromisoformat(value)

@@ -1,0 +1,158 @@
+"""A SQLite store's approval requests: reading, expiring and deciding them.
+
+A request is created by the write that parks its step (`Writes._commit`). Deciding
+one appends the decision to the run's record, through the write path, in the
+same transaction.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+from tether.errors import ApprovalClosed, NotFound, StoreError
+from tether.store import _limits
+from tether.store._base import ApprovalRow, ApprovalStatus, Batch, closed_reason
+from tether.store._sql import (
+    APPROVAL_COLUMNS,
+    approval_row,
+    approvals_query,
+    not_one,
+)
+from tether.store.sqlite._connection import rollback
+from tether.store.sqlite._write import Writes
+
+__all__ = ["Approvals"]
+
+_us = _limits.to_us
+
+
+class Approvals(Writes):
+    """The approval requests of `SQLiteStore`."""
+
+    def latest_approval(
+        self, tenant: str, principal_id: str, digest: bytes
+    ) -> ApprovalRow | None:
+        """Return the newest approval request for this digest, if any."""
+        row = self._read(
+            lambda con: con.execute(
+                f"SELECT {APPROVAL_COLUMNS} FROM approvals WHERE tenant=? AND "  # noqa: S608  # constant column list
+                "principal_id=? AND digest=? ORDER BY created_at DESC, id DESC LIMIT 1",
+                (tenant, principal_id, digest),
+            ).fetchone()
+        )
+        return None if row is None else approval_row(row)
+
+    def get_approval(self, approval_id: str) -> ApprovalRow:
+        """Return one approval request (a unique prefix of 6+ characters works too)."""
+        rows = self._by_id("approvals", "id", APPROVAL_COLUMNS, approval_id)
+        if len(rows) != 1:
+            hint = not_one(rows, "requests", "tether approvals list")
+            raise NotFound(f"no approval request {approval_id!r}; {hint}")
+        return approval_row(rows[0])
+
+    def list_approvals(
+        self,
+        *,
+        status: ApprovalStatus | None = None,
+        limit: int = 50,
+        now: datetime | None = None,
+        run_id: str | None = None,
+    ) -> list[ApprovalRow]:
+        """Return approval requests, newest first (see `Store.list_approvals`)."""
+        sql, params = approvals_query(
+            "?", status=status, now=now, run_id=run_id, limit=limit
+        )
+        rows = self._read(lambda con: con.execute(sql, params).fetchall())
+        return [approval_row(r) for r in rows]
+
+    def expire_approval(self, approval_id: str, now: datetime) -> bool:
+        """Mark a pending request past its expiry `expired` (see `Store.expire_approval`)."""
+        try:
+            with self._write() as con:
+                cur = con.execute(
+                    "UPDATE approvals SET status='expired' WHERE id=? AND "
+                    "status='pending' AND expires_at <= ?",
+                    (approval_id, _us(now)),
+                )
+                return cur.rowcount == 1
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot expire {approval_id!r}: {exc}") from exc
+
+    def decide_approval(
+        self,
+        approval_id: str,
+        *,
+        status: ApprovalStatus | None,
+        by: str,
+        note: str | None,
+        now: datetime,
+        event: Callable[[ApprovalRow, str | None], Any],
+    ) -> ApprovalRow:
+        """Decide a pending request and record `event` in its run, in one transaction."""
+        try:
+            with self._lock:
+                con = self._con
+                con.execute("BEGIN IMMEDIATE")
+                try:
+                    current, closed = self._decide(
+                        con, approval_id, status, by, note, now, event
+                    )
+                    con.execute("COMMIT")
+                except BaseException:
+                    rollback(con)
+                    raise
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot decide {approval_id!r}: {exc}") from exc
+        if closed:
+            raise ApprovalClosed(closed_reason(current, now))
+        return current
+
+    def _decide(
+        self,
+        con: sqlite3.Connection,
+        approval_id: str,
+        status: ApprovalStatus | None,
+        by: str,
+        note: str | None,
+        now: datetime,
+        event: Callable[[ApprovalRow, str | None], Any],
+    ) -> tuple[ApprovalRow, bool]:
+        """Decide inside the caller's transaction; return the row and whether it was closed."""
+        select = f"SELECT {APPROVAL_COLUMNS} FROM approvals WHERE id=?"  # noqa: S608  # constant column list
+        row = con.execute(select, (approval_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"no approval request {approval_id!r}")
+        current = approval_row(row)
+        is_open = current.status is ApprovalStatus.PENDING and current.expires_at > now
+        if status is not None and is_open:
+            # The WHERE makes racing deciders safe even without this transaction.
+            con.execute(
+                "UPDATE approvals SET status=?, decided_by=?, decided_at=?, note=? "
+                "WHERE id=? AND status='pending'",
+                (status.value, by, _us(now), note, approval_id),
+            )
+            current = approval_row(con.execute(select, (approval_id,)).fetchone())
+        run = con.execute(
+            "SELECT epoch, head_seq, head_hash FROM runs WHERE run_id=?",
+            (current.run_id,),
+        ).fetchone()
+        if run is None:
+            raise NotFound(f"no run {current.run_id!r}")
+        closed = status is not None and not is_open
+        self._commit(
+            con,
+            Batch(
+                run_id=current.run_id,
+                events=[
+                    event(current, closed_reason(current, now) if closed else None)
+                ],
+                at=now,
+                epoch=run[0],
+                base_seq=run[1],
+                base_hash=run[2],
+            ),
+        )
+        return current, closed
