@@ -8,10 +8,12 @@ import subprocess
 import sys
 import textwrap
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import tether
+from tether.testing import FakeClock
 
 CLI = os.environ.get("TETHER_CLI") or str(Path(sys.executable).parent / "tether")
 
@@ -227,3 +229,14 @@ def test_a_none_step_cut_off_by_a_crash_is_never_run_again_if_denied(
     assert again.returncode == 0, again.stderr
     assert status == "succeeded"
     assert (tmp_path / "sent").read_text().split() == ["1", "2"]
+
+
+def test_without_news_to_hear_a_worker_waits_on_the_apps_clock(tmp_path: Path) -> None:
+    """On SQLite (and memory) nothing can tell a worker a request was decided: its wait is a sleep, on the app's clock."""
+    clock = FakeClock()
+    started = clock.now()
+    for db in (f"sqlite:///{tmp_path / 't.db'}", "memory://"):
+        with tether.Tether(db=db, clock=clock, env={}) as app:
+            app.wait_for_news(5)
+
+    assert clock.now() - started == timedelta(seconds=10)
