@@ -17,7 +17,9 @@ by round:
 Beside the insert's and tether's latency, their round trips per call, counted
 on the wire: libpq's trace of the one connection each uses (the app on
 `?pool_size=1`), where every `Sync` (extended protocol, pipelined or not) and
-every `Query` (simple protocol) waits for the server's `ReadyForQuery`.
+every `Query` (simple protocol) waits for the server's `ReadyForQuery`; and
+the client's CPU time per call (this process's `process_time` over the timed
+calls): the rest of a call's time is the server's and the wire's.
 
 Then throughput: calls per second through the full call path with 1, 4 and 8
 client processes, on PostgreSQL and on SQLite (one file, WAL,
@@ -100,14 +102,23 @@ def _app(db: str, config: Path) -> tether.Tether:
 # -- single client ------------------------------------------------------------------
 
 
-def _timed_loop(fn: Callable[[], None], seconds: float) -> list[int]:
+_CPU_NS: dict[str, int] = {}
+"""Client CPU time (this process's) spent in each case's timed calls, ns."""
+
+
+def _timed_loop(
+    fn: Callable[[], None], seconds: float, case: str | None = None
+) -> list[int]:
     samples: list[int] = []
     gc.collect()
     end = time.perf_counter() + seconds
+    cpu = time.process_time_ns()
     while time.perf_counter() < end:
         t0 = time.perf_counter_ns()
         fn()
         samples.append(time.perf_counter_ns() - t0)
+    if case is not None:
+        _CPU_NS[case] = _CPU_NS.get(case, 0) + time.process_time_ns() - cpu
     return samples
 
 
@@ -172,14 +183,18 @@ def _single(
         )
     one.close()
     for _ in range(rounds):
-        samples["baseline.pg.insert"] += _timed_loop(insert, seconds)
+        samples["baseline.pg.insert"] += _timed_loop(
+            insert, seconds, "baseline.pg.insert"
+        )
         with app.run(principal=who, request="bench") as run:
             numbers = iter(range(10**9))
 
             def step(run: Any = run, numbers: Any = numbers) -> None:
                 run.call("bench.read", {"n": next(numbers)})
 
-            samples["tether.pg.read_budget"] += _timed_loop(step, seconds)
+            samples["tether.pg.read_budget"] += _timed_loop(
+                step, seconds, "tether.pg.read_budget"
+            )
     app.close()
     conn.close()
     return samples, trips
@@ -301,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
             console.print("single client, interleaved rounds ...")
             single, trips = _single(pg, args.url, shared, rounds, seconds)
             latency = {k: _stats(v) for k, v in single.items()}
+            for case, used in _CPU_NS.items():  # the client's share of each call
+                latency[case]["client_cpu_us"] = used / len(single[case]) / 1e3
             console.print("DBOS on the same server ...")
             dbos = _dbos(
                 urlsplit(args.url)._replace(path=f"/{name}_dbos").geturl(),
@@ -354,13 +371,16 @@ def main(argv: list[str] | None = None) -> int:
         ),
     ]
     table = Table(title="single client (µs)")
-    for column in ("case", "median", "p99", "n", "vs insert", "round trips"):
+    for column in (
+        "case", "median", "p99", "n", "vs insert", "round trips", "client CPU"
+    ):  # fmt: skip
         table.add_column(column)
     for case, s in latency.items():
         table.add_row(
             case, f"{s['median_us']:.0f}", f"{s['p99_us']:.0f}", str(s["n"]),
             f"{s['median_us'] / base:.2f}x",
             f"{trips[case]:.2f}" if case in trips else "-",
+            f"{s['client_cpu_us']:.0f}" if "client_cpu_us" in s else "-",
         )  # fmt: skip
     console.print(table)
     table = Table(title="calls per second, full call path")
