@@ -357,6 +357,36 @@ def test_a_read_charged_after_it_answers_costs_one_round_trip(
     assert used["reads"] == (6 if "budget" in limit else 3)
 
 
+def test_a_charge_keeps_any_tenant_and_principal_name_exactly(
+    one_connection: Callable[[], str], tmp_path: Path
+) -> None:
+    """Scopes holding quotes, backslashes, commas, braces and spaces are charged to their own counters, in one round trip."""
+    config = tmp_path / "tether.yaml"
+    config.write_text(
+        "limits:\n"
+        "  - {id: reads, kind: budget, scope: tenant, per: day, amount: 100}\n"
+        "  - {id: calls, kind: quota, scope: principal, per: hour, max: 100}\n"
+    )
+    app = tether.Tether(db=one_connection(), config=config, env={})
+    app.register(read_metrics)
+    store = app.store
+    assert isinstance(store, PostgresStore)
+    odd = 'a "b", c\\d {e} NULL é'
+    try:
+        with app.run(principal=tether.Principal(odd, tenant=odd), request="r") as run:
+            run.call("metrics.read", {"n": 0})
+            with round_trips(store, tmp_path / "odd.log") as trips:
+                run.call("metrics.read", {"n": 1})
+        rows = {
+            (r.limit_id, r.scope): r.used for r in store.limit_rows(app.clock.now())
+        }
+    finally:
+        app.close()
+
+    assert trips == [1]
+    assert rows == {("reads", odd): Decimal(4), ("calls", f"{odd}/{odd}"): Decimal(2)}
+
+
 def test_a_refused_charge_takes_the_locked_path_after_its_one_statement(
     one_connection: Callable[[], str], tmp_path: Path
 ) -> None:

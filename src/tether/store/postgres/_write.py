@@ -358,18 +358,35 @@ class Writes(Connected):
             "%s::bigint[], %s::boolean[], %s::numeric[], %s::numeric[], "
             "%s::numeric[], %s, %s) AS ok",
             (
-                locks,
-                [r.limit_id for r, _ in charges],
-                [r.scope for r, _ in charges],
-                [r.window for r, _ in charges],
-                [r.kind is LimitKind.BUDGET for r, _ in charges],
-                [r.amount for r, _ in charges],
-                [r.cap for r, _ in charges],
-                [delta for _, delta in charges],
+                _array(locks),
+                _array([_quoted(r.limit_id) for r, _ in charges]),
+                _array([_quoted(r.scope) for r, _ in charges]),
+                _array([r.window for r, _ in charges]),
+                _array(
+                    ["t" if r.kind is LimitKind.BUDGET else "f" for r, _ in charges]
+                ),
+                _array([r.amount for r, _ in charges]),
+                _array([r.cap for r, _ in charges]),
+                _array([delta for _, delta in charges]),
                 f"{batch.run_id}/{batch.step}",
                 _us(batch.at),
             ),
         )
+
+
+# The charge's arrays are sent as array literals (text the server casts):
+# psycopg's list dumper looks up each element's type on every call, which
+# cost a tenth of a charged read's client time.
+
+
+def _array(items: Sequence[object]) -> str:
+    """Return a PostgreSQL array literal of already formatted elements."""
+    return "{" + ",".join(map(str, items)) + "}"
+
+
+def _quoted(text: str) -> str:
+    """Return `text` as a double-quoted array element (any characters)."""
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 @dataclass(slots=True)
