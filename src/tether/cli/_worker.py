@@ -47,8 +47,8 @@ def _worker(
 ) -> None:
     """Resume parked runs as people answer them, one at a time, until stopped.
 
-    A run parked in awaiting_approval is ready once none of its approval
-    requests is still pending. Each is taken over (its lease epoch goes up, so
+    A run parked in awaiting_approval is ready once none of the approval
+    requests it made or waits on is still pending. Each is taken over (its lease epoch goes up, so
     two workers never run it together) and continued by its planner from its
     record, as `tether runs resume` does. Stop with Ctrl-C.
 
