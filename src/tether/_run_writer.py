@@ -155,9 +155,7 @@ class RunWriter:
         batch = self._unsure
         if batch is not None:
             row = self.store.get_run(self.run_id)
-            grown = [
-                e for e in self.store.events(self.run_id) if e.seq > self._head_seq
-            ]
+            grown = self._grown()
             self._unsure = None
             if self._took_up(batch, row, grown):
                 if batch is self._closing:
@@ -176,14 +174,23 @@ class RunWriter:
             return False  # not ours to take up (LeaseLost comes), or it did not land
         if grown[0].body != _canonical.dumps_fields(batch.events[0]):
             return False  # another write: the next one says so (HeadMoved)
-        head_hash = self._head_hash
+        return self._extend(grown)
+
+    def _grown(self) -> list[StoredEvent]:
+        """Return the record's events past this writer's head."""
+        return [e for e in self.store.events(self.run_id) if e.seq > self._head_seq]
+
+    def _extend(self, grown: list[StoredEvent]) -> bool:
+        """Move the head over `grown` if it chains on from it; tell whether it did."""
+        head_seq, head_hash = self._head_seq, self._head_hash
         for ev in grown:
-            if self.store.signs_heads and (
-                _chain.chain_hash(head_hash, ev.seq, ev.body) != ev.hash
+            if ev.seq != head_seq + 1 or (
+                self.store.signs_heads
+                and _chain.chain_hash(head_hash, ev.seq, ev.body) != ev.hash
             ):
                 return False  # not a chain from this head: HeadMoved says so
-            head_hash = ev.hash
-        self._head_seq, self._head_hash = grown[-1].seq, head_hash
+            head_seq, head_hash = ev.seq, ev.hash
+        self._head_seq, self._head_hash = head_seq, head_hash
         return True
 
     def _never_ran(self, intent: Batch) -> Batch:
@@ -229,19 +236,9 @@ class RunWriter:
         record (each chained onto the last), this writer extends them;
         anything else is a second writer, and stays an error.
         """
-        stored = self.store.events(self.run_id)
-        head_seq, head_hash = self._head_seq, self._head_hash
-        grown = [e for e in stored if e.seq > head_seq]
-        if not grown:
+        grown = self._grown()
+        if not grown or any(
+            ev.data().get("kind") != "approval_decided" for ev in grown
+        ):
             return False
-        for ev in grown:
-            if ev.data().get("kind") != "approval_decided":
-                return False
-            if ev.seq != head_seq + 1 or (
-                self.store.signs_heads
-                and _chain.chain_hash(head_hash, ev.seq, ev.body) != ev.hash
-            ):
-                return False
-            head_seq, head_hash = ev.seq, ev.hash
-        self._head_seq, self._head_hash = head_seq, head_hash
-        return True
+        return self._extend(grown)
