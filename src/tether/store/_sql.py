@@ -28,6 +28,7 @@ from tether.store._base import (
     GrantGone,
     KeyRecord,
     KeyState,
+    KeyUpdate,
     LimitRow,
     PendingExists,
     RunRow,
@@ -47,6 +48,7 @@ __all__ = [
     "breaker_values",
     "fence_error",
     "key_record",
+    "key_update",
     "limit_summary",
     "not_one",
     "not_resumable",
@@ -155,6 +157,31 @@ def limit_summary(rows: Iterable[Sequence[Any]], at: int) -> list[LimitRow]:
         )
         for (lid, scope, window), (used, held, count) in summed.items()
     ]
+
+
+def key_update(mark: str, u: KeyUpdate) -> tuple[str, tuple[object, ...]]:
+    """Return the statement that records a claimed key's outcome; `mark` is the placeholder."""
+    return _KEY_UPDATE[mark], (
+        u.state.value,
+        u.output,
+        _us(u.now),
+        u.id.tenant,
+        u.id.principal_id,
+        u.id.capability,
+        u.id.key,
+        u.run_id,
+        u.step,
+    )
+
+
+_KEY_UPDATE = {
+    mark: (
+        f"UPDATE idempotency_keys SET state={mark}, output={mark}, completed_at={mark} "  # noqa: S608  # placeholders only
+        f"WHERE tenant={mark} AND principal_id={mark} AND capability={mark} "
+        f"AND key={mark} AND run_id={mark} AND step={mark}"
+    )
+    for mark in ("?", "%s")  # SQLite's and psycopg's placeholders
+}
 
 
 def runs_query(

@@ -47,7 +47,13 @@ from tether.store._base import (
     apply_limits,
 )
 from tether.store._limits import LimitKind, Reserve
-from tether.store._sql import RUN_COLUMNS, Refused, WriteBlocked, fence_error
+from tether.store._sql import (
+    RUN_COLUMNS,
+    Refused,
+    WriteBlocked,
+    fence_error,
+    key_update,
+)
 from tether.store.postgres._connection import Connected, lock_key, one_line
 from tether.store.postgres._locked import locked_reads
 from tether.store.postgres._pipeline import Statement, Writer, rollback
@@ -265,24 +271,7 @@ class Writes(Connected):
                 rows,
             )
         if batch.key_update is not None:
-            u = batch.key_update
-            q.add(
-                "k",
-                "UPDATE idempotency_keys SET state=%s, output=%s, completed_at=%s "
-                "WHERE tenant=%s AND principal_id=%s AND capability=%s AND key=%s "
-                "AND run_id=%s AND step=%s",
-                (
-                    u.state.value,
-                    u.output,
-                    _us(u.now),
-                    u.id.tenant,
-                    u.id.principal_id,
-                    u.id.capability,
-                    u.id.key,
-                    u.run_id,
-                    u.step,
-                ),
-            )
+            q.add("k", *key_update("%s", batch.key_update))
         if admitted is None:
             result = Committed(head_seq=seq, head_hash=head, took_over=took_over)
         else:

@@ -35,6 +35,7 @@ from tether.store._sql import (
     approval_values,
     fence_error,
     key_record,
+    key_update,
 )
 from tether.store.sqlite._connection import Connected, rollback
 from tether.store.sqlite._tables import Tables
@@ -178,23 +179,7 @@ class Writes(Connected):
         )
         self._pks[batch.run_id] = pk
         if batch.key_update is not None:
-            u = batch.key_update
-            con.execute(
-                "UPDATE idempotency_keys SET state=?, output=?, completed_at=? "
-                "WHERE tenant=? AND principal_id=? AND capability=? AND key=? "
-                "AND run_id=? AND step=?",
-                (
-                    u.state.value,
-                    u.output,
-                    _us(u.now),
-                    u.id.tenant,
-                    u.id.principal_id,
-                    u.id.capability,
-                    u.id.key,
-                    u.run_id,
-                    u.step,
-                ),
-            )
+            con.execute(*key_update("?", batch.key_update))
         if admitted is None:
             return Committed(head_seq=seq, head_hash=head, took_over=took_over)
         return Committed(
