@@ -557,5 +557,4 @@ def _replace_status(row: RunRow, batch: Batch) -> RunRow:
         head_hash=row.head_hash,
         head_sig=row.head_sig,
         error_code=batch.error_code or row.error_code,
-        lease_until=row.lease_until,
     )
