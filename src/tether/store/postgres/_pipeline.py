@@ -23,15 +23,30 @@ class Writer:
     The server answers while statements are still being queued, so an error
     may surface at any `execute`: it is kept, later statements are dropped (the
     server skips them too), and `sync` returns it.
+
+    A pipeline that fails with more than one statement in it may leave
+    psycopg's prepared-statement cache out of step with the server: psycopg
+    (3.3) marks a statement prepared when it sends the statement's first
+    named `Parse`, without waiting for its answer, and the server skips a
+    `Parse` queued after a failed statement. The next use of that statement
+    on the connection then fails with "prepared statement "_pg3_N" does not
+    exist" (seen after a conflict on the locked path: its `COMMIT`). `close`
+    then ends the transaction and drops every prepared statement on both
+    sides (`DEALLOCATE ALL`, which psycopg's cache follows): one round trip,
+    on a failed write only.
     """
 
-    __slots__ = ("conn", "failed", "pipeline", "stack")
+    __slots__ = ("conn", "failed", "pipeline", "queued", "stack", "unsure")
 
     def __init__(self, conn: psycopg.Connection[Any]) -> None:
         self.conn = conn
         self.pipeline: psycopg.Pipeline | None = None
         self.stack = contextlib.ExitStack()
         self.failed: psycopg.Error | None = None
+        self.queued = 0
+        """Statements queued since the pipeline was last synced."""
+        self.unsure = False
+        """A pipeline failed with statements behind the failure: see the class doc."""
 
     def execute(
         self, sql: str, params: Sequence[Any] | None = None
@@ -42,12 +57,15 @@ class Writer:
             return cur
         if self.pipeline is None:
             self.pipeline = self.stack.enter_context(self.conn.pipeline())
+        self.queued += 1
         try:
             cur.execute(sql, params)
         except psycopg.OperationalError:
+            self._failing()
             self.close()
             raise
         except psycopg.Error as exc:
+            self._failing()
             self.failed = exc
         return cur
 
@@ -65,17 +83,42 @@ class Writer:
             # round trip (a sync() first would cost a second one).
             self.stack.close()
         except psycopg.OperationalError:
+            self._failing()
+            self.close()
             raise
         except psycopg.Error as exc:
+            self._failing()
+            self.close()
             return exc
+        finally:
+            self.queued = 0
         return None
 
+    def _failing(self) -> None:
+        if self.queued > 1:
+            self.unsure = True
+
     def close(self) -> None:
-        """Leave pipeline mode, after a failure too (the caller then rolls back)."""
+        """Leave pipeline mode, after a failure too (the caller then rolls back).
+
+        After a failure that may have left psycopg's prepared statements out
+        of step with the server's, also roll back and drop them all.
+        """
         self.pipeline = None
         # After a failure, what the server says now adds nothing to the first error.
         with contextlib.suppress(psycopg.Error):
             self.stack.close()
+        self.queued = 0
+        if self.unsure:
+            self.unsure = False
+            rollback(self.conn)
+            if not (self.conn.closed or self.conn.broken):
+                # `prepare=True`: psycopg clears its cache on a DEALLOCATE ALL
+                # only when it validates the statement, which it does for a
+                # statement it prepares for the first time, and clearing the
+                # cache forgets this one too: so every call clears it.
+                with contextlib.suppress(psycopg.Error):
+                    self.conn.execute("DEALLOCATE ALL", prepare=True)
 
 
 def rollback(conn: psycopg.Connection[Any]) -> None:
