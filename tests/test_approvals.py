@@ -26,7 +26,7 @@ from pydantic import BaseModel
 import tether
 from tether.errors import ApprovalClosed, NotAllowedToApprove, NotFound, UsageError
 from tether.record import Outcome, OutcomeStatus
-from tether.store import ApprovalRow, ApprovalStatus
+from tether.store import ApprovalRow, ApprovalStatus, Batch, Committed
 from tether.testing import FakeClock
 
 TTL = timedelta(hours=1)
@@ -485,6 +485,43 @@ class TestGrantAndTheRestOfTheCallPath:
             "approval_used",
             "intent",
         ]
+        assert app.verify(run.id).ok
+
+    def test_a_grant_spent_by_an_intent_whose_answer_was_lost_is_given_back(
+        self, world: World, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The intent landed but the store's answer did not: the step never ran, so the next try runs under the same grant, without asking again."""
+        app = world.app
+        commit = app.store.commit
+
+        def answer_lost(batch: Batch) -> Committed:
+            committed = commit(batch)
+            if batch.use_grant is not None:
+                raise tether.StoreError("failpoint: the answer was lost")
+            return committed
+
+        with app.run(principal=world.bot, request="refund") as run:
+            request_id = asked_id(run.step("pay.refund", refund(500)))
+            app.approve(request_id, by="alice")
+            with monkeypatch.context() as m:
+                m.setattr(app.store, "commit", answer_lost)
+                with pytest.raises(tether.StoreError):
+                    run.step("pay.refund", refund(500))
+            assert world.bank.refunds == []
+            again = run.step("pay.refund", refund(500))
+
+        assert again.status is OutcomeStatus.EXECUTED, again.error
+        assert world.bank.refunds == [500]
+        assert app.approval(request_id).status is ApprovalStatus.USED
+        evs = events(app, run.id)
+        lost = of_step(evs, again.step - 1)
+        assert kinds(lost)[2:] == ["approval_used", "intent", "failed"]
+        assert lost[-1]["stage"] == "intent"
+        assert "approval given back" in lost[-1]["message"]
+        assert only(of_step(evs, again.step), "approval_used")["approval_id"] == (
+            request_id
+        )
+        assert len(app.store.list_approvals()) == 1  # nobody was asked again
         assert app.verify(run.id).ok
 
 

@@ -73,6 +73,8 @@ def ask_approval(
     preview_bytes = None if preview is None else _canonical.dumps(preview)
     digest = _approval_digest(run, cap, args, args_bytes, decision, preview_bytes)
     principal = run.principal
+    if run.has_pending():  # a lost intent may have spent this call's grant
+        yield StoreOp(run.flush_pending)
     latest: ApprovalRow | None = yield StoreOp(
         run.store.latest_approval, principal.tenant, principal.id, digest
     )

@@ -60,15 +60,23 @@ class RunWriter:
         before any other (see `_look_unsure`)."""
 
     def has_pending(self) -> bool:
-        """Tell whether a result write failed and waits to be retried."""
-        return bool(self._pending)
+        """Tell whether a failed write still owes the record something.
+
+        A kept result waits to be written, or a write that may have landed
+        waits to be looked at (and, if it was a step's intent, closed).
+        """
+        return (
+            bool(self._pending)
+            or self._unsure is not None
+            or (self._closing is not None)
+        )
 
     def kept(self) -> int:
         """Return how many step results are kept, not yet written."""
         return len(self._pending)
 
     def flush_pending(self) -> None:
-        """Write the results kept after failed writes.
+        """Settle what failed writes owe: look at an unsure one, write kept results.
 
         Raises:
             StoreError: the store still fails; the results stay kept.
@@ -145,8 +153,9 @@ class RunWriter:
         that write's (and people's approval decisions after it): they are
         taken up. A kept result that landed is not written again; a step
         intent that landed opened room for a step that never ran: its key,
-        limits and the record are closed as a failed step's would be, in a
-        write made before any other, and made again until it lands.
+        limits and the record are closed as a failed step's would be, and an
+        approval it spent is given back, in a write made before any other,
+        and made again until it lands.
 
         Raises:
             StoreError: the store still cannot be read or written (the write
@@ -209,6 +218,7 @@ class RunWriter:
             message=(
                 "the step's intent was written, but the answer was lost with the "
                 "connection; the step did not run, and its key and limits are freed"
+                + ("" if intent.use_grant is None else ", and its approval given back")
             ),
         )
         return Batch(
@@ -217,6 +227,7 @@ class RunWriter:
             at=now,
             settle=settles,
             step=intent.step,
+            return_grant=intent.use_grant,
             key_update=None
             if claim is None
             else KeyUpdate(

@@ -132,11 +132,11 @@ class RunPort(Protocol):
         ...
 
     def has_pending(self) -> bool:
-        """Tell whether a result write failed and waits to be retried."""
+        """Tell whether a failed write still owes the record something."""
         ...
 
     def flush_pending(self) -> None:
-        """Write the results kept after failed writes (raises `StoreError` if it fails)."""
+        """Settle what failed writes owe (raises `StoreError` if the store still fails)."""
         ...
 
     def commit(

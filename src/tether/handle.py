@@ -307,7 +307,7 @@ class Run:
         return gateway.StoreOp(self._commit, batch, keep_on_failure)
 
     def has_pending(self) -> bool:
-        """Tell whether a result write failed and waits to be retried."""
+        """Tell whether a failed write still owes the record something."""
         return self._writer.has_pending()
 
     def flush_pending(self) -> None:

@@ -266,3 +266,51 @@ def test_a_write_that_landed_unseen_leaves_the_run_able_to_write(
     # The intent landed; the step never ran: the record closes it as failed.
     assert [e["kind"] for e in second] == ["validated", "decided", "intent", "failed"]
     assert (second[-1]["stage"], second[-1]["error_code"]) == ("intent", "store_error")
+
+
+APPROVE_SPEND = """\
+rules:
+  - {id: spend, match: {capability: meter.spend}, decision: require_approval,
+     reason: spending}
+approvers:
+  alice: [finance]
+"""
+
+
+def test_a_grant_spent_by_an_intent_that_landed_unseen_is_given_back(
+    postgres_url: str, lossy: list[str], tmp_path: Path
+) -> None:
+    """An approved step's intent commits, and neither its answer nor a look gets back: the step never ran, so its next try runs under the same grant."""
+    config = tmp_path / "tether.yaml"
+    config.write_text(APPROVE_SPEND)
+    calls: list[int] = []
+    app = tether.Tether(db=postgres_url, config=config, env={})
+    app.register(make_spend(on_call=lambda: calls.append(1)))
+    args = {"cost": 1, "actual": 1}
+    with app, app.run(principal=PRINCIPAL, request="approved spend") as run:
+        asked = run.step("meter.spend", args)
+        assert isinstance(asked.error, tether.ApprovalRequired)
+        request_id = asked.error.approval_id
+        assert request_id is not None
+        app.approve(request_id, by="alice")
+        # The decision moved the run's head: the first try meets it and is
+        # made again on top of it, and that one's answer is lost.
+        lossy[:] = ["head moved", "after-unseen"]
+        with pytest.raises(tether.StoreError):
+            run.step("meter.spend", args)
+        assert calls == []
+        again = run.step("meter.spend", args)
+
+        assert again.status is tether.OutcomeStatus.EXECUTED, again.error
+        assert calls == [1]
+        assert app.approval(request_id).status.value == "used"
+        assert len(app.store.list_approvals()) == 1  # nobody was asked twice
+        lost = [e.data() for e in app.store.events(run.id) if e.data()["step"] == 2]
+        assert [e["kind"] for e in lost] == [
+            "validated",
+            "decided",
+            "approval_used",
+            "intent",
+            "failed",
+        ]
+        assert app.verify(run.id).ok

@@ -254,6 +254,9 @@ class Batch:
     use_grant: str | None = None
     """Spend this approved request (approved -> used); if it is no longer
     approved, nothing is written (`Committed.blocked` says so)."""
+    return_grant: str | None = None
+    """Give this spent request back (used -> approved): the step that spent it
+    never ran. A request in any other state is left as it is."""
 
     @property
     def limited(self) -> bool:

@@ -52,6 +52,7 @@ __all__ = [
     "limit_summary",
     "not_one",
     "not_resumable",
+    "return_grant",
     "run_row",
     "runs_query",
 ]
@@ -171,6 +172,14 @@ def key_update(mark: str, u: KeyUpdate) -> tuple[str, tuple[object, ...]]:
         u.id.key,
         u.run_id,
         u.step,
+    )
+
+
+def return_grant(mark: str, approval_id: str) -> tuple[str, tuple[object, ...]]:
+    """Return the statement that gives a spent request back (see `Batch.return_grant`)."""
+    return (
+        f"UPDATE approvals SET status='approved' WHERE id={mark} AND status='used'",  # noqa: S608  # a placeholder only
+        (approval_id,),
     )
 
 

@@ -126,6 +126,11 @@ class MemoryStore(Store):
             # -- nothing below can fail --
             if grant is not None:
                 self._approvals[grant.id] = replace(grant, status=ApprovalStatus.USED)
+            spent = self._approvals.get(batch.return_grant or "")
+            if spent is not None and spent.status is ApprovalStatus.USED:
+                self._approvals[spent.id] = replace(
+                    spent, status=ApprovalStatus.APPROVED
+                )
             if batch.approval is not None:
                 new = batch.approval
                 for a in list(self._approvals.values()):

@@ -53,6 +53,7 @@ from tether.store._sql import (
     WriteBlocked,
     fence_error,
     key_update,
+    return_grant,
 )
 from tether.store.postgres._connection import Connected, lock_key, one_line
 from tether.store.postgres._locked import locked_reads
@@ -196,6 +197,8 @@ class Writes(Connected):
                     (batch.use_grant, _us(batch.at)),
                     check="grant",
                 )
+        if batch.return_grant is not None:
+            q.add("rg", *return_grant("%s", batch.return_grant))
         seq, head = batch.base_seq, batch.base_hash
         rows: list[Any] = []
         for event in events:

@@ -36,6 +36,7 @@ from tether.store._sql import (
     fence_error,
     key_record,
     key_update,
+    return_grant,
 )
 from tether.store.sqlite._connection import Connected, rollback
 from tether.store.sqlite._tables import Tables
@@ -91,6 +92,8 @@ class Writes(Connected):
             )
             if cur.rowcount != 1:
                 raise WriteBlocked(GrantGone(approval_id=batch.use_grant))
+        if batch.return_grant is not None:
+            con.execute(*return_grant("?", batch.return_grant))
         if batch.approval is not None:
             pending = _coalesce(con, batch.approval)
             if pending is not None:
