@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import json
 import math
-import os
 import random
 import sqlite3
 import sys
@@ -45,7 +43,7 @@ from ._workers import (
     RESULT,
     Worker,
     make_charge,
-    spawning,
+    module_spawner,
     worker_env,
 )
 
@@ -313,29 +311,15 @@ def main(argv: Sequence[str]) -> None:
 # -- the parent's side ----------------------------------------------------------
 
 
-class ContentionWorker(Worker):
-    """A `Worker` that runs a command of this module (`python -m`)."""
-
-    def __init__(
-        self, args: Sequence[str], *, cwd: Path, env: Mapping[str, str] | None = None
-    ) -> None:
-        # As LimitWorker: the package root on the child's path, so `-m` finds this
-        # module under the name pytest imported it as (relative imports work).
-        root = Path(__file__).parents[len(__name__.split(".")) - 1]
-        env = {**os.environ, **(env or {})}
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(root), env.get("PYTHONPATH", "")) if p
-        )
-        super().__init__(
-            args, cwd=cwd, command=(sys.executable, "-m", __name__), env=env
-        )
+ContentionWorker = Worker
+"""A worker running a command of this module (see `spawner`)."""
 
 
 def spawner(
     cwd: Path, env: Mapping[str, str] | None = None
 ) -> contextlib.AbstractContextManager[Callable[..., ContentionWorker]]:
     """Yield a function that starts contention workers; kill any still running on exit."""
-    return spawning(cwd, functools.partial(ContentionWorker, env=env))
+    return module_spawner(__name__, cwd, env)
 
 
 if __name__ == "__main__":

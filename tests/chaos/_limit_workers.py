@@ -15,9 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
-import functools
 import json
-import os
 import random
 import sys
 import threading
@@ -37,7 +35,7 @@ from ._workers import (
     READY,
     RESULT,
     Worker,
-    spawning,
+    module_spawner,
     worker_env,
 )
 
@@ -337,29 +335,15 @@ def main(argv: Sequence[str]) -> None:
 # -- the parent's side ----------------------------------------------------------
 
 
-class LimitWorker(Worker):
-    """A `Worker` that runs a command of this module (`python -m`) instead of `_workers.py`."""
-
-    def __init__(
-        self, args: Sequence[str], *, cwd: Path, env: Mapping[str, str] | None = None
-    ) -> None:
-        # The package root is on the child's path so `-m` finds this module
-        # under the same name pytest imported it as (relative imports work).
-        root = Path(__file__).parents[len(__name__.split(".")) - 1]
-        env = {**os.environ, **(env or {})}
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(root), env.get("PYTHONPATH", "")) if p
-        )
-        super().__init__(
-            args, cwd=cwd, command=(sys.executable, "-m", __name__), env=env
-        )
+LimitWorker = Worker
+"""A worker running a command of this module (see `spawner`)."""
 
 
 def spawner(
     cwd: Path, env: Mapping[str, str] | None = None
 ) -> contextlib.AbstractContextManager[Callable[..., LimitWorker]]:
     """Yield a function that starts limit workers (with `env` added to ours); kill any still running on exit."""
-    return spawning(cwd, functools.partial(LimitWorker, env=env))
+    return module_spawner(__name__, cwd, env)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import queue
@@ -280,6 +281,22 @@ W = TypeVar("W", bound=Worker)
 def spawner(cwd: Path) -> contextlib.AbstractContextManager[Callable[..., Worker]]:
     """Yield a function that starts workers; kill any still running on exit."""
     return spawning(cwd, Worker)
+
+
+def module_spawner(
+    module: str, cwd: Path, env: Mapping[str, str] | None = None
+) -> contextlib.AbstractContextManager[Callable[..., Worker]]:
+    """Yield a function that starts workers running `python -m module` (with `env`
+    added to ours); kill any still running on exit."""
+    # The package root is on the child's path so `-m` finds the module under
+    # the same name pytest imported it as (its relative imports work).
+    root = Path(__file__).parents[len(module.split(".")) - 1]
+    full = {**os.environ, **(env or {})}
+    full["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(root), full.get("PYTHONPATH", "")) if p
+    )
+    command = (sys.executable, "-m", module)
+    return spawning(cwd, functools.partial(Worker, command=command, env=full))
 
 
 @contextlib.contextmanager
