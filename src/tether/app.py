@@ -12,7 +12,7 @@ import os
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any, TypeVar
 
@@ -27,6 +27,7 @@ from tether.errors import (
     ConfigError,
     NotAllowedToApprove,
     NotFound,
+    StoreError,
     UsageError,
 )
 from tether.handle import Run
@@ -36,7 +37,14 @@ from tether.policy import Policy, PolicySet, RuleSet
 from tether.principal import Principal
 from tether.resilience import BreakerSet
 from tether.run import RunState
-from tether.store import ApprovalRow, ApprovalStatus, RunRow, Store, open_store
+from tether.store import (
+    ApprovalRow,
+    ApprovalStatus,
+    RunRow,
+    Store,
+    open_store,
+    skew_problem,
+)
 from tether.store._limits import BreakerState, breaker_view, to_us
 
 __all__ = ["Run", "Tether"]
@@ -109,6 +117,32 @@ class Tether:
             self.store.record_key = _config.record_key(self.db_url, env)
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
+        self._warn_of_skew()
+
+    def _warn_of_skew(self) -> None:
+        try:
+            skew = self.clock_skew()
+        except StoreError:
+            return  # the store is away: the first operation says so
+        problem = skew_problem(skew)
+        if problem is not None:
+            logger.warning(
+                "store.clock_skew",
+                extra={"tether.db": self.store.url, "tether.error": problem},
+            )
+
+    def clock_skew(self) -> timedelta | None:
+        """Return how far this app's clock is ahead of its store's (None: the store has no clock of its own).
+
+        Every host sharing a PostgreSQL store reckons leases, limit windows,
+        rate limits and approval expiry by its own clock; opening the app logs
+        a warning (`store.clock_skew`) when this one is off by more than
+        `tether.store.CLOCK_SKEW_WARN`, and `tether status` shows it.
+
+        Raises:
+            StoreError: the store could not be read.
+        """
+        return self.store.clock_skew(self.clock.now)
 
     # -- setup --------------------------------------------------------------------
 

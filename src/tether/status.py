@@ -235,6 +235,9 @@ class StatusReport:
     unconfigured_breakers: tuple[UnconfiguredBreaker, ...]
     hidden: int
     """Counters not shown: their window has ended, or their run has finished."""
+    clock_skew: timedelta | None = None
+    """How far the app's clock is ahead of the store's; None when the store has
+    no clock of its own (SQLite, memory)."""
 
     @property
     def configured(self) -> bool:
@@ -247,6 +250,9 @@ class StatusReport:
         return {
             "at": self.at.isoformat(),
             "config": self.config,
+            "clock_skew_s": None
+            if self.clock_skew is None
+            else round(self.clock_skew.total_seconds(), 6),
             "limits": [
                 {
                     "id": lim.id,
@@ -421,6 +427,7 @@ def status(app: Tether, *, now: datetime | None = None) -> StatusReport:
         unconfigured=unconfigured,
         unconfigured_breakers=gone,
         hidden=hidden,
+        clock_skew=app.clock_skew(),
     )
 
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
@@ -29,7 +30,7 @@ from tether.config import (
 )
 from tether.errors import NotFound, UsageError
 from tether.status import RetryStatus, StatusReport, status
-from tether.store import sqlite_path
+from tether.store import skew_problem, sqlite_path
 
 __all__: list[str] = []  # the command registers on `cli` on import
 
@@ -154,10 +155,14 @@ def _print_status(report: StatusReport, url: str) -> None:
         print(
             _clean(_NOTHING_CONFIGURED.format(where=where))
         )  # one line, never wrapped
+        problem = skew_problem(report.clock_skew)
+        if problem is not None:
+            console.print(Text(f"warning: {problem}", style="yellow"))
         return
     _field(console, "as of", f"{_utc(report.at)} UTC")
     _field(console, "config", report.config or "(none)")
     _field(console, "database", url)
+    _print_skew(console, report.clock_skew)
     sections = [
         ("Limits", _limits_table(report) if report.limits else None),
         ("Breakers", _breakers_table(report) if report.breakers else None),
@@ -187,6 +192,22 @@ def _print_status(report: StatusReport, url: str) -> None:
                 style="dim",
             )
         )
+
+
+def _print_skew(console: Console, skew: timedelta | None) -> None:
+    """Show how far this host's clock is from the database server's, if it has one."""
+    if skew is None:
+        return
+    problem = skew_problem(skew)
+    if problem is not None:
+        console.print(Text(f"warning: {problem}", style="yellow"))
+        return
+    way = "ahead of" if skew >= timedelta(0) else "behind"
+    _field(
+        console,
+        "clock",
+        f"{abs(skew).total_seconds():.3f} s {way} the database server's",
+    )
 
 
 def _limits_table(report: StatusReport) -> Table:

@@ -13,6 +13,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from tether.errors import ConfigError
 from tether.store._base import (
+    CLOCK_SKEW_WARN,
     ApprovalRow,
     ApprovalStatus,
     Batch,
@@ -28,6 +29,7 @@ from tether.store._base import (
     PendingExists,
     RunRow,
     Store,
+    skew_problem,
 )
 from tether.store.memory import MemoryStore
 from tether.store.sqlite import SQLiteStore
@@ -36,6 +38,7 @@ if TYPE_CHECKING:
     from tether.store.postgres import PostgresStore
 
 __all__ = [
+    "CLOCK_SKEW_WARN",
     "ApprovalRow",
     "ApprovalStatus",
     "Batch",
@@ -56,6 +59,7 @@ __all__ = [
     "Store",
     "open_store",
     "safe_url",
+    "skew_problem",
     "sqlite_path",
 ]
 

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from tether.record import Event
 
 __all__ = [
+    "CLOCK_SKEW_WARN",
     "ApprovalRow",
     "ApprovalStatus",
     "Batch",
@@ -58,7 +59,26 @@ __all__ = [
     "apply_limits",
     "closed_reason",
     "may_replace",
+    "skew_problem",
 ]
+
+CLOCK_SKEW_WARN = timedelta(seconds=1)
+"""How far a host's clock may be from a shared store's before tether warns."""
+
+
+def skew_problem(skew: timedelta | None) -> str | None:
+    """Say in one line how far a host's clock is off, and what to do (None: close enough).
+
+    Close enough is within `CLOCK_SKEW_WARN` (see `Store.clock_skew`).
+    """
+    if skew is None or abs(skew) <= CLOCK_SKEW_WARN:
+        return None
+    way = "ahead of" if skew > timedelta(0) else "behind"
+    return (
+        f"this host's clock is {abs(skew).total_seconds():.3f} s {way} the database "
+        "server's; leases, limit windows, rate limits and approval expiry are "
+        "reckoned by each host's clock: keep every host's clock in sync (NTP)"
+    )
 
 
 class ApprovalStatus(StrEnum):
@@ -355,6 +375,19 @@ class Store(abc.ABC):
             LeaseLost: a newer epoch holds the run.
             StoreError: the write failed, or the chain head moved; nothing was written.
         """
+
+    def clock_skew(self, now: Callable[[], datetime]) -> timedelta | None:
+        """Return how far the clock `now` is ahead of the store's (None: no clock of its own).
+
+        Leases, claim TTLs, limit windows, rate limits, breaker cool-downs and
+        approval expiry are all reckoned by each process's own clock, so on a
+        store shared by several hosts their clocks must agree. A store on
+        this host (SQLite, memory) has no other clock to compare with.
+
+        Raises:
+            StoreError: the store could not be read.
+        """
+        return None
 
     @abc.abstractmethod
     def limit_rows(self, now: datetime) -> list[LimitRow]:

@@ -16,8 +16,8 @@ Reads of runs, keys, limits and breakers are here, on the store itself.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from datetime import UTC, datetime
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -115,6 +115,19 @@ class PostgresStore(Writes, Approvals):
             "read the breakers",
         )
         return {r[0]: breaker_row(r[1:]) for r in rows}
+
+    def clock_skew(self, now: Callable[[], datetime]) -> timedelta:
+        """Return how far the clock `now` is ahead of the server's, to within half a round trip."""
+
+        def query(conn: psycopg.Connection[Any]) -> timedelta:
+            before = now()
+            row = conn.execute("SELECT clock_timestamp()").fetchone()
+            after = now()
+            assert row is not None
+            served: datetime = row[0]
+            return before + (after - before) / 2 - served
+
+        return self._read(query, "read the server's clock")
 
     def lookup_key(self, key: KeyId) -> KeyRecord | None:
         """Return the record of `key`, if any."""
