@@ -34,7 +34,8 @@ from tether._effects import Execute, Executed, Flow
 from tether.agent import PlannerInput, Proposal, ProposedStep, run_agent
 from tether.record import Outcome, OutcomeStatus
 from tether.run import RunState
-from tether.store._limits import BreakerSpec, BreakerState, breaker_view, to_us
+from tether.store._breakers import BreakerSpec, BreakerState, breaker_view
+from tether.store._limits import to_us
 from tether.testing import FakeClock
 
 BREAKER = "up-br"

@@ -29,7 +29,7 @@ from tether.clock import system_rng
 from tether.config import check_config, load_settings
 from tether.record import Outcome, OutcomeStatus
 from tether.resilience import RetryBudget
-from tether.store._limits import BreakerState
+from tether.store._breakers import BreakerState
 from tether.testing import FakeClock
 
 PRINCIPAL = tether.Principal("ops-bot", roles=["agent"], tenant="acme")

@@ -20,17 +20,13 @@ from tether.errors import BreakerOpen, LimitExceeded, TetherError
 from tether.limits import LimitSet, Reserved
 from tether.principal import Principal
 from tether.resilience import Breaker, BreakerSet, RetryBudget
-from tether.store._limits import (
-    Blocked,
+from tether.store._breakers import (
     BreakerBlocked,
     BreakerNote,
     BreakerSpec,
     BreakerState,
-    LimitBlocked,
-    LimitKind,
-    Reserve,
-    Settle,
 )
+from tether.store._limits import Blocked, LimitBlocked, LimitKind, Reserve, Settle
 
 __all__ = [
     "MICROSECOND",

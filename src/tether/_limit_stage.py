@@ -44,14 +44,13 @@ from tether.store import (
     KeyState,
     PendingExists,
 )
-from tether.store._limits import (
+from tether.store._breakers import (
     BreakerAdmit,
     BreakerBlocked,
     BreakerOutcome,
     BreakerSpec,
-    Throttled,
-    to_us,
 )
+from tether.store._limits import Throttled, to_us
 
 __all__ = [
     "Room",

@@ -57,13 +57,8 @@ from tether.store import (
     KeyUpdate,
     Store,
 )
-from tether.store._limits import (
-    BreakerAdmit,
-    BreakerOutcome,
-    Reserve,
-    RetryCharge,
-    Settle,
-)
+from tether.store._breakers import BreakerAdmit, BreakerOutcome
+from tether.store._limits import Reserve, RetryCharge, Settle
 
 __all__ = [
     "MAX_MESSAGE",

@@ -45,7 +45,8 @@ from tether.store import (
     open_store,
     skew_problem,
 )
-from tether.store._limits import BreakerState, breaker_view, to_us
+from tether.store._breakers import BreakerState, breaker_view
+from tether.store._limits import to_us
 
 __all__ = ["Run", "Tether"]
 

@@ -66,13 +66,8 @@ from tether.store import (
     KeyState,
     KeyUpdate,
 )
-from tether.store._limits import (
-    BreakerState,
-    LimitKind,
-    Settle,
-    breaker_view,
-    to_us,
-)
+from tether.store._breakers import BreakerState, breaker_view
+from tether.store._limits import LimitKind, Settle, to_us
 
 __all__ = [
     "Execute",

@@ -46,13 +46,8 @@ from tether.store import (
     NewRun,
     RunRow,
 )
-from tether.store._limits import (
-    BreakerAdmit,
-    BreakerOutcome,
-    Reserve,
-    RetryCharge,
-    Settle,
-)
+from tether.store._breakers import BreakerAdmit, BreakerOutcome
+from tether.store._limits import Reserve, RetryCharge, Settle
 
 if TYPE_CHECKING:
     from tether.app import Tether

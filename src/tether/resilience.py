@@ -25,7 +25,8 @@ import pydantic
 
 from tether._units import Duration
 from tether.clock import Rng
-from tether.store._limits import BreakerSpec, RetryCharge
+from tether.store._breakers import BreakerSpec
+from tether.store._limits import RetryCharge
 
 __all__ = [
     "INCIDENT_RETRIES",

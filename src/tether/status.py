@@ -37,7 +37,8 @@ from tether.resilience import (
 )
 from tether.run import FINAL_STATES, RunState
 from tether.store._base import LimitRow
-from tether.store._limits import BreakerRow, BreakerState, breaker_view, from_us, to_us
+from tether.store._breakers import BreakerRow, BreakerState, breaker_view
+from tether.store._limits import from_us, to_us
 
 if TYPE_CHECKING:
     from tether.app import Tether

@@ -18,20 +18,22 @@ from typing import TYPE_CHECKING, Any
 
 from tether import _canonical
 from tether._chain import StoredEvent
-from tether.store._limits import (
-    Admitted,
-    Blocked,
+from tether.store._breakers import (
     BreakerAdmit,
     BreakerBlocked,
     BreakerOutcome,
     BreakerRow,
+    breaker_view,
+)
+from tether.store._limits import (
+    Admitted,
+    Blocked,
     LimitTables,
     Reserve,
     RetryCharge,
     Settle,
     apply_admission,
     apply_results,
-    breaker_view,
     charge_retry,
     to_us,
 )

@@ -33,7 +33,7 @@ from tether.store._base import (
     PendingExists,
     RunRow,
 )
-from tether.store._limits import BreakerRow, BreakerState
+from tether.store._breakers import BreakerRow, BreakerState
 
 __all__ = [
     "APPROVAL_COLUMNS",

@@ -42,7 +42,8 @@ from tether.store._base import (
     closed_reason,
     may_replace,
 )
-from tether.store._limits import BreakerRow, from_us, to_us
+from tether.store._breakers import BreakerRow
+from tether.store._limits import from_us, to_us
 
 if TYPE_CHECKING:
     from tether.record import Event

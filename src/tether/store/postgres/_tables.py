@@ -14,7 +14,8 @@ from decimal import Decimal
 from typing import Any
 
 from tether.store._base import Batch
-from tether.store._limits import BreakerRow, BreakerState, LimitKind, Reserve
+from tether.store._breakers import BreakerRow, BreakerState
+from tether.store._limits import LimitKind, Reserve
 from tether.store._sql import breaker_row, breaker_values
 from tether.store.postgres._connection import lock_key
 from tether.store.postgres._pipeline import Statement, Writer

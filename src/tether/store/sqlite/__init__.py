@@ -22,7 +22,7 @@ from tether import _chain
 from tether.errors import NotFound, StoreError
 from tether.store import _limits
 from tether.store._base import KeyId, KeyRecord, LimitRow, RunRow
-from tether.store._limits import BreakerRow
+from tether.store._breakers import BreakerRow
 from tether.store._sql import (
     RUN_COLUMNS,
     breaker_row,

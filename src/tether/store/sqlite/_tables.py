@@ -10,7 +10,7 @@ from __future__ import annotations
 import sqlite3
 from decimal import Decimal
 
-from tether.store._limits import BreakerRow
+from tether.store._breakers import BreakerRow
 from tether.store._sql import breaker_row, breaker_values
 
 __all__ = ["Tables"]
