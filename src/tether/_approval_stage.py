@@ -73,8 +73,9 @@ def ask_approval(
     preview_bytes = None if preview is None else _canonical.dumps(preview)
     digest = _approval_digest(run, cap, args, args_bytes, decision, preview_bytes)
     principal = run.principal
-    if run.has_pending():  # a lost intent may have spent this call's grant
-        yield StoreOp(run.flush_pending)
+    # A failed write is settled first: an intent that landed unseen may have
+    # spent this call's grant, and closing it gives the grant back.
+    yield StoreOp(run.flush_pending)
     latest: ApprovalRow | None = yield StoreOp(
         run.store.latest_approval, principal.tenant, principal.id, digest
     )

@@ -60,16 +60,8 @@ class RunWriter:
         before any other (see `_look_unsure`)."""
 
     def has_pending(self) -> bool:
-        """Tell whether a failed write still owes the record something.
-
-        A kept result waits to be written, or a write that may have landed
-        waits to be looked at (and, if it was a step's intent, closed).
-        """
-        return (
-            bool(self._pending)
-            or self._unsure is not None
-            or (self._closing is not None)
-        )
+        """Tell whether a result write failed and waits to be retried."""
+        return bool(self._pending)
 
     def kept(self) -> int:
         """Return how many step results are kept, not yet written."""

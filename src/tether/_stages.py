@@ -127,7 +127,7 @@ class RunPort(Protocol):
         ...
 
     def has_pending(self) -> bool:
-        """Tell whether a failed write still owes the record something."""
+        """Tell whether a result write failed and waits to be retried."""
         ...
 
     def flush_pending(self) -> None:

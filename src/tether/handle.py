@@ -302,11 +302,11 @@ class Run:
         return gateway.StoreOp(self._commit, batch, keep_on_failure)
 
     def has_pending(self) -> bool:
-        """Tell whether a failed write still owes the record something."""
+        """Tell whether a result write failed and waits to be retried."""
         return self._writer.has_pending()
 
     def flush_pending(self) -> None:
-        """Write the results kept after failed writes.
+        """Settle what failed writes owe: look at one that may have landed, write kept results.
 
         Raises:
             StoreError: the store still fails; the results stay kept.
