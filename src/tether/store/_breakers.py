@@ -196,14 +196,7 @@ def breaker_view(
     an answer (a hung probe must not keep it half-open). The row is not changed.
     """
     moves: list[tuple[BreakerState, BreakerState, int, str]] = []
-    cur = BreakerRow(
-        state=row.state,
-        since=row.since,
-        generation=row.generation,
-        outcomes=row.outcomes,
-        probes=row.probes,
-        probe_deadline=row.probe_deadline,
-    )
+    cur = row.copy()
     for _ in range(4):  # at most open -> half-open -> open -> half-open in one look
         if cur.state is BreakerState.OPEN and now >= cur.since + spec.open_us:
             at = cur.since + spec.open_us
