@@ -9,6 +9,7 @@ import re
 import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -24,7 +25,7 @@ from tether.config import (
 )
 from tether.errors import NotFound, TetherError, UsageError
 from tether.scenarios import SCENARIOS
-from tether.store import sqlite_path
+from tether.store import skew_problem, sqlite_path
 
 __all__ = [
     "JSON_FORMAT",
@@ -49,6 +50,7 @@ __all__ = [
     "_runs_cli",
     "_styled",
     "_version",
+    "_warn_of_skew",
     "_with_scenario",
     "cli",
 ]
@@ -269,6 +271,14 @@ def _field(console: Console, label: str, value: object, limit: int = 400) -> Non
     line = Text(f"{label:<10}", style="dim")
     line.append(_clean(value, limit))
     console.print(line)
+
+
+def _warn_of_skew(console: Console, skew: timedelta | None) -> bool:
+    """Print a warning line if this host's clock is too far off the store's; tell whether it did."""
+    problem = skew_problem(skew)
+    if problem is not None:
+        console.print(Text(f"warning: {problem}", style="yellow"))
+    return problem is not None
 
 
 def _version(value: bool) -> None:

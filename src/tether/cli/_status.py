@@ -21,6 +21,7 @@ from tether.cli._common import (
     _field,
     _Json,
     _load_app,
+    _warn_of_skew,
     cli,
 )
 from tether.config import (
@@ -30,7 +31,7 @@ from tether.config import (
 )
 from tether.errors import NotFound, UsageError
 from tether.status import RetryStatus, StatusReport, status
-from tether.store import skew_problem, sqlite_path
+from tether.store import sqlite_path
 
 __all__: list[str] = []  # the command registers on `cli` on import
 
@@ -155,9 +156,7 @@ def _print_status(report: StatusReport, url: str) -> None:
         print(
             _clean(_NOTHING_CONFIGURED.format(where=where))
         )  # one line, never wrapped
-        problem = skew_problem(report.clock_skew)
-        if problem is not None:
-            console.print(Text(f"warning: {problem}", style="yellow"))
+        _warn_of_skew(console, report.clock_skew)
         return
     _field(console, "as of", f"{_utc(report.at)} UTC")
     _field(console, "config", report.config or "(none)")
@@ -196,11 +195,7 @@ def _print_status(report: StatusReport, url: str) -> None:
 
 def _print_skew(console: Console, skew: timedelta | None) -> None:
     """Show how far this host's clock is from the database server's, if it has one."""
-    if skew is None:
-        return
-    problem = skew_problem(skew)
-    if problem is not None:
-        console.print(Text(f"warning: {problem}", style="yellow"))
+    if skew is None or _warn_of_skew(console, skew):
         return
     way = "ahead of" if skew >= timedelta(0) else "behind"
     _field(

@@ -7,9 +7,8 @@ from typing import Annotated
 import typer
 from rich.text import Text
 
-from tether.cli._common import _console, _load_app, _styled, cli
+from tether.cli._common import _console, _load_app, _styled, _warn_of_skew, cli
 from tether.errors import LeaseLost, UsageError
-from tether.store import skew_problem
 
 __all__: list[str] = []  # the command registers on `cli` on import
 
@@ -57,9 +56,7 @@ def _worker(
     """
     tether_app = _load_app(app)
     console = _console()
-    problem = skew_problem(tether_app.clock_skew())
-    if problem is not None:
-        console.print(Text(f"warning: {problem}", style="yellow"))
+    _warn_of_skew(console, tether_app.clock_skew())
     while True:
         ready = tether_app.ready_runs()
         for run_id in ready:

@@ -24,8 +24,7 @@ class Writer:
     may surface at any `execute`: it is kept, later statements are dropped (the
     server skips them too), and `sync` returns it.
 
-    A pipeline that fails with more than one statement in it may leave
-    psycopg's prepared-statement cache out of step with the server: psycopg
+    A failed pipeline may leave psycopg's prepared-statement cache out of step with the server: psycopg
     (3.3) marks a statement prepared when it sends the statement's first
     named `Parse`, without waiting for its answer, and the server skips a
     `Parse` queued after a failed statement. The next use of that statement
@@ -36,17 +35,15 @@ class Writer:
     on a failed write only.
     """
 
-    __slots__ = ("conn", "failed", "pipeline", "queued", "stack", "unsure")
+    __slots__ = ("conn", "failed", "pipeline", "stack", "unsure")
 
     def __init__(self, conn: psycopg.Connection[Any]) -> None:
         self.conn = conn
         self.pipeline: psycopg.Pipeline | None = None
         self.stack = contextlib.ExitStack()
         self.failed: psycopg.Error | None = None
-        self.queued = 0
-        """Statements queued since the pipeline was last synced."""
         self.unsure = False
-        """A pipeline failed with statements behind the failure: see the class doc."""
+        """A pipeline failed: psycopg's prepared statements may be wrong (see above)."""
 
     def execute(
         self, sql: str, params: Sequence[Any] | None = None
@@ -57,15 +54,14 @@ class Writer:
             return cur
         if self.pipeline is None:
             self.pipeline = self.stack.enter_context(self.conn.pipeline())
-        self.queued += 1
         try:
             cur.execute(sql, params)
         except psycopg.OperationalError:
-            self._failing()
+            self.unsure = True
             self.close()
             raise
         except psycopg.Error as exc:
-            self._failing()
+            self.unsure = True
             self.failed = exc
         return cur
 
@@ -83,32 +79,21 @@ class Writer:
             # round trip (a sync() first would cost a second one).
             self.stack.close()
         except psycopg.OperationalError:
-            self._failing()
+            self.unsure = True
             self.close()
             raise
         except psycopg.Error as exc:
-            self._failing()
+            self.unsure = True
             self.close()
             return exc
-        finally:
-            self.queued = 0
         return None
 
-    def _failing(self) -> None:
-        if self.queued > 1:
-            self.unsure = True
-
     def close(self) -> None:
-        """Leave pipeline mode, after a failure too (the caller then rolls back).
-
-        After a failure that may have left psycopg's prepared statements out
-        of step with the server's, also roll back and drop them all.
-        """
+        """Leave pipeline mode; after a failure, roll back and drop every prepared statement."""
         self.pipeline = None
         # After a failure, what the server says now adds nothing to the first error.
         with contextlib.suppress(psycopg.Error):
             self.stack.close()
-        self.queued = 0
         if self.unsure:
             self.unsure = False
             rollback(self.conn)
