@@ -368,15 +368,18 @@ def step(  # the design's list, in order
     # A call that may still be acting (a timed-out thread) may still spend:
     # its budgets keep their estimate and its leases stay held until they lapse.
     acting = done.still_running
-    settles, settled_events = _guards.settlements(
-        run.run_id,
-        room.reserved,
-        number,
-        end,
-        cost if error is None else None,
-        in_doubt or acting,
-        keep_leases=acting,
-    )
+    settles: list[Settle] = []
+    if room.reserved:  # nothing reserved: nothing to settle (most reads)
+        settles, settled_events = _guards.settlements(
+            run.run_id,
+            room.reserved,
+            number,
+            end,
+            cost if error is None else None,
+            in_doubt or acting,
+            keep_leases=acting,
+        )
+        events.extend(settled_events)
     if retry is not None:  # the calls a retry ratio divides by
         settles.append(
             Settle(
@@ -389,7 +392,6 @@ def step(  # the design's list, in order
                 actual=Decimal(1),
             )
         )
-    events.extend(settled_events)
 
     # record result
     if room.took_over is not None:
