@@ -25,6 +25,7 @@ divergent, naming the limit, breaker or key; docs/replay.md says how to read it.
 
 from __future__ import annotations
 
+from tether.replay._compare import IGNORED_FIELDS
 from tether.replay._records import RecordedRun
 from tether.replay._report import (
     DecisionChange,
@@ -34,7 +35,7 @@ from tether.replay._report import (
     ReplayError,
     ReplayReport,
 )
-from tether.replay._walk import IGNORED_FIELDS, Replayer
+from tether.replay._walk import Replayer
 
 __all__ = [
     "IGNORED_FIELDS",

@@ -91,7 +91,7 @@ class DecisionChange:
     recorded: str
     now: str
     rule_ids: tuple[str, ...]
-    """The rules that account for the change (see `_attribute`)."""
+    """The rules that account for the change (see `_compare._attribute`)."""
     source: Literal["step", "plan"] = "step"
 
     def to_json(self) -> dict[str, Any]:

@@ -1,10 +1,14 @@
-"""The walk: re-drive each recorded step and compare what today's code records."""
+"""The walk: re-drive a recorded run, event by event, through today's call path.
+
+Each step is driven against the scratch app, with the record standing in for the
+world (`_world`, `_scratch`); what the scratch run gains is handed, beside the
+recorded events, to the comparison (`_compare`), which writes the report.
+"""
 
 from __future__ import annotations
 
-import itertools
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -21,15 +25,9 @@ from tether.handle import Run
 from tether.plan import PlanStep
 from tether.policy import PolicySet
 from tether.principal import Principal
+from tether.replay._compare import Comparison
 from tether.replay._records import RecordedRun, at
-from tether.replay._report import (
-    DecisionChange,
-    Divergence,
-    Mode,
-    Prediction,
-    ReplayError,
-    ReplayReport,
-)
+from tether.replay._report import Mode, Prediction, ReplayError, ReplayReport
 from tether.replay._scratch import Met, ScratchStore, met_by
 from tether.replay._world import (
     FirstRng,
@@ -42,10 +40,7 @@ from tether.replay._world import (
 )
 from tether.store import ApprovalStatus
 
-__all__ = ["IGNORED_FIELDS", "Replayer"]
-
-IGNORED_FIELDS = frozenset({"at", "duration_us", "delay_us"})
-"""Fields that are the world's (times, durations, jitter), not a decision's."""
+__all__ = ["Replayer"]
 
 _RUN_LEVEL = frozenset(
     {
@@ -60,10 +55,6 @@ _RUN_LEVEL = frozenset(
     }
 )
 """Kinds written outside a step: the walk handles each where it appears."""
-
-_NOT_COMPARED = frozenset({"breaker_transition"})
-"""A transition depends on every run's calls to the resource, not this run's alone:
-reported when it differs, but never as a divergence."""
 
 
 class Replayer:
@@ -145,6 +136,7 @@ class _Walk:
         self.report = ReplayReport(
             run_id=recorded.run_id, mode=replayer.mode, events=len(self.events), steps=0
         )
+        self.compare = Comparison(self.report)
         self.clock = ReplayClock(at(first))
         approvals = [
             str(e["approval_id"])
@@ -161,8 +153,6 @@ class _Walk:
         self.proposed: deque[dict[str, Any]] = deque()
         self.own_requests = set(approvals)
         """Approval requests this run made (any other it waited on was another run's)."""
-        self.version_noted = False
-        """The policy version differs (said once, in the notes)."""
         self.previews: dict[tuple[str, bytes], Any] = {}
         """The recorded preview of each approval request, by capability and args."""
         self.seen = (
@@ -234,13 +224,15 @@ class _Walk:
         try:
             run.admit(steps)
         except TetherError as exc:
-            self._diverge(None, "plan_admitted", None, "plan_admitted", exc.message)
+            self.compare.diverge(
+                None, "plan_admitted", None, "plan_admitted", exc.message
+            )
             return
         new = self._fresh()
         # Named by the step it admits, so the report points at the plan's first step.
-        self._compare(run.steps + 1, [event], new, run_level=True)
+        self.compare.events(run.steps + 1, [event], new, run_level=True)
         if self.replayer.mode == "what_if" and new:
-            self._plan_changes(event, new[-1])
+            self.compare.plan_changes(event, new[-1])
 
     def _usage(self, event: dict[str, Any]) -> None:
         self.clock.set(at(event))
@@ -250,7 +242,7 @@ class _Walk:
             output_tokens=int(event.get("output_tokens", 0)),
             model=event.get("model"),
         )
-        self._compare(None, [event], self._fresh(), run_level=True)
+        self.compare.events(None, [event], self._fresh(), run_level=True)
 
     def _decided(self, event: dict[str, Any]) -> None:
         """Apply a person's recorded decision to the scratch store."""
@@ -337,9 +329,9 @@ class _Walk:
             store.met = Met()
         self.report.steps += 1
         now = self._fresh()
-        self._compare(number, recorded, now)
+        self.compare.events(number, recorded, now)
         if self.replayer.mode == "what_if":
-            self._step_changes(number, name, recorded, now)
+            self.compare.step_changes(number, name, recorded, now)
 
     def _predict(
         self,
@@ -389,126 +381,6 @@ class _Walk:
             )
         )
 
-    # -- comparison -----------------------------------------------------------------
-
-    def _compare(
-        self,
-        number: int | None,
-        recorded: Sequence[dict[str, Any]],
-        now: Sequence[dict[str, Any]],
-        *,
-        run_level: bool = False,
-    ) -> None:
-        mine = [e for e in recorded if e["kind"] not in _NOT_COMPARED]
-        theirs = [e for e in now if e["kind"] not in _NOT_COMPARED]
-        if not run_level:
-            # A step that finds its request lapsed records the expiry as a decision;
-            # decisions are walked where the record has them (see _decided).
-            theirs = [e for e in theirs if e["kind"] != "approval_decided"]
-        if run_level:  # a plan admission or a usage charge: only its own kinds
-            kinds = {e["kind"] for e in mine}
-            theirs = [e for e in theirs if e["kind"] in kinds]
-        for old, new in itertools.zip_longest(mine, theirs):
-            if old is None:
-                self._diverge(number, "extra", None, "nothing", _summary(new))
-                return
-            if new is None:
-                self._diverge(number, "missing", None, _summary(old), "nothing")
-                return
-            if old["kind"] != new["kind"]:
-                self._diverge(number, old["kind"], None, _summary(old), _summary(new),
-                              old, new)  # fmt: skip
-                return
-            old_version, new_version = (
-                old.get("policy_version"),
-                new.get("policy_version"),
-            )
-            if old_version != new_version and not self.version_noted:
-                self.version_noted = True
-                self.report.notes.append(
-                    f"recorded under policy version {old_version}, replayed under "
-                    f"{new_version}"
-                )
-            name = _first_difference(old, new, versions_differ=self.version_noted)
-            if name is not None:
-                self._diverge(
-                    number, old["kind"], name, old.get(name), new.get(name), old, new
-                )
-                return
-
-    def _diverge(
-        self,
-        number: int | None,
-        kind: str,
-        name: str | None,
-        was: Any,
-        now: Any,
-        old: Mapping[str, Any] | None = None,
-        new: Mapping[str, Any] | None = None,
-    ) -> None:
-        rules: list[str] = []
-        versions: tuple[str | None, str | None] = (None, None)
-        for e in (old, new):
-            if e is not None:
-                rules.extend(r for r in e.get("rule_ids") or () if r not in rules)
-                for s in e.get("steps") or ():
-                    if isinstance(s, Mapping):
-                        rules.extend(
-                            r for r in s.get("rule_ids") or () if r not in rules
-                        )
-        if old is not None and new is not None and "policy_version" in old:
-            versions = (old.get("policy_version"), new.get("policy_version"))
-        self.report.divergences.append(
-            Divergence(
-                step=number,
-                kind=kind,
-                field=name,
-                recorded=was,
-                now=now,
-                rule_ids=tuple(rules),
-                policy_version=versions,
-            )
-        )
-
-    def _step_changes(
-        self,
-        number: int,
-        name: str,
-        recorded: Sequence[dict[str, Any]],
-        now: Sequence[dict[str, Any]],
-    ) -> None:
-        old = next((e for e in recorded if e["kind"] == "decided"), None)
-        new = next((e for e in now if e["kind"] == "decided"), None)
-        if old is None or new is None or old["verdict"] == new["verdict"]:
-            return
-        self.report.decisions.append(
-            DecisionChange(
-                run_id=self.recorded.run_id,
-                step=number,
-                capability=name,
-                recorded=old["verdict"],
-                now=new["verdict"],
-                rule_ids=_attribute(old, new),
-            )
-        )
-
-    def _plan_changes(self, old: Mapping[str, Any], new: Mapping[str, Any]) -> None:
-        for was, now in zip(
-            old.get("steps") or (), new.get("steps") or (), strict=False
-        ):
-            if was.get("verdict") != now.get("verdict"):
-                self.report.decisions.append(
-                    DecisionChange(
-                        run_id=self.recorded.run_id,
-                        step=None,
-                        capability=str(was.get("capability")),
-                        recorded=str(was.get("verdict")),
-                        now=str(now.get("verdict")),
-                        rule_ids=_attribute(was, now),
-                        source="plan",
-                    )
-                )
-
 
 def _scratch_app(replayer: Replayer, clock: ReplayClock, ids: ReplayIds) -> Tether:
     """An app on an empty in-memory store, with the replayer's capabilities and policy."""
@@ -524,59 +396,3 @@ def _scratch_app(replayer: Replayer, clock: ReplayClock, ids: ReplayIds) -> Teth
     scratch.webhook = None
     scratch.store = ScratchStore()
     return scratch
-
-
-_VERSIONED = frozenset({"policy_version", "digest"})
-"""Fields that change with the policy file's version (a grant's digest covers it):
-a new version alone is a note; what it changes shows in verdicts and rules."""
-
-
-_FIRST = ("verdict", "status", "admitted", "state", "rule_ids", "limit", "breaker")
-"""Fields a reader wants named first when several differ: the outcome, then why."""
-
-
-def _weight(name: str) -> tuple[int, str]:
-    return (_FIRST.index(name) if name in _FIRST else len(_FIRST), name)
-
-
-def _first_difference(
-    old: Mapping[str, Any], new: Mapping[str, Any], *, versions_differ: bool
-) -> str | None:
-    if old.keys() == new.keys() and all(
-        value == new[name] or name in IGNORED_FIELDS for name, value in old.items()
-    ):
-        return None  # the common case, without sorting field names
-    for name in sorted(set(old) | set(new), key=_weight):
-        if name not in old and name in new:
-            continue  # a field added since the record was written: nothing to compare
-        if name in IGNORED_FIELDS or (versions_differ and name in _VERSIONED):
-            continue
-        if old.get(name) != new.get(name):
-            if (
-                name == "message"
-                and old.get("kind") == "failed"
-                and old.get("stage") == "output"
-            ):
-                continue  # the invalid output itself is not recorded, only its error
-            return name
-    return None
-
-
-def _attribute(old: Mapping[str, Any], new: Mapping[str, Any]) -> tuple[str, ...]:
-    """The rules that account for a changed decision.
-
-    Rules named by one decision but not the other; when both name the same rules
-    (a rule's own verdict changed), those. `(default)` when no rule took part.
-    """
-    was = list(old.get("rule_ids") or ())
-    now = list(new.get("rule_ids") or ())
-    changed = [r for r in now if r not in was] + [r for r in was if r not in now]
-    return tuple(changed or now or was or ["(default)"])
-
-
-def _summary(event: Mapping[str, Any]) -> str:
-    kind = str(event.get("kind"))
-    for name in ("verdict", "status", "stage", "capability", "limit", "breaker"):
-        if name in event and event[name] is not None:
-            return f"{kind} ({name} {event[name]})"
-    return kind
