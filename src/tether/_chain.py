@@ -1,7 +1,7 @@
 """The hash chain's primitives: each event's hash covers the one before it.
 
 Kept at the bottom layer so the store can chain what it writes without
-knowing the event kinds; `record` builds verification on top.
+knowing the event kinds; `_verify` builds verification on top.
 """
 
 from __future__ import annotations
