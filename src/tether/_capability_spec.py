@@ -1,0 +1,395 @@
+"""The `Capability` type: one declared action, and what the call path asks of it.
+
+A `Capability` holds a declaration (name, version, `Effect`, `Idempotency`,
+handlers, preconditions, cost, scopes, timeout, resource) and answers the
+gateway's questions on every call: `validate_args`, `dump_args`,
+`estimate_cost`, `settled_cost`. Its constructor checks the declaration and
+works out, once, what those answers need (the handlers' shapes, whether the
+arguments need an exactness check, whether a model has secret fields), so the
+call path does no introspection. `tool_schema` and `describe` give it as JSON
+data. `@tether.capability(...)` in `tether.capability` makes one; import all of
+these from there.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping, Sequence
+from datetime import timedelta
+from decimal import Decimal, InvalidOperation
+from enum import StrEnum
+from typing import Any, Generic, TypeAlias, TypeVar
+
+import pydantic
+from pydantic import BaseModel
+
+from tether import _canonical
+from tether._handler import Handler, HandlerFn, handler_shape
+from tether.errors import InvalidKey, UsageError, ValidationFailed
+
+__all__ = [
+    "MAX_ARGS_BYTES",
+    "MAX_KEY_LENGTH",
+    "Capability",
+    "Cost",
+    "Effect",
+    "Idempotency",
+    "In",
+    "Out",
+    "Precondition",
+    "check_key",
+    "one_line_error",
+]
+
+In = TypeVar("In", bound=BaseModel)
+Out = TypeVar("Out", bound=BaseModel)
+
+MAX_ARGS_BYTES = 1 << 20
+"""Largest accepted arguments, as canonical JSON bytes (1 MiB)."""
+MAX_KEY_LENGTH = 255
+"""Longest accepted idempotency key, in characters."""
+
+
+def check_key(key: object) -> None:
+    """Refuse an idempotency key that is empty, too long or not printable text.
+
+    Raises:
+        InvalidKey: with one line saying what a key may be.
+    """
+    if (
+        not isinstance(key, str)
+        or not 0 < len(key) <= MAX_KEY_LENGTH
+        or not key.isprintable()
+    ):
+        raise InvalidKey(
+            f"idempotency key {key!r:.80} is invalid; use 1 to {MAX_KEY_LENGTH} printable "
+            "characters (no control characters)"
+        )
+
+
+class Effect(StrEnum):
+    """What a capability does to the world."""
+
+    READ = "read"
+    WRITE = "write"
+    DESTRUCTIVE = "destructive"
+
+
+class Idempotency(StrEnum):
+    """How a repeated call is made safe."""
+
+    NATIVE = "native"
+    """Safe to repeat as it is (reads, upserts)."""
+    KEYED = "keyed"
+    """tether deduplicates by idempotency key; a retry reuses the key."""
+    NONE = "none"
+    """Not safe to repeat: a call that started and failed is in doubt."""
+
+
+Cost: TypeAlias = "int | Decimal | str | Callable[[Any], int | Decimal | str | float]"
+"""A declared cost: a number >= 0, or a function of the args returning one."""
+Precondition: TypeAlias = "Callable[[Any], bool | str | None]"
+"""A check on the args: True or None when met, False or a reason string when not."""
+
+
+def _to_decimal(value: object, what: str) -> Decimal:
+    if isinstance(value, bool):
+        raise UsageError(f"{what} must be a number, got {value!r}")
+    if isinstance(value, float):
+        # A float cost would make budgets inexact; convert through its repr once.
+        value = repr(value)
+    try:
+        result = Decimal(value)  # type: ignore[arg-type]  # validated by the except
+    except (InvalidOperation, TypeError, ValueError) as exc:
+        raise UsageError(f"{what} must be a number, got {value!r}") from exc
+    if not result.is_finite() or result < 0:
+        raise UsageError(f"{what} must be a finite number >= 0, got {value!r}")
+    return result
+
+
+class Capability(Generic[In, Out]):
+    """One named, versioned action with typed input and output.
+
+    Made by `@tether.capability(...)`; see that decorator for the fields.
+    """
+
+    __slots__ = (
+        "_secret_paths",
+        "actual_cost",
+        "cost",
+        "description",
+        "dry_run_handler",
+        "effect",
+        "free_form",
+        "handler",
+        "idempotency",
+        "input_model",
+        "name",
+        "output_model",
+        "preconditions",
+        "requires_approval",
+        "resource",
+        "scopes",
+        "secret_output",
+        "timeout",
+        "version",
+    )
+
+    def __init__(
+        self,
+        fn: HandlerFn,
+        *,
+        name: str,
+        version: str,
+        effect: Effect,
+        idempotency: Idempotency,
+        dry_run: HandlerFn | None,
+        preconditions: Sequence[Precondition],
+        cost: Cost,
+        scopes: Sequence[str],
+        timeout: timedelta | None,
+        resource: str | None,
+        description: str | None,
+        actual_cost: Callable[[Any], int | Decimal | str | float] | None = None,
+        requires_approval: bool = False,
+    ) -> None:
+        self.name = name
+        self.version = version
+        self.effect = effect
+        self.idempotency = idempotency
+        self.input_model: type[In]
+        self.output_model: type[Out]
+        self.handler, self.input_model, self.output_model = handler_shape(  # type: ignore[assignment]  # the decorator's overloads bind In/Out to these models
+            fn, name, "handler"
+        )
+        self.dry_run_handler: Handler | None = None
+        if dry_run is not None:
+            self.dry_run_handler, dry_in, dry_out = handler_shape(
+                dry_run, name, "dry-run handler"
+            )
+            if dry_in is not self.input_model or dry_out is not self.output_model:
+                raise UsageError(
+                    f"capability {name!r}: the dry-run handler must take "
+                    f"{self.input_model.__name__} and return "
+                    f"{self.output_model.__name__}, like the handler"
+                )
+        elif effect is Effect.DESTRUCTIVE:
+            raise UsageError(
+                f"capability {name!r} is destructive and has no dry-run handler; "
+                "pass dry_run=<function with the handler's signature>"
+            )
+        self.preconditions: tuple[Precondition, ...] = tuple(preconditions)
+        self.cost = cost if callable(cost) else _to_decimal(cost, f"{name!r} cost")
+        if actual_cost is not None and not callable(actual_cost):
+            raise UsageError(
+                f"capability {name!r}: actual_cost must be a function of the output"
+            )
+        self.actual_cost = actual_cost
+        self.requires_approval = requires_approval
+        self.scopes = tuple(sorted(set(scopes)))
+        self.timeout = timeout
+        self.resource = resource
+        self.description = (description or inspect.getdoc(fn) or "").strip()
+        schema = self.input_model.model_json_schema()
+        self.free_form = _schema_is_free_form(schema)
+        """Whether args may hold floats or free-form keys (then checked for exactness)."""
+        self.secret_output = _has_secrets(self.output_model)
+        """True when the output has secret fields: a stored result cannot be replayed."""
+        self._secret_paths = _has_secrets(self.input_model) or self.secret_output
+
+    # -- what the gateway asks -------------------------------------------------
+
+    @property
+    def has_secrets(self) -> bool:
+        """True when the input or output model has a secret field."""
+        return self._secret_paths
+
+    def validate_args(self, raw: object, *, limit: int = MAX_ARGS_BYTES) -> In:
+        """Validate `raw` (a mapping, a model or JSON text) against the input model.
+
+        Raises:
+            ValidationFailed: with one line naming the first bad field.
+        """
+        model = self.input_model
+        try:
+            if type(raw) is dict:  # the common case first: the call path is hot
+                parsed: object = raw
+            elif isinstance(raw, BaseModel):
+                # Revalidated, own model included: model_construct() and attribute
+                # assignment skip pydantic's checks. Python mode keeps secrets whole;
+                # the serializer itself is a third of model_dump()'s cost.
+                parsed = type(raw).__pydantic_serializer__.to_python(
+                    raw, warnings=False
+                )
+            elif isinstance(raw, (str, bytes, bytearray)):
+                if len(raw) > limit:
+                    raise ValidationFailed(
+                        f"{self.name}: arguments are {len(raw)} bytes, over the "
+                        f"{limit}-byte limit; send less data"
+                    )
+                parsed = _canonical.loads_strict(
+                    raw if isinstance(raw, str) else bytes(raw)
+                )
+            else:
+                parsed = raw
+            if self.free_form:
+                problem = _canonical.inexact(parsed)
+                if problem:
+                    raise ValidationFailed(
+                        f"{self.name}: arguments hold {problem}, which a record "
+                        "cannot keep exactly; send finite numbers and valid text"
+                    )
+            # The validator itself: `model_validate`'s Python wrapper costs as much
+            # again on a call path measured in microseconds.
+            return model.__pydantic_validator__.validate_python(parsed)  # type: ignore[no-any-return]  # the model's own validator
+        except pydantic.ValidationError as exc:
+            raise ValidationFailed(one_line_error(self.name, "arguments", exc)) from exc
+        except RecursionError as exc:
+            raise ValidationFailed(
+                f"{self.name}: arguments are nested too deeply; flatten them"
+            ) from exc
+        except ValueError as exc:
+            if isinstance(exc, ValidationFailed):
+                raise
+            # orjson.JSONDecodeError: invalid JSON text or UTF-8.
+            raise ValidationFailed(
+                f"{self.name}: arguments are not JSON: {exc}"
+            ) from exc
+
+    def dump_args(
+        self, args: BaseModel, *, limit: int = MAX_ARGS_BYTES
+    ) -> tuple[dict[str, Any], bytes]:
+        """Return validated args as JSON data (secrets masked) and canonical bytes.
+
+        Raises:
+            ValidationFailed: the args are over `limit` bytes as JSON, or hold a
+                value JSON cannot carry exactly (an integer beyond 64 bits, say).
+        """
+        try:
+            data: dict[str, Any] = type(args).__pydantic_serializer__.to_python(
+                args, mode="json"
+            )
+        except ValueError as exc:  # pydantic: "Maximum serialization depth exceeded"
+            raise ValidationFailed(
+                f"{self.name}: arguments are nested too deeply; flatten them"
+            ) from exc
+        try:
+            encoded = _canonical.dumps(data)
+        except _canonical.CanonicalError as exc:
+            raise ValidationFailed(
+                f"{self.name}: arguments have no exact JSON form ({exc}); send "
+                "smaller numbers or valid text"
+            ) from exc
+        if len(encoded) > limit:
+            raise ValidationFailed(
+                f"{self.name}: arguments are {len(encoded)} bytes as JSON, over the "
+                f"{limit}-byte limit; send less data"
+            )
+        return data, encoded
+
+    def settled_cost(self, output: BaseModel, estimate: Decimal) -> Decimal:
+        """Return what the call cost, as its output reports it (else the estimate).
+
+        Raises:
+            UsageError: `actual_cost` raised or returned something that is not a number.
+        """
+        if self.actual_cost is None:
+            return estimate
+        try:
+            value = self.actual_cost(output)
+        except Exception as exc:  # a user function may raise anything
+            raise UsageError(
+                f"{self.name!r}: its actual_cost function raised {type(exc).__name__}: {exc}"
+            ) from exc
+        return _to_decimal(value, f"{self.name!r} actual_cost")
+
+    def estimate_cost(self, args: BaseModel) -> Decimal:
+        """Return the declared cost for these arguments.
+
+        Raises:
+            UsageError: the cost function returned something that is not a number.
+        """
+        cost = self.cost
+        if isinstance(cost, Decimal):
+            return cost
+        return _to_decimal(cost(args), f"{self.name!r} cost({args!r})")
+
+    def tool_schema(self, flavor: str = "mcp") -> dict[str, object]:
+        """Return this capability as an LLM tool definition.
+
+        Args:
+            flavor: `"mcp"` (`name`, `description`, `inputSchema`, `outputSchema`)
+                or `"openai"` (`{"type": "function", "function": {...}}`, with the
+                dots of the name replaced by `__`, which that API requires).
+
+        Raises:
+            UsageError: an unknown flavor.
+        """
+        params = self.input_model.model_json_schema()
+        if flavor == "mcp":
+            return {
+                "name": self.name,
+                "description": self.description,
+                "inputSchema": params,
+                "outputSchema": self.output_model.model_json_schema(),
+                "annotations": {
+                    "readOnlyHint": self.effect is Effect.READ,
+                    "destructiveHint": self.effect is Effect.DESTRUCTIVE,
+                    "idempotentHint": self.idempotency is not Idempotency.NONE,
+                },
+            }
+        if flavor == "openai":
+            return {
+                "type": "function",
+                "function": {
+                    "name": self.name.replace(".", "__"),
+                    "description": self.description,
+                    "parameters": params,
+                },
+            }
+        raise UsageError(
+            f"unknown tool schema flavor {flavor!r}; use 'mcp' or 'openai'"
+        )
+
+    def describe(self) -> dict[str, object]:
+        """Return the capability's declaration as JSON-ready data (for records)."""
+        return {
+            "name": self.name,
+            "version": self.version,
+            "effect": self.effect.value,
+            "idempotency": self.idempotency.value,
+            "dry_run": self.dry_run_handler is not None,
+            "scopes": list(self.scopes),
+            "resource": self.resource,
+            "timeout_ms": None
+            if self.timeout is None
+            else int(self.timeout.total_seconds() * 1000),
+            "input_schema": self.input_model.model_json_schema(),
+            "output_schema": self.output_model.model_json_schema(),
+        }
+
+    def __repr__(self) -> str:
+        return f"<Capability {self.name}@{self.version} {self.effect.value}>"
+
+
+def one_line_error(name: str, what: str, exc: pydantic.ValidationError) -> str:
+    """Return `exc` as one line: the capability, what broke, the first bad field."""
+    first = exc.errors(include_url=False, include_input=False)[0]
+    where = ".".join(str(p) for p in first["loc"]) or "(root)"
+    more = exc.error_count() - 1
+    tail = f" (and {more} more)" if more else ""
+    return f"{name}: {what}: {where}: {first['msg']}{tail}"
+
+
+def _schema_is_free_form(schema: Mapping[str, object]) -> bool:
+    text = _canonical.dumps(schema)
+    # "number" anywhere may carry NaN; a property with no type at all (Any) or
+    # open additional properties may carry NaN or keys of any text.
+    return (
+        b'"number"' in text or b"{}" in text or b'"additionalProperties":true' in text
+    )
+
+
+def _has_secrets(model: type[BaseModel]) -> bool:
+    text = _canonical.dumps(model.model_json_schema(mode="serialization"))
+    return b'"writeOnly":true' in text or b'"x-tether-secret":true' in text
