@@ -6,20 +6,22 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timedelta
+from datetime import timedelta
 from decimal import Decimal
 from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
-from tether import _canonical, gateway, record
+from tether import _canonical, record
 from tether import config as _config
+from tether._approvals import as_of, why_not
+from tether._export import export_run, verify_run
+from tether._ready import ORPHANABLE_STATES, PARKED_STATES, ReadyRuns
 from tether.agent.planner import Planner
 from tether.capability import Capability, Registry
 from tether.clock import Clock, Ids, RandomIds, Rng, SystemClock, system_rng
@@ -31,22 +33,15 @@ from tether.errors import (
     UsageError,
 )
 from tether.handle import Run
-from tether.limits import LimitSet
-from tether.notify import Webhook
-from tether.policy import Policy, PolicySet, RuleSet
+from tether.policy import Policy, PolicySet
 from tether.principal import Principal
-from tether.resilience import BreakerSet
-from tether.run import RunState
 from tether.store import (
     ApprovalRow,
     ApprovalStatus,
-    RunRow,
     Store,
     open_store,
     skew_problem,
 )
-from tether.store._breakers import BreakerState, breaker_view
-from tether.store._limits import to_us
 
 __all__ = ["Run", "Tether"]
 
@@ -97,8 +92,6 @@ class Tether:
         )
         self.settings, version = _config.load_settings(self.config_path)
         self._policy_lock = threading.Lock()
-        self._awaited_by_run: dict[str, tuple[tuple[int, bytes], frozenset[str]]] = {}
-        """What `ready_runs` read of each parked run's record, by its head."""
         self.clock: Clock = clock or SystemClock()
         self.ids: Ids = ids or RandomIds(self.clock)
         self.random: Rng = system_rng()
@@ -106,12 +99,15 @@ class Tether:
         self.capabilities = Registry()
         self.planners: dict[str, Planner] = {}
         """Planners by name (`register_planner`)."""
-        self.policy = _policy_from(self.settings, version, has_file=self._config_file)
-        self.guards = _guards_from(self.settings)
+        self.policy = _config.policy_from(
+            self.settings, version, has_file=self._config_file
+        )
+        self.guards = _config.guards_from(self.settings)
         """The limits, breakers and retry budget in force; None when `tether.yaml` has none."""
-        self.webhook = _webhook_from(self.settings, self.clock)
+        self.webhook = _config.webhook_from(self.settings, self.clock)
         """Where approval requests and decisions are announced, if anywhere."""
         self.store: Store = open_store(self.db_url)
+        self._ready = ReadyRuns(self.store)
         # The key file is made only once the database opened: a bad --db must not
         # leave a key file beside some other file.
         if self.store.signs_heads:
@@ -157,7 +153,7 @@ class Tether:
             raise UsageError("register() needs at least one capability")
         for cap in capabilities:
             if isinstance(cap, Capability):  # anything else is refused by add()
-                problems = _misfits(self.settings, [cap])
+                problems = _config.misfits(self.settings, [cap])
                 if problems:
                     raise UsageError(problems[0])
             self.capabilities.add(cap)
@@ -219,27 +215,6 @@ class Tether:
             park_on_approval=True,
         )
 
-    def _stash_breaker_closed(self, run_id: str, now: datetime) -> bool:
-        """Tell whether the breaker that stashed a degraded run lets calls through again."""
-        stashed = [
-            e.data()["breaker"]
-            for e in self.store.events(run_id)
-            if e.data()["kind"] == "plan_stashed"
-        ]
-        if not stashed:
-            return False
-        guards = self.guards
-        found = None
-        if guards is not None:
-            found = next(
-                (b for b in guards.breakers.breakers if b.id == stashed[-1]), None
-            )
-        if found is None:
-            return True  # the breaker is gone from the config: nothing holds the run
-        row = self.store.breaker_row(found.id)
-        view, _ = breaker_view(row, found.spec(), to_us(now))
-        return view.state is not BreakerState.OPEN
-
     def resume(self, run_id: str) -> Run:
         """Continue a parked run (or one whose process died), here, until it ends or parks again.
 
@@ -269,8 +244,8 @@ class Tether:
             )
         row = self.store.take_over(
             row.run_id,
-            parked=_PARKED_STATES,
-            orphaned=_ORPHANABLE_STATES,
+            parked=PARKED_STATES,
+            orphaned=ORPHANABLE_STATES,
             now=self.clock.now(),
         )
         from tether.agent.loop import resume_agent  # see start()
@@ -288,30 +263,7 @@ class Tether:
         process died: every write renews the lease for `idempotency.claim_ttl`);
         a `degraded` run once the breaker that stashed it is no longer open.
         """
-        now = self.clock.now()
-        ready = []
-        for row in self.store.list_runs(
-            status=RunState.AWAITING_APPROVAL.value, limit=limit
-        ):
-            asked = self.store.list_approvals(run_id=row.run_id, now=now, limit=1000)
-            own = {a.id for a in asked}
-            asked += [self.store.get_approval(i) for i in self._awaited(row) - own]
-            if asked and not any(
-                _as_of(a, now).status is ApprovalStatus.PENDING for a in asked
-            ):
-                ready.append(row.run_id)
-        ready.extend(
-            row.run_id
-            for row in self.store.list_runs(status=RunState.DEGRADED.value, limit=limit)
-            if self._stash_breaker_closed(row.run_id, now)
-        )
-        for status in _ORPHANABLE_STATES:  # their writer died: its lease ran out
-            ready.extend(
-                row.run_id
-                for row in self.store.list_runs(status=status, limit=limit)
-                if row.lease_until is None or row.lease_until <= now
-            )
-        return ready[::-1]
+        return self._ready.look(self.clock.now(), self.guards, limit=limit)
 
     def wait_for_news(self, seconds: float) -> None:
         """Wait up to `seconds` for news that may make a parked run ready.
@@ -320,30 +272,6 @@ class Tether:
         any process on any host); otherwise it is a sleep on the app's clock.
         """
         self.store.wait_for_news(seconds, self.clock.sleep)
-
-    def _awaited(self, row: RunRow) -> frozenset[str]:
-        """Return the approval requests a run's steps waited on, from its record.
-
-        Kept by the record's head: a parked run's record does not grow while
-        it waits, so a worker's looks read it once, not at every look.
-        """
-        seen = self._awaited_by_run.get(row.run_id)
-        if seen is not None and seen[0] == (row.head_seq, row.head_hash):
-            return seen[1]
-        found = set()
-        for ev in self.store.events(row.run_id):
-            if b'"approval_id":"' not in ev.body:  # most events: no decoding
-                continue
-            data = ev.data()
-            if data["kind"] == "failed":
-                found.add(str(data["approval_id"]))
-        if len(self._awaited_by_run) >= _AWAITED_KEPT:
-            self._awaited_by_run.clear()  # parked runs come and go: start afresh
-        self._awaited_by_run[row.run_id] = (
-            (row.head_seq, row.head_hash),
-            frozenset(found),
-        )
-        return frozenset(found)
 
     def add_policy(self, policy: Policy) -> None:
         """Add a Python policy; it takes part in the same precedence as rules.
@@ -381,7 +309,7 @@ class Tether:
                 extra={"tether.config": str(watched.path), "tether.error": exc.message},
             )
             return
-        problems = _misfits(settings, list(self.capabilities))
+        problems = _config.misfits(settings, list(self.capabilities))
         if problems:
             logger.warning(
                 "policy.reload_failed",
@@ -391,12 +319,12 @@ class Tether:
                 },
             )
             return
-        fresh = _policy_from(settings, version, has_file=watched)
+        fresh = _config.policy_from(settings, version, has_file=watched)
         self.policy = self.policy.replace(
             rules=fresh.rules, defaults=fresh.defaults, version=version
         )
-        self.guards = _guards_from(settings)
-        self.webhook = _webhook_from(settings, self.clock)
+        self.guards = _config.guards_from(settings)
+        self.webhook = _config.webhook_from(settings, self.clock)
         self.settings = settings
         logger.info("policy.reloaded", extra={"tether.policy_version": version})
 
@@ -457,7 +385,7 @@ class Tether:
         wanted = None if status is None else ApprovalStatus(status)
         now = self.clock.now()
         return [
-            _as_of(r, now)
+            as_of(r, now)
             for r in self.store.list_approvals(status=wanted, limit=limit, now=now)
         ]
 
@@ -467,7 +395,7 @@ class Tether:
         Raises:
             NotFound: no such request.
         """
-        return _as_of(self.store.get_approval(approval_id), self.clock.now())
+        return as_of(self.store.get_approval(approval_id), self.clock.now())
 
     def approve(
         self, approval_id: str, *, by: str, note: str | None = None
@@ -499,7 +427,7 @@ class Tether:
         self, approval_id: str, status: ApprovalStatus, *, by: str, note: str | None
     ) -> ApprovalRow:
         request = self.store.get_approval(approval_id)
-        refused = self._may_not_decide(request, by)
+        refused = why_not(request, by, self.settings.approvers)
         now = self.clock.now()
         outcome = "approved" if status is ApprovalStatus.APPROVED else "denied"
 
@@ -533,77 +461,13 @@ class Tether:
         if self.webhook is not None:
             self.webhook.send({"event": event, "approval": row.describe()})
 
-    def _may_not_decide(self, request: ApprovalRow, by: str) -> str | None:
-        """Say why `by` may not decide `request`, or None when they may."""
-        if by in (request.principal_id, request.on_behalf_of):
-            return (
-                f"{by} asked for approval request {request.id} (or acts for who did); "
-                "nobody approves their own request"
-            )
-        approver = self.settings.approvers.get(by)
-        if approver is None:
-            return (
-                f"{by} is not an approver: name them under `approvers:` in "
-                "tether.yaml with their roles"
-            )
-        if approver.tenants and request.tenant not in approver.tenants:
-            return (
-                f"{by} decides for {', '.join(approver.tenants)}, not for tenant "
-                f"{request.tenant} (approval request {request.id})"
-            )
-        if request.approvers and set(request.approvers).isdisjoint(approver.roles):
-            return (
-                f"{by} holds none of the roles that may decide approval request "
-                f"{request.id} ({', '.join(request.approvers)})"
-            )
-        return None
-
     def verify(self, run_id: str, *, head: str | None = None) -> record.VerifyReport:
         """Recompute a run's hash chain and check its signed head (and `head`, if given).
 
         Raises:
             NotFound: no such run.
         """
-        row = self.store.get_run(run_id)
-        events = self.store.events(row.run_id)
-        report = record.verify(
-            row.run_id,
-            events,
-            head_seq=row.head_seq,
-            head_hash=row.head_hash,
-            head_sig=row.head_sig,
-            key=self.store.record_key,
-            expected_head=head,
-        )
-        if not report.ok or not events:
-            return report
-        # The runs row is an index over the record, not part of the chain: what it
-        # shows (and `runs list` prints) must agree with the chained events.
-        started = events[0].data()
-        last_status = None
-        for event in reversed(events):
-            data = event.data()
-            if data["kind"] == "run_status":
-                last_status = data["status"]
-                break
-        principal = started.get("principal") or {}
-        facts = {
-            "request": (row.request, started.get("request")),
-            "principal": (row.principal_id, principal.get("id")),
-            "tenant": (row.tenant, principal.get("tenant")),
-            "status": (row.status, last_status),
-        }
-        for name, (shown, recorded) in facts.items():
-            if shown != recorded:
-                return record.VerifyReport(
-                    run_id=row.run_id,
-                    ok=False,
-                    events=report.events,
-                    head=report.head,
-                    reason=f"the run's {name} {shown!r} differs from the record's "
-                    f"{recorded!r}: the runs table was edited",
-                )
-        return report
+        return verify_run(self.store, run_id, head=head)
 
     def export(self, run_id: str) -> Iterator[bytes]:
         """Yield a run's record as JSON lines: a header, then one line per event.
@@ -616,46 +480,13 @@ class Tether:
         Raises:
             NotFound: no such run.
         """
-        row = self.store.get_run(run_id)
-        events = self.store.events(row.run_id)
-        data = [e.data() for e in events]
-        names = sorted({str(d.get("capability")) for d in data} - {"None"})
-        versions = {str(d["policy_version"]) for d in data if d.get("policy_version")}
-        ran_under = next(iter(versions)) if len(versions) == 1 else None
-        same_policy = versions <= {self.policy.version}
-        caps: dict[str, dict[str, object] | None] = {}
-        for name in names:
-            try:
-                caps[name] = self.capabilities.get(name).describe()
-            except NotFound:
-                caps[name] = None  # recorded under a capability this app lacks
-        yield _line_safe(
-            {
-                "format": record.FORMAT,
-                "type": "tether.run",
-                "run_id": row.run_id,
-                "status": row.status,
-                "tenant": row.tenant,
-                "principal": row.principal_id,
-                "request": row.request,
-                "created_at": row.created_at,
-                "head_seq": row.head_seq,
-                "head": row.head_hash.hex(),
-                "policy_version": ran_under or self.policy.version,
-                # The file's text only when it is the version the run ran under:
-                # a file edited since would replay the run under another policy.
-                "config": self._config_text() if same_policy else None,
-                "capabilities": caps,
-            }
+        return export_run(
+            self.store,
+            run_id,
+            capabilities=self.capabilities,
+            policy_version=self.policy.version,
+            config_text=self._config_text,
         )
-        for ev in events:
-            yield _line_safe(
-                {
-                    "seq": ev.seq,
-                    "hash": ev.hash.hex(),
-                    "event": _canonical.loads(ev.body),
-                }
-            )
 
     def _config_text(self) -> str | None:
         """The policy file's text, for an export to replay under elsewhere."""
@@ -687,86 +518,3 @@ class Tether:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _line_safe(document: object) -> bytes:
-    """Encode one JSONL line, escaping the characters text readers take for breaks.
-
-    JSON allows U+2028, U+2029 and U+0085 raw, but `str.splitlines` and many
-    log tools split lines on them.
-    """
-    line = _canonical.dumps(document)
-    for char, escaped in _LINE_BREAKS:
-        line = line.replace(char, escaped)
-    return line
-
-
-_LINE_BREAKS = tuple(
-    (ch.encode(), f"\\u{ord(ch):04x}".encode()) for ch in ("\u2028", "\u2029", "\x85")
-)
-
-
-def _policy_from(
-    settings: _config.Settings, version: str, *, has_file: object
-) -> PolicySet:
-    rules = RuleSet(settings.rules) if settings.rules else None
-    if has_file is None:
-        return PolicySet(rules=rules, version=version)  # no policy file: allow all
-    return PolicySet(rules=rules, defaults=settings.defaults, version=version)
-
-
-_AWAITED_KEPT = 10_000
-"""Parked runs whose awaited requests `ready_runs` keeps between looks."""
-_PARKED_STATES = (RunState.AWAITING_APPROVAL.value, RunState.DEGRADED.value)
-_ORPHANABLE_STATES = (RunState.EXECUTING.value, RunState.PLANNING.value)
-
-
-def _as_of(row: ApprovalRow, now: datetime) -> ApprovalRow:
-    """Show a pending request past its expiry as expired (it can no longer be decided)."""
-    if row.status is ApprovalStatus.PENDING and row.expires_at <= now:
-        return dataclasses.replace(row, status=ApprovalStatus.EXPIRED)
-    return row
-
-
-def _misfits(
-    settings: _config.Settings, capabilities: Sequence[Capability[Any, Any]]
-) -> list[str]:
-    """Say where capabilities' timeouts and the settings cannot work together."""
-    problems = []
-    ttl = settings.idempotency.claim_ttl
-    breakers = BreakerSet(settings.breakers)
-    for cap in capabilities:
-        timeout = cap.timeout
-        if timeout is None:
-            continue
-        if timeout > ttl:
-            problems.append(
-                f"capability {cap.name!r}: its timeout {timeout} is longer than "
-                f"idempotency.claim_ttl ({ttl}), so a retry could take its key over "
-                "while it still runs; shorten the timeout or raise claim_ttl"
-            )
-        watch = breakers.for_resource(cap.resource)
-        if watch is not None and watch[0].probe_timeout < timeout:
-            problems.append(
-                f"capability {cap.name!r}: its timeout {timeout} is longer than the "
-                f"probe_timeout ({watch[0].probe_timeout}) of breaker {watch[0].id!r}, "
-                "so a slow trial call would reopen the breaker while it still runs; "
-                "raise probe_timeout or shorten the timeout"
-            )
-    return problems
-
-
-def _webhook_from(settings: _config.Settings, clock: Clock) -> Webhook | None:
-    url = settings.approvals.webhook
-    if url is None:
-        return None
-    return Webhook(url, retries=settings.approvals.webhook_retries, sleep=clock.sleep)
-
-
-def _guards_from(settings: _config.Settings) -> gateway.Guards | None:
-    guards = gateway.Guards(
-        limits=LimitSet(settings.limits, default_ttl=settings.idempotency.claim_ttl),
-        breakers=BreakerSet(settings.breakers),
-        retry=settings.retry_budget,
-    )
-    return guards if guards else None

@@ -15,17 +15,22 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import pydantic
 
+from tether._guards import Guards
 from tether._units import Duration, parse_duration
 from tether._yaml_check import ConfigCheck, ConfigProblem, check_file
+from tether.capability import Capability
+from tether.clock import Clock
 from tether.errors import ConfigError
-from tether.limits import Limit
+from tether.limits import Limit, LimitSet
+from tether.notify import Webhook
+from tether.policy import PolicySet, RuleSet
 from tether.policy.rules import RulesConfig
 from tether.policy.testing import PolicyTests
-from tether.resilience import Breaker, RetryBudget
+from tether.resilience import Breaker, BreakerSet, RetryBudget
 from tether.store import sqlite_path
 
 __all__ = [
@@ -36,12 +41,16 @@ __all__ = [
     "Settings",
     "check_config",
     "check_policy_tests",
+    "guards_from",
     "load_policy_tests",
     "load_settings",
+    "misfits",
     "parse_duration",
+    "policy_from",
     "record_key",
     "resolve_config_path",
     "resolve_db",
+    "webhook_from",
 ]
 
 DEFAULT_DB = "sqlite:///.tether/tether.db"
@@ -313,3 +322,60 @@ def load_policy_tests(path: Path) -> PolicyTests:
             _first_problem(checked.problems, hint=f"tether policy test {path}")
         )
     return checked.value
+
+
+# -- what settings make --------------------------------------------------------------
+
+
+def policy_from(settings: Settings, version: str, *, has_file: object) -> PolicySet:
+    """Return the policy `settings` declare (allow-all when there is no file)."""
+    rules = RuleSet(settings.rules) if settings.rules else None
+    if has_file is None:
+        return PolicySet(rules=rules, version=version)  # no policy file: allow all
+    return PolicySet(rules=rules, defaults=settings.defaults, version=version)
+
+
+def misfits(
+    settings: Settings, capabilities: Sequence[Capability[Any, Any]]
+) -> list[str]:
+    """Say where capabilities' timeouts and the settings cannot work together."""
+    problems = []
+    ttl = settings.idempotency.claim_ttl
+    breakers = BreakerSet(settings.breakers)
+    for cap in capabilities:
+        timeout = cap.timeout
+        if timeout is None:
+            continue
+        if timeout > ttl:
+            problems.append(
+                f"capability {cap.name!r}: its timeout {timeout} is longer than "
+                f"idempotency.claim_ttl ({ttl}), so a retry could take its key over "
+                "while it still runs; shorten the timeout or raise claim_ttl"
+            )
+        watch = breakers.for_resource(cap.resource)
+        if watch is not None and watch[0].probe_timeout < timeout:
+            problems.append(
+                f"capability {cap.name!r}: its timeout {timeout} is longer than the "
+                f"probe_timeout ({watch[0].probe_timeout}) of breaker {watch[0].id!r}, "
+                "so a slow trial call would reopen the breaker while it still runs; "
+                "raise probe_timeout or shorten the timeout"
+            )
+    return problems
+
+
+def webhook_from(settings: Settings, clock: Clock) -> Webhook | None:
+    """Return where approval news goes, if `settings` name a webhook."""
+    url = settings.approvals.webhook
+    if url is None:
+        return None
+    return Webhook(url, retries=settings.approvals.webhook_retries, sleep=clock.sleep)
+
+
+def guards_from(settings: Settings) -> Guards | None:
+    """Return the limits, breakers and retry budget `settings` declare, or None."""
+    guards = Guards(
+        limits=LimitSet(settings.limits, default_ttl=settings.idempotency.claim_ttl),
+        breakers=BreakerSet(settings.breakers),
+        retry=settings.retry_budget,
+    )
+    return guards if guards else None

@@ -16,10 +16,10 @@ from typing import Any
 from tether import _canonical, gateway, record
 from tether._effects import Execute
 from tether._stages import handler_args, validate_output
-from tether.app import Tether, _guards_from, _policy_from
+from tether.app import Tether
 from tether.capability import Capability
 from tether.clock import SystemClock
-from tether.config import Settings, load_settings
+from tether.config import Settings, guards_from, load_settings, policy_from
 from tether.errors import NotFound, TetherError
 from tether.handle import Run
 from tether.plan import PlanStep
@@ -83,7 +83,7 @@ class Replayer:
         self.settings = app.settings if settings is None else settings
         self.policy = app.current_policy() if policy is None else policy
         self.mode: Mode = mode
-        self._guards = app.guards if settings is None else _guards_from(self.settings)
+        self._guards = app.guards if settings is None else guards_from(self.settings)
 
     @classmethod
     def for_file(cls, app: Tether, path: str | Path, *, mode: Mode) -> Replayer:
@@ -93,7 +93,7 @@ class Replayer:
             ConfigError: the file does not load.
         """
         settings, version = load_settings(Path(path))
-        from_file = _policy_from(settings, version, has_file=True)
+        from_file = policy_from(settings, version, has_file=True)
         policy = app.current_policy().replace(
             rules=from_file.rules, defaults=from_file.defaults, version=version
         )

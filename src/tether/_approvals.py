@@ -1,0 +1,65 @@
+"""Who may decide an approval request, and how a request reads at a given time.
+
+The rules `Tether.approve` and `Tether.deny` apply before a decision is
+written; `Tether.approvals` and the worker read requests through `as_of`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Protocol
+
+from tether.store import ApprovalRow, ApprovalStatus
+
+__all__ = ["Approver", "as_of", "why_not"]
+
+
+class Approver(Protocol):
+    """A person named under `approvers:` in tether.yaml (`config.Approver`)."""
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        """The roles they hold; a request naming roles needs one of them."""
+        ...
+
+    @property
+    def tenants(self) -> tuple[str, ...]:
+        """The tenants whose requests they may decide; empty: every tenant."""
+        ...
+
+
+def as_of(row: ApprovalRow, now: datetime) -> ApprovalRow:
+    """Show a pending request past its expiry as expired (it can no longer be decided)."""
+    if row.status is ApprovalStatus.PENDING and row.expires_at <= now:
+        return dataclasses.replace(row, status=ApprovalStatus.EXPIRED)
+    return row
+
+
+def why_not(
+    request: ApprovalRow, by: str, approvers: Mapping[str, Approver]
+) -> str | None:
+    """Say why `by` may not decide `request`, or None when they may."""
+    if by in (request.principal_id, request.on_behalf_of):
+        return (
+            f"{by} asked for approval request {request.id} (or acts for who did); "
+            "nobody approves their own request"
+        )
+    approver = approvers.get(by)
+    if approver is None:
+        return (
+            f"{by} is not an approver: name them under `approvers:` in "
+            "tether.yaml with their roles"
+        )
+    if approver.tenants and request.tenant not in approver.tenants:
+        return (
+            f"{by} decides for {', '.join(approver.tenants)}, not for tenant "
+            f"{request.tenant} (approval request {request.id})"
+        )
+    if request.approvers and set(request.approvers).isdisjoint(approver.roles):
+        return (
+            f"{by} holds none of the roles that may decide approval request "
+            f"{request.id} ({', '.join(request.approvers)})"
+        )
+    return None

@@ -1,0 +1,142 @@
+"""A run's record read back whole: checked against its signed head, or exported.
+
+`Tether.verify` and `Tether.export` (and `tether verify`, `tether runs
+export`) are these functions over the app's store.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from tether import _canonical, record
+from tether.capability import Registry
+from tether.errors import NotFound
+from tether.store import Store
+
+__all__ = ["export_run", "verify_run"]
+
+_LINE_BREAKS = tuple(
+    (ch.encode(), f"\\u{ord(ch):04x}".encode()) for ch in ("\u2028", "\u2029", "\x85")
+)
+
+
+def verify_run(
+    store: Store, run_id: str, *, head: str | None = None
+) -> record.VerifyReport:
+    """Recompute a run's hash chain and check its signed head (and `head`, if given).
+
+    Raises:
+        NotFound: no such run.
+    """
+    row = store.get_run(run_id)
+    events = store.events(row.run_id)
+    report = record.verify(
+        row.run_id,
+        events,
+        head_seq=row.head_seq,
+        head_hash=row.head_hash,
+        head_sig=row.head_sig,
+        key=store.record_key,
+        expected_head=head,
+    )
+    if not report.ok or not events:
+        return report
+    # The runs row is an index over the record, not part of the chain: what it
+    # shows (and `runs list` prints) must agree with the chained events.
+    started = events[0].data()
+    last_status = None
+    for event in reversed(events):
+        data = event.data()
+        if data["kind"] == "run_status":
+            last_status = data["status"]
+            break
+    principal = started.get("principal") or {}
+    facts = {
+        "request": (row.request, started.get("request")),
+        "principal": (row.principal_id, principal.get("id")),
+        "tenant": (row.tenant, principal.get("tenant")),
+        "status": (row.status, last_status),
+    }
+    for name, (shown, recorded) in facts.items():
+        if shown != recorded:
+            return record.VerifyReport(
+                run_id=row.run_id,
+                ok=False,
+                events=report.events,
+                head=report.head,
+                reason=f"the run's {name} {shown!r} differs from the record's "
+                f"{recorded!r}: the runs table was edited",
+            )
+    return report
+
+
+def export_run(
+    store: Store,
+    run_id: str,
+    *,
+    capabilities: Registry,
+    policy_version: str,
+    config_text: Callable[[], str | None],
+) -> Iterator[bytes]:
+    """Yield a run's record as JSON lines: a header, then one line per event.
+
+    The header holds the run, its chain head, the declarations of the
+    capabilities it called and the policy version it ran under, with the
+    policy file's text (`config_text()`) when `policy_version` is still that
+    version, so the file can be checked and replayed elsewhere.
+
+    Raises:
+        NotFound: no such run (at the first line).
+    """
+    row = store.get_run(run_id)
+    events = store.events(row.run_id)
+    data = [e.data() for e in events]
+    names = sorted({str(d.get("capability")) for d in data} - {"None"})
+    versions = {str(d["policy_version"]) for d in data if d.get("policy_version")}
+    ran_under = next(iter(versions)) if len(versions) == 1 else None
+    same_policy = versions <= {policy_version}
+    caps: dict[str, dict[str, object] | None] = {}
+    for name in names:
+        try:
+            caps[name] = capabilities.get(name).describe()
+        except NotFound:
+            caps[name] = None  # recorded under a capability this app lacks
+    yield _line_safe(
+        {
+            "format": record.FORMAT,
+            "type": "tether.run",
+            "run_id": row.run_id,
+            "status": row.status,
+            "tenant": row.tenant,
+            "principal": row.principal_id,
+            "request": row.request,
+            "created_at": row.created_at,
+            "head_seq": row.head_seq,
+            "head": row.head_hash.hex(),
+            "policy_version": ran_under or policy_version,
+            # The file's text only when it is the version the run ran under:
+            # a file edited since would replay the run under another policy.
+            "config": config_text() if same_policy else None,
+            "capabilities": caps,
+        }
+    )
+    for ev in events:
+        yield _line_safe(
+            {
+                "seq": ev.seq,
+                "hash": ev.hash.hex(),
+                "event": _canonical.loads(ev.body),
+            }
+        )
+
+
+def _line_safe(document: object) -> bytes:
+    """Encode one JSONL line, escaping the characters text readers take for breaks.
+
+    JSON allows U+2028, U+2029 and U+0085 raw, but `str.splitlines` and many
+    log tools split lines on them.
+    """
+    line = _canonical.dumps(document)
+    for char, escaped in _LINE_BREAKS:
+        line = line.replace(char, escaped)
+    return line
