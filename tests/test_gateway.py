@@ -390,7 +390,9 @@ class TestWriteStep:
 
         assert outcome.status is OutcomeStatus.IN_DOUBT
         assert isinstance(outcome.error, tether.InDoubt)
-        assert kinds(app, run.id, step=1)[-1] == "in_doubt"
+        # In doubt, the step says how its limits settled even with none to
+        # settle: records written so replay as they were recorded.
+        assert kinds(app, run.id, step=1)[-2:] == ["limit_settled", "in_doubt"]
 
 
 class TestTimeout:
@@ -414,6 +416,8 @@ class TestTimeout:
 
         assert isinstance(outcome.error, tether.StepTimeout)
         assert isinstance(outcome.error, TimeoutError)
+        # Still running, it may still spend: its limits' settling is recorded.
+        assert kinds(app, run.id, step=1)[-2:] == ["limit_settled", "failed"]
 
     def test_none_write_past_its_timeout_is_in_doubt(
         self, app: tether.Tether, principal: tether.Principal

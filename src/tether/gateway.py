@@ -369,7 +369,9 @@ def step(  # the design's list, in order
     # its budgets keep their estimate and its leases stay held until they lapse.
     acting = done.still_running
     settles: list[Settle] = []
-    if room.reserved:  # nothing reserved: nothing to settle (most reads)
+    # Nothing reserved and the call settled: nothing to record (most reads). A
+    # call in doubt or still acting records its `limit_settled` even so.
+    if room.reserved or in_doubt or acting:
         settles, settled_events = _guards.settlements(
             run.run_id,
             room.reserved,
