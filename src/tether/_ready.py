@@ -31,20 +31,20 @@ _AWAITED_KEPT = 10_000
 class ReadyRuns:
     """Looks for runs that may go on, keeping what parked records say between looks."""
 
-    def __init__(self, store: Store) -> None:
-        self.store = store
+    def __init__(self) -> None:
         self._awaited_by_run: dict[str, tuple[tuple[int, bytes], frozenset[str]]] = {}
 
-    def look(self, now: datetime, guards: Guards | None, *, limit: int) -> list[str]:
-        """Return the parked runs that may go on, oldest first (see the module)."""
-        store = self.store
+    def look(
+        self, store: Store, now: datetime, guards: Guards | None, *, limit: int
+    ) -> list[str]:
+        """Return the parked runs of `store` that may go on, oldest first (see the module)."""
         ready = []
         for row in store.list_runs(
             status=RunState.AWAITING_APPROVAL.value, limit=limit
         ):
             asked = store.list_approvals(run_id=row.run_id, now=now, limit=1000)
             own = {a.id for a in asked}
-            asked += [store.get_approval(i) for i in self._awaited(row) - own]
+            asked += [store.get_approval(i) for i in self._awaited(store, row) - own]
             if asked and not any(
                 as_of(a, now).status is ApprovalStatus.PENDING for a in asked
             ):
@@ -52,7 +52,7 @@ class ReadyRuns:
         ready.extend(
             row.run_id
             for row in store.list_runs(status=RunState.DEGRADED.value, limit=limit)
-            if self._stash_breaker_closed(row.run_id, now, guards)
+            if _stash_breaker_closed(store, row.run_id, now, guards)
         )
         for status in ORPHANABLE_STATES:  # their writer died: its lease ran out
             ready.extend(
@@ -62,29 +62,7 @@ class ReadyRuns:
             )
         return ready[::-1]
 
-    def _stash_breaker_closed(
-        self, run_id: str, now: datetime, guards: Guards | None
-    ) -> bool:
-        """Tell whether the breaker that stashed a degraded run lets calls through again."""
-        stashed = [
-            e.data()["breaker"]
-            for e in self.store.events(run_id)
-            if e.data()["kind"] == "plan_stashed"
-        ]
-        if not stashed:
-            return False
-        found = None
-        if guards is not None:
-            found = next(
-                (b for b in guards.breakers.breakers if b.id == stashed[-1]), None
-            )
-        if found is None:
-            return True  # the breaker is gone from the config: nothing holds the run
-        row = self.store.breaker_row(found.id)
-        view, _ = breaker_view(row, found.spec(), to_us(now))
-        return view.state is not BreakerState.OPEN
-
-    def _awaited(self, row: RunRow) -> frozenset[str]:
+    def _awaited(self, store: Store, row: RunRow) -> frozenset[str]:
         """Return the approval requests a run's steps waited on, from its record.
 
         Kept by the record's head: a parked run's record does not grow while
@@ -94,7 +72,7 @@ class ReadyRuns:
         if seen is not None and seen[0] == (row.head_seq, row.head_hash):
             return seen[1]
         found = set()
-        for ev in self.store.events(row.run_id):
+        for ev in store.events(row.run_id):
             if b'"approval_id":"' not in ev.body:  # most events: no decoding
                 continue
             data = ev.data()
@@ -107,3 +85,24 @@ class ReadyRuns:
             frozenset(found),
         )
         return frozenset(found)
+
+
+def _stash_breaker_closed(
+    store: Store, run_id: str, now: datetime, guards: Guards | None
+) -> bool:
+    """Tell whether the breaker that stashed a degraded run lets calls through again."""
+    stashed = [
+        e.data()["breaker"]
+        for e in store.events(run_id)
+        if e.data()["kind"] == "plan_stashed"
+    ]
+    if not stashed:
+        return False
+    found = None
+    if guards is not None:
+        found = next((b for b in guards.breakers.breakers if b.id == stashed[-1]), None)
+    if found is None:
+        return True  # the breaker is gone from the config: nothing holds the run
+    row = store.breaker_row(found.id)
+    view, _ = breaker_view(row, found.spec(), to_us(now))
+    return view.state is not BreakerState.OPEN

@@ -107,7 +107,7 @@ class Tether:
         self.webhook = _config.webhook_from(self.settings, self.clock)
         """Where approval requests and decisions are announced, if anywhere."""
         self.store: Store = open_store(self.db_url)
-        self._ready = ReadyRuns(self.store)
+        self._ready = ReadyRuns()
         # The key file is made only once the database opened: a bad --db must not
         # leave a key file beside some other file.
         if self.store.signs_heads:
@@ -263,7 +263,7 @@ class Tether:
         process died: every write renews the lease for `idempotency.claim_ttl`);
         a `degraded` run once the breaker that stashed it is no longer open.
         """
-        return self._ready.look(self.clock.now(), self.guards, limit=limit)
+        return self._ready.look(self.store, self.clock.now(), self.guards, limit=limit)
 
     def wait_for_news(self, seconds: float) -> None:
         """Wait up to `seconds` for news that may make a parked run ready.
