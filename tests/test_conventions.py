@@ -99,7 +99,7 @@ def test_error_codes_are_unique_and_snake_case() -> None:
 
 
 def test_record_events_are_slotted_keyword_only_dataclasses() -> None:
-    """Record events are slotted, keyword-only dataclasses (unfrozen for speed: see record.py)."""
+    """Record events are slotted, keyword-only dataclasses (unfrozen for speed: see _events.py)."""
     events = [
         getattr(tether.record, n)
         for n in tether.record.__all__

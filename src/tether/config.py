@@ -5,6 +5,10 @@ default. The database: `--db`, then `TETHER_DB`, then
 `sqlite:///.tether/tether.db`. The key that signs record chain heads:
 `TETHER_RECORD_KEY`, else a key file beside the SQLite database (created on
 first use, mode 0600).
+
+What loaded settings make is built here too (`policy_from`, `guards_from`,
+`webhook_from`), and `misfits` says where capabilities and settings cannot
+work together, so an app and a replay build them alike.
 """
 
 from __future__ import annotations
