@@ -89,8 +89,7 @@ class RunWriter:
         """
         with self.lock:
             try:
-                if self._unsure is not None or self._closing is not None:
-                    self._look_unsure()
+                self._look_unsure()
                 if self._pending:
                     self.flush_pending()
                 return self._write(batch)

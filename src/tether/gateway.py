@@ -368,20 +368,15 @@ def step(  # the design's list, in order
     # A call that may still be acting (a timed-out thread) may still spend:
     # its budgets keep their estimate and its leases stay held until they lapse.
     acting = done.still_running
-    settles: list[Settle] = []
-    # Nothing reserved and the call settled: nothing to record (most reads). A
-    # call in doubt or still acting records its `limit_settled` even so.
-    if room.reserved or in_doubt or acting:
-        settles, settled_events = _guards.settlements(
-            run.run_id,
-            room.reserved,
-            number,
-            end,
-            cost if error is None else None,
-            in_doubt or acting,
-            keep_leases=acting,
-        )
-        events.extend(settled_events)
+    settles, settled_events = _guards.settlements(
+        run.run_id,
+        room.reserved,
+        number,
+        end,
+        cost if error is None else None,
+        in_doubt or acting,
+        keep_leases=acting,
+    )
     if retry is not None:  # the calls a retry ratio divides by
         settles.append(
             Settle(
@@ -394,6 +389,7 @@ def step(  # the design's list, in order
                 actual=Decimal(1),
             )
         )
+    events.extend(settled_events)
 
     # record result
     if room.took_over is not None:
