@@ -92,9 +92,9 @@ def _stash_breaker_closed(
 ) -> bool:
     """Tell whether the breaker that stashed a degraded run lets calls through again."""
     stashed = [
-        e.data()["breaker"]
-        for e in store.events(run_id)
-        if e.data()["kind"] == "plan_stashed"
+        data["breaker"]
+        for data in (e.data() for e in store.events(run_id))
+        if data["kind"] == "plan_stashed"
     ]
     if not stashed:
         return False
