@@ -93,6 +93,32 @@ BAD: list[Any] = [
         id="rate-zero",
     ),
     pytest.param(
+        "limits:\n  - {id: r, kind: rate, rate: 2000000}\n",
+        2,
+        "rate: 2000000 is more than 1000000 calls per second",
+        id="rate-finer-than-a-microsecond",
+    ),
+    pytest.param(
+        "limits:\n  - {id: b, kind: budget, per: day, amount: 100,"
+        " capability: Payments.Refund}\n",
+        2,
+        "capability: bad capability glob 'Payments.Refund': use lowercase names",
+        id="capability-no-capability-can-have",
+    ),
+    pytest.param(
+        "limits:\n  - {id: q, kind: quota, per: day, max: 5, capability: llm}\n",
+        2,
+        "model usage (`capability: llm`) is charged to budgets only",
+        id="quota-on-model-usage",
+    ),
+    pytest.param(
+        "limits:\n  - {id: b, kind: budget, per: day, amount: 5, cost: '1',"
+        " capability: [llm]}\n",
+        2,
+        "use a budget without `cost`",
+        id="budget-with-own-cost-on-model-usage",
+    ),
+    pytest.param(
         "breakers:\n  - id: a\n    resource: pay\n    window: 5\n    min_calls: 6\n",
         2,
         "min_calls 6 is more than the window (5); the breaker could never open",

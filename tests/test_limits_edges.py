@@ -549,3 +549,80 @@ def test_the_same_settings_where_they_belong_load(tmp_path: Path) -> None:
     assert not checked.problems, [str(p) for p in checked.problems]
     assert checked.value is not None
     assert [lim.id for lim in checked.value.limits] == ["r", "c"]
+
+
+# -- the wall clock steps back -----------------------------------------------------------
+
+
+def test_a_wall_clock_stepped_back_does_not_refuse_until_it_catches_up(
+    tmp_path: Path, backend: str
+) -> None:
+    """After the wall clock steps back an hour (an NTP step, a VM restored), a
+    rate limit of 1/s and a breaker open for 30 s refuse for no longer than
+    their settings say, not for the hour the clock lost."""
+
+    @tether.capability("up.read", effect="read", resource="up")
+    def read(args: PayIn) -> PayOut:
+        return PayOut()
+
+    @tether.capability("up2.write", effect="write", idempotency="keyed", resource="up2")
+    def write(args: PayIn) -> PayOut:
+        if args.n == 0:
+            raise ConnectionError("503 from upstream")
+        return PayOut()
+
+    config = (
+        "limits:\n  - {id: r, kind: rate, rate: 1/s, resource: up}\n"
+        "breakers:\n  - {id: br, resource: up2, window: 1, min_calls: 1,"
+        " failure_rate: 1.0, open_for: 30s, on_open: read_only}\n"
+    )
+    with make_app(tmp_path, backend, config, read, write) as (app, clock):
+        with app.run(principal=PRINCIPAL, request="before") as run:
+            assert run.step("up.read", {"n": 1}).status is OutcomeStatus.EXECUTED
+            assert run.step("up2.write", {"n": 0}).status is OutcomeStatus.FAILED
+        clock.advance(timedelta(hours=-1))
+        clock.advance(timedelta(seconds=60))
+
+        with app.run(principal=PRINCIPAL, request="after") as run:
+            first = run.step("up.read", {"n": 2})
+            second = run.step("up.read", {"n": 3})
+            probe = run.step("up2.write", {"n": 1})
+        clock.advance(timedelta(seconds=1))
+        with app.run(principal=PRINCIPAL, request="a second later") as run:
+            third = run.step("up.read", {"n": 4})
+        breaker = app.store.breaker_row("br")
+
+    assert first.status is OutcomeStatus.EXECUTED
+    # the rate holds again at once: the next call in the same instant waits 1 s
+    assert second.status is OutcomeStatus.REFUSED
+    assert second.error is not None
+    assert second.error.retry_after == 1.0
+    assert third.status is OutcomeStatus.EXECUTED
+    # the breaker's cool-down is over: a trial call goes through and closes it
+    assert probe.status is OutcomeStatus.EXECUTED
+    assert breaker.state is BreakerState.CLOSED
+
+
+def test_a_call_costing_more_than_the_whole_budget_says_it_can_never_fit(
+    tmp_path: Path, backend: str
+) -> None:
+    """A call whose cost is more than the budget's whole amount is refused with
+    a message saying it can never fit, and no time to retry after."""
+
+    @tether.capability(
+        "pay.refund", effect="write", idempotency="keyed", cost=lambda a: a.n
+    )
+    def refund(args: PayIn) -> PayOut:
+        return PayOut()
+
+    config = "limits:\n  - {id: b, kind: budget, per: day, amount: 5000}\n"
+    with (
+        make_app(tmp_path, backend, config, refund) as (app, _clock),
+        app.run(principal=PRINCIPAL, request="big refund") as run,
+    ):
+        out = run.step("pay.refund", {"n": 6000})
+
+    assert out.status is OutcomeStatus.REFUSED
+    assert isinstance(out.error, tether.LimitExceeded)
+    assert out.error.retry_after is None
+    assert "more than the whole budget of 5000: it can never fit" in out.error.message

@@ -221,8 +221,14 @@ def refusal(
         )
     )
     after_s = blocked.retry_after_us / 1e6 if blocked.retry_after_us else None
+    budget = f"needs {blocked.requested}, {left} of {blocked.cap} left"
+    if blocked.requested > blocked.cap:
+        budget = (
+            f"needs {blocked.requested}, more than the whole budget of "
+            f"{blocked.cap}: it can never fit; raise `amount` or lower the call's cost"
+        )
     what = {
-        LimitKind.BUDGET: f"needs {blocked.requested}, {left} of {blocked.cap} left",
+        LimitKind.BUDGET: budget,
         LimitKind.QUOTA: f"{blocked.used} of {blocked.cap} calls used",
         LimitKind.CONCURRENCY: f"{blocked.used} of {blocked.cap} calls in flight",
         LimitKind.RATE: f"over {blocked.cap} at once at its rate",

@@ -31,7 +31,7 @@ import pydantic
 
 from tether._units import Amount, Duration
 from tether.policy.cel import CelError, Condition, Scope, compile_condition
-from tether.policy.rules import EffectName, OneOrMany
+from tether.policy.rules import CapabilityGlobs, EffectName, OneOrMany
 from tether.principal import Principal
 from tether.store._limits import LimitKind, Reserve, Settle, to_us
 
@@ -68,7 +68,14 @@ def _parse_rate(value: object) -> float:
         raise ValueError(
             f"{value!r} is not a rate; write calls per second (10) or '600/m'"
         )
-    return float(m.group(1)) / _PER_SECOND[m.group(2) or "s"]
+    rate = float(m.group(1)) / _PER_SECOND[m.group(2) or "s"]
+    if rate > 1e6:
+        # Intervals are whole microseconds: a faster rate would be no limit at all.
+        raise ValueError(
+            f"{value!r} is more than 1000000 calls per second, the finest rate "
+            "tether counts; drop the limit if it should never refuse"
+        )
+    return rate
 
 
 class Throttle(pydantic.BaseModel, extra="forbid", frozen=True):
@@ -89,7 +96,7 @@ class Limit(pydantic.BaseModel, extra="forbid", frozen=True):
     """Whose counter: one per run, principal, tenant or capability, or one for all."""
     per: Per | None = None
     """The window quotas and budgets count over; `run` is the run's lifetime."""
-    capability: OneOrMany = ()
+    capability: CapabilityGlobs = ()
     """Capability names or globs it applies to (empty: all)."""
     resource: OneOrMany = ()
     """Upstream resources it applies to (empty: all)."""
@@ -144,6 +151,15 @@ class Limit(pydantic.BaseModel, extra="forbid", frozen=True):
                 )
         elif self.per is not None:
             raise ValueError(f"a {kind} limit takes no `per`")
+        if LLM_CAPABILITY in self.capability and (
+            kind != "budget" or self.cost is not None
+        ):
+            # `charges` skips these: the limit would load and never count usage.
+            raise ValueError(
+                f"model usage (`capability: {LLM_CAPABILITY}`) is charged to "
+                "budgets only, at the cost the planner reports: use a budget "
+                "without `cost`"
+            )
         if self.throttle is not None and self.per not in _PERIOD:
             raise ValueError("a throttle paces a window: use per minute, hour or day")
         if self.cost is not None:

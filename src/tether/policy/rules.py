@@ -38,13 +38,28 @@ def _as_tuple(value: object) -> object:
 OneOrMany = Annotated[tuple[str, ...], pydantic.BeforeValidator(_as_tuple)]
 
 
+def _globs_are_valid(patterns: tuple[str, ...]) -> tuple[str, ...]:
+    for pattern in patterns:
+        if not _GLOB.match(pattern) or pattern.count("[") != pattern.count("]"):
+            raise ValueError(
+                f"bad capability glob {pattern!r}: use lowercase names with * ? "
+                "and balanced [...]"
+            )
+    return patterns
+
+
+CapabilityGlobs = Annotated[OneOrMany, pydantic.AfterValidator(_globs_are_valid)]
+"""Capability names or globs, checked: a name no capability can have matches none,
+so a rule or limit written with one would never apply."""
+
+
 class Match(pydantic.BaseModel, extra="forbid", frozen=True):
     """What a rule applies to.
 
     Each field takes one value or a list; an empty field matches anything.
     """
 
-    capability: OneOrMany = ()
+    capability: CapabilityGlobs = ()
     """Capability names or globs (`payments.*`, `deploy.roll?ack`)."""
     effect: Annotated[tuple[EffectName, ...], pydantic.BeforeValidator(_as_tuple)] = ()
     role: OneOrMany = ()
@@ -52,17 +67,6 @@ class Match(pydantic.BaseModel, extra="forbid", frozen=True):
     tenant: OneOrMany = ()
     environment: OneOrMany = ()
     """Matched against the run's `context["environment"]`."""
-
-    @pydantic.field_validator("capability")
-    @classmethod
-    def _globs_are_valid(cls, patterns: tuple[str, ...]) -> tuple[str, ...]:
-        for pattern in patterns:
-            if not _GLOB.match(pattern) or pattern.count("[") != pattern.count("]"):
-                raise ValueError(
-                    f"bad capability glob {pattern!r}: use lowercase names with * ? "
-                    "and balanced [...]"
-                )
-        return patterns
 
 
 class Rule(pydantic.BaseModel, extra="forbid", frozen=True):

@@ -197,6 +197,12 @@ def breaker_view(
     """
     moves: list[tuple[BreakerState, BreakerState, int, str]] = []
     cur = row.copy()
+    if cur.state is BreakerState.OPEN and cur.since > now:
+        # Opened in the future: the wall clock stepped back. Its cool-down is
+        # taken as over, so trial calls decide (and the first one's write
+        # repairs the row): counting from `now` instead would restart at every
+        # refused call, which writes nothing, and refuse until the clock caught up.
+        cur.since = now - spec.open_us
     for _ in range(4):  # at most open -> half-open -> open -> half-open in one look
         if cur.state is BreakerState.OPEN and now >= cur.since + spec.open_us:
             at = cur.since + spec.open_us

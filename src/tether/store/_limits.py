@@ -256,6 +256,13 @@ def gcra(tat: int | None, now: int, interval: int, burst: int) -> tuple[int, int
         `(new_tat, 0)` when the call conforms, or `(tat, wait)` with the µs until
         it would.
     """
+    if tat is not None and tat > now + interval * burst:
+        # No conforming call leaves an arrival time this far ahead: the wall
+        # clock stepped back. Count the burst as spent but one call, so this
+        # call goes through and its write repairs the row; a time that depended
+        # on `now` but was never written would refuse every call until the
+        # clock caught up again.
+        tat = now + interval * (burst - 1)
     base = now if tat is None or tat < now else tat
     new_tat = base + interval
     allowed_at = new_tat - interval * burst
@@ -380,7 +387,9 @@ def _check(
 
 
 def _blocked(r: Reserve, used: Decimal, held: Decimal, at: int) -> LimitBlocked:
-    retry = r.window + r.window_us - at if r.window_us else 0
+    # A call that needs more than the whole cap never fits: no time to wait for.
+    never = r.kind is LimitKind.BUDGET and r.amount > r.cap
+    retry = r.window + r.window_us - at if r.window_us and not never else 0
     return LimitBlocked(
         limit_id=r.limit_id,
         kind=r.kind,
