@@ -595,7 +595,7 @@ def test_a_wall_clock_stepped_back_does_not_refuse_until_it_catches_up(
     assert first.status is OutcomeStatus.EXECUTED
     # the rate holds again at once: the next call in the same instant waits 1 s
     assert second.status is OutcomeStatus.REFUSED
-    assert second.error is not None
+    assert isinstance(second.error, tether.LimitExceeded)
     assert second.error.retry_after == 1.0
     assert third.status is OutcomeStatus.EXECUTED
     # the breaker's cool-down is over: a trial call goes through and closes it
