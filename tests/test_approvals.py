@@ -1091,9 +1091,12 @@ class LookupGate:
                 tenant: str,
                 principal_id: str,
                 digest: bytes,
-                read: Callable[[str, str, bytes], ApprovalRow | None] = read,
+                rule_ids: tuple[str, ...],
+                read: Callable[
+                    [str, str, bytes, tuple[str, ...]], ApprovalRow | None
+                ] = read,
             ) -> ApprovalRow | None:
-                row = read(tenant, principal_id, digest)
+                row = read(tenant, principal_id, digest, rule_ids)
                 gate = self.gate
                 if gate is not None:
                     gate.wait()
@@ -1350,3 +1353,58 @@ class _TenantOut(BaseModel):
 @tether.capability("pay.refund", effect="write", idempotency="keyed")
 def _tenant_refund(args: _TenantIn) -> _TenantOut:
     return _TenantOut(refunded=args.cents)
+
+
+def test_a_grant_for_one_rules_call_does_not_run_the_same_call_another_rule_guards(
+    tmp_path: Path,
+) -> None:
+    """The same call (capability, args, policy version) asked for by a staging
+    rule that an SRE may approve and by a production rule that needs finance:
+    the SRE's grant for the staging call does not run the production one,
+    which asks anew, for finance; once finance approves, it runs once, and the
+    staging call still runs under bob's grant."""
+    config = tmp_path / "tether.yaml"
+    config.write_text(
+        "rules:\n"
+        "  - {id: staging-needs-sre, match: {capability: pay.refund},\n"
+        "     when: \"context.env == 'staging'\", decision: require_approval,\n"
+        "     reason: staging refunds need an SRE, approvers: [sre]}\n"
+        "  - {id: prod-needs-finance, match: {capability: pay.refund},\n"
+        "     when: \"context.env == 'prod'\", decision: require_approval,\n"
+        "     reason: production refunds need finance, approvers: [finance]}\n"
+        "approvers: {alice: [finance], bob: [sre]}\n"
+    )
+    bot = tether.Principal("bot", tenant="acme")
+    paid: list[str] = []
+
+    @tether.capability("pay.refund", effect="write", idempotency="keyed")
+    def pay(args: _TenantIn, ctx: tether.CallContext) -> _TenantOut:
+        paid.append(str(ctx.run_id))
+        return _TenantOut(refunded=args.cents)
+
+    clock = FakeClock()
+
+    def call(app: tether.Tether, env: str) -> Outcome:
+        clock.advance(timedelta(seconds=1))
+        with app.run(principal=bot, request=env, context={"env": env}) as run:
+            return run.step("pay.refund", {"cents": 500})
+
+    with tether.Tether(db="memory://", config=config, clock=clock, env={}) as app:
+        app.register(pay)
+        staging = asked_id(call(app, "staging"))
+        app.approve(staging, by="bob")
+
+        prod = call(app, "prod")
+        prod_request = asked_id(prod)
+        with pytest.raises(tether.NotAllowedToApprove):
+            app.approve(prod_request, by="bob")
+        app.approve(prod_request, by="alice")
+        prod_again = call(app, "prod")
+        staging_again = call(app, "staging")  # bob's grant, still unspent
+
+    assert prod.status is OutcomeStatus.REFUSED
+    assert prod_request != staging
+    assert "prod-needs-finance" in asked(prod).message
+    assert prod_again.status is OutcomeStatus.EXECUTED
+    assert staging_again.status is OutcomeStatus.EXECUTED
+    assert len(paid) == 2

@@ -67,7 +67,9 @@ def ask_approval(
     on a new (or still pending) request, or refused by a person's denial. A
     request is for exactly this call: its digest binds the capability and
     version, the args (secrets through an HMAC), the policy version and the
-    dry run's preview; if any of them changes, it is another request.
+    dry run's preview; if any of them changes, it is another request. A grant
+    is also for the rules that asked (and so their approvers): the same call
+    asked for by other rules asks again.
     """
     preview = yield from _preview(run, cap, args, number)
     preview_bytes = None if preview is None else _canonical.dumps(preview)
@@ -76,8 +78,18 @@ def ask_approval(
     # A failed write is settled first: an intent that landed unseen may have
     # spent this call's grant, and closing it gives the grant back.
     yield StoreOp(run.flush_pending)
+    # A request is also the rules' (a breaker's escalation is a rule of its
+    # own): the same call asked for by other rules is another request, or an
+    # approver for one rule's call would approve it where another rule wants
+    # someone else. The rules and the policy version (in the digest) settle
+    # who may approve. (Not in the digest: records written before would no
+    # longer replay.)
     latest: ApprovalRow | None = yield StoreOp(
-        run.store.latest_approval, principal.tenant, principal.id, digest
+        run.store.latest_approval,
+        principal.tenant,
+        principal.id,
+        digest,
+        decision.rule_ids,
     )
     if latest is not None:
         live = latest.expires_at > now

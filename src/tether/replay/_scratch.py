@@ -96,7 +96,7 @@ class ScratchStore(MemoryStore):
         return super().commit(batch)
 
     def latest_approval(
-        self, tenant: str, principal_id: str, digest: bytes
+        self, tenant: str, principal_id: str, digest: bytes, rule_ids: tuple[str, ...]
     ) -> ApprovalRow | None:
         """Answer as the store did: with another run's approved request, if one was used."""
         used = self.met.grant
@@ -115,7 +115,7 @@ class ScratchStore(MemoryStore):
                 preview=None,
                 digest=digest,  # made for exactly this call, as the grant was
                 policy_version="",
-                rule_ids=(),
+                rule_ids=rule_ids,  # asked by the same rules, as the grant was
                 reasons=(),
                 approvers=(),
                 status=ApprovalStatus.APPROVED,
@@ -124,7 +124,7 @@ class ScratchStore(MemoryStore):
                 decided_by=str(used.get("decided_by")),
                 decided_at=when,
             )
-        return super().latest_approval(tenant, principal_id, digest)
+        return super().latest_approval(tenant, principal_id, digest, rule_ids)
 
     def events_since(self, run_id: str, start: int) -> list[dict[str, Any]]:
         """The run's events from position `start` on, as JSON data.

@@ -151,9 +151,9 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def latest_approval(
-        self, tenant: str, principal_id: str, digest: bytes
+        self, tenant: str, principal_id: str, digest: bytes, rule_ids: tuple[str, ...]
     ) -> ApprovalRow | None:
-        """Return the newest approval request for this digest, if any."""
+        """Return the newest approval request for this digest asked by these rules, if any."""
 
     @abc.abstractmethod
     def get_approval(self, approval_id: str) -> ApprovalRow:

@@ -55,6 +55,7 @@ __all__ = [
     "return_grant",
     "run_row",
     "runs_query",
+    "text_list",
 ]
 
 _us = _limits.to_us
@@ -236,6 +237,11 @@ def approvals_query(
     return sql, (*params, limit)
 
 
+def text_list(values: tuple[str, ...]) -> str:
+    """Return how an `approvals` row stores a list of names (its lookups compare it)."""
+    return _canonical.dumps(list(values)).decode()
+
+
 def approval_values(a: ApprovalRow) -> tuple[object, ...]:
     """Return the values of an `approvals` row, in `APPROVAL_COLUMNS` order."""
     return (
@@ -251,9 +257,9 @@ def approval_values(a: ApprovalRow) -> tuple[object, ...]:
         a.preview,
         a.digest,
         a.policy_version,
-        _canonical.dumps(list(a.rule_ids)).decode(),
-        _canonical.dumps(list(a.reasons)).decode(),
-        _canonical.dumps(list(a.approvers)).decode(),
+        text_list(a.rule_ids),
+        text_list(a.reasons),
+        text_list(a.approvers),
         a.status.value,
         _us(a.created_at),
         _us(a.expires_at),

@@ -230,15 +230,15 @@ class MemoryStore(Store):
     # -- approvals ----------------------------------------------------------------
 
     def latest_approval(
-        self, tenant: str, principal_id: str, digest: bytes
+        self, tenant: str, principal_id: str, digest: bytes, rule_ids: tuple[str, ...]
     ) -> ApprovalRow | None:
-        """Return the newest approval request for this digest, if any."""
+        """Return the newest approval request for this digest asked by these rules, if any."""
         with self._lock:
             found = [
                 a
                 for a in self._approvals.values()
-                if (a.tenant, a.principal_id, a.digest)
-                == (tenant, principal_id, digest)
+                if (a.tenant, a.principal_id, a.digest, a.rule_ids)
+                == (tenant, principal_id, digest, rule_ids)
             ]
         return max(found, key=lambda a: (a.created_at, a.id), default=None)
 

@@ -24,6 +24,7 @@ from tether.store._sql import (
     approval_row,
     approvals_query,
     not_one,
+    text_list,
 )
 from tether.store.postgres._connection import Connected
 
@@ -36,14 +37,16 @@ class Approvals(Connected):
     """The approval requests of `PostgresStore`."""
 
     def latest_approval(
-        self, tenant: str, principal_id: str, digest: bytes
+        self, tenant: str, principal_id: str, digest: bytes, rule_ids: tuple[str, ...]
     ) -> ApprovalRow | None:
-        """Return the newest approval request for this digest, if any."""
+        """Return the newest approval request for this digest asked by these rules, if any."""
+        rules = text_list(rule_ids)
         row = self._read(
             lambda conn: conn.execute(
                 f"SELECT {APPROVAL_COLUMNS} FROM approvals WHERE tenant=%s AND "  # noqa: S608  # constant column list
-                "principal_id=%s AND digest=%s ORDER BY created_at DESC, id DESC LIMIT 1",
-                (tenant, principal_id, digest),
+                "principal_id=%s AND digest=%s AND rule_ids=%s "
+                "ORDER BY created_at DESC, id DESC LIMIT 1",
+                (tenant, principal_id, digest, rules),
             ).fetchone(),
             "read approvals",
         )

@@ -20,6 +20,7 @@ from tether.store._sql import (
     approval_row,
     approvals_query,
     not_one,
+    text_list,
 )
 from tether.store.sqlite._connection import rollback
 from tether.store.sqlite._write import Writes
@@ -33,14 +34,16 @@ class Approvals(Writes):
     """The approval requests of `SQLiteStore`."""
 
     def latest_approval(
-        self, tenant: str, principal_id: str, digest: bytes
+        self, tenant: str, principal_id: str, digest: bytes, rule_ids: tuple[str, ...]
     ) -> ApprovalRow | None:
-        """Return the newest approval request for this digest, if any."""
+        """Return the newest approval request for this digest asked by these rules, if any."""
+        rules = text_list(rule_ids)
         row = self._read(
             lambda con: con.execute(
                 f"SELECT {APPROVAL_COLUMNS} FROM approvals WHERE tenant=? AND "  # noqa: S608  # constant column list
-                "principal_id=? AND digest=? ORDER BY created_at DESC, id DESC LIMIT 1",
-                (tenant, principal_id, digest),
+                "principal_id=? AND digest=? AND rule_ids=? "
+                "ORDER BY created_at DESC, id DESC LIMIT 1",
+                (tenant, principal_id, digest, rules),
             ).fetchone()
         )
         return None if row is None else approval_row(row)
