@@ -395,6 +395,69 @@ def test_a_stashed_run_resumes_its_plan_once_the_breaker_lets_calls_through(
     assert ok
 
 
+class SendIn(BaseModel):
+    to: str
+    token: tether.Secret
+
+
+sent: list[tuple[str, str]] = []
+
+
+@tether.capability("up.send", effect="write", idempotency="keyed", resource="up")
+def up_send(args: SendIn) -> PingOut:
+    """Send through the flaky upstream with a credential."""
+    if upstream["broken"]:
+        raise RuntimeError("upstream 503")
+    sent.append((args.to, str.__str__(args.token)))
+    return PingOut(n=len(sent))
+
+
+def test_a_stashed_step_with_secrets_keeps_them_out_of_the_record_and_resumes_with_the_real_ones(
+    tmp_path: Path,
+) -> None:
+    """A stash-mode breaker parks a plan whose steps carry credentials: the
+    record (and its export) holds them masked, never in clear, and resuming
+    hands those steps back to the planner, which sends them with the real
+    credentials, not the mask."""
+    config = tmp_path / "tether.yaml"
+    config.write_text(
+        "breakers:\n"
+        "  - {id: up-br, resource: up, window: 1, min_calls: 1, failure_rate: 1,\n"
+        "     open_for: 30s, on_open: stash}\n"
+    )
+    upstream.update(broken=True, calls=[])
+    sent.clear()
+    clock = FakeClock()
+    with tether.Tether(
+        db=f"sqlite:///{tmp_path / 't.db'}?synchronous=normal",
+        config=config,
+        clock=clock,
+        env={},
+    ) as app:
+        app.register(up_call, up_send)
+        app.register_planner(
+            "pay",
+            tether.ScriptedPlanner(
+                [
+                    ("up.call", {"n": 1}),  # fails and opens the breaker
+                    ("up.send", {"to": "alice", "token": "sk-live-AAAA1111"}),
+                    ("up.send", {"to": "bob", "token": "sk-live-BBBB2222"}),
+                ]
+            ),
+        )
+        run = app.start("pay two people", planner="pay", principal=BOT)
+        parked = run.status
+        clock.advance(timedelta(seconds=31))
+        upstream["broken"] = False
+        resumed = app.resume(run.id)
+        exported = b"".join(app.export(run.id))
+
+    assert parked is RunState.DEGRADED
+    assert resumed.status is RunState.SUCCEEDED
+    assert sent == [("alice", "sk-live-AAAA1111"), ("bob", "sk-live-BBBB2222")]
+    assert b"sk-live-" not in exported
+
+
 class WipeIn(BaseModel):
     volume: str
 

@@ -399,7 +399,9 @@ class PlanStashed:
     step: int | None = None
     """The step's number in the run, from 1; None for run-level events."""
     steps: tuple[dict[str, Any], ...]
-    """Each: `{"capability", "args", "idempotency_key"}`, in order."""
+    """Each: `{"capability", "args", "idempotency_key"}`, in order, args as a step
+    records them (secrets masked); `"secrets": true` marks a step whose args
+    hold secrets, which a resume leaves to the planner."""
 
 
 @dataclass(slots=True, kw_only=True)

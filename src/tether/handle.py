@@ -614,30 +614,45 @@ class Run:
         """Park the run `degraded` with the refused step and the plan after it."""
         error = outcome.error
         assert isinstance(error, BreakerOpen)
-        try:
-            first = plan.PlanStep(
-                capability=cap.name,
-                args=cap.dump_args(cap.validate_args(args or {}))[0],
-                idempotency_key=key or outcome.idempotency_key,
-            )
-        except TetherError:
-            first = plan.PlanStep(capability=cap.name, args={})
-        steps = [first, *plan.as_steps(self._upcoming)]
+        later = plan.as_steps(self._upcoming)
         now = self.clock.now()
         stashed = record.PlanStashed(
             at=now,
             breaker=error.breaker_id,
             reason=error.message,
-            steps=tuple(
-                {
-                    "capability": s.capability,
-                    "args": dict(s.args),
-                    "idempotency_key": s.idempotency_key,
-                }
-                for s in steps
+            steps=(
+                self._stashable(cap.name, args or {}, key or outcome.idempotency_key),
+                *(
+                    self._stashable(s.capability, dict(s.args), s.idempotency_key)
+                    for s in later
+                ),
             ),
         )
         self._apply(self._moving(RunState.DEGRADED, now, stashed))
+
+    def _stashable(
+        self, capability: str, args: object, key: str | None
+    ) -> dict[str, Any]:
+        """Return a stashed step as the record keeps it: its args as a step records them.
+
+        Secrets are masked, as everywhere in the record, so the step is marked
+        `secrets`: resuming cannot take it from the record, and hands it back
+        to the planner. Args that do not validate are not kept (nothing says
+        which of them are secret).
+        """
+        kept: dict[str, Any] = {
+            "capability": capability,
+            "args": {},
+            "idempotency_key": key,
+        }
+        try:
+            cap = self._resolve(capability)
+            kept["args"] = cap.dump_args(cap.validate_args(args))[0]
+        except TetherError:
+            return kept
+        if cap.has_secrets:
+            kept["secrets"] = True
+        return kept
 
     def charge_usage(
         self,

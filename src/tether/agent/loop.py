@@ -249,19 +249,27 @@ def resume_agent(
 
 
 def _stashed(events: Sequence[StoredEvent]) -> list[ProposedStep]:
-    """Return the steps of the run's last `plan_stashed` event."""
+    """Return the steps of the run's last `plan_stashed` event.
+
+    The stash ends before a step whose args hold secrets: the record keeps
+    them masked, so the planner, which sees every outcome so far, proposes
+    that step again with its real args.
+    """
     steps: list[ProposedStep] = []
     for ev in events:
         data = ev.data()
         if data["kind"] == "plan_stashed":
-            steps = [
-                ProposedStep(
-                    capability=s["capability"],
-                    args=s["args"],
-                    idempotency_key=s.get("idempotency_key"),
+            steps = []
+            for s in data["steps"]:
+                if s.get("secrets"):
+                    break
+                steps.append(
+                    ProposedStep(
+                        capability=s["capability"],
+                        args=s["args"],
+                        idempotency_key=s.get("idempotency_key"),
+                    )
                 )
-                for s in data["steps"]
-            ]
     return steps
 
 
