@@ -216,9 +216,9 @@ def test_a_missing_database_is_not_created_by_a_read(cli: Cli, tmp_path: Path) -
 
 def test_agent_text_is_escaped_before_it_reaches_the_terminal(cli: Cli) -> None:
     """Control characters and Rich markup in a request are shown escaped, never obeyed."""
-    hostile = "clear\x1b[2J [bold red]markup[/] \u202eevil\r"
+    hostile = "clear\x1b[2J [bold red]markup[/] \u202eevil\x07\r"
     app = tether.Tether(db=cli.db, env={})
-    with app.run(principal=tether.Principal("bot\x07"), request=hostile) as run:
+    with app.run(principal=tether.Principal("bot"), request=hostile) as run:
         pass
     app.close()
 

@@ -206,3 +206,55 @@ def _same_types(a: object, b: object) -> bool:
         assert isinstance(b, list)
         return len(a) == len(b) and all(map(_same_types, a, b))
     return True
+
+
+@pytest.mark.parametrize(
+    ("make", "fragment"),
+    [
+        pytest.param(
+            lambda: tether.Principal("bot\x07"), "is not a name", id="id-bell"
+        ),
+        pytest.param(lambda: tether.Principal(""), "is not a name", id="id-empty"),
+        pytest.param(lambda: tether.Principal(42), "must be text", id="id-number"),  # type: ignore[arg-type]
+        pytest.param(
+            lambda: tether.Principal("bot", tenant="acme\nglobex"),
+            "the tenant",
+            id="tenant-newline",
+        ),
+        pytest.param(
+            lambda: tether.Principal("bot", roles="sre"),
+            "roles and scopes are lists",
+            id="roles-a-string",
+        ),
+        pytest.param(
+            lambda: tether.Principal("bot", on_behalf_of="carol\x00"),
+            "NUL",
+            id="on-behalf-of-nul",
+        ),
+        pytest.param(
+            lambda: tether.Tether(db="memory://", env={}).run(
+                principal=tether.Principal("bot"), request="summarise file\x00.txt"
+            ),
+            "the run's request holds a NUL",
+            id="request-nul",
+        ),
+        pytest.param(
+            lambda: tether.Tether(db="memory://", env={}).approve(
+                "apr_0123456789", by="alice\x1b[2J"
+            ),
+            "the approver",
+            id="approver-escape",
+        ),
+    ],
+)
+def test_text_no_store_can_keep_exactly_is_refused_at_the_door(
+    make: Any, fragment: str
+) -> None:
+    """Names with control characters, and NUL anywhere (PostgreSQL's text cannot
+    hold it, SQLite's can), are refused where they enter, in one line, the same
+    on every backend, instead of failing at the first write on one of them."""
+    with pytest.raises(tether.UsageError) as caught:
+        make()
+
+    assert fragment in caught.value.message
+    assert "\n" not in caught.value.message

@@ -34,7 +34,7 @@ from tether.errors import (
 )
 from tether.handle import Run
 from tether.policy import Policy, PolicySet
-from tether.principal import Principal
+from tether.principal import Principal, check_text
 from tether.store import (
     ApprovalRow,
     ApprovalStatus,
@@ -354,6 +354,7 @@ class Tether:
         """
         if not isinstance(principal, Principal):
             raise UsageError(f"principal must be a tether.Principal, got {principal!r}")
+        check_text(request, "the run's request")
         try:
             # The context is recorded: it must be JSON the record keeps exactly, and
             # the run holds its own copy, in canonical form.
@@ -426,6 +427,9 @@ class Tether:
     def _decide(
         self, approval_id: str, status: ApprovalStatus, *, by: str, note: str | None
     ) -> ApprovalRow:
+        check_text(by, "the approver", name=True)
+        if note is not None:
+            check_text(note, "the note")
         request = self.store.get_approval(approval_id)
         refused = why_not(request, by, self.settings.approvers)
         now = self.clock.now()

@@ -5,7 +5,31 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-__all__ = ["Principal"]
+from tether.errors import UsageError
+
+__all__ = ["Principal", "check_text"]
+
+
+def check_text(value: object, what: str, *, name: bool = False) -> str:
+    """Return `value` if the record can keep it as text; else raise one line saying why.
+
+    Every store keeps the same text: PostgreSQL's text holds no NUL character,
+    so none is accepted anywhere. A `name` (an id, a tenant, a role) is one
+    non-empty line of printable characters.
+
+    Raises:
+        UsageError: `value` is not text, holds a NUL, or is not a valid name.
+    """
+    if not isinstance(value, str):
+        raise UsageError(f"{what} must be text, got {type(value).__name__}")
+    if name and (not value or not value.isprintable()):
+        raise UsageError(
+            f"{what} {value!r:.80} is not a name; use printable characters, "
+            "no control characters, at least one"
+        )
+    if "\x00" in value:
+        raise UsageError(f"{what} holds a NUL character (\\x00); remove it")
+    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,11 +62,21 @@ class Principal:
         tenant: str = "default",
         on_behalf_of: str | None = None,
     ) -> None:
-        object.__setattr__(self, "id", id)
-        object.__setattr__(self, "roles", tuple(roles))
-        object.__setattr__(self, "scopes", tuple(scopes))
-        object.__setattr__(self, "tenant", tenant)
-        object.__setattr__(self, "on_behalf_of", on_behalf_of)
+        if isinstance(roles, str) or isinstance(scopes, str):
+            raise UsageError("roles and scopes are lists of names: write roles=['sre']")
+        object.__setattr__(self, "id", check_text(id, "the principal's id", name=True))
+        object.__setattr__(
+            self, "roles", tuple(check_text(r, "a role", name=True) for r in roles)
+        )
+        object.__setattr__(
+            self, "scopes", tuple(check_text(s, "a scope", name=True) for s in scopes)
+        )
+        object.__setattr__(self, "tenant", check_text(tenant, "the tenant", name=True))
+        object.__setattr__(
+            self,
+            "on_behalf_of",
+            None if on_behalf_of is None else check_text(on_behalf_of, "on_behalf_of"),
+        )
 
     def describe(self) -> dict[str, object]:
         """Return the principal as JSON-ready data (for records)."""
