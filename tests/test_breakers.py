@@ -136,8 +136,10 @@ class Model:
     """Half-open: the answered trial calls."""
     admitted: int = 0
     """Half-open: trial calls let through."""
+    unanswered: list[int] = field(default_factory=list)
+    """Half-open: when each trial call still out was let through."""
     deadline: int = 0
-    """Half-open: when the last trial let through must have answered."""
+    """Half-open: when the oldest trial still out must have answered."""
     moves: list[Move] = field(default_factory=list)
     """Every transition, in order, as time and calls made them."""
     recorded: int = 0
@@ -151,6 +153,7 @@ class Model:
         self.moves.append((self.state, to, at))
         self.state, self.since, self.generation = to, at, self.generation + 1
         self.window, self.trials, self.admitted, self.deadline = [], [], 0, 0
+        self.unanswered = []
 
     def tick(self, now: int) -> None:
         """Let time act: open turns half-open; a trial past its deadline reopens."""
@@ -179,7 +182,8 @@ class Model:
             return Ticket(self.generation, False, now), self._written()
         if self.state == "half_open" and self.admitted < self.spec.probes:
             self.admitted += 1
-            self.deadline = now + self.spec.probe_timeout * US
+            self.unanswered.append(now)
+            self.deadline = min(self.unanswered) + self.spec.probe_timeout * US
             return Ticket(self.generation, True, now), self._written()
         return None, []  # a refusal writes nothing
 
@@ -205,8 +209,11 @@ class Model:
                     self._move("open", now)
             elif self.state == "half_open" and ticket.probe:
                 self.trials.append((failed, slow))
+                self.unanswered.remove(ticket.start)
                 if len(self.trials) >= self.spec.probes:
                     self._move("open" if self._trips(self.trials) else "closed", now)
+                elif self.unanswered:  # the next one still out has its own time
+                    self.deadline = min(self.unanswered) + self.spec.probe_timeout * US
         return self._written()
 
 
@@ -536,6 +543,19 @@ SCHEDULES: list[tuple[str, Spec, str, str]] = [
     ),
     ("one-answered-one-hung-reopens", K2, f"{OPEN} w30 h o w10 o", "open"),
     ("two-hung-probes-reopen", K2, f"{OPEN} w30 h h w10 o", "open"),
+    (
+        "answered-probe-hands-its-deadline-on",
+        K2,
+        f"{OPEN} w30 h w8 h w1 r w5",
+        "closed",
+    ),
+    ("next-probe-keeps-its-own-deadline", K2, f"{OPEN} w30 h w8 h w1 r w9 r", "open"),
+    (
+        "young-probe-answers-after-the-old-deadline",
+        Spec(probes=2, probe_timeout=60),
+        f"{OPEN} w30 h w50 h w5 r w6 r",
+        "closed",
+    ),
     (
         "call-let-through-closed-answers-after-open",
         Spec(),
@@ -1102,3 +1122,37 @@ def test_read_only_refuses_every_write_and_admits_every_read() -> None:
         }
     assert ran == ["read"] * 20
     assert state is BreakerState.OPEN
+
+
+@pytest.mark.parametrize("backend", ["memory", "sqlite"])
+def test_a_probe_that_answers_hands_the_deadline_to_the_next_one(backend: str) -> None:
+    """D.27: when a trial call answers, half-open waits for the oldest one still out
+    from its own admission, not from the answered one's: two trials that both
+    succeed close the breaker, though the second answers past the first's deadline."""
+    spec = Spec(probes=2, probe_timeout=60)
+    with breaker_app(backend, spec) as (app, clock, _):
+        open_breaker(app)
+        clock.advance(timedelta(seconds=30))
+        first = app.run(principal=PRINCIPAL, request="first probe")
+        first.__enter__()
+        flow_a, exec_a = stop_at_execute(first, "up.call", {"mode": "ok"})
+        clock.advance(timedelta(seconds=50))
+        second = app.run(principal=PRINCIPAL, request="second probe")
+        second.__enter__()
+        flow_b, exec_b = stop_at_execute(second, "up.call", {"mode": "ok"})
+        clock.advance(timedelta(seconds=5))
+        done_a = finish(flow_a, exec_a.perform())
+        clock.advance(
+            timedelta(seconds=6)
+        )  # past the first's deadline, 11 s into the second's
+        between = view_state(app, clock)
+        done_b = finish(flow_b, exec_b.perform())
+        for run in (first, second):
+            run.__exit__(None, None, None)
+        row = app.store.breaker_row(BREAKER)
+        moves = [m[:2] for m in transitions(app, second.id)]
+
+    assert (done_a.status, done_b.status) == (OutcomeStatus.EXECUTED,) * 2
+    assert between is BreakerState.HALF_OPEN
+    assert row.state is BreakerState.CLOSED
+    assert moves == [("half_open", "closed")]

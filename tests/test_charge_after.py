@@ -20,6 +20,7 @@ from pydantic import BaseModel
 
 import tether
 from tether.record import OutcomeStatus
+from tether.replay import RecordedRun, Replayer
 from tether.store import Batch, Committed, Store
 from tether.testing import FakeClock
 
@@ -174,3 +175,51 @@ def test_limits_that_bound_a_call_while_it_runs_are_taken_before_it(
 
     assert during == 2  # the reservation before, the result after
     assert "intent" in kinds(app, run.id)
+
+
+@tether.capability("metrics.flaky", effect="read", cost=2)
+def flaky(args: MetricsArgs) -> MetricsValue:
+    """A read that fails on every other call (the first one included)."""
+    CALLS.append(args.n)
+    if len(CALLS) % 2:
+        raise ConnectionError("upstream 503")
+    return MetricsValue(n=args.n)
+
+
+RETRY = "retry_budget: {per_run: 5, max_attempts: 3, backoff: 100ms}\n"
+
+
+@pytest.mark.parametrize(
+    ("amount", "status", "last"),
+    [
+        (10, OutcomeStatus.EXECUTED, ["limit_reserved", "executed"]),
+        (1, OutcomeStatus.REFUSED, ["limit_refused", "failed"]),
+    ],
+)
+def test_a_retried_read_charged_after_records_its_checks_once(
+    app_for: Any, amount: int, status: OutcomeStatus, last: list[str]
+) -> None:
+    """The retry's write recorded the read's checks: the write after its answer
+    charges it (or refuses it) without writing them again."""
+    app, _ = app_for(
+        f"  - {{id: reads, kind: budget, scope: tenant, per: day, amount: {amount}}}\n"
+        + RETRY
+    )
+    app.register(flaky)
+    with app.run(principal=PRINCIPAL, request="read") as run:
+        outcome = run.step("metrics.flaky", {"n": 1})
+    recorded = RecordedRun.from_store(app.store, run.id)
+
+    assert outcome.status is status
+    assert CALLS == [1, 1]
+    assert kinds(app, run.id)[:5] == ["validated", "decided", "retry_scheduled", *last]
+    rows = {r.limit_id: r.used for r in app.store.limit_rows(app.clock.now())}
+    assert rows.get("reads", Decimal(0)) == (
+        2 if status is OutcomeStatus.EXECUTED else 0
+    )
+    assert app.verify(run.id).ok
+    if status is OutcomeStatus.EXECUTED:
+        # (A refused read's dropped answer is not in its record: replay cannot
+        # tell whether it would have been retried, so it is not replayed here.)
+        report = Replayer(app).replay(recorded)
+        assert report.ok, report.to_json()

@@ -626,3 +626,76 @@ def test_a_call_costing_more_than_the_whole_budget_says_it_can_never_fit(
     assert isinstance(out.error, tether.LimitExceeded)
     assert out.error.retry_after is None
     assert "more than the whole budget of 5000: it can never fit" in out.error.message
+
+
+# -- 6. a retry passes the breaker again after its backoff -----------------------------------
+
+
+class _TrippingClock(FakeClock):
+    """A fake clock that runs `during` once, inside its next sleep (a retry's backoff)."""
+
+    __slots__ = ("during",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.during: Callable[[], None] | None = None
+
+    def sleep(self, seconds: float) -> None:
+        during, self.during = self.during, None
+        super().sleep(seconds)
+        if during is not None:
+            during()
+
+
+TRIPPING = """\
+breakers:
+  - {id: br, resource: up, window: 2, min_calls: 2, failure_rate: 1.0, open_for: 30s,
+     on_open: read_only}
+retry_budget: {per_run: 5, max_attempts: 3, backoff: 1s, backoff_cap: 10s}
+"""
+
+
+def test_a_retry_is_not_made_once_another_call_opened_the_breaker_in_its_backoff(
+    tmp_path: Path, backend: str
+) -> None:
+    """D.30: a failed call waits out its backoff; meanwhile another run's failure
+    opens the breaker. The retry is not made (the upstream sees no call the
+    breaker refuses everyone else): the failure goes back, and the record says
+    the breaker stopped the retry."""
+    clock = _TrippingClock()
+    upstream: list[int] = []
+
+    @tether.capability("up.write", effect="write", idempotency="keyed", resource="up")
+    def write(args: PayIn) -> PayOut:
+        upstream.append(args.n)
+        if args.n == 0 or upstream.count(1) == 1:
+            raise ConnectionError("upstream 503 Service Unavailable")
+        return PayOut()
+
+    with make_app(tmp_path, backend, TRIPPING, write, clock=clock) as (app, _):
+
+        def another_call() -> None:
+            with app.run(principal=PRINCIPAL, request="another call") as other:
+                assert other.step("up.write", {"n": 0}).status is OutcomeStatus.FAILED
+
+        clock.during = another_call
+        with app.run(principal=PRINCIPAL, request="retried") as run:
+            outcome = run.step("up.write", {"n": 1})
+        row = app.store.breaker_row("br")
+        step = [e.data() for e in app.store.events(run.id) if e.data().get("step") == 1]
+
+    assert upstream == [1, 0]  # the failed attempt, then the other run's call
+    assert outcome.status is OutcomeStatus.FAILED
+    assert row.state is BreakerState.OPEN
+    assert [e["kind"] for e in step][-3:] == [
+        "retry_scheduled",
+        "breaker_checked",
+        "failed",
+    ]
+    checked = step[-2]
+    assert (checked["breaker"], checked["state"], checked["admitted"]) == (
+        "br",
+        "open",
+        False,
+    )
+    assert step[-1]["stage"] == "execute"

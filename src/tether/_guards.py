@@ -38,6 +38,7 @@ __all__ = [
     "refusal",
     "released",
     "reservations",
+    "retry_refused",
     "retryable",
     "settlements",
     "window_start",
@@ -171,6 +172,29 @@ def breaker_refused(
         )
     )
     return why
+
+
+def retry_refused(
+    cap: Capability[Any, Any],
+    breaker_id: str,
+    state: BreakerState,
+    mode: str,
+    now: datetime,
+    number: int,
+) -> record.BreakerChecked:
+    """Record that a retry was not made: the breaker moved during its backoff."""
+    return record.BreakerChecked(
+        at=now,
+        step=number,
+        breaker=breaker_id,
+        state=state.value,
+        admitted=False,
+        mode=mode,
+        reason=(
+            f"breaker {breaker_id} of {cap.resource} moved (now {state.value}) "
+            "during the retry's backoff: the retry is not made"
+        ),
+    )
 
 
 def refusal(

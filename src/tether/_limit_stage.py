@@ -21,7 +21,7 @@ from pydantic import BaseModel
 
 from tether import _canonical, _guards, record
 from tether._approval_stage import ask_approval
-from tether._effects import Execute, Executed, Flow, GatewayEffect, Sleep
+from tether._effects import Execute, Executed, Flow, GatewayEffect, Sleep, StoreOp
 from tether._stages import (
     RunPort,
     execution_error,
@@ -49,6 +49,7 @@ from tether.store._breakers import (
     BreakerBlocked,
     BreakerOutcome,
     BreakerSpec,
+    breaker_view,
 )
 from tether.store._limits import Throttled, to_us
 
@@ -76,6 +77,8 @@ class Room:
     """The breaker generation that let the call through (None: not watched)."""
     probe: bool = False
     """The call is a half-open breaker's trial call."""
+    probe_at: int = 0
+    """A trial call: when the breaker let it through, µs."""
     took_over: KeyState | None = None
     """The state of a stale or expired key record the claim replaced."""
     grant: ApprovalRow | None = None
@@ -287,6 +290,7 @@ def take_room(
     if admit is not None:
         room.generation = committed.breaker_generation
         room.probe = committed.probe
+        room.probe_at = committed.probe_at
     taken = committed.took_over
     if taken is not None and taken.state is not KeyState.FAILED:
         room.took_over = taken.state  # a failed call's retry expires nothing
@@ -307,6 +311,8 @@ class Tried:
     """The breaker's sample of the last attempt, not yet recorded."""
     events: list[record.Event]
     """The step's events not yet written."""
+    retried: bool = False
+    """A retry's write recorded the step's events before it: none is written again."""
 
 
 def attempts(
@@ -335,7 +341,13 @@ def attempts(
             clock=run.clock,
             pool=run.pool,
         )
-        tried = Tried(done=done, end=run.clock.now(), out_json={}, events=events)
+        tried = Tried(
+            done=done,
+            end=run.clock.now(),
+            out_json={},
+            events=events,
+            retried=attempt > 1,
+        )
 
         # validate output
         if done.error is None and not done.timed_out:
@@ -362,6 +374,7 @@ def attempts(
                 failed=error is not None,
                 slow=bool(spec.slow_us) and done.duration_us >= spec.slow_us,
                 note=_guards.breaker_note(number),
+                probe_at=room.probe_at,
             )
         if (
             error is None
@@ -401,5 +414,27 @@ def attempts(
         if committed.blocked is not None:
             return tried  # no retry left, or the breaker moved: the failure goes back
         events = []  # written with the retry, the attempt's breaker sample too
+        tried.outcome, tried.retried = None, True
         yield Sleep(delay.total_seconds(), run.clock)
         attempt += 1
+        if room.watch is not None and room.generation is not None:
+            # Another call may have moved the breaker during the backoff: the
+            # next attempt runs only under the generation that let the call in.
+            moved = yield from _breaker_moved(run, cap, room, number)
+            if moved is not None:
+                tried.events, tried.end = [moved], moved.at
+                return tried  # the failure goes back, its sample already written
+
+
+def _breaker_moved(
+    run: RunPort, cap: Capability[Any, Any], room: Room, number: int
+) -> Generator[GatewayEffect, Any, record.BreakerChecked | None]:
+    """Look at the breaker before a retry; say why not to retry, if it moved (one read)."""
+    assert room.watch is not None
+    breaker, spec = room.watch
+    row = yield StoreOp(run.store.breaker_row, spec.id)
+    now = run.clock.now()
+    view, _ = breaker_view(row, spec, to_us(now))
+    if view.generation == room.generation:
+        return None
+    return _guards.retry_refused(cap, spec.id, view.state, breaker.on_open, now, number)

@@ -346,6 +346,8 @@ def step(  # the design's list, in order
     done, end, output, error = tried.done, tried.end, tried.output, tried.error
     out_json, out_bytes, outcome_cmd = tried.out_json, tried.out_bytes, tried.outcome
     events = tried.events
+    if tried.retried:  # a retry's write recorded the checks: they are not repeated
+        before = list(events) if room.after else []
 
     # limits: settle; breaker: record outcome
     in_doubt = (

@@ -18,13 +18,17 @@ import pytest
 from pydantic import BaseModel
 
 import tether
+from tether import gateway
+from tether._effects import Execute, Flow
 from tether.store import KeyId
 from tether.store._base import LimitRow
+from tether.store._breakers import BreakerState
 from tether.testing import FakeClock
 
 BOT = tether.Principal("pay-bot", tenant="acme")
 TWIN = tether.Principal("pay-twin", tenant="acme")
 STRANGER = tether.Principal("pay-bot", tenant="globex")
+US = 1_000_000
 
 
 class ChargeIn(BaseModel, extra="forbid"):
@@ -530,3 +534,76 @@ def test_a_rate_refusal_says_exactly_when_the_next_call_fits(
     assert wait == 0.25
     assert limit_of(early) == ("limit_exceeded", "r")
     assert on_time.status is tether.OutcomeStatus.EXECUTED
+
+
+# -- breakers --------------------------------------------------------------------------
+
+
+def _to_execute(run: tether.Run, args: dict[str, Any]) -> tuple[Flow, Execute]:
+    """Take a step of `up.call` up to its handler; return the flow and its `Execute`."""
+    flow = gateway.step(run, run.app.capabilities.get("up.call"), args)
+    reply: object = None
+    while True:
+        effect = flow.send(reply)
+        if isinstance(effect, Execute):
+            return flow, effect
+        reply = effect.perform()
+
+
+def _finish(flow: Flow, execute: Execute) -> tether.Outcome:
+    """Run the handler and drive the step to its end."""
+    reply: object = execute.perform()
+    while True:
+        try:
+            effect = flow.send(reply)
+        except StopIteration as done:
+            outcome: tether.Outcome = done.value
+            return outcome
+        reply = effect.perform()
+
+
+def test_each_trial_call_has_its_own_deadline(
+    make_app: Callable[[str], tether.Tether], clock: FakeClock
+) -> None:
+    """A half-open breaker keeps when each unanswered trial call was let through:
+    once the first answers, it waits for the second from the second's admission."""
+    app = make_app(
+        "  []\nbreakers:\n  - {id: br, resource: up, window: 1, min_calls: 1, "
+        "failure_rate: 1.0, open_for: 10s, half_open_calls: 2, probe_timeout: 60s, "
+        "on_open: read_only}\n"
+    )
+
+    @tether.capability("up.call", effect="write", idempotency="keyed", resource="up")
+    def call(args: ChargeIn) -> ChargeOut:
+        if args.fail:
+            raise RuntimeError("upstream 503")
+        return ChargeOut(actual=args.amount)
+
+    app.register(call)
+    with app.run(principal=BOT, request="open it") as run:
+        run.step("up.call", {"amount": 1, "fail": True})
+    clock.advance(timedelta(seconds=10))
+    first, second = (app.run(principal=BOT, request=f"trial {n}") for n in (1, 2))
+    first.__enter__()
+    flow_a, exec_a = _to_execute(first, {"amount": 1})
+    clock.advance(timedelta(seconds=50))
+    second.__enter__()
+    flow_b, exec_b = _to_execute(second, {"amount": 2})
+    admitted = app.store.breaker_row("br")
+    clock.advance(timedelta(seconds=5))
+    done_a = _finish(flow_a, exec_a)
+    answered = app.store.breaker_row("br")
+    clock.advance(timedelta(seconds=6))  # past the first's deadline
+    done_b = _finish(flow_b, exec_b)
+    for run in (first, second):
+        run.__exit__(None, None, None)
+    closed = app.store.breaker_row("br")
+
+    start = admitted.since
+    assert (admitted.state, admitted.probes) == (BreakerState.HALF_OPEN, 2)
+    assert admitted.probe_deadline == start + 60 * US
+    assert (
+        answered.probe_deadline == start + 110 * US
+    )  # the second's, admitted at +50 s
+    assert (done_a.status, done_b.status) == (tether.OutcomeStatus.EXECUTED,) * 2
+    assert closed.state is BreakerState.CLOSED

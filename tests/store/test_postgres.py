@@ -27,7 +27,7 @@ from tether.testing import FakeClock
 
 pytestmark = pytest.mark.postgres
 
-LATEST = 5
+LATEST = 6
 """The newest migration's number."""
 
 

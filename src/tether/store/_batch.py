@@ -148,6 +148,8 @@ class Committed:
     """The breaker generation that let the step through (for its outcome)."""
     probe: bool = False
     """The step is a half-open breaker's trial call."""
+    probe_at: int = 0
+    """A trial call: when the breaker let it through, µs (its outcome names it)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -35,6 +35,8 @@ __all__ = [
     "BreakerTables",
     "admit_breaker",
     "breaker_view",
+    "decode_admits",
+    "encode_admits",
     "record_outcome",
 ]
 
@@ -85,7 +87,9 @@ class BreakerRow:
     probes: int = 0
     """Half-open: trial calls let through so far."""
     probe_deadline: int = 0
-    """Half-open: when the last admitted probe's time is up, µs."""
+    """Half-open: when the oldest unanswered probe's time is up, µs."""
+    probe_admits: tuple[int, ...] = ()
+    """Half-open: when each unanswered probe was let through, µs, in that order."""
 
     def copy(self) -> BreakerRow:
         """Return a copy to change (`copy.copy` costs four times as much here)."""
@@ -96,7 +100,18 @@ class BreakerRow:
             outcomes=self.outcomes,
             probes=self.probes,
             probe_deadline=self.probe_deadline,
+            probe_admits=self.probe_admits,
         )
+
+
+def encode_admits(admits: tuple[int, ...]) -> str:
+    """Return `BreakerRow.probe_admits` as a `breakers` row stores it."""
+    return " ".join(map(str, admits))
+
+
+def decode_admits(text: str) -> tuple[int, ...]:
+    """Return `BreakerRow.probe_admits` from a `breakers` row's text."""
+    return tuple(map(int, text.split()))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -132,6 +147,8 @@ class BreakerOutcome:
     failed: bool
     slow: bool
     note: Callable[[BreakerNote], Event]
+    probe_at: int = 0
+    """A trial call: when it was let through, µs (`BreakerPass.probe_at`)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -152,6 +169,9 @@ class BreakerPass:
     read-only breaker (its outcome is not the breaker's sample)."""
     probe: bool = False
     """The call is one of half-open's trial calls."""
+    probe_at: int = 0
+    """A trial call: when it was let through, µs; its outcome names it, so the
+    deadline moves on to the next unanswered one when it answers."""
     events: list[Event] = field(default_factory=list)
     """The record events of the transitions and the trial call, if any."""
 
@@ -267,10 +287,12 @@ def admit_breaker(
         )
     if row.state is BreakerState.HALF_OPEN and row.probes < spec.probes:
         if row.probes == len(row.outcomes):
-            # The deadline runs from the first unanswered trial call: a later one
+            # The deadline runs from the oldest unanswered trial call: a later one
             # must not keep a hung one's half-open state alive.
             row.probe_deadline = at + spec.probe_timeout_us
+            row.probe_admits = ()
         row.probes += 1
+        row.probe_admits = (*row.probe_admits, at)
         tables.set_breaker(spec.id, row)
         events = _notes(spec.id, moves, admit.note)
         events.append(
@@ -284,7 +306,9 @@ def admit_breaker(
                 )
             )
         )
-        return BreakerPass(generation=row.generation, probe=True, events=events)
+        return BreakerPass(
+            generation=row.generation, probe=True, probe_at=at, events=events
+        )
     if row.state is BreakerState.OPEN:
         retry = row.since + spec.open_us - at
     else:
@@ -310,6 +334,19 @@ def _trips(spec: BreakerSpec, outcomes: str) -> str | None:
     if spec.slow_us and slow >= spec.slow_rate:
         return f"slow-call rate {slow:.0%} of {len(outcomes)} calls >= {spec.slow_rate:.0%}"
     return None
+
+
+def _answered(row: BreakerRow, probe_at: int, spec: BreakerSpec) -> None:
+    """Take an answered trial call off the row: the deadline is the next one's.
+
+    (A row written before `probe_admits` existed has none: its deadline stays.)
+    """
+    admits = list(row.probe_admits)
+    if probe_at in admits:
+        admits.remove(probe_at)  # equal times are interchangeable
+    row.probe_admits = tuple(admits)
+    if admits:
+        row.probe_deadline = min(admits) + spec.probe_timeout_us
 
 
 def record_outcome(
@@ -353,6 +390,8 @@ def record_outcome(
                 (row.state, target, at, why or f"{spec.probes} trial calls succeeded")
             )
             row = BreakerRow(state=target, since=at, generation=row.generation + 1)
+        else:
+            _answered(row, outcome.probe_at, spec)
     if changed:
         tables.set_breaker(spec.id, row)
     return _notes(spec.id, moves, outcome.note)

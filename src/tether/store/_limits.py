@@ -180,6 +180,8 @@ class Admitted:
     blocked: Blocked | None = None
     breaker_generation: int | None = None
     probe: bool = False
+    probe_at: int = 0
+    """A trial call: when it was let through, µs (`BreakerPass.probe_at`)."""
     events: list[Event] = field(default_factory=list)
 
 
@@ -311,6 +313,7 @@ def apply_admission(
         admitted = Admitted(
             breaker_generation=passed.generation,
             probe=passed.probe,
+            probe_at=passed.probe_at,
             events=passed.events,
         )
     for write in writes:

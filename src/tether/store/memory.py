@@ -186,6 +186,7 @@ class MemoryStore(Store):
                 if admitted is None
                 else admitted.breaker_generation,
                 probe=admitted is not None and admitted.probe,
+                probe_at=0 if admitted is None else admitted.probe_at,
             )
 
     def _update_key(self, u: KeyUpdate) -> None:

@@ -14,7 +14,12 @@ from decimal import Decimal
 from typing import Any
 
 from tether.store._base import Batch
-from tether.store._breakers import BreakerRow, BreakerState
+from tether.store._breakers import (
+    BreakerRow,
+    BreakerState,
+    decode_admits,
+    encode_admits,
+)
 from tether.store._limits import LimitKind, Reserve
 from tether.store._sql import breaker_row, breaker_values
 from tether.store.postgres._connection import lock_key
@@ -31,18 +36,28 @@ __all__ = [
 ]
 
 BREAKER_COLUMNS = "id, state, since, generation, outcomes, probes, probe_deadline"
+_RULE_COLUMNS = f"{BREAKER_COLUMNS}, probe_admits"
+"""What the rules read and write of a breaker: `BREAKER_COLUMNS` and its
+unanswered trial calls (which a store's plain reads of breakers leave out)."""
 LIMIT_COLUMNS = 'limit_id, scope, "window", holder, amount, until, charged'
 
 SELECT_GROUP = (
     f"SELECT {LIMIT_COLUMNS} FROM limit_state "  # noqa: S608  # constant column list
     'WHERE limit_id=%s AND scope=%s AND "window"=%s'
 )
-SELECT_BREAKER = f"SELECT {BREAKER_COLUMNS} FROM breakers WHERE id=%s"  # noqa: S608  # constant column list
+SELECT_BREAKER = f"SELECT {_RULE_COLUMNS} FROM breakers WHERE id=%s"  # noqa: S608  # constant column list
 _UPSERT_LIMIT = (
     f"INSERT INTO limit_state ({LIMIT_COLUMNS}) VALUES (%s,%s,%s,%s,%s,%s,%s) "  # noqa: S608  # constant column list
     'ON CONFLICT (limit_id, scope, "window", holder) DO UPDATE SET '
     "amount=EXCLUDED.amount, until=EXCLUDED.until, charged=EXCLUDED.charged"
 )
+
+
+def _rule_row(r: Sequence[Any]) -> BreakerRow:
+    """Decode a row read by `SELECT_BREAKER` (its id first)."""
+    row = breaker_row(r[1:-1])
+    row.probe_admits = decode_admits(r[-1])
+    return row
 
 
 def counter_charges(batch: Batch) -> list[tuple[Reserve, Decimal]] | None:
@@ -155,9 +170,9 @@ class Tables:
             )
 
     def load_breakers(self, rows: Iterable[Sequence[Any]]) -> None:
-        """Keep `breakers` rows read in `BREAKER_COLUMNS` order."""
+        """Keep `breakers` rows read by `SELECT_BREAKER`."""
         for r in rows:
-            self.breakers[r[0]] = breaker_row(r[1:])
+            self.breakers[r[0]] = _rule_row(r)
 
     def _group(self, limit_id: str, scope: str, window: int) -> dict[str, _Row]:
         key = (limit_id, scope, window)
@@ -202,12 +217,13 @@ class Tables:
             assert row is not None
             q.add(
                 f"b{i}",
-                f"INSERT INTO breakers ({BREAKER_COLUMNS}) VALUES "  # noqa: S608  # constant column list
-                "(%s,%s,%s,%s,%s,%s,%s) ON CONFLICT (id) DO UPDATE SET "
+                f"INSERT INTO breakers ({_RULE_COLUMNS}) VALUES "  # noqa: S608  # constant column list
+                "(%s,%s,%s,%s,%s,%s,%s,%s) ON CONFLICT (id) DO UPDATE SET "
                 "state=EXCLUDED.state, since=EXCLUDED.since, "
                 "generation=EXCLUDED.generation, outcomes=EXCLUDED.outcomes, "
-                "probes=EXCLUDED.probes, probe_deadline=EXCLUDED.probe_deadline",
-                breaker_values(breaker_id, row),
+                "probes=EXCLUDED.probes, probe_deadline=EXCLUDED.probe_deadline, "
+                "probe_admits=EXCLUDED.probe_admits",
+                (*breaker_values(breaker_id, row), encode_admits(row.probe_admits)),
             )
 
     # -- LimitTables ----------------------------------------------------------------
@@ -293,9 +309,7 @@ class Tables:
                 (lock_key(self.schema, "breaker", breaker_id),),
             )
             found = conn.execute(SELECT_BREAKER, (breaker_id,)).fetchone()
-            self.breakers[breaker_id] = (
-                None if found is None else breaker_row(found[1:])
-            )
+            self.breakers[breaker_id] = None if found is None else _rule_row(found)
         return self.breakers[breaker_id]
 
     def breaker(self, breaker_id: str) -> BreakerRow:

@@ -284,6 +284,7 @@ class Writes(Connected):
                 took_over=took_over,
                 breaker_generation=admitted.breaker_generation,
                 probe=admitted.probe,
+                probe_at=admitted.probe_at,
             )
         sql, params = q.build()
         if locked:

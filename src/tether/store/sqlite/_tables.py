@@ -10,7 +10,7 @@ from __future__ import annotations
 import sqlite3
 from decimal import Decimal
 
-from tether.store._breakers import BreakerRow
+from tether.store._breakers import BreakerRow, decode_admits, encode_admits
 from tether.store._sql import breaker_row, breaker_values
 
 __all__ = ["Tables"]
@@ -148,17 +148,21 @@ class Tables:
 
     def breaker(self, breaker_id: str) -> BreakerRow:
         row = self.con.execute(
-            "SELECT state, since, generation, outcomes, probes, probe_deadline "
-            "FROM breakers WHERE id=?",
+            "SELECT state, since, generation, outcomes, probes, probe_deadline, "
+            "probe_admits FROM breakers WHERE id=?",
             (breaker_id,),
         ).fetchone()
-        return BreakerRow() if row is None else breaker_row(row)
+        if row is None:
+            return BreakerRow()
+        found = breaker_row(row[:-1])
+        found.probe_admits = decode_admits(row[-1])
+        return found
 
     def set_breaker(self, breaker_id: str, row: BreakerRow) -> None:
         self.con.execute(
             "INSERT OR REPLACE INTO breakers (id, state, since, generation, outcomes, "
-            "probes, probe_deadline) VALUES (?,?,?,?,?,?,?)",
-            breaker_values(breaker_id, row),
+            "probes, probe_deadline, probe_admits) VALUES (?,?,?,?,?,?,?,?)",
+            (*breaker_values(breaker_id, row), encode_admits(row.probe_admits)),
         )
 
     def push_sample(

@@ -191,6 +191,7 @@ class Writes(Connected):
             took_over=took_over,
             breaker_generation=admitted.breaker_generation,
             probe=admitted.probe,
+            probe_at=admitted.probe_at,
         )
 
     def _mac(self, key: bytes) -> _chain.Mac:
