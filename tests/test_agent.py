@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,6 +20,7 @@ from tether.agent import (
 )
 from tether.policy import Decision, DecisionRequest, Verdict
 from tether.record import OutcomeStatus
+from tether.testing import FakeClock, temporary_app
 
 
 class HostIn(BaseModel, extra="forbid"):
@@ -396,3 +398,88 @@ def test_run_agent_checks_its_arguments(
         run_agent(ops, Forever(), principal=principal, request="x", max_steps=0)
 
     assert ops.store.list_runs() == []
+
+
+@tether.capability("infra.resize", effect="write", idempotency="keyed", cost=6)
+def resize(args: HostIn) -> HostOut:
+    """Resize a host, at a cost of 6."""
+    return HostOut(host=args.host, up=True)
+
+
+class AskFirst:
+    """Require a person's approval for every step on one host."""
+
+    id = "ask-first"
+
+    def __init__(self, host: str) -> None:
+        self.host = host
+
+    def evaluate(self, request: DecisionRequest) -> Decision | None:
+        if request.args.get("host") == self.host:
+            return Decision(
+                verdict=Verdict.REQUIRE_APPROVAL,
+                rule_ids=(self.id,),
+                reasons=("a person checks it",),
+            )
+        return None
+
+
+@pytest.fixture
+def approving(tmp_path: Path) -> Iterator[tether.Tether]:
+    """An app where alice may approve; resizes of host `big` need her."""
+    config = tmp_path / "tether.yaml"
+    config.write_text("approvers: {alice: [ops]}\n")
+    with temporary_app(config=config, clock=FakeClock()) as app:
+        app.register(resize)
+        app.add_policy(AskFirst("big"))
+        app.register_planner(
+            "resizes",
+            ScriptedPlanner(
+                [
+                    ("infra.resize", {"host": "big"}),
+                    ("infra.resize", {"host": "a"}),
+                    ("infra.resize", {"host": "b"}),
+                ],
+                stop_on_error=True,
+            ),
+        )
+        yield app
+
+
+def _park_approve_resume(
+    app: tether.Tether, principal: tether.Principal, **start: Any
+) -> tether.Run:
+    """Start a run that parks on its first step, approve it, and resume the run."""
+    parked = app.start("resize", planner="resizes", principal=principal, **start)
+    assert parked.status is tether.RunState.AWAITING_APPROVAL
+    (request,) = app.approvals(status="pending")
+    app.approve(request.id, by="alice")
+    return app.resume(parked.id)
+
+
+def test_a_resumed_run_keeps_its_budget(
+    approving: tether.Tether, principal: tether.Principal
+) -> None:
+    """A run parked for approval and resumed still refuses a plan past its budget."""
+    run = _park_approve_resume(approving, principal, budget=10)
+
+    recorded = events(approving, run.id)
+    assert run.status is tether.RunState.FAILED
+    assert (run.budget, run.cost) == (10, 6)
+    assert sum(e["kind"] == "executed" for e in recorded) == 1
+    assert recorded[0]["budget"] == "10"
+    admitted = [e for e in recorded if e["kind"] == "plan_admitted"]
+    assert admitted[-1]["status"] == "refused"
+
+
+def test_a_resumed_run_keeps_its_max_steps(
+    approving: tether.Tether, principal: tether.Principal
+) -> None:
+    """A run parked for approval and resumed still stops at its `max_steps`."""
+    run = _park_approve_resume(approving, principal, max_steps=2)
+
+    recorded = events(approving, run.id)
+    assert run.status is tether.RunState.FAILED
+    assert recorded[0]["max_steps"] == 2
+    assert sum(e["kind"] == "executed" for e in recorded) == 2
+    assert finished(approving, run.id)["error_code"] == "max_steps_exceeded"

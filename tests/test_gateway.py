@@ -15,6 +15,7 @@ from pydantic import BaseModel, Field, SecretStr
 import tether
 from tether import record
 from tether.record import Outcome, OutcomeStatus
+from tether.store import KeyId, KeyState
 
 
 class HostIn(BaseModel, extra="forbid"):
@@ -721,6 +722,36 @@ class TestDeadlinesAndCancellation:
         run = asyncio.run(main())
 
         assert kinds(app, run.id, step=1)[-1] == "in_doubt"
+        assert app.verify(run.id).ok
+
+    def test_interrupted_sync_call_still_records_the_outcome(
+        self, app: tether.Tether, principal: tether.Principal
+    ) -> None:
+        """Ctrl-C in a sync `none` handler records the step in doubt, then interrupts."""
+
+        @tether.capability("pay.send", effect="write", idempotency="none")
+        def send(args: HostIn) -> HostOut:
+            raise KeyboardInterrupt  # what Ctrl-C does mid-call in the caller's thread
+
+        app.register(send)
+        with (  # the run must end as the interruption leaves it
+            pytest.raises(KeyboardInterrupt),
+            app.run(principal=principal, request="x") as run,
+        ):
+            run.call("pay.send", {"host": "a"}, idempotency_key="k-1")
+        key = app.store.lookup_key(
+            KeyId(
+                tenant=principal.tenant,
+                principal_id=principal.id,
+                capability="pay.send",
+                key="k-1",
+            )
+        )
+
+        assert kinds(app, run.id, step=1)[-1] == "in_doubt"
+        assert key is not None
+        assert key.state is KeyState.IN_DOUBT
+        assert app.store.get_run(run.id).status == "failed"
         assert app.verify(run.id).ok
 
 

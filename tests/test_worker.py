@@ -12,8 +12,15 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel
+
 import tether
 from tether.testing import FakeClock
+
+
+class Cents(BaseModel):
+    cents: int
+
 
 CLI = os.environ.get("TETHER_CLI") or str(Path(sys.executable).parent / "tether")
 
@@ -240,3 +247,90 @@ def test_without_news_to_hear_a_worker_waits_on_the_apps_clock(tmp_path: Path) -
             app.wait_for_news(5)
 
     assert clock.now() - started == timedelta(seconds=10)
+
+
+def test_a_worker_goes_on_past_runs_it_cannot_resume(tmp_path: Path) -> None:
+    """A run no planner here can continue is named once and left; the others are resumed.
+
+    A run its caller drove (`app.run`, no planner) is not offered at all: only
+    that caller could go on with it.
+    """
+    (tmp_path / "agentapp.py").write_text(AGENT)
+    (tmp_path / "tether.yaml").write_text(CONFIG + "idempotency: {claim_ttl: 1s}\n")
+    by_hand = _run(  # the caller's process dies inside its run: left executing
+        tmp_path,
+        sys.executable,
+        "-c",
+        "import os, agentapp, tether; r = agentapp.app.run(principal="
+        "tether.Principal('bot'), request='by hand'); r.__enter__(); "
+        "r.call('pay.refund', {'cents': 5}); print(r.id, flush=True); os._exit(0)",
+    )
+    elsewhere = _run(  # driven by a planner the worker's app does not have
+        tmp_path,
+        sys.executable,
+        "-c",
+        "import agentapp, tether; agentapp.app.register_planner('elsewhere', "
+        "tether.ScriptedPlanner([('pay.refund', {'cents': 500})])); "
+        "print(agentapp.app.start('big', planner='elsewhere', "
+        "principal=tether.Principal('bot')).id)",
+    )
+    ours = _run(
+        tmp_path,
+        sys.executable,
+        "-c",
+        "import agentapp, tether; print(agentapp.app.start('refund two', "
+        "planner='refunds', principal=tether.Principal('bot')).id)",
+    )
+    with tether.Tether(
+        db=f"sqlite:///{tmp_path / 'agent.db'}", config=tmp_path / "tether.yaml"
+    ) as app:
+        for request in app.approvals(status="pending"):
+            app.approve(request.id, by="alice")
+    time.sleep(1.1)  # the dead caller's lease runs out
+
+    worked = _run(tmp_path, CLI, "worker", "--app", "agentapp:app", "--until-idle")
+
+    assert worked.returncode == 0, worked.stderr
+    said = " ".join(worked.stdout.split())
+    assert f"resumed {ours.stdout.strip()} succeeded" in said
+    assert said.count(f"cannot resume {elsewhere.stdout.strip()}") == 1
+    assert "error[not_found]" in said
+    assert by_hand.stdout.strip() not in said
+    with tether.Tether(
+        db=f"sqlite:///{tmp_path / 'agent.db'}", config=tmp_path / "tether.yaml"
+    ) as app:
+        assert app.ready_runs() == [elsewhere.stdout.strip()]
+
+
+def test_an_approved_run_is_ready_behind_any_number_of_newer_waiting_ones(
+    tmp_path: Path,
+) -> None:
+    """The oldest parked run, approved, is ready although more than 100 newer ones still wait."""
+    config = tmp_path / "tether.yaml"
+    config.write_text(CONFIG)
+    with tether.Tether(db="memory://", config=config, clock=FakeClock(), env={}) as app:
+
+        @tether.capability("pay.refund", effect="write", idempotency="keyed")
+        def refund(args: Cents) -> Cents:
+            return args
+
+        app.register(refund)
+        for n in range(101):  # each its own call, so each its own request
+            app.register_planner(
+                f"big{n}",
+                tether.ScriptedPlanner([("pay.refund", {"cents": 500 + n})]),
+            )
+        runs = [
+            app.start("refund", planner=f"big{n}", principal=tether.Principal("bot"))
+            for n in range(101)
+        ]
+        (oldest,) = [
+            a
+            for a in app.approvals(status="pending", limit=500)
+            if a.run_id == runs[0].id
+        ]
+        app.approve(oldest.id, by="alice")
+
+        ready = app.ready_runs()
+
+    assert ready == [runs[0].id]

@@ -182,14 +182,33 @@ Flow: TypeAlias = "Generator[GatewayEffect, Any, Outcome]"
 
 
 def drive(flow: Flow) -> Outcome:
-    """Perform a flow's effects in this thread and return its outcome."""
+    """Perform a flow's effects in this thread and return its outcome.
+
+    If the handler is interrupted (Ctrl-C's `KeyboardInterrupt`, `SystemExit`),
+    the step's outcome is still recorded, as `adrive` records a cancelled one,
+    before the interruption propagates: the intent is on disk, and a record
+    without its result would leave the key claimed and the effect unaccounted
+    for.
+    """
     reply: object = None
+    interrupted: BaseException | None = None
     while True:
         try:
             effect = flow.send(reply)
         except StopIteration as done:
+            if interrupted is not None:
+                raise interrupted from None
             return done.value  # type: ignore[no-any-return]  # the flow's return value
-        reply = effect.perform()
+        try:  # free when nothing is raised (3.11): the common path pays nothing
+            reply = effect.perform()
+        except (KeyboardInterrupt, SystemExit) as exc:  # mid-handler, say
+            if not isinstance(effect, Execute):
+                raise
+            interrupted = exc
+            # Tether did not see the handler end: like a timed-out one, it is not
+            # retried, and its key and leases are held until their claims lapse
+            # (a `none` write goes in doubt).
+            reply = Executed(error=exc, still_running=True, duration_us=0)
 
 
 async def adrive(flow: Flow) -> Outcome:

@@ -63,10 +63,16 @@ class RunStarted:
 
     at: datetime
     """When the stage ran, aware UTC."""
+    budget: Decimal | None = None
+    """The most the run's plans may cost; None: no budget (and records older
+    than the field). A resumed run keeps it."""
     context: dict[str, Any] = field(default_factory=dict)
     format: int = FORMAT
     """Record format version."""
     kind: Literal["run_started"] = "run_started"
+    max_steps: int | None = None
+    """The most steps its planner may take (`Tether.start`); None when no
+    planner drives it (or the record is older than the field: 50 on resume)."""
     planner: str | None = None
     """The registered planner that drives the run (`Tether.start`), if one does."""
     principal: dict[str, Any]

@@ -236,7 +236,12 @@ class Tether:
             if e.data()["kind"] in ("run_started", "plan_proposed")
         ]
         name = next((n for n in reversed(names) if n), None)
-        planner = None if name is None else self.planners.get(str(name))
+        if name is None:
+            raise NotFound(
+                f"run {row.run_id} has no planner: it was opened with app.run() and "
+                "driven by its caller, so only that caller can go on with it"
+            )
+        planner = self.planners.get(str(name))
         if planner is None:
             raise NotFound(
                 f"run {row.run_id} was driven by planner {name!r}, which is not "
@@ -262,6 +267,9 @@ class Tether:
         `executing` or `planning` is ready once its writer's lease ran out (the
         process died: every write renews the lease for `idempotency.claim_ttl`);
         a `degraded` run once the breaker that stashed it is no longer open.
+        Every such run is looked at, however many newer ones still wait; at
+        most `limit` are returned. A run no planner drives (opened with
+        `app.run`) is never returned: only its caller can go on with it.
         """
         return self._ready.look(self.store, self.clock.now(), self.guards, limit=limit)
 

@@ -114,6 +114,8 @@ class Run:
         """Made by `resumed`: entering its `with` block creates nothing."""
         self.planner: str | None = None
         """The registered planner driving the run, recorded when it starts."""
+        self.max_steps: int | None = None
+        """The most steps its planner may take, recorded when it starts (None: no planner)."""
         self._in_doubt_on_resume: (
             tuple[record.InDoubtRecorded, record.ApprovalRequested, ApprovalRow] | None
         ) = None
@@ -128,6 +130,7 @@ class Run:
         """
         started = events[0].data()
         who = started["principal"]
+        budget = started.get("budget")  # None in records older than it
         run = cls(
             app,
             principal=Principal(
@@ -139,7 +142,9 @@ class Run:
             ),
             request=row.request,
             context=dict(started.get("context") or {}),
+            budget=None if budget is None else Decimal(budget),
         )
+        run.max_steps = started.get("max_steps")
         run.id = run.run_id = row.run_id
         run.status = RunState(row.status)
         run._writer = RunWriter(
@@ -164,7 +169,10 @@ class Run:
                 open_step, open_capability = step, data["capability"]
             elif kind in _STEP_ENDS and step == open_step:
                 open_step = None
-            if kind == "executed" and not data.get("dry_run"):
+            # A planner's model usage counts toward the budget too.
+            if (
+                kind == "executed" and not data.get("dry_run")
+            ) or kind == "usage_charged":
                 run.cost += Decimal(data.get("cost") or 0)
         run.steps = last
         run._numbers = itertools.count(last + 1)
@@ -333,6 +341,8 @@ class Run:
             principal=self.principal.describe(),
             context=dict(self.context),
             planner=self.planner,
+            budget=self.budget,
+            max_steps=self.max_steps,
         )
         new_run = NewRun(
             tenant=self.principal.tenant,

@@ -113,6 +113,7 @@ def run_agent(
         raise UsageError(f"max_steps must be at least 1, got {max_steps}")
     run = app.run(principal=principal, request=request, context=context, budget=budget)
     run.planner = planner_name  # recorded in run_started: a resume finds it there
+    run.max_steps = max_steps  # and its step limit
     try:
         with run:
             _drive(
@@ -210,9 +211,18 @@ def _drive(
 
 
 def resume_agent(
-    app: Tether, run: Run, planner: Planner, *, planner_name: str, max_steps: int = 50
+    app: Tether,
+    run: Run,
+    planner: Planner,
+    *,
+    planner_name: str,
+    max_steps: int | None = None,
 ) -> Run:
     """Continue a parked (or orphaned) planner-driven run from its record.
+
+    It keeps the budget and the `max_steps` it was started with (`max_steps`
+    given here overrides the recorded one; a record older than the field
+    gives 50), counting the steps it already took.
 
     The planner sees every past step's outcome, read back from the record
     (no step is taken again), except the step the run parked on: it is the
@@ -238,7 +248,7 @@ def resume_agent(
                 app,
                 run,
                 planner,
-                max_steps=max_steps,
+                max_steps=max_steps or run.max_steps or 50,
                 planner_name=planner_name,
                 park=True,
                 observations=seen,
