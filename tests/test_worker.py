@@ -12,6 +12,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
 from pydantic import BaseModel
 
 import tether
@@ -334,3 +335,21 @@ def test_an_approved_run_is_ready_behind_any_number_of_newer_waiting_ones(
         ready = app.ready_runs()
 
     assert ready == [runs[0].id]
+
+
+@pytest.mark.parametrize("interval", ["inf", "nan", "0", "86400"])
+def test_a_worker_interval_out_of_range_is_one_usage_line(
+    tmp_path: Path, interval: str
+) -> None:
+    """`--interval` takes 0.05 to 3600 seconds; anything else (infinite, not a
+    number, zero, a day) is refused in one line, not a crash at the first wait."""
+    done = _run(
+        tmp_path, CLI, "worker", "--app", "agentapp:app", "--interval", interval
+    )
+
+    assert done.returncode == 2
+    assert done.stdout == ""
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith(
+        "error[usage_error] tether worker: Invalid value for '--interval'"
+    )

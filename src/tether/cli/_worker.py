@@ -45,7 +45,8 @@ def _worker(
         typer.Option(
             "--interval",
             min=0.05,
-            help="Seconds between looks for ready runs. On PostgreSQL a decided "
+            max=3600,
+            help="Seconds between looks for ready runs (0.05 to 3600). On PostgreSQL a decided "
             "approval request wakes the worker at once (LISTEN/NOTIFY); the looks "
             "find runs ready by time (an orphaned run's lapsed lease, a breaker's "
             "cool-down).",
