@@ -861,3 +861,34 @@ def test_approved_after_the_run_ended_a_later_run_uses_the_grant(
         "executed",
     ]
     assert verified == (True, True)
+
+
+@pytest.mark.parametrize("name", ["", "   ", "al\tice"])
+def test_a_blank_or_unprintable_decider_is_a_usage_error_and_records_nothing(
+    scene: Scene, capsys: pytest.CaptureFixture[str], name: str
+) -> None:
+    """`--as ''` (or blank, or with a control character) exits 2; no event is recorded."""
+    events = len(scene.app.store.events(scene.run.id))
+
+    approve = run_cli(
+        capsys, "approvals", "approve", scene.approval_id, "--as", name, *files(scene)
+    )
+    deny = run_cli(
+        capsys,
+        "approvals",
+        "deny",
+        scene.approval_id,
+        "--as",
+        name,
+        "--reason",
+        "no",
+        *files(scene),
+    )
+
+    for code, out, err in (approve, deny):
+        assert code == 2, err
+        assert out == ""
+        assert len(err.splitlines()) == 1
+        assert err.startswith("error[usage_error] --as "), err
+    assert len(scene.app.store.events(scene.run.id)) == events
+    assert scene.app.approval(scene.approval_id).status == "pending"

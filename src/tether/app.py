@@ -62,6 +62,9 @@ class Tether:
         clock: where time is read (tests pass `tether.testing.FakeClock`).
         ids: where run ids come from.
         env: the environment to read `TETHER_*` variables from (default `os.environ`).
+        read_only: only read the database (a tool that inspects records): a
+            SQLite file must already be a tether database of this schema, and
+            is neither migrated nor given a record key file; writes fail.
 
     Example:
         ```python
@@ -81,6 +84,7 @@ class Tether:
         clock: Clock | None = None,
         ids: Ids | None = None,
         env: Mapping[str, str] | None = None,
+        read_only: bool = False,
     ) -> None:
         env = os.environ if env is None else env
         self.db_url = _config.resolve_db(db, env)
@@ -106,12 +110,22 @@ class Tether:
         """The limits, breakers and retry budget in force; None when `tether.yaml` has none."""
         self.webhook = _config.webhook_from(self.settings, self.clock)
         """Where approval requests and decisions are announced, if anywhere."""
-        self.store: Store = open_store(self.db_url)
+        self.store: Store = open_store(self.db_url, read_only=read_only)
         self._ready = ReadyRuns()
         # The key file is made only once the database opened: a bad --db must not
         # leave a key file beside some other file.
         if self.store.signs_heads:
-            self.store.record_key = _config.record_key(self.db_url, env)
+            store = self.store
+            try:
+                store.record_key = _config.record_key(
+                    self.db_url,
+                    env,
+                    create=not read_only,
+                    has_runs=lambda: bool(store.list_runs(limit=1)),
+                )
+            except ConfigError:
+                store.close()
+                raise
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
         self._warn_of_skew()

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
@@ -211,14 +211,30 @@ def _first_problem(problems: Sequence[ConfigProblem], *, hint: str) -> str:
     return first
 
 
-def record_key(db_url: str, env: Mapping[str, str] | None = None) -> bytes | None:
+def record_key(
+    db_url: str,
+    env: Mapping[str, str] | None = None,
+    *,
+    create: bool = True,
+    has_runs: Callable[[], bool] | None = None,
+) -> bytes | None:
     """Return the key that signs chain heads for the database at `db_url`.
 
     `TETHER_RECORD_KEY` wins (hex, or any text); else, for a SQLite file, the
-    key file beside it, created on first use with mode 0600; else None, and
+    key file beside it, created on first use with mode 0600 (with `create`
+    False, as a read asks, a missing file gives None); else None, and
     chain heads are left unsigned. A PostgreSQL database gets no key file: its
     workers run on many hosts, which must all sign with one key, so the key is
     `TETHER_RECORD_KEY`, set alike on every host (kept outside the database).
+
+    A key file is never made for a database that already holds runs
+    (`has_runs`): they were signed with a key that is missing now (a database
+    copied without its key file, say), and a new one would make every one of
+    them fail `tether verify`.
+
+    Raises:
+        ConfigError: the key is unreadable or too short, or it is missing for
+            a database that holds runs.
     """
     env = os.environ if env is None else env
     given = env.get("TETHER_RECORD_KEY")
@@ -237,6 +253,16 @@ def record_key(db_url: str, env: Mapping[str, str] | None = None) -> bytes | Non
     if not path:
         return None
     key_file = Path(path + ".key")
+    if not key_file.exists():
+        if not create:
+            return None  # a read never makes a key: it could only mismatch
+        if has_runs is not None and has_runs():
+            raise ConfigError(
+                f"{key_file} is missing, and {path} holds runs signed with it: "
+                "copy the key file beside the database (or set "
+                "TETHER_RECORD_KEY); a new key would fail every earlier run's "
+                "`tether verify`"
+            )
     try:
         if not key_file.exists():
             _create_key_file(key_file)

@@ -30,6 +30,7 @@ from tether.cli._common import (
     JSON_FORMAT,
     _error,
     _help_if_bare,
+    _json_errors,
     _runs_cli,
     _version,
     cli,
@@ -53,9 +54,10 @@ def _root(
 ) -> None:
     """tether: the runtime control plane for production AI agents.
 
-    Commands that read the database take --db URL and prints one JSON document with --json.
-    Errors are one line on stderr: exit 2 when a command could not run, 1 when
-    it ran and the answer is no.
+    Commands that use the database take --db URL; with --json a command prints
+    one JSON document on stdout. Errors are one line on stderr (with --json,
+    also a JSON document on stdout): exit 2 when a command could not run, 1
+    when it ran and the answer is no, 130 when interrupted (Ctrl-C).
 
     Example: tether demo
     """
@@ -80,22 +82,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     Exit codes: 0 done, 1 the command ran and the answer is no (`verify` found
     a bad record, `demo` did not succeed), 2 the command could not run.
     """
-    command = typer.main.get_command(cli)
+    args = list(sys.argv[1:] if argv is None else argv)
+    given = args[: args.index("--")] if "--" in args else args
+    _json_errors["on"] = "--json" in given
     debug = os.environ.get("TETHER_DEBUG") == "1"
     try:
-        result = command.main(
-            args=list(sys.argv[1:] if argv is None else argv),
-            prog_name="tether",
-            standalone_mode=False,
-        )
+        command = typer.main.get_command(cli)
+        result = command.main(args=args, prog_name="tether", standalone_mode=False)
+    except KeyboardInterrupt:
+        return _interrupted()
     except typer.TyperException as exc:
         # Click's usage errors (typer vendors Click; they derive from this class).
         where = getattr(getattr(exc, "ctx", None), "command_path", None) or "tether"
         _error("usage_error", f"{where}: {exc.format_message()} (see {where} --help)")
         return 2
-    except typer.Abort:
-        _error("interrupted", "stopped before finishing")
-        return 130
+    except typer.Abort:  # end of input at a prompt
+        return _interrupted()
     except TetherError as exc:
         if debug:
             traceback.print_exc()
@@ -115,7 +117,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             "the traceback and report it)",
         )
         return 2
+    if result == 130:  # typer's answer to Ctrl-C (KeyboardInterrupt) in a command
+        return _interrupted()
     return result if isinstance(result, int) else 0
+
+
+def _interrupted() -> int:
+    _error(
+        "interrupted",
+        "stopped by Ctrl-C before the command finished; run it again to "
+        "finish (whatever it had already recorded is kept)",
+    )
+    return 130
 
 
 if __name__ == "__main__":  # pragma: no cover  # `python -m tether.cli`

@@ -21,15 +21,19 @@ from tether.cli._common import (
     _clean,
     _console,
     _Db,
+    _db_url,
     _emit_json,
     _error,
     _help_if_bare,
     _Json,
     _load_app,
+    _open,
+    _opening,
     cli,
 )
-from tether.config import resolve_config_path, resolve_db
+from tether.config import resolve_config_path
 from tether.errors import ApprovalClosed, NotAllowedToApprove, NotFound, UsageError
+from tether.principal import check_text
 from tether.store import ApprovalRow, ApprovalStatus, sqlite_path
 
 __all__: list[str] = []  # commands register on `cli` on import
@@ -98,8 +102,13 @@ def _approvals(ctx: typer.Context) -> None:
 
 
 @contextmanager
-def _opened(db: str | None, config: Path | None, app: str | None) -> Iterator[Tether]:
+def _opened(
+    db: str | None, config: Path | None, app: str | None, *, read_only: bool = False
+) -> Iterator[Tether]:
     """Yield the app whose store and `approvers:` the command uses.
+
+    `read_only` (list, show): the database is opened without migrating or
+    writing it (see `_open`).
 
     Raises:
         UsageError: `--app` together with `--db` or `--config`, or a bad `--app`.
@@ -113,14 +122,14 @@ def _opened(db: str | None, config: Path | None, app: str | None) -> Iterator[Te
             )
         yield _load_app(app)  # the user's app: theirs to close
         return
-    url = resolve_db(db)
-    path = sqlite_path(url)
-    if path and not Path(path).is_file():
-        raise NotFound(
-            f"no database at {path}; pass --db (or set TETHER_DB) to the database "
-            "your app records to"
-        )
-    with Tether(db=url, config=resolve_config_path(config)) as opened:
+    with _opening(db):
+        path = sqlite_path(_db_url(db))
+        if path and not Path(path).is_file():
+            raise NotFound(
+                f"no database at {path}; pass --db (or set TETHER_DB) to the "
+                "database your app records to"
+            )
+    with _open(db, read_only=read_only, config=resolve_config_path(config)) as opened:
         yield opened
 
 
@@ -367,7 +376,7 @@ def _approvals_list(
         raise UsageError(
             f"unknown status {_clean(status, 40)!r}; use one of: {_STATUSES}"
         )
-    with _opened(db, config, app) as opened:
+    with _opened(db, config, app, read_only=True) as opened:
         rows = opened.approvals(status=status, limit=limit)
     if as_json:
         _emit_json({"format": JSON_FORMAT, "approvals": [_document(r) for r in rows]})
@@ -396,7 +405,7 @@ def _approvals_show(
 
     Example: tether approvals show apr_0190f3a2c4
     """
-    with _opened(db, config, app) as opened:
+    with _opened(db, config, app, read_only=True) as opened:
         row = opened.approval(approval)
         history = _history(opened, row)
     if as_json:
@@ -441,6 +450,7 @@ def _approvals_approve(
 
     Example: tether approvals approve apr_0190f3a2c4 --as alice --note "ticket 42"
     """
+    by = _decider(by)
     with _opened(db, config, app) as opened:
         row = _decided(lambda: opened.approve(approval, by=by, note=note))
     _print_decision(row, by, as_json)
@@ -480,9 +490,20 @@ def _approvals_deny(
 
     Example: tether approvals deny apr_0190f3a2c4 --as alice --reason "not this order"
     """
+    by = _decider(by)
     with _opened(db, config, app) as opened:
         row = _decided(lambda: opened.deny(approval, by=by, reason=reason))
     _print_decision(row, by, as_json)
+
+
+def _decider(by: str) -> str:
+    """Return the --as name; a blank or unprintable one is a usage error, nothing recorded."""
+    if not by.strip():
+        raise UsageError(
+            "--as is empty; give the name of the person deciding, as listed under "
+            "approvers: in tether.yaml (e.g. --as alice)"
+        )
+    return check_text(by, "--as", name=True)
 
 
 def _decided(decide: Callable[[], ApprovalRow]) -> ApprovalRow:

@@ -25,7 +25,7 @@ from tether.config import (
 )
 from tether.errors import NotFound, TetherError, UsageError
 from tether.scenarios import SCENARIOS
-from tether.store import skew_problem, sqlite_path
+from tether.store import safe_url, skew_problem, sqlite_path
 
 __all__ = [
     "JSON_FORMAT",
@@ -38,14 +38,17 @@ __all__ = [
     "_brief",
     "_clean",
     "_console",
+    "_db_url",
     "_emit_json",
     "_error",
     "_escape_char",
     "_field",
     "_help_if_bare",
+    "_json_errors",
     "_load_app",
     "_ms",
     "_open",
+    "_opening",
     "_policy_cli",
     "_runs_cli",
     "_styled",
@@ -57,6 +60,10 @@ __all__ = [
 
 JSON_FORMAT = 1
 """Version of every `--json` document this command prints."""
+
+_json_errors = {"on": False}
+"""Whether an error also goes to stdout as a JSON document (`main` sets it when
+the command line holds --json)."""
 
 _OK_STATUSES = ("executed", "dry_run", "idempotent_hit")
 _STYLE = {
@@ -175,16 +182,61 @@ def _styled(status: str | None) -> Text:
 # -- opening the app ----------------------------------------------------------------------
 
 
-@contextmanager
-def _open(db: str | None, *, must_exist: bool = False) -> Iterator[Tether]:
-    url = resolve_db(db)
-    path = sqlite_path(url)
-    if must_exist and path and not Path(path).is_file():
-        raise NotFound(
-            f"no database at {path}; run `tether demo` first or pass --db "
-            "(or set TETHER_DB)"
+def _db_url(db: str | None) -> str:
+    """Return the database URL a command uses: --db, else $TETHER_DB, else the default.
+
+    Raises:
+        UsageError: --db was given empty.
+    """
+    if db is not None and not db.strip():
+        raise UsageError(
+            "--db is empty; give a database URL (sqlite:///path/to/file.db, "
+            "postgresql://..., memory://), or leave --db out for $TETHER_DB, "
+            f"else {DEFAULT_DB}"
         )
-    with Tether(db=url) as app:
+    return resolve_db(db)
+
+
+@contextmanager
+def _opening(db: str | None) -> Iterator[None]:
+    """Say, in any tether error raised inside, that the URL came from TETHER_DB.
+
+    Wrap only the opening of the database: an error there is about the URL.
+    """
+    given = os.environ.get("TETHER_DB")
+    try:
+        yield
+    except TetherError as exc:
+        if db is None and given:
+            exc.message = f"TETHER_DB={safe_url(given)!r}: {exc.message}"
+            exc.args = (exc.message,)
+        raise
+
+
+@contextmanager
+def _open(
+    db: str | None,
+    *,
+    must_exist: bool = False,
+    read_only: bool = False,
+    config: Path | None = None,
+) -> Iterator[Tether]:
+    """Open the app on the database `db` names (see `_db_url`).
+
+    `read_only`, for commands that only read: a SQLite file must exist and be a
+    tether database of this schema; it is not migrated, written, nor given a
+    record key file.
+    """
+    with _opening(db):
+        url = _db_url(db)
+        path = sqlite_path(url)
+        if (must_exist or read_only) and path and not Path(path).is_file():
+            raise NotFound(
+                f"no database at {path}; run `tether demo` first or pass --db "
+                "(or set TETHER_DB)"
+            )
+        app = Tether(db=url, config=config, read_only=read_only)
+    with app:
         yield app
 
 
@@ -295,6 +347,16 @@ def _help_if_bare(ctx: typer.Context) -> None:
 
 
 def _error(code: str, message: str) -> None:
-    text = _clean(" ".join(message.split()))  # one line, whatever the message held
-    sys.stderr.write(f"error[{_clean(code, 60)}] {text}\n")
+    """Print the one `error[code] message` line on stderr.
+
+    With --json the error is also one JSON document on stdout, so a script
+    reading stdout always gets a document: `{"format": 1, "ok": false,
+    "error": {"code": ..., "message": ...}}`.
+    """
+    line = " ".join(message.split())  # one line, whatever the message held
+    sys.stderr.write(f"error[{_clean(code, 60)}] {_clean(line)}\n")
     sys.stderr.flush()
+    if _json_errors["on"]:
+        error = {"code": code, "message": line}
+        _emit_json({"format": JSON_FORMAT, "ok": False, "error": error})
+        sys.stdout.flush()

@@ -16,7 +16,6 @@ from rich.text import Text
 from tether.app import Tether
 from tether.cli._common import (
     JSON_FORMAT,
-    _App,
     _clean,
     _console,
     _Db,
@@ -116,7 +115,7 @@ def _load(target: str, db: str | None) -> RecordedRun:
     path = Path(target)
     if path.is_file() or target.endswith(".jsonl"):
         return RecordedRun.from_file(path)
-    with _open(db, must_exist=True) as app:
+    with _open(db, read_only=True) as app:
         return RecordedRun.from_store(app.store, target)
 
 
@@ -229,6 +228,18 @@ def _print_report(report: ReplayReport) -> None:
 
 # -- what-if -------------------------------------------------------------------------
 
+_WhatIfApp = Annotated[
+    str | None,
+    typer.Option(
+        "--app",
+        metavar="MODULE:ATTR",
+        help="Your tether.Tether instance (myapp:app), whose capabilities and "
+        "Python policies the runs used; default: the built-in scenario each run "
+        "came from. The runs are still read from --db.",
+        show_default=False,
+    ),
+]
+
 
 @_policy_cli.command("what-if")
 def _what_if(
@@ -248,7 +259,13 @@ def _what_if(
     ] = None,
     last: Annotated[
         int,
-        typer.Option("--last", metavar="N", min=1, help="Replay the N newest runs."),
+        typer.Option(
+            "--last",
+            metavar="N",
+            min=1,
+            max=10_000,
+            help="Replay the N newest runs.",
+        ),
     ] = 50,
     since: Annotated[
         str | None,
@@ -259,7 +276,7 @@ def _what_if(
             show_default=False,
         ),
     ] = None,
-    app: _App = None,
+    app: _WhatIfApp = None,
     as_json: _Json = False,
     db: _Db = None,
 ) -> None:
@@ -275,7 +292,7 @@ def _what_if(
     """
     cutoff = _since(since)
     with ExitStack() as stack:
-        store_app = stack.enter_context(_open(db, must_exist=True))
+        store_app = stack.enter_context(_open(db, read_only=True))
         loaded = None if app is None else _load_app(app)
         apps = apps_for(loaded, stack)
         if runs:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.padding import Padding
 from rich.table import Table
 from rich.text import Text
 
@@ -37,9 +38,10 @@ from tether.cli._timeline import (
     _summary,
     _timeline,
 )
-from tether.errors import UsageError
+from tether.errors import NotFound, UsageError
 from tether.run import RunState
 from tether.scenarios import SCENARIOS
+from tether.store import sqlite_path
 
 __all__: list[str] = []  # commands register on `cli` on import
 
@@ -75,6 +77,9 @@ def _demo(
         run = chosen.run(app)
         doc = _timeline(app, run.id)
         url = app.store.url  # the store's URL carries no secrets
+        config = None if app.config_path is None else str(app.config_path)
+        policy_version = app.policy.version
+    kept = not url.startswith("memory:")
     if as_json:
         _emit_json(
             {
@@ -85,6 +90,9 @@ def _demo(
                 "answer": doc["answer"],
                 "error_code": doc["error_code"],
                 "steps": doc["steps"],
+                "config": config,
+                "policy_version": policy_version,
+                "database": url if kept else None,
             }
         )
     else:
@@ -92,17 +100,28 @@ def _demo(
         console.print(Text(f"{chosen.name}: {chosen.description}", style="bold"))
         _field(console, "request", doc["request"])
         _field(console, "agent", _principal_line(chosen.principal.describe()))
+        _field(
+            console,
+            "config",
+            "none: every step is allowed (no tether.yaml here, no TETHER_CONFIG)"
+            if config is None
+            else f"{config} (policy version {policy_version}); its rules, limits "
+            "and breakers apply to this run",
+        )
         console.print()
         console.print(_steps_table(doc["steps"], console.width))
         console.print()
         if doc["answer"]:
             _field(console, "answer", doc["answer"])
         console.print(_summary(doc))
-        db_flag = "" if db is None else f" --db {db}"
-        _field(console, "verify", f"tether verify {doc['run_id']}{db_flag}")
-        _field(console, "inspect", f"tether runs show {doc['run_id']}{db_flag}")
-        if db is None:
-            _field(console, "database", url)
+        if not kept:
+            _field(console, "database", f"{url}: nothing was kept, the run is gone")
+        else:
+            db_flag = "" if db is None else f" --db {db}"
+            _field(console, "verify", f"tether verify {doc['run_id']}{db_flag}")
+            _field(console, "inspect", f"tether runs show {doc['run_id']}{db_flag}")
+            if db is None:
+                _field(console, "database", url)
     if doc["status"] != RunState.SUCCEEDED.value:
         raise typer.Exit(1)
 
@@ -135,7 +154,7 @@ def _runs_list(
             f"unknown status {_clean(status, 40)!r}; use one of: "
             f"{', '.join(s.value for s in RunState)}"
         )
-    with _open(db, must_exist=True) as app:
+    with _open(db, read_only=True) as app:
         rows = app.store.list_runs(limit=limit, status=status)
     items: list[dict[str, Any]] = [
         {
@@ -156,21 +175,77 @@ def _runs_list(
         return
     console = _console()
     if not items:
-        console.print("no runs yet; try `tether demo`")
+        if status is None:
+            console.print("no runs yet; try `tether demo`")
+        else:
+            console.print(f"no runs match --status {status}")
         return
-    table = Table(box=None, pad_edge=False, header_style="bold")
-    for name in ("run", "status", "created (UTC)", "principal", "events", "request"):
-        table.add_column(name, no_wrap=True, overflow="ellipsis")
+    table, needed = _runs_table(items, console.width)
+    if needed <= console.width:
+        console.print(table)
+        return
+    # Too narrow for the columns: two lines a run, wrapped, rather than cut an id.
     for item in items:
-        table.add_row(
-            Text(_clean(item["run_id"])),
-            _styled(item["status"]),
-            Text(_clean(_short_time(item["created_at"]))),
-            Text(_clean(item["principal"], 30)),
-            Text(str(item["events"])),
-            Text(_clean(item["request"], 50)),
+        line = Text(_clean(item["run_id"]), style="bold")
+        line.append("  ")
+        line.append_text(_styled(item["status"]))
+        line.append(f"  {_clean(_short_time(item['created_at']))}")
+        line.append(f"  {item['events']} events")
+        console.print(line)
+        said = f"{_clean(item['principal'], 60)}: {_clean(item['request'], 200)}"
+        console.print(Padding(Text(said), (0, 0, 0, 2)))
+
+
+_RUN_COLUMNS = (
+    ("run", None), ("status", None), ("created (UTC)", 10), ("principal", 9),
+    ("events", None), ("request", 16),
+)  # fmt: skip
+"""The list's columns, each with how narrow it may get (None: never narrower
+than its text). Run ids stay whole: they are what `show` and `verify` take."""
+_RUN_GIVE_WAY = ("request", "principal", "created (UTC)")
+"""On a narrow terminal, which columns narrow first (each to its minimum)."""
+
+
+def _runs_table(items: list[dict[str, Any]], width: int) -> tuple[Table, int]:
+    """Return the runs as a table that fits `width` where it can, and its width.
+
+    Ids are never cut: when even the narrowest table is wider than `width`,
+    the returned width says how wide it is.
+    """
+    cells = [
+        [
+            _clean(item["run_id"]),
+            _clean(item["status"]),
+            _clean(_short_time(item["created_at"])),
+            _clean(item["principal"], 60),
+            str(item["events"]),
+            _clean(item["request"], 200),
+        ]
+        for item in items
+    ]
+    widths = [
+        max([len(header), *(len(row[i]) for row in cells)])
+        for i, (header, _) in enumerate(_RUN_COLUMNS)
+    ]
+    over = sum(widths) + 2 * (len(widths) - 1) - width  # two spaces between columns
+    headers = [header for header, _ in _RUN_COLUMNS]
+    for name in _RUN_GIVE_WAY:
+        i = headers.index(name)
+        cut = min(max(over, 0), max(widths[i] - (_RUN_COLUMNS[i][1] or 0), 0))
+        widths[i] -= cut
+        over -= cut
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for (header, least), fitted in zip(_RUN_COLUMNS, widths, strict=True):
+        table.add_column(
+            header,
+            width=None if least is None else fitted,
+            no_wrap=least is None,
+            overflow="fold",  # text folds; times wrap at their space
+            justify="right" if header == "events" else "left",
         )
-    console.print(table)
+    for row in cells:
+        table.add_row(Text(row[0]), _styled(row[1]), *(Text(cell) for cell in row[2:]))
+    return table, sum(widths) + 2 * (len(widths) - 1)
 
 
 @_runs_cli.command("show")
@@ -183,7 +258,7 @@ def _runs_show(
 
     Example: tether runs show run_0190f3a2c4
     """
-    with _open(db, must_exist=True) as app:
+    with _open(db, read_only=True) as app:
         _with_scenario(app, run)
         doc = _timeline(app, run)
     if as_json:
@@ -268,7 +343,7 @@ def _runs_export(
             "--output",
             "-o",
             metavar="FILE",
-            help="Write to FILE instead of stdout.",
+            help="Write to FILE instead of stdout (- is stdout).",
             dir_okay=False,
         ),
     ] = None,
@@ -281,11 +356,11 @@ def _runs_export(
 
     Example: tether runs export run_0190f3a2c4 -o incident.jsonl
     """
-    with _open(db, must_exist=True) as app:
+    with _open(db, read_only=True) as app:
         _with_scenario(app, run)
         lines = list(app.export(run))
     data = b"".join(line + b"\n" for line in lines)
-    if output is None:
+    if output is None or str(output) == "-":
         sys.stdout.buffer.write(data)
         sys.stdout.buffer.flush()
         return
@@ -322,6 +397,12 @@ def _verify(
     a consistent rewrite of the whole chain by someone with database write
     access cannot be detected; such a run is reported as unanchored.
 
+    A signed run whose record key is not found (no TETHER_RECORD_KEY, no key
+    file beside the database, as when only the database was copied) cannot be
+    checked: exit 2 saying where the key must be, unless --head is given, in
+    which case the chain is checked against it and the signature is reported
+    as unchecked. A read never creates a key.
+
     Example: tether verify run_0190f3a2c4 --head 3fa1...e9
     """
     if head is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", head):
@@ -329,13 +410,24 @@ def _verify(
             f"--head must be 64 hex digits (the `head` of an export), got "
             f"{_clean(head, 80)!r}"
         )
-    with _open(db, must_exist=True) as app:
+    with _open(db, read_only=True) as app:
         row = app.store.get_run(run)
+        keyless = app.store.record_key is None and row.head_sig is not None
+        if keyless and head is None:
+            raise NotFound(_no_key(row.run_id, app.store.url))
         report = app.verify(row.run_id, head=head)
         signed = app.store.record_key is not None and row.head_sig is not None
     anchored = signed or head is not None
+    signature = "checked" if signed else "unchecked" if keyless else "unsigned"
     if as_json:
-        _emit_json({**report.to_json(), "format": JSON_FORMAT, "anchored": anchored})
+        _emit_json(
+            {
+                **report.to_json(),
+                "format": JSON_FORMAT,
+                "anchored": anchored,
+                "signature": signature,
+            }
+        )
     else:
         console = _console()
         if report.ok:
@@ -344,6 +436,14 @@ def _verify(
                 f"run {report.run_id}: {report.events} events, head {report.head}"
             )
             console.print(line)
+            if keyless:
+                console.print(
+                    Text(
+                        "signature unchecked: no record key was found; the chain "
+                        "was checked against the --head given",
+                        style="yellow",
+                    )
+                )
             if not anchored:
                 console.print(
                     Text(
@@ -364,3 +464,18 @@ def _verify(
             console.print(line)
     if not report.ok:
         raise typer.Exit(1)
+
+
+def _no_key(run_id: str, url: str) -> str:
+    path = sqlite_path(url)
+    where = (
+        "set TETHER_RECORD_KEY to the key it was signed with"
+        if path is None
+        else "set TETHER_RECORD_KEY, or copy the key file from beside the "
+        f"original database to {path}.key"
+    )
+    return (
+        f"run {run_id}: its head is signed, but no record key was found, so the "
+        f"signature cannot be checked (this is not proof of tampering); {where}; "
+        "or pass --head HASH from an export to check the chain against that"
+    )

@@ -17,17 +17,19 @@ from tether.cli._common import (
     _clean,
     _console,
     _Db,
+    _db_url,
     _emit_json,
     _field,
     _Json,
     _load_app,
+    _open,
+    _opening,
     _warn_of_skew,
     cli,
 )
 from tether.config import (
     load_settings,
     resolve_config_path,
-    resolve_db,
 )
 from tether.errors import NotFound, UsageError
 from tether.status import RetryStatus, StatusReport, status
@@ -93,10 +95,10 @@ def _status(
         report = status(loaded)
         url = loaded.store.url
     else:
-        url = resolve_db(db)
+        with _opening(db):
+            url = _db_url(db)
         path = resolve_config_path(config)
         sqlite = sqlite_path(url)
-        read = url
         if sqlite and not Path(sqlite).is_file():
             settings, _ = load_settings(path)
             if settings.limits or settings.breakers or settings.retry_budget:
@@ -104,10 +106,12 @@ def _status(
                     f"no database at {sqlite}; pass --db (or set TETHER_DB) to "
                     "the database your app records to"
                 )
-            read = "memory://"  # nothing configured, nothing recorded: not created
-        with Tether(db=read, config=path) as opened:
-            report = status(opened)
-            if read == url:
+            # nothing configured, nothing recorded: not created
+            with Tether(db="memory://", config=path) as opened:
+                report = status(opened)
+        else:
+            with _open(db, read_only=True, config=path) as opened:
+                report = status(opened)
                 url = opened.store.url  # the store's URL carries no secrets
     if as_json:
         _emit_json({"format": JSON_FORMAT, "database": url, **report.to_json()})

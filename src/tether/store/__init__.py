@@ -103,8 +103,14 @@ def safe_url(url: str) -> str:
     return parts._replace(netloc=user + host).geturl()
 
 
-def open_store(url: str, *, record_key: bytes | None = None) -> Store:
+def open_store(
+    url: str, *, record_key: bytes | None = None, read_only: bool = False
+) -> Store:
     """Open the store named by `url`.
+
+    `read_only` opens a SQLite file only if it is a tether database of this
+    schema, and neither creates, configures nor migrates it. (A PostgreSQL
+    database is migrated by whoever opens it first: its readers are workers.)
 
     Raises:
         ConfigError: the URL names no backend tether has, or an option it does
@@ -132,7 +138,12 @@ def open_store(url: str, *, record_key: bytes | None = None) -> Store:
             raise ConfigError(
                 f"database URL {url!r}: synchronous must be full or normal, got {sync!r}"
             )
-        return SQLiteStore(path, synchronous=sync, record_key=record_key)  # type: ignore[arg-type]  # checked above
+        return SQLiteStore(
+            path,
+            synchronous=sync,  # type: ignore[arg-type]  # checked above
+            record_key=record_key,
+            read_only=read_only,
+        )
     if parts.scheme in ("postgresql", "postgres"):
         store: Store = _postgres().PostgresStore(given, record_key=record_key)
         return store

@@ -18,7 +18,7 @@ from decimal import Decimal
 from typing import Any
 
 from tether import _canonical
-from tether.errors import HeadMoved, LeaseLost, UsageError
+from tether.errors import HeadMoved, LeaseLost, NotFound, UsageError
 from tether.store import _limits
 from tether.store._base import (
     ApprovalRow,
@@ -118,11 +118,20 @@ def fence_error(batch: Batch, epoch: int, head_seq: int) -> LeaseLost | HeadMove
     )
 
 
-def not_one(rows: Sequence[object], several: str, listing: str) -> str:
-    """Say why a look-up by id or prefix found `rows`, not one: none, or `several`."""
+def not_one(
+    rows: Sequence[object], what: str, given: str, where: str, listing: str
+) -> NotFound:
+    """Say why a look-up of `what` by id or prefix found `rows`, not one.
+
+    None: no such `what`. Several: the prefix is ambiguous, which is not the
+    same as missing (a longer prefix finds it).
+    """
     if rows:
-        return f"it matches several {several}; give more of it"
-    return f"see `{listing}`"
+        return NotFound(
+            f"{what} id prefix {given!r} is ambiguous{where}: it matches "
+            f"{len(rows)}; give more of it (see `{listing}`)"
+        )
+    return NotFound(f"no {what} {given!r}{where}; see `{listing}`")
 
 
 def not_resumable(now_row: RunRow) -> UsageError:

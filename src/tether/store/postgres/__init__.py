@@ -23,7 +23,6 @@ from typing import Any
 import psycopg
 
 from tether import _chain
-from tether.errors import NotFound
 from tether.store import _limits
 from tether.store._base import KeyId, KeyRecord, LimitRow, RunRow
 from tether.store._breakers import BreakerRow
@@ -137,8 +136,7 @@ class PostgresStore(Writes, Approvals):
         """Return one run, by id or by a unique prefix of at least 6 characters."""
         rows = self._by_id("runs", "run_id", RUN_COLUMNS, run_id)
         if len(rows) != 1:
-            hint = not_one(rows, "runs", "tether runs list")
-            raise NotFound(f"no run {run_id!r} in {self.url}; {hint}")
+            raise not_one(rows, "run", run_id, f" in {self.url}", "tether runs list")
         return run_row(rows[0], _utc)
 
     def list_runs(self, *, limit: int = 50, status: str | None = None) -> list[RunRow]:

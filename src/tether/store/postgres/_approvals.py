@@ -56,8 +56,9 @@ class Approvals(Connected):
         """Return one approval request (a unique prefix of 6+ characters works too)."""
         rows = self._by_id("approvals", "id", APPROVAL_COLUMNS, approval_id)
         if len(rows) != 1:
-            hint = not_one(rows, "requests", "tether approvals list")
-            raise NotFound(f"no approval request {approval_id!r}; {hint}")
+            raise not_one(
+                rows, "approval request", approval_id, "", "tether approvals list"
+            )
         return approval_row(rows[0])
 
     def list_approvals(

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from datetime import datetime
 
 from tether import _chain
-from tether.errors import NotFound, StoreError
+from tether.errors import StoreError
 from tether.store import _limits
 from tether.store._base import KeyId, KeyRecord, LimitRow, RunRow
 from tether.store._breakers import BreakerRow
@@ -52,6 +52,9 @@ class SQLiteStore(Approvals):
             a process crash, but the last steps may be lost if the machine loses
             power).
         record_key: the key that signs chain heads; None leaves heads unsigned.
+        read_only: open an existing tether database of this schema for reading
+            only: never create, configure or migrate the file (a file that is
+            not one, or is at an older schema, is a `StoreError`).
     """
 
     # -- reads ------------------------------------------------------------------
@@ -123,8 +126,8 @@ class SQLiteStore(Approvals):
         """Return one run, by id or by a unique prefix of at least 6 characters."""
         rows = self._by_id("runs", "run_id", RUN_COLUMNS, run_id)
         if len(rows) != 1:
-            hint = not_one(rows, "runs", "tether runs list")
-            raise NotFound(f"no run {run_id!r} in {str(self.path)!r}; {hint}")
+            where = f" in {str(self.path)!r}"
+            raise not_one(rows, "run", run_id, where, "tether runs list")
         return run_row(rows[0], _dt)
 
     def list_runs(self, *, limit: int = 50, status: str | None = None) -> list[RunRow]:

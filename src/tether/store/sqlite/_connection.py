@@ -4,19 +4,26 @@
 file's one connection, shared by the store's threads under a lock, configured
 (see the package docstring) and migrated when the store opens, and the
 transactions (`_write`, `_read`) the other parts run in.
+
+Opened `read_only`, the file is neither created, configured nor migrated: it
+must already be a tether database of this version's schema, and nothing is
+written to it (SQLite may still make its `-wal` and `-shm` files beside it).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Literal, TypeVar
+from urllib.parse import quote
 
 from tether import _chain
 from tether.errors import StoreError
@@ -45,6 +52,7 @@ class Connected(Store):
         *,
         synchronous: Synchronous = "full",
         record_key: bytes | None = None,
+        read_only: bool = False,
     ) -> None:
         if synchronous not in ("full", "normal"):
             raise StoreError(
@@ -58,31 +66,68 @@ class Connected(Store):
         self._pks: dict[str, int] = {}
         """Integer keys of the runs this store wrote, by run id."""
         self._macs: dict[bytes, _chain.Mac] = {}
+        self.read_only = read_only
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._con = sqlite3.connect(
-                self.path,
-                isolation_level=None,  # we issue BEGIN IMMEDIATE ourselves
-                check_same_thread=False,  # guarded by self._lock
-                timeout=BUSY_TIMEOUT_MS / 1000,
-            )
+            if read_only:
+                # mode=ro: a missing file is an error, never a new empty database.
+                where = f"file:{quote(str(self.path.absolute()))}?mode=ro"
+                self._con = sqlite3.connect(
+                    where,
+                    uri=True,
+                    isolation_level=None,
+                    check_same_thread=False,
+                    timeout=BUSY_TIMEOUT_MS / 1000,
+                )
+            else:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._con = sqlite3.connect(
+                    self.path,
+                    isolation_level=None,  # we issue BEGIN IMMEDIATE ourselves
+                    check_same_thread=False,  # guarded by self._lock
+                    timeout=BUSY_TIMEOUT_MS / 1000,
+                )
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(
                 f"cannot open the database {str(self.path)!r}: {exc}; check the path "
                 "and its permissions, or pass --db"
             ) from exc
         try:
-            self._configure()
-            self._migrate()
+            if read_only:
+                self._con.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+                self._con.execute("PRAGMA query_only=ON")
+                self._check_schema()
+            else:
+                self._configure()
+                self._migrate()
         except StoreError:
             self._con.close()
             raise
         except sqlite3.DatabaseError as exc:
             self._con.close()
-            raise StoreError(
-                f"{str(self.path)!r} is not a usable tether database ({exc}); "
-                "point --db at another file"
-            ) from exc
+            raise self._unusable(exc) from exc
+
+    def _unusable(self, exc: sqlite3.Error) -> StoreError:
+        """The error for a file SQLite could not use, saying what to do about it."""
+        name = str(self.path)
+        folder = self.path.parent
+        denied = "unable to open" in str(exc) or "readonly" in str(exc)
+        if denied and self.path.is_file() and not os.access(folder, os.W_OK):
+            return StoreError(
+                f"{name!r} cannot be opened: its folder {str(folder)!r} is not "
+                "writable, and SQLite keeps its -wal and -shm files beside the "
+                "database; make the folder writable or copy the database to one "
+                "that is"
+            )
+        if denied and not self.read_only and not os.access(self.path, os.W_OK):
+            return StoreError(
+                f"{name!r} is read-only and this command writes to it; make the "
+                "file writable, or use a command that only reads"
+            )
+        what = "a tether database" if self.read_only else "a usable tether database"
+        return StoreError(
+            f"{name!r} is not {what} ({exc}); point --db at the database your app "
+            "records to"
+        )
 
     # -- setup ------------------------------------------------------------------
 
@@ -115,14 +160,43 @@ class Connected(Store):
         con.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
         con.execute("PRAGMA foreign_keys=ON")
 
+    def _check_schema(self) -> None:
+        """Check, without writing, that the file is a tether database of this schema."""
+        latest = _latest_version()
+        current = self._con.execute("PRAGMA user_version").fetchone()[0]
+        tables = {
+            row[0]
+            for row in self._con.execute(
+                "SELECT name FROM sqlite_master WHERE type='table'"
+            )
+        }
+        name = str(self.path)
+        if current == 0 or "runs" not in tables or "events" not in tables:
+            what = (
+                "it is empty"
+                if not tables
+                else f"it has no tether tables: {', '.join(sorted(tables)[:5])}"
+                + (", ..." if len(tables) > 5 else "")
+            )
+            raise StoreError(
+                f"{name!r} is not a tether database ({what}); point --db at the "
+                "database your app records to"
+            )
+        if current > latest:
+            raise StoreError(
+                f"{name!r} has schema version {current}, newer than this tether "
+                f"knows ({latest}); upgrade tether"
+            )
+        if current < latest:
+            raise StoreError(
+                f"{name!r} has schema version {current} and this tether needs "
+                f"{latest}; a read does not migrate it: back it up, then open it "
+                "once for writing (your app's tether.Tether(db=...), or "
+                "`tether worker --app ...`), which migrates it"
+            )
+
     def _migrate(self) -> None:
-        scripts = sorted(
-            (int(f.name.split("_", 1)[0]), f)
-            for f in resources.files("tether.store.migrations")
-            .joinpath("sqlite")
-            .iterdir()
-            if f.name.endswith(".sql")
-        )
+        scripts = _scripts()
         latest = scripts[-1][0] if scripts else 0
         with self._write() as con:
             current = con.execute("PRAGMA user_version").fetchone()[0]
@@ -178,6 +252,25 @@ class Connected(Store):
         """Close the connection."""
         with self._lock:
             self._con.close()
+
+
+def _scripts() -> list[tuple[int, Traversable]]:
+    """The migration scripts, by number."""
+    return sorted(
+        (
+            (int(f.name.split("_", 1)[0]), f)
+            for f in resources.files("tether.store.migrations")
+            .joinpath("sqlite")
+            .iterdir()
+            if f.name.endswith(".sql")
+        ),
+        key=lambda pair: pair[0],
+    )
+
+
+def _latest_version() -> int:
+    scripts = _scripts()
+    return scripts[-1][0] if scripts else 0
 
 
 def rollback(con: sqlite3.Connection) -> None:
