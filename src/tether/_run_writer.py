@@ -122,7 +122,15 @@ class RunWriter:
             except HeadMoved:
                 # People deciding this run's approval requests append to its
                 # record; take their events up and write after them.
-                if not tries or not self._adopt_decisions():
+                try:
+                    adopted = tries > 0 and self._adopt_decisions()
+                except StoreError:
+                    self._unsure = batch  # an earlier try may have landed
+                    raise
+                if not adopted:
+                    # Not their events: maybe this write's own, landed late
+                    # after its connection dropped; the next write looks.
+                    self._unsure = batch
                     raise
                 batch.base_seq = self._head_seq
                 batch.base_hash = self._head_hash

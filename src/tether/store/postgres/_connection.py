@@ -103,6 +103,17 @@ def lock_key(*parts: str) -> int:
     return int.from_bytes(digest, "big", signed=True)
 
 
+def _session_ended(exc: psycopg.OperationalError) -> bool:
+    """Tell whether `exc` says the connection is gone, not what the server answered.
+
+    A dropped socket has no SQLSTATE; a shutdown, a crash, a dropped database
+    or an idle-session timeout ends the session (class 57P), as does a
+    connection exception (class 08).
+    """
+    state = exc.sqlstate
+    return state is None or state.startswith(("57P", "08"))
+
+
 class Connected(Store):
     """A migrated PostgreSQL database and a pool of connections to it.
 
@@ -222,15 +233,20 @@ class Connected(Store):
         tried again, a bounded number of times. A lost connection is replaced;
         `lost` then says whether to try once more (returning None), gives the
         answer (a write that landed before the connection went), or raises.
-        Without `lost`, a lost connection is a `StoreError`.
+        Without `lost`, a lost connection is a `StoreError`. A statement or
+        lock timeout, like any other error the server answers with, is a
+        `StoreError` at once: the server undid the statement, and the
+        connection is fine.
         """
         reconnected = False
         for attempt in range(RETRIES + 1):
+            broken = False
             try:
                 with self._pool.connection() as conn:
                     try:
                         return fn(conn)
                     except BaseException:
+                        broken = conn.broken  # the pool closes it on return
                         rollback(conn)
                         raise
             except (
@@ -247,7 +263,20 @@ class Connected(Store):
                     f"cannot {what}: no connection to {self.url} within "
                     f"{POOL_TIMEOUT_S:g} s; check the server is running and the URL"
                 ) from exc
+            except (pg_errors.QueryCanceled, pg_errors.LockNotAvailable) as exc:
+                # OperationalErrors, but the server's answer on a live
+                # connection: the statement was undone, so nothing is retried.
+                raise StoreError(
+                    f"cannot {what} in {self.url}: the server canceled it "
+                    f"({exc.diag.message_primary or one_line(exc)}); try again, "
+                    "or raise the database's statement_timeout or lock_timeout"
+                ) from exc
             except psycopg.OperationalError as exc:
+                if not (broken or _session_ended(exc)):
+                    # Disk full, out of memory, ...: the server's answer too.
+                    raise StoreError(
+                        f"cannot {what} in {self.url}: {one_line(exc)}"
+                    ) from exc
                 # The connection broke (server restart, network): the pool drops
                 # it on return; check() drops its idle siblings, dead too.
                 self._pool.check()

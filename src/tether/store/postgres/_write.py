@@ -36,7 +36,7 @@ import psycopg
 from psycopg import errors as pg_errors
 
 from tether import _canonical, _chain
-from tether.errors import NotFound, StoreError
+from tether.errors import LeaseLost, NotFound, StoreError
 from tether.store import _limits
 from tether.store._base import (
     Batch,
@@ -89,7 +89,12 @@ class Writes(Connected):
                     # decide it under the locks, exactly.
                     attempt.locked = True
         except Refused as refused:
-            return refused.answer(batch)
+            return self._late(attempt, refused) or refused.answer(batch)
+        except StoreError as exc:
+            landed = self._late(attempt, exc)
+            if landed is None:
+                raise
+            return landed
 
     def _landed(
         self, attempt: _Attempt, exc: psycopg.OperationalError
@@ -98,8 +103,9 @@ class Writes(Connected):
 
         Its events' chain head is its own: if the run's head is that one, the
         write landed and its answer stands. If the head is still the batch's
-        base, nothing landed and the write is tried again (the fence makes a
-        late commit of the lost try and the new one exclusive).
+        base, nothing landed yet and the write is tried again (the fence makes
+        a late commit of the lost try and the new one exclusive; `_late` tells
+        which one it was).
 
         Raises:
             StoreError: it cannot tell (the write had no events, the server
@@ -118,14 +124,62 @@ class Writes(Connected):
         try:
             row = self.get_run(batch.run_id)
         except NotFound:
-            return None  # a new run that was not created
+            attempt.lost = done
+            return None  # a new run that was not created (yet)
         except StoreError as again:
             raise unknown from again
         if (row.head_seq, row.head_hash) == (done.head_seq, done.head_hash):
             return done
         if (row.head_seq, row.epoch) == (batch.base_seq, batch.epoch):
+            attempt.lost = done
             return None
         raise unknown from exc
+
+    def _late(self, attempt: _Attempt, exc: Exception) -> Committed | None:
+        """Tell whether a lost try landed late, after the retry `_landed` allowed.
+
+        A one-statement write waiting on a lock goes on running on the server
+        after its client's connection drops, and commits once the lock frees;
+        its retry then fails the fence, or is refused (the lost try took the
+        key, the grant or the room). Returns the lost try's answer if its
+        first event follows the batch's base; None if there was no lost try,
+        or another write's event follows the base: then the lost try can
+        never land (its fence wants the base) and `exc` stands.
+
+        Raises:
+            StoreError: it cannot tell: the run is still at the base (the
+                lost try may still land) or cannot be read.
+        """
+        batch, done = attempt.batch, attempt.lost
+        if done is None or isinstance(exc, LeaseLost) or not batch.events:
+            return None
+        unknown = StoreError(
+            f"cannot write run {batch.run_id}: lost the connection to {self.url} "
+            "after sending the write, and cannot tell whether it landed; check "
+            "the run's record"
+        )
+        seq = batch.base_seq + 1
+        ours = _chain.chain_hash(
+            batch.base_hash, seq, _canonical.dumps_fields(batch.events[0])
+        )
+
+        def look(conn: psycopg.Connection[Any]) -> tuple[Any, ...] | None:
+            return conn.execute(
+                "SELECT r.head_seq, r.head_hash, e.hash FROM runs r LEFT JOIN "
+                "events e ON e.run = r.id AND e.seq = %s WHERE r.run_id = %s",
+                (seq, batch.run_id),
+            ).fetchone()
+
+        try:
+            row = self._read(look, f"read run {batch.run_id}")
+        except StoreError as again:
+            raise unknown from again
+        if row is None or row[0] == batch.base_seq:
+            raise unknown from exc  # not created or not moved (yet)
+        head_seq, head_hash, first = row
+        if (head_seq, head_hash) == (done.head_seq, done.head_hash) or first == ours:
+            return done
+        return None
 
     def _commit(self, conn: psycopg.Connection[Any], attempt: _Attempt) -> Committed:
         w = Writer(conn)
@@ -389,6 +443,9 @@ class _Attempt:
     batch: Batch
     result: Committed | None = None
     """The answer of the try whose COMMIT went out, were it to land."""
+    lost: Committed | None = None
+    """The answer of a try whose connection broke after its COMMIT went out,
+    tried again while it had not landed: it may land late (see `_late`)."""
     locked: bool = False
     """The one-statement write found the key taken or a counter full: take the
     locks and decide it exactly this time."""
