@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import threading
+import time
 import types
 from collections.abc import Iterator
 from datetime import timedelta
@@ -592,3 +593,72 @@ def test_a_slow_step_within_its_lease_is_not_taken_over(tmp_path: Path) -> None:
 
     assert ready == []
     assert runs[0].status is RunState.SUCCEEDED
+
+
+long_calls: list[int] = []
+
+
+@tether.capability("ops.long", effect="write", idempotency="keyed")
+def long_step(args: SlowIn) -> SlowOut:
+    """A step with no timeout that outlasts the claim TTL."""
+    long_calls.append(args.n)
+    slow_inside.set()
+    assert slow_gate.wait(timeout=10)
+    return SlowOut(n=args.n)
+
+
+def test_a_step_longer_than_the_claim_ttl_is_kept_alive_and_never_run_twice(
+    tmp_path: Path,
+) -> None:
+    """RELIABILITY A, slow step vs lease TTL: a handler with no timeout runs
+    three times the claim TTL; the live process renews its run's lease and the
+    step's key claim meanwhile, so no worker sees the run as orphaned, none can
+    take it over, and the step runs once."""
+    config = tmp_path / "tether.yaml"
+    config.write_text("idempotency: {claim_ttl: 1s}\n")
+    db = f"sqlite:///{tmp_path / 't.db'}?synchronous=normal"
+    slow_gate.clear()
+    slow_inside.clear()
+    long_calls.clear()
+    with (
+        tether.Tether(db=db, config=config, env={}) as owner,
+        tether.Tether(db=db, config=config, env={}) as worker,
+    ):
+        for a in (owner, worker):
+            a.register(long_step)
+            a.register_planner("long", tether.ScriptedPlanner([("ops.long", {"n": 1})]))
+        runs: list[tether.Run] = []
+        thread = threading.Thread(
+            target=lambda: runs.append(
+                owner.start("long", planner="long", principal=BOT)
+            )
+        )
+        thread.start()
+        try:
+            assert slow_inside.wait(timeout=10)
+            time.sleep(3)  # three claim TTLs: every lease written at the intent is out
+            (row,) = worker.store.list_runs()
+            ready = worker.ready_runs()
+            with pytest.raises(tether.UsageError, match="not parked"):
+                worker.resume(row.run_id)
+            key = worker.store.lookup_key(
+                tether.store.KeyId(
+                    tenant=BOT.tenant,
+                    principal_id=BOT.id,
+                    capability="ops.long",
+                    key=f"{row.run_id}/1",
+                )
+            )
+            now = worker.clock.now()
+        finally:
+            slow_gate.set()
+            thread.join(timeout=10)
+
+    assert ready == []
+    assert row.lease_until is not None
+    assert row.lease_until > now - timedelta(seconds=1)
+    assert key is not None
+    assert key.state is tether.store.KeyState.IN_PROGRESS
+    assert key.lease_until > now
+    assert runs[0].status is RunState.SUCCEEDED
+    assert long_calls == [1]

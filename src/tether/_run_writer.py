@@ -20,7 +20,15 @@ from tether import _canonical, _chain, _guards, record
 from tether._chain import StoredEvent
 from tether.clock import Clock
 from tether.errors import HeadMoved, LeaseLost, StoreError
-from tether.store import Batch, Committed, KeyState, KeyUpdate, RunRow, Store
+from tether.store import (
+    Batch,
+    Committed,
+    KeyId,
+    KeyState,
+    KeyUpdate,
+    RunRow,
+    Store,
+)
 
 __all__ = ["RunWriter"]
 
@@ -58,6 +66,29 @@ class RunWriter:
         self._closing: Batch | None = None
         """The write that closes a step whose intent landed unseen, to make
         before any other (see `_look_unsure`)."""
+        self._running: tuple[KeyId, int] | None = None
+        """The key and step of a step whose intent is written and result is
+        not: its claim is renewed with the run's lease (`renew`)."""
+
+    def renew(self) -> bool:
+        """Renew the run's lease, and its running step's key claim, for a claim TTL.
+
+        Called from the app's lease keeper's thread while the run's own thread
+        may be in a handler or a planner: it takes no lock (the epoch it sends
+        is the store's fence).
+
+        Returns:
+            False if another writer took the run over.
+
+        Raises:
+            StoreError: the store could not be written.
+        """
+        return self.store.renew_lease(
+            self.run_id,
+            epoch=self._epoch,
+            until=self.clock.now() + self.claim_ttl,
+            claim=self._running,
+        )
 
     def has_pending(self) -> bool:
         """Tell whether a result write failed and waits to be retried."""
@@ -112,8 +143,8 @@ class RunWriter:
         batch.epoch = self._epoch
         batch.base_seq = self._head_seq
         batch.base_hash = self._head_hash
-        # Every write renews the run's lease; a step's handler runs no longer
-        # than the key claim TTL, so a live writer never loses it mid-step.
+        # Every write renews the run's lease; between writes (a long handler,
+        # a slow planner) the app's lease keeper does (`renew`).
         batch.lease_until = batch.at + self.claim_ttl
         for tries in range(_DECISION_RACES, -1, -1):
             try:
@@ -141,6 +172,10 @@ class RunWriter:
                 raise
         if committed.conflict is None:
             self._head_seq, self._head_hash = committed.head_seq, committed.head_hash
+            if batch.key_update is not None:
+                self._running = None
+            if batch.claim is not None and committed.blocked is None:
+                self._running = (batch.claim.id, batch.claim.step)
         return committed
 
     def _look_unsure(self) -> None:

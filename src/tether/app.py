@@ -21,6 +21,7 @@ from tether import _canonical, record
 from tether import config as _config
 from tether._approvals import as_of, why_not
 from tether._export import export_run, verify_run
+from tether._keeper import LeaseKeeper
 from tether._ready import ORPHANABLE_STATES, PARKED_STATES, ReadyRuns
 from tether.agent.planner import Planner
 from tether.capability import Capability, Registry
@@ -128,6 +129,8 @@ class Tether:
                 raise
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
+        self._keeper = LeaseKeeper(lambda: self.settings.idempotency.claim_ttl)
+        """Renews the leases of this app's open runs while they live."""
         self._warn_of_skew()
 
     def _warn_of_skew(self) -> None:
@@ -533,6 +536,7 @@ class Tether:
 
     def close(self) -> None:
         """Close the store and stop the handler threads (abandoning any that hang)."""
+        self._keeper.close()
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
         if self.webhook is not None:

@@ -479,6 +479,8 @@ class Run:
                 )
             )
             self._apply(self._moving(RunState.AWAITING_APPROVAL, doubt.at))
+        if self.status not in FINAL_STATES and self.status not in _PARKED:
+            self.app._keeper.hold(self._writer)  # a step may outlast the claim TTL
         return self
 
     def __exit__(
@@ -487,6 +489,7 @@ class Run:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        self.app._keeper.release(self._writer)
         if self.status in FINAL_STATES or self.status in _PARKED:
             return  # a parked run stays parked, to be resumed
         try:
@@ -506,6 +509,7 @@ class Run:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        self.app._keeper.release(self._writer)
         if self.status in FINAL_STATES or self.status in _PARKED:
             return  # a parked run stays parked, to be resumed
         try:

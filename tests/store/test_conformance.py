@@ -491,3 +491,41 @@ def test_get_run_refuses_an_ambiguous_short_or_unknown_id(
         store.get_run(ref)
 
     assert caught.value.code == "not_found"
+
+
+# -- lease renewal (the heartbeat of a live writer) ------------------------------------
+
+
+def test_renew_lease_extends_a_live_runs_lease_and_its_steps_claim(
+    store: Store,
+) -> None:
+    """A live writer's heartbeat moves its run's lease and its running step's key
+    claim forward (never back), so neither looks abandoned; a writer whose run
+    was taken over renews nothing."""
+    create_run(store, "run_live01", claim=claim("run_live01"))
+    later = T0 + timedelta(hours=1)
+
+    renewed = store.renew_lease("run_live01", epoch=1, until=later, claim=(KEY, 1))
+    not_back = store.renew_lease("run_live01", epoch=1, until=T0, claim=(KEY, 1))
+    run = store.get_run("run_live01")
+    key = store.lookup_key(KEY)
+    other_step = store.renew_lease(
+        "run_live01", epoch=1, until=later + TTL, claim=(KEY, 2)
+    )
+    key_after_other_step = store.lookup_key(KEY)
+    store.take_over("run_live01", parked=("executing",))
+    fenced = store.renew_lease(
+        "run_live01", epoch=1, until=later + 2 * TTL, claim=(KEY, 1)
+    )
+    after_take_over = store.get_run("run_live01")
+    key_after_take_over = store.lookup_key(KEY)
+
+    assert (renewed, not_back, other_step, fenced) == (True, True, True, False)
+    assert run.lease_until == later
+    assert key is not None
+    assert key.lease_until == later
+    assert key_after_other_step is not None
+    assert key_after_other_step.lease_until == later  # not that step's claim
+    assert after_take_over.lease_until == later + TTL
+    assert key_after_take_over is not None
+    assert key_after_take_over.lease_until == later

@@ -130,6 +130,29 @@ class Store(abc.ABC):
         """Return one breaker's stored row (a closed one when it has none)."""
 
     @abc.abstractmethod
+    def renew_lease(
+        self,
+        run_id: str,
+        *,
+        epoch: int,
+        until: datetime,
+        claim: tuple[KeyId, int] | None = None,
+    ) -> bool:
+        """Extend a live run's lease, and its running step's key claim, to `until`.
+
+        The heartbeat of a process that holds runs open: a step that runs, or
+        a planner that thinks, for longer than the claim TTL is not taken for
+        a dead writer's. `claim` is the key and step number of a step whose
+        intent is written and whose result is not: its claim is extended
+        only while it is still that step's and in progress. Leases never
+        shrink.
+
+        Returns:
+            False if the run's epoch moved (another writer took it over):
+            nothing was written.
+        """
+
+    @abc.abstractmethod
     def take_over(
         self,
         run_id: str,

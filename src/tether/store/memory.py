@@ -203,6 +203,33 @@ class MemoryStore(Store):
                 completed_at=u.now,
             )
 
+    def renew_lease(
+        self,
+        run_id: str,
+        *,
+        epoch: int,
+        until: datetime,
+        claim: tuple[KeyId, int] | None = None,
+    ) -> bool:
+        """Extend a live run's lease and its step's claim (see `Store.renew_lease`)."""
+        with self._lock:
+            run = self._runs.get(run_id)
+            if run is None or run.row.epoch != epoch:
+                return False
+            if run.lease_until is None or run.lease_until < until:
+                run.lease_until = until
+            if claim is not None:
+                key, step = claim
+                old = self._keys.get(key)
+                if (
+                    old is not None
+                    and old.state is KeyState.IN_PROGRESS
+                    and (old.run_id, old.step) == (run_id, step)
+                    and old.lease_until < until
+                ):
+                    self._keys[key] = replace(old, lease_until=until)
+            return True
+
     def take_over(
         self,
         run_id: str,

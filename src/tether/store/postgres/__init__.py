@@ -161,6 +161,50 @@ class PostgresStore(Writes, Approvals):
         )
         return [_chain.StoredEvent(seq=s, body=b, hash=h) for s, b, h in rows]
 
+    def renew_lease(
+        self,
+        run_id: str,
+        *,
+        epoch: int,
+        until: datetime,
+        claim: tuple[KeyId, int] | None = None,
+    ) -> bool:
+        """Extend a live run's lease and its step's claim (see `Store.renew_lease`).
+
+        One statement: the claim's update runs only if the run's did (the
+        CTE's row is its gate).
+        """
+        at = _us(until)
+        key_sql = ""
+        key_params: tuple[object, ...] = ()
+        if claim is not None:
+            key, step = claim
+            key_sql = (
+                ", k AS (UPDATE idempotency_keys SET lease_until=GREATEST(lease_until, %s) "
+                "WHERE tenant=%s AND principal_id=%s AND capability=%s AND key=%s "
+                "AND state='in_progress' AND run_id=%s AND step=%s "
+                "AND EXISTS (SELECT 1 FROM r))"
+            )
+            key_params = (
+                at,
+                key.tenant,
+                key.principal_id,
+                key.capability,
+                key.key,
+                run_id,
+                step,
+            )
+        row = self._run(
+            lambda conn: conn.execute(
+                "WITH r AS (UPDATE runs SET lease_until=GREATEST(lease_until, %s) "  # noqa: S608  # constant SQL
+                f"WHERE run_id=%s AND epoch=%s RETURNING 1){key_sql} "
+                "SELECT count(*) FROM r",
+                (at, run_id, epoch, *key_params),
+            ).fetchone(),
+            f"renew the lease of run {run_id}",
+        )
+        return row is not None and row[0] == 1
+
     def take_over(
         self,
         run_id: str,

@@ -74,6 +74,45 @@ class SQLiteStore(Approvals):
 
         return self._read(query)
 
+    def renew_lease(
+        self,
+        run_id: str,
+        *,
+        epoch: int,
+        until: datetime,
+        claim: tuple[KeyId, int] | None = None,
+    ) -> bool:
+        """Extend a live run's lease and its step's claim (see `Store.renew_lease`)."""
+        at = _us(until)
+        try:
+            with self._write() as con:
+                moved = con.execute(
+                    "UPDATE runs SET lease_until=MAX(lease_until, ?) "
+                    "WHERE run_id=? AND epoch=?",
+                    (at, run_id, epoch),
+                ).rowcount
+                if moved != 1:
+                    return False
+                if claim is not None:
+                    key, step = claim
+                    con.execute(
+                        "UPDATE idempotency_keys SET lease_until=MAX(lease_until, ?) "
+                        "WHERE tenant=? AND principal_id=? AND capability=? AND key=? "
+                        "AND state='in_progress' AND run_id=? AND step=?",
+                        (
+                            at,
+                            key.tenant,
+                            key.principal_id,
+                            key.capability,
+                            key.key,
+                            run_id,
+                            step,
+                        ),
+                    )
+                return True
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot renew the lease of run {run_id}: {exc}") from exc
+
     def take_over(
         self,
         run_id: str,
