@@ -24,6 +24,7 @@ from tether.cli._common import (
     _db_url,
     _emit_json,
     _error,
+    _fitted_table,
     _help_if_bare,
     _Json,
     _load_app,
@@ -299,46 +300,15 @@ def _table(rows: list[ApprovalRow], width: int) -> Table:
         ]
         for r in rows
     ]
-    natural = [
-        max([len(header), *(len(row[i]) for row in cells)])
-        for i, (header, _) in enumerate(_COLUMNS)
-    ]
-    widths = _fit(natural, width)
-    table = Table(box=None, pad_edge=False, header_style="bold")
-    for (header, least), fitted in zip(_COLUMNS, widths, strict=True):
-        table.add_column(
-            header,
-            width=None if least is None else fitted,
-            no_wrap=least is None,
-            overflow="fold",  # names fold; times wrap at their space
-            justify="right" if header == "step" else "left",
-        )
-    for row in cells:
-        table.add_row(
-            *(Text(cell) for cell in row[:1]),
-            Text(row[1], style=_STATUS_STYLE.get(row[1], "")),
-            *(Text(cell) for cell in row[2:]),
-        )
+    table, _ = _fitted_table(
+        _COLUMNS,
+        _GIVE_WAY,
+        cells,
+        width,
+        status=lambda s: Text(s, style=_STATUS_STYLE.get(s, "")),
+        right="step",
+    )
     return table
-
-
-def _fit(natural: list[int], width: int) -> list[int]:
-    """Narrow columns in `_GIVE_WAY` order, each to its minimum, until the table fits.
-
-    If it still does not fit, the terminal wraps it.
-    """
-    widths = list(natural)
-    over = sum(widths) + 2 * (len(widths) - 1) - width  # two spaces between columns
-    headers = [header for header, _ in _COLUMNS]
-    for name in _GIVE_WAY:
-        if over <= 0:
-            break
-        i = headers.index(name)
-        least = _COLUMNS[i][1] or widths[i]
-        cut = min(over, max(widths[i] - least, 0))
-        widths[i] -= cut
-        over -= cut
-    return widths
 
 
 # -- commands ---------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import json
 import os
 import re
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
@@ -15,6 +15,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.table import Table
 from rich.text import Text
 
 from tether._version import __version__
@@ -177,6 +178,54 @@ def _emit_json(doc: Mapping[str, Any]) -> None:
 def _styled(status: str | None) -> Text:
     text = _clean(status or "")
     return Text(text, style=_STYLE.get(text, ""))
+
+
+Column = tuple[str, int | None]
+"""A list's column: its header and how narrow it may get (None: never narrower
+than its text, as ids, which are what other commands take)."""
+
+
+def _fitted_table(
+    columns: Sequence[Column],
+    give_way: Sequence[str],
+    cells: Sequence[Sequence[str]],
+    width: int,
+    *,
+    status: Callable[[str], Text],
+    right: str,
+) -> tuple[Table, int]:
+    """Return `cells` as a table that fits `width` where it can, and its width.
+
+    Columns narrow in `give_way` order, each to its minimum; text folds and
+    times wrap at their space. The second column is a status (`status` styles
+    it); `right` is right-aligned. When even the narrowest table is wider than
+    `width`, the returned width says how wide it is (the terminal wraps it).
+    """
+    widths = [
+        max([len(header), *(len(row[i]) for row in cells)])
+        for i, (header, _) in enumerate(columns)
+    ]
+    over = sum(widths) + 2 * (len(widths) - 1) - width  # two spaces between columns
+    headers = [header for header, _ in columns]
+    for name in give_way:
+        if over <= 0:
+            break
+        i = headers.index(name)
+        cut = min(over, max(widths[i] - (columns[i][1] or widths[i]), 0))
+        widths[i] -= cut
+        over -= cut
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for (header, least), fitted in zip(columns, widths, strict=True):
+        table.add_column(
+            header,
+            width=None if least is None else fitted,
+            no_wrap=least is None,
+            overflow="fold",
+            justify="right" if header == right else "left",
+        )
+    for row in cells:
+        table.add_row(Text(row[0]), status(row[1]), *(Text(cell) for cell in row[2:]))
+    return table, sum(widths) + 2 * (len(widths) - 1)
 
 
 # -- opening the app ----------------------------------------------------------------------

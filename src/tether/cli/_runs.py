@@ -21,6 +21,7 @@ from tether.cli._common import (
     _Db,
     _emit_json,
     _field,
+    _fitted_table,
     _Json,
     _load_app,
     _open,
@@ -223,29 +224,9 @@ def _runs_table(items: list[dict[str, Any]], width: int) -> tuple[Table, int]:
         ]
         for item in items
     ]
-    widths = [
-        max([len(header), *(len(row[i]) for row in cells)])
-        for i, (header, _) in enumerate(_RUN_COLUMNS)
-    ]
-    over = sum(widths) + 2 * (len(widths) - 1) - width  # two spaces between columns
-    headers = [header for header, _ in _RUN_COLUMNS]
-    for name in _RUN_GIVE_WAY:
-        i = headers.index(name)
-        cut = min(max(over, 0), max(widths[i] - (_RUN_COLUMNS[i][1] or 0), 0))
-        widths[i] -= cut
-        over -= cut
-    table = Table(box=None, pad_edge=False, header_style="bold")
-    for (header, least), fitted in zip(_RUN_COLUMNS, widths, strict=True):
-        table.add_column(
-            header,
-            width=None if least is None else fitted,
-            no_wrap=least is None,
-            overflow="fold",  # text folds; times wrap at their space
-            justify="right" if header == "events" else "left",
-        )
-    for row in cells:
-        table.add_row(Text(row[0]), _styled(row[1]), *(Text(cell) for cell in row[2:]))
-    return table, sum(widths) + 2 * (len(widths) - 1)
+    return _fitted_table(
+        _RUN_COLUMNS, _RUN_GIVE_WAY, cells, width, status=_styled, right="events"
+    )
 
 
 @_runs_cli.command("show")
