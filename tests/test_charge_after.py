@@ -218,8 +218,22 @@ def test_a_retried_read_charged_after_records_its_checks_once(
         2 if status is OutcomeStatus.EXECUTED else 0
     )
     assert app.verify(run.id).ok
-    if status is OutcomeStatus.EXECUTED:
-        # (A refused read's dropped answer is not in its record: replay cannot
-        # tell whether it would have been retried, so it is not replayed here.)
-        report = Replayer(app).replay(recorded)
-        assert report.ok, report.to_json()
+    report = Replayer(app).replay(recorded)
+    assert report.ok, report.to_json()
+
+
+def test_a_read_refused_after_answering_replays_under_a_retry_budget(
+    app_for: Any,
+) -> None:
+    """A read refused after it answered keeps no answer in its record; replay
+    stands in a failure that is never retried, so a retry budget does not make
+    it invent attempts the record never had."""
+    app, _ = app_for(
+        "  - {id: reads, kind: budget, scope: tenant, per: day, amount: 5}\n" + RETRY
+    )
+    with app.run(principal=PRINCIPAL, request="read") as run:
+        outcomes = [run.step("metrics.read", {"n": n}) for n in range(3)]
+    report = Replayer(app).replay(RecordedRun.from_store(app.store, run.id))
+
+    assert outcomes[-1].status is OutcomeStatus.REFUSED
+    assert report.ok, report.to_json()

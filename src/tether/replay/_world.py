@@ -219,9 +219,14 @@ def _recorded_result(
     cap: Capability[Any, Any], attempts: deque[Attempt], clock: ReplayClock
 ) -> Executed:
     if not attempts:
+        # No answer in the record: the call never ran, or it answered and was
+        # refused after (a read charged after it answers drops the answer).
+        # Either way a retry would invent attempts the record never had, so
+        # the stand-in failure is one tether never retries.
         return Executed(
-            error=_failure(
-                "NotInRecord", "the record has no result for this call (it never ran)"
+            error=UsageError(
+                f"{cap.name}: the record has no result for this call (it never "
+                "ran, or its answer was dropped when a limit refused it after)"
             ),
             duration_us=0,
         )
