@@ -396,7 +396,7 @@ def test_a_stashed_run_resumes_its_plan_once_the_breaker_lets_calls_through(
     assert ok
 
 
-class SendIn(BaseModel):
+class SendArgs(BaseModel):
     to: str
     token: tether.Secret
 
@@ -405,7 +405,7 @@ sent: list[tuple[str, str]] = []
 
 
 @tether.capability("up.send", effect="write", idempotency="keyed", resource="up")
-def up_send(args: SendIn) -> PingOut:
+def up_send(args: SendArgs) -> PingOut:
     """Send through the flaky upstream with a credential."""
     if upstream["broken"]:
         raise RuntimeError("upstream 503")
