@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -465,7 +466,7 @@ def test_a_resumed_run_keeps_its_budget(
 
     recorded = events(approving, run.id)
     assert run.status is tether.RunState.FAILED
-    assert (run.budget, run.cost) == (10, 6)
+    assert (run.budget, run.cost) == (Decimal(10), Decimal(6))
     assert sum(e["kind"] == "executed" for e in recorded) == 1
     assert recorded[0]["budget"] == "10"
     admitted = [e for e in recorded if e["kind"] == "plan_admitted"]
