@@ -34,7 +34,6 @@ from tether.store import (
     Committed,
     KeyId,
     KeyState,
-    NewRun,
     PostgresStore,
     Store,
     open_store,
@@ -42,32 +41,12 @@ from tether.store import (
 from tether.store.postgres import parse_url
 from tether.testing import FakeClock
 
+from .test_postgres import create_run
+
 pytestmark = pytest.mark.postgres
 
 RUN = "run_a"
 KEY = KeyId(tenant="acme", principal_id="bot", capability="pay.charge", key="k-1")
-
-
-def create_run(store: Store) -> None:
-    """Create the run with its first event."""
-    at = FakeClock().now()
-    store.commit(
-        Batch(
-            run_id=RUN,
-            epoch=1,
-            base_seq=0,
-            base_hash=record.genesis(RUN),
-            events=[record.RunStarted(at=at, request="r", principal={"id": "bot"})],
-            new_run=NewRun(
-                tenant="acme",
-                principal_id="bot",
-                request="r",
-                status="executing",
-                created_at=at,
-            ),
-            at=at,
-        )
-    )
 
 
 def step(store: Store, *, claim: bool = False) -> Batch:
@@ -187,7 +166,7 @@ def test_a_write_landing_after_its_connection_dropped_is_answered_as_landed(
     """The lost try commits once the lock frees and its retry fails the fence: `commit` returns the lost try's answer, not `HeadMoved`."""
     store = open_store(postgres_url)
     try:
-        create_run(store)
+        create_run(store, RUN)
         batch = step(store)
 
         answer = commit_while_cut(
@@ -207,7 +186,7 @@ def test_a_run_writer_whose_intent_landed_late_writes_on(postgres_url: str) -> N
     """The writer's intent lands after its connection dropped: the writer takes its head, and its next write goes on."""
     store = open_store(postgres_url)
     try:
-        create_run(store)
+        create_run(store, RUN)
         row = store.get_run(RUN)
         writer = RunWriter(
             store,
@@ -248,7 +227,7 @@ def test_a_run_writer_told_head_moved_by_its_own_landed_intent_closes_it(
     """The writer looks at a write refused with `HeadMoved` before its next one: an intent of its own that landed is closed (key failed, step failed), and writing goes on."""
     store = LateAnswer(postgres_url)
     try:
-        create_run(store)
+        create_run(store, RUN)
         row = store.get_run(RUN)
         writer = RunWriter(
             store,
@@ -287,7 +266,7 @@ def test_a_timed_out_write_is_one_store_error_naming_the_timeout_sent_once(
     url = with_options(postgres_url, options=f"{options} -c{setting}=1000")
     store = open_store(url)
     try:
-        create_run(store)
+        create_run(store, RUN)
         batch = step(store)
         side = lock_the_run(postgres_url)
         started = time.monotonic()
