@@ -11,6 +11,7 @@ concurrency cap, a rate, a budget's throttle) are still taken before it runs.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -152,6 +153,81 @@ def test_a_quota_counts_reads_charged_after_and_refuses_past_its_max(
 
     assert statuses[:2] == [OutcomeStatus.EXECUTED, OutcomeStatus.EXECUTED]
     assert statuses[2] is OutcomeStatus.REFUSED
+
+
+@tether.capability("metrics.peek", effect="read", cost=1)
+def peek(args: MetricsArgs) -> MetricsValue:
+    CALLS.append(-args.n)
+    return MetricsValue(n=args.n)
+
+
+def test_reads_past_a_full_counter_stop_reaching_the_upstream(app_for: Any) -> None:
+    """The first read past a full quota runs and is refused after it answered;
+    the next ones check first and are refused before they run, until the
+    window turns: a quota guards a paid or rate-limited upstream too."""
+    app, writes = app_for(
+        "  - {id: reads, kind: quota, scope: tenant, per: day, max: 2}\n"
+    )
+    with app.run(principal=PRINCIPAL, request="read") as run:
+        statuses = [run.step("metrics.read", {"n": n}).status for n in range(6)]
+        assert statuses == [OutcomeStatus.EXECUTED] * 2 + [OutcomeStatus.REFUSED] * 4
+        assert CALLS == [0, 1, 2]  # the third ran; the last three did not
+
+        app.clock.advance(timedelta(days=1))  # a new window: room again
+        before = len(writes.batches)
+        out = run.call("metrics.read", {"n": 7})
+        assert (out.n, len(writes.batches) - before) == (7, 1)  # charged after again
+    assert CALLS == [0, 1, 2, 7]
+    refused = [
+        e.data() for e in app.store.events(run.id) if e.data().get("step") in (4, 5, 6)
+    ]
+    assert [e["kind"] for e in refused].count("limit_refused") == 3
+    assert "executed" not in [e["kind"] for e in refused]
+    report = Replayer(app).replay(RecordedRun.from_store(app.store, run.id))
+    assert report.ok, report.to_json()
+
+
+def test_a_run_refused_before_reading_by_another_runs_full_counter_replays(
+    app_for: Any,
+) -> None:
+    """The hint that made a read check first came from another run: replayed
+    alone, the run's refusals and answers are the same."""
+    app, _ = app_for("  - {id: reads, kind: quota, scope: tenant, per: day, max: 1}\n")
+    with app.run(principal=PRINCIPAL, request="fill") as first:
+        statuses = [first.step("metrics.read", {"n": n}).status for n in range(2)]
+    with app.run(principal=PRINCIPAL, request="read") as run:
+        refused = run.step("metrics.read", {"n": 5})
+
+    assert statuses == [OutcomeStatus.EXECUTED, OutcomeStatus.REFUSED]
+    assert refused.status is OutcomeStatus.REFUSED
+    assert CALLS == [0, 1]  # the second run's read never reached the upstream
+    for run_id in (first.id, run.id):
+        report = Replayer(app).replay(RecordedRun.from_store(app.store, run_id))
+        assert report.ok, report.to_json()
+
+
+def test_a_read_that_fits_a_full_counter_again_clears_the_check_first(
+    app_for: Any,
+) -> None:
+    """A budget one read found full may still fit a cheaper read: it is taken
+    before it runs, and once it fit, reads are charged after they answer again."""
+    app, writes = app_for(
+        "  - {id: reads, kind: budget, scope: tenant, per: day, amount: 5}\n"
+    )
+    app.register(peek)
+    with app.run(principal=PRINCIPAL, request="read") as run:
+        first = [run.step("metrics.read", {"n": n}).status for n in range(3)]
+        before = len(writes.batches)
+        fits = run.step("metrics.peek", {"n": 1}).status
+        checked_first = len(writes.batches) - before
+        last = run.step("metrics.read", {"n": 9}).status
+
+    assert first[-1] is OutcomeStatus.REFUSED
+    assert (fits, checked_first) == (OutcomeStatus.EXECUTED, 2)  # intent, then result
+    assert last is OutcomeStatus.REFUSED
+    assert CALLS == [0, 1, 2, -1, 9]  # charged after again: it ran, then was refused
+    rows = {r.limit_id: r.used for r in app.store.limit_rows(app.clock.now())}
+    assert rows["reads"] == Decimal(5)
 
 
 @pytest.mark.parametrize(

@@ -30,6 +30,7 @@ from tether.store._limits import Blocked, LimitBlocked, LimitKind, Reserve, Sett
 
 __all__ = [
     "MICROSECOND",
+    "FullCounters",
     "Guards",
     "after",
     "breaker_note",
@@ -64,6 +65,53 @@ class Guards:
 
     def __bool__(self) -> bool:
         return bool(self.limits or self.breakers or self.retry)
+
+
+class FullCounters:
+    """Counters a read charged after it answered found full, in this process.
+
+    A hint that picks a read's path, never a decision: a read under a counter
+    found full takes its room before it runs, so it is refused before it
+    reaches the upstream (a quota on a paid or rate-limited API guards the
+    API's calls too), until a call fits again or the window turns. The store
+    still checks every call. One per app: a replay's scratch app has its own,
+    so a replay takes the paths the record's own steps led to.
+    """
+
+    __slots__ = ("_full",)
+
+    def __init__(self) -> None:
+        self._full: dict[tuple[str, str], int] = {}
+        """`(limit_id, scope)` -> the window it was full in."""
+
+    def found(self, reserved: Sequence[Reserved]) -> bool:
+        """Tell whether one of `reserved` was found full in its window."""
+        full = self._full
+        return bool(full) and any(
+            full.get((r.reserve.limit_id, r.reserve.scope), -1) == r.reserve.window
+            for r in reserved
+        )
+
+    def note_full(self, blocked: Blocked, reserved: Sequence[Reserved]) -> None:
+        """Remember that `blocked`'s counter had no room for a read charged after."""
+        if not isinstance(blocked, LimitBlocked):
+            return
+        if len(self._full) >= _FULL_KEPT:  # per-run scopes come and go: a hint only
+            self._full.clear()
+        for r in reserved:
+            res = r.reserve
+            if (res.limit_id, res.scope) == (blocked.limit_id, blocked.scope):
+                self._full[res.limit_id, res.scope] = res.window
+
+    def note_room(self, reserved: Sequence[Reserved]) -> None:
+        """Forget the counters a step just took room in: they are not full."""
+        if self._full:
+            for r in reserved:
+                self._full.pop((r.reserve.limit_id, r.reserve.scope), None)
+
+
+_FULL_KEPT = 4096
+"""How many full counters `Guards.full` remembers before it starts over."""
 
 
 def reservations(

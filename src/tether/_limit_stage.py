@@ -111,6 +111,9 @@ def refused_after(
     assert not isinstance(
         blocked, (Throttled, PendingExists, GrantGone)
     )  # not asked for
+    # Until a call fits again, reads under this counter take their room before
+    # they run: past a full limit, they stop reaching the upstream.
+    run.full_counters.note_full(blocked, room.reserved)
     now = room.now
     stage, error = _guards.refusal(cap, before, now, number, blocked, room.watch)
     return (
@@ -287,6 +290,8 @@ def take_room(
                 )
             )
         break
+    if room.reserved:
+        run.full_counters.note_room(room.reserved)
     if admit is not None:
         room.generation = committed.breaker_generation
         room.probe = committed.probe

@@ -24,7 +24,7 @@ from tether._effects import (
     GatewayEffect,
     StoreOp,
 )
-from tether._guards import Guards
+from tether._guards import FullCounters, Guards
 from tether.capability import (
     CallContext,
     Capability,
@@ -109,6 +109,8 @@ class RunPort(Protocol):
 
     random: Rng
     """Where retry backoff draws its jitter."""
+    full_counters: FullCounters
+    """Counters reads found full in this process (which path a read takes)."""
     charges_before_claim: bool
     """True when limits or a breaker act between the key lookup and the claim."""
     cost: Decimal

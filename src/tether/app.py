@@ -21,6 +21,7 @@ from tether import _canonical, record
 from tether import config as _config
 from tether._approvals import as_of, why_not
 from tether._export import export_run, verify_run
+from tether._guards import FullCounters
 from tether._keeper import LeaseKeeper
 from tether._ready import ORPHANABLE_STATES, PARKED_STATES, ReadyRuns
 from tether.agent.planner import Planner
@@ -109,6 +110,8 @@ class Tether:
         )
         self.guards = _config.guards_from(self.settings)
         """The limits, breakers and retry budget in force; None when `tether.yaml` has none."""
+        self.full_counters = FullCounters()
+        """Counters reads found full in this process: later reads check first."""
         self.webhook = _config.webhook_from(self.settings, self.clock)
         """Where approval requests and decisions are announced, if anywhere."""
         self.store: Store = open_store(self.db_url, read_only=read_only)

@@ -284,6 +284,8 @@ def step(  # the design's list, in order
     # A read whose limits only count (quotas, budgets without a throttle) is
     # charged after it answers, in the one write that records it: it acts on
     # nothing, so running it before the check spends nothing a refusal must undo.
+    # Once such a read found a counter full, the next ones check first (until
+    # one fits): a refused read must not keep calling the upstream.
     room.after = (
         not dry_run
         and cap.effect is Effect.READ
@@ -291,6 +293,7 @@ def step(  # the design's list, in order
         and grant is None
         and bool(room.reserved)
         and all(_guards.charged_after(r.reserve) for r in room.reserved)
+        and not run.full_counters.found(room.reserved)
     )
     needs_intent = (
         not dry_run

@@ -106,6 +106,7 @@ class Run:
         in one transaction, so a finished call's retry is answered from its key
         and never charged or refused: no lookup is needed first (see gateway.step)."""
         self.random = app.random
+        self.full_counters = app.full_counters
         self.pool = app._thread_pool
         self._upcoming: tuple[plan.StepLike, ...] = ()
         """The steps a planner means to take after the current one (stashed with it)."""
