@@ -5,18 +5,25 @@ A request is created by the write that parks its step, on the locked path
 it closed; the decision is appended to the run's record in the same
 transaction, which notifies the store's channel: a worker in `wait_for_news`
 wakes as the decision commits.
+
+A decision whose connection is lost is tried once more. If its `COMMIT` had
+gone out, it may have landed, or land late (it holds the request's row lock
+until it ends, so the retry waits for it): the retry then finds its event in
+the run's record and answers as it would have, instead of recording a
+second decision, refused as closed by the first.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import psycopg
 
 from tether import _canonical, _chain
-from tether.errors import ApprovalClosed, NotFound
+from tether.errors import ApprovalClosed, NotFound, StoreError
 from tether.store import _limits
 from tether.store._base import ApprovalRow, ApprovalStatus, Batch, closed_reason
 from tether.store._sql import (
@@ -26,7 +33,7 @@ from tether.store._sql import (
     not_one,
     text_list,
 )
-from tether.store.postgres._connection import Connected
+from tether.store.postgres._connection import Connected, one_line
 
 __all__ = ["Approvals"]
 
@@ -103,9 +110,25 @@ class Approvals(Connected):
         event: Callable[[ApprovalRow, str | None], Any],
     ) -> ApprovalRow:
         """Decide a pending request and record `event` in its run, in one transaction."""
+        sent = _Sent()
+
+        def lost(exc: psycopg.OperationalError) -> None:
+            # Tried once more: `_decide` tells a try that landed.
+            if sent.losses and sent.answer is not None:
+                raise StoreError(
+                    f"cannot decide {approval_id!r}: lost the connection to "
+                    f"{self.url} ({one_line(exc)}) after sending the decision, "
+                    "and cannot tell whether it landed; see the request "
+                    "(`tether approvals show`) before deciding again"
+                ) from exc
+            sent.losses += 1
+
         current, closed = self._run(
-            lambda conn: self._decide(conn, approval_id, status, by, note, now, event),
+            lambda conn: self._decide(
+                conn, sent, approval_id, status, by, note, now, event
+            ),
             f"decide {approval_id!r}",
+            lost=lost,
         )
         if closed:
             raise ApprovalClosed(closed_reason(current, now))
@@ -114,6 +137,7 @@ class Approvals(Connected):
     def _decide(
         self,
         conn: psycopg.Connection[Any],
+        sent: _Sent,
         approval_id: str,
         status: ApprovalStatus | None,
         by: str,
@@ -124,7 +148,10 @@ class Approvals(Connected):
         """Decide in one transaction; return the row and whether it was closed.
 
         The request's row is locked first: of two deciders, the second reads
-        the first one's decision and finds the request closed.
+        the first one's decision and finds the request closed. A try of this
+        call whose `COMMIT` went out before its connection was lost (`sent`)
+        held that lock until it ended: if its event is in the record now, it
+        landed, and its answer stands.
         """
         conn.execute("BEGIN")
         row = conn.execute(
@@ -150,6 +177,9 @@ class Approvals(Connected):
         ).fetchone()
         if run is None:
             raise NotFound(f"no run {current.run_id!r}")
+        if sent.answer is not None and _landed(conn, sent):
+            conn.execute("ROLLBACK")
+            return sent.answer
         closed = status is not None and not is_open
         batch = Batch(
             run_id=current.run_id,
@@ -162,11 +192,14 @@ class Approvals(Connected):
         if status is not None and is_open:
             # Delivered when the decision commits: a waiting worker wakes now.
             conn.execute("SELECT pg_notify(%s, %s)", (self._channel, current.run_id))
-        self._append(conn, batch)
+        sent.answer = None
+        sent.seq, sent.head = self._append(conn, batch)
+        sent.answer = (current, closed)  # from here on, it may land
+        conn.execute("COMMIT")
         return current, closed
 
-    def _append(self, conn: psycopg.Connection[Any], batch: Batch) -> None:
-        """Append events to a run inside the caller's open transaction, and commit."""
+    def _append(self, conn: psycopg.Connection[Any], batch: Batch) -> tuple[int, bytes]:
+        """Append events to a run inside the caller's open transaction; return its new head."""
         seq, head = batch.base_seq, batch.base_hash
         rows = []
         for e in batch.events:
@@ -189,4 +222,29 @@ class Approvals(Connected):
                 "VALUES ((SELECT id FROM runs WHERE run_id=%s), %s, %s, %s, %s, %s)",
                 rows,
             )
-        conn.execute("COMMIT")
+        return seq, head
+
+
+@dataclass(slots=True)
+class _Sent:
+    """The try of one `decide_approval` call whose `COMMIT` went out, if any."""
+
+    answer: tuple[ApprovalRow, bool] | None = None
+    """What it answers if it lands: the request, and whether it was closed."""
+    seq: int = 0
+    """The seq of its last event."""
+    head: bytes = b""
+    """The hash of its last event."""
+    losses: int = 0
+    """Connections the call lost."""
+
+
+def _landed(conn: psycopg.Connection[Any], sent: _Sent) -> bool:
+    """Tell whether the try that sent its `COMMIT` landed: its last event is recorded."""
+    assert sent.answer is not None
+    row = conn.execute(
+        "SELECT e.hash FROM events e JOIN runs r ON r.id = e.run "
+        "WHERE r.run_id = %s AND e.seq = %s",
+        (sent.answer[0].run_id, sent.seq),
+    ).fetchone()
+    return row is not None and bytes(row[0]) == sent.head

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import threading
 from collections.abc import Callable
 from importlib import resources
@@ -45,6 +46,8 @@ CONNECT_TIMEOUT_S = 10
 """libpq's `connect_timeout`, unless the URL sets its own."""
 RETRIES = 5
 """Deadlocks and serialization failures retried before a write gives up."""
+NEWS_SLICE_S = 0.1
+"""How often a wait for news looks whether the store is closing (`close` waits that long at most)."""
 
 T = TypeVar("T")
 
@@ -162,6 +165,7 @@ class Connected(Store):
         )
         self._listener: psycopg.Connection[Any] | None = None
         self._listen_lock = threading.Lock()
+        self._closing = False
 
     # -- setup ------------------------------------------------------------------
 
@@ -337,19 +341,28 @@ class Connected(Store):
         The first wait opens a connection of its own that listens; a decision
         made after that wakes the waiter as it commits, from any host. While
         the server cannot be reached, it waits with `sleep`, as a poller does.
+        It listens a slice at a time, and ends once the store is closed: a
+        `close` from another thread waits for a slice, not for the whole wait.
         """
         with self._listen_lock:
             try:
                 conn = self._listener
                 if conn is None or conn.closed:
+                    if self._closing:
+                        return  # closed: no new connection
                     conn = self._listener = psycopg.connect(
                         self._conninfo, autocommit=True
                     )
                     conn.execute(
                         sql.SQL("LISTEN {}").format(sql.Identifier(self._channel))
                     )
-                for _ in conn.notifies(timeout=seconds, stop_after=1):
-                    pass
+                slices = max(1, math.ceil(seconds / NEWS_SLICE_S))
+                for i in range(slices):
+                    if self._closing:
+                        break
+                    left = seconds - i * NEWS_SLICE_S
+                    if _news(conn, min(left, NEWS_SLICE_S)):
+                        break
             except psycopg.Error:
                 self._close_listener()
             else:
@@ -364,6 +377,15 @@ class Connected(Store):
 
     def close(self) -> None:
         """Close the pool's connections (and the listener's)."""
+        self._closing = True  # a wait for news ends within a slice
         with self._listen_lock:
             self._close_listener()
         self._pool.close()
+
+
+def _news(conn: psycopg.Connection[Any], timeout: float) -> bool:
+    """Wait up to `timeout` for a notification on `conn`; tell whether one came."""
+    came = False
+    for _ in conn.notifies(timeout=timeout, stop_after=1):
+        came = True  # the loop runs on: the generator ends, releasing the connection
+    return came

@@ -252,7 +252,13 @@ class Writes(Connected):
                     check="grant",
                 )
         if batch.return_grant is not None:
-            q.add("rg", *return_grant("%s", batch.return_grant))
+            given_back, back_params = return_grant("%s", batch.return_grant)
+            q.add("rg", f"{given_back} RETURNING 1", back_params)
+            # Given back before the run's row is locked, as the fence reads
+            # it first (a one-time filter, like the charge's): a decider
+            # locks a request's row, then its run's (`_approvals`), and the
+            # other order could deadlock with it.
+            gate += " AND (SELECT count(*) FROM rg) >= 0"
         seq, head = batch.base_seq, batch.base_hash
         rows: list[Any] = []
         for event in events:
