@@ -28,12 +28,13 @@ from tether.cli._common import (
     _help_if_bare,
     _Json,
     _load_app,
+    _no_database,
     _open,
     _opening,
     cli,
 )
 from tether.config import resolve_config_path
-from tether.errors import ApprovalClosed, NotAllowedToApprove, NotFound, UsageError
+from tether.errors import ApprovalClosed, NotAllowedToApprove, UsageError
 from tether.principal import check_text
 from tether.store import ApprovalRow, ApprovalStatus, sqlite_path
 
@@ -126,9 +127,9 @@ def _opened(
     with _opening(db):
         path = sqlite_path(_db_url(db))
         if path and not Path(path).is_file():
-            raise NotFound(
-                f"no database at {path}; pass --db (or set TETHER_DB) to the "
-                "database your app records to"
+            raise _no_database(
+                path,
+                "pass --db (or set TETHER_DB) to the database your app records to",
             )
     with _open(db, read_only=read_only, config=resolve_config_path(config)) as opened:
         yield opened
@@ -327,7 +328,12 @@ def _approvals_list(
     limit: Annotated[
         int,
         typer.Option(
-            "--limit", "-n", min=1, max=10_000, help="At most this many requests."
+            "--limit",
+            "-n",
+            metavar="N",
+            min=1,
+            max=10_000,
+            help="At most this many requests.",
         ),
     ] = 50,
     as_json: _Json = False,

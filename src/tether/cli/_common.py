@@ -22,6 +22,8 @@ from tether._version import __version__
 from tether.app import Tether
 from tether.config import (
     DEFAULT_DB,
+    load_settings,
+    resolve_config_path,
     resolve_db,
 )
 from tether.errors import NotFound, TetherError, UsageError
@@ -48,6 +50,7 @@ __all__ = [
     "_json_errors",
     "_load_app",
     "_ms",
+    "_no_database",
     "_open",
     "_opening",
     "_policy_cli",
@@ -111,7 +114,9 @@ _Json = Annotated[
 _RunArg = Annotated[
     str,
     typer.Argument(
-        help="A run id, or a unique prefix of 6+ characters.", show_default=False
+        metavar="RUN",
+        help="A run id, or a unique prefix of 6+ characters.",
+        show_default=False,
     ),
 ]
 
@@ -280,13 +285,26 @@ def _open(
         url = _db_url(db)
         path = sqlite_path(url)
         if (must_exist or read_only) and path and not Path(path).is_file():
-            raise NotFound(
-                f"no database at {path}; run `tether demo` first or pass --db "
-                "(or set TETHER_DB)"
+            raise _no_database(
+                path, "run `tether demo` first or pass --db (or set TETHER_DB)"
             )
+    # The configuration first, outside `_opening`: its errors are about the
+    # file, and must not be blamed on a URL that came from TETHER_DB.
+    load_settings(resolve_config_path(config))
+    with _opening(db):
         app = Tether(db=url, config=config, read_only=read_only)
     with app:
         yield app
+
+
+def _no_database(path: str, fix: str) -> NotFound:
+    """Say that no SQLite database is at `path` (a folder is named as one); `fix` says what to do."""
+    if Path(path).is_dir():
+        return NotFound(
+            f"{path} is a folder, not a database file; pass --db "
+            "sqlite:///path/to/file.db (or set TETHER_DB)"
+        )
+    return NotFound(f"no database at {path}; {fix}")
 
 
 def _with_scenario(app: Tether, run_id: str) -> None:
@@ -330,6 +348,14 @@ def _load_app(spec: str) -> Tether:
         raise UsageError(
             f"--app {spec!r}: write MODULE:ATTR, e.g. myapp:app (the module and "
             "the name of your tether.Tether in it)"
+        )
+    if "/" in module_name or "\\" in module_name or module_name.endswith(".py"):
+        # A path, not a module name: `import` would fail with a riddle.
+        named = Path(module_name)
+        short = (named.stem if named.suffix == ".py" else named.name) or "myapp"
+        raise UsageError(
+            f"--app {spec!r}: MODULE is a module name, not a file path; run from "
+            f"the folder that holds {short}.py and write --app {short}:{attr}"
         )
     cwd = os.getcwd()
     if cwd not in sys.path:

@@ -257,13 +257,13 @@ def _print_policy_report(
         if r.problem is not None:
             detail = Text("FAIL ", style="bold red")
             detail.append(_clean(f"{r.case.name}: {r.problem}", 400))
-            console.print(detail)
+            console.print(detail, soft_wrap=True)  # one line a failure, to grep
         elif r.decision is not None and not r.passed and r.decision.reasons:
             detail = Text("FAIL ", style="bold red")
             detail.append(
                 _clean(f"{r.case.name}: {'; '.join(r.decision.reasons)}", 400)
             )
-            console.print(detail)
+            console.print(detail, soft_wrap=True)
     console.print()
     summary = Text(
         f"{report.passed} passed, {report.failed} failed",

@@ -180,11 +180,11 @@ def _print_report(report: ReplayReport) -> None:
             f"run {report.run_id}: {report.events} events, {report.steps} steps "
             "re-checked, every outcome as recorded"
         )
-        console.print(line)
+        console.print(line, soft_wrap=True)  # one line: scripts grep it
     else:
         line = Text("DIVERGES ", style="bold red")
         line.append(_clean(f"run {report.run_id}: {report.divergences[0].describe()}"))
-        console.print(line)
+        console.print(line, soft_wrap=True)
         table = Table(box=None, pad_edge=False, header_style="bold")
         for column in ("step", "stage", "field", "recorded", "now", "rules"):
             table.add_column(column, overflow="fold")
@@ -258,15 +258,17 @@ def _what_if(
         ),
     ] = None,
     last: Annotated[
-        int,
+        int | None,
         typer.Option(
             "--last",
             metavar="N",
             min=1,
             max=10_000,
-            help="Replay the N newest runs.",
+            help="Replay the N newest runs; default: 50, or with "
+            "--since every run since DATE (up to 10000).",
+            show_default=False,
         ),
-    ] = 50,
+    ] = None,
     since: Annotated[
         str | None,
         typer.Option(
@@ -298,7 +300,10 @@ def _what_if(
         if runs:
             ids = [store_app.store.get_run(r).run_id for r in runs]
         else:
-            rows = store_app.store.list_runs(limit=last)
+            # --since alone picks runs by date (DESIGN: --last N | --since DATE),
+            # so it is not cut at the 50 newest.
+            newest = last if last is not None else 50 if cutoff is None else 10_000
+            rows = store_app.store.list_runs(limit=newest)
             ids = [r.run_id for r in rows if cutoff is None or r.created_at >= cutoff]
         replayers: dict[int, Replayer] = {}
         reports: list[ReplayReport] = []
@@ -355,8 +360,10 @@ def _what_if(
             )
         console.print(table)
     for s in skipped:
+        reason = s["reason"].removeprefix(f"run {s['run_id']}: ")  # said once is enough
         console.print(
-            Text(_clean(f"skipped {s['run_id']}: {s['reason']}", 300), style="yellow")
+            Text(_clean(f"skipped {s['run_id']}: {reason}", 300), style="yellow"),
+            soft_wrap=True,
         )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shlex
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -104,7 +105,8 @@ def _demo(
         _field(
             console,
             "config",
-            "none: every step is allowed (no tether.yaml here, no TETHER_CONFIG)"
+            "none (no tether.yaml here, no TETHER_CONFIG): only the scenario's "
+            "own rules apply; every other step is allowed"
             if config is None
             else f"{config} (policy version {policy_version}); its rules, limits "
             "and breakers apply to this run",
@@ -118,7 +120,7 @@ def _demo(
         if not kept:
             _field(console, "database", f"{url}: nothing was kept, the run is gone")
         else:
-            db_flag = "" if db is None else f" --db {db}"
+            db_flag = "" if db is None else f" --db {shlex.quote(db)}"
             _field(console, "verify", f"tether verify {doc['run_id']}{db_flag}")
             _field(console, "inspect", f"tether runs show {doc['run_id']}{db_flag}")
             if db is None:
@@ -132,7 +134,12 @@ def _runs_list(
     limit: Annotated[
         int,
         typer.Option(
-            "--limit", "-n", min=1, max=10_000, help="At most this many runs."
+            "--limit",
+            "-n",
+            metavar="N",
+            min=1,
+            max=10_000,
+            help="At most this many runs.",
         ),
     ] = 20,
     status: Annotated[
@@ -345,6 +352,12 @@ def _runs_export(
         sys.stdout.buffer.write(data)
         sys.stdout.buffer.flush()
         return
+    if not output.parent.is_dir():
+        raise UsageError(
+            f"cannot write {_clean(output)}: there is no folder "
+            f"{_clean(output.parent)!r}; create it first (mkdir -p "
+            f"{_clean(shlex.quote(str(output.parent)))}) or choose another -o FILE"
+        )
     try:
         output.write_bytes(data)
     except OSError as exc:
@@ -416,7 +429,7 @@ def _verify(
             line.append(
                 f"run {report.run_id}: {report.events} events, head {report.head}"
             )
-            console.print(line)
+            console.print(line, soft_wrap=True)  # one line: scripts grep it
             if keyless:
                 console.print(
                     Text(
@@ -442,7 +455,7 @@ def _verify(
                 else f" (first bad event {report.first_bad_seq})"
             )
             line.append(_clean(f"run {report.run_id}{where}: {report.reason}", 400))
-            console.print(line)
+            console.print(line, soft_wrap=True)
     if not report.ok:
         raise typer.Exit(1)
 

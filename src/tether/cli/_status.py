@@ -22,6 +22,7 @@ from tether.cli._common import (
     _field,
     _Json,
     _load_app,
+    _no_database,
     _open,
     _opening,
     _warn_of_skew,
@@ -31,7 +32,7 @@ from tether.config import (
     load_settings,
     resolve_config_path,
 )
-from tether.errors import NotFound, UsageError
+from tether.errors import UsageError
 from tether.status import RetryStatus, StatusReport, status
 from tether.store import sqlite_path
 
@@ -99,12 +100,14 @@ def _status(
             url = _db_url(db)
         path = resolve_config_path(config)
         sqlite = sqlite_path(url)
+        if sqlite and Path(sqlite).is_dir():
+            raise _no_database(sqlite, "")
         if sqlite and not Path(sqlite).is_file():
             settings, _ = load_settings(path)
             if settings.limits or settings.breakers or settings.retry_budget:
-                raise NotFound(
-                    f"no database at {sqlite}; pass --db (or set TETHER_DB) to "
-                    "the database your app records to"
+                raise _no_database(
+                    sqlite,
+                    "pass --db (or set TETHER_DB) to the database your app records to",
                 )
             # nothing configured, nothing recorded: not created
             with Tether(db="memory://", config=path) as opened:
