@@ -338,6 +338,16 @@ def test_an_ambiguous_prefix_is_called_ambiguous(tmp_path: Path) -> None:
     done = run(tmp_path, "runs", "show", prefix, "--db", db)
 
     assert "is ambiguous" in one_error(done, "not_found")
+    assert "more than one" in done.stderr  # it reads two rows: it cannot count
+
+
+def test_a_prefix_too_short_says_how_long_it_must_be(
+    tmp_path: Path, demo: dict[str, Any]
+) -> None:
+    done = run(tmp_path, "runs", "show", demo["run_id"][:5], "--db",
+               "sqlite:///tether.db")  # fmt: skip
+
+    assert "at least 6 characters" in one_error(done, "not_found")
 
 
 def test_export_to_dash_is_stdout(tmp_path: Path, demo: dict[str, Any]) -> None:

@@ -123,15 +123,25 @@ def not_one(
 ) -> NotFound:
     """Say why a look-up of `what` by id or prefix found `rows`, not one.
 
-    None: no such `what`. Several: the prefix is ambiguous, which is not the
-    same as missing (a longer prefix finds it).
+    None: no such `what` (or a prefix too short to look by). Several: the
+    prefix is ambiguous, which is not the same as missing (a longer prefix
+    finds it). The look-up reads at most two rows, so it cannot say how many.
     """
     if rows:
         return NotFound(
-            f"{what} id prefix {given!r} is ambiguous{where}: it matches "
-            f"{len(rows)}; give more of it (see `{listing}`)"
+            f"{what} id prefix {given!r} is ambiguous{where}: it matches more "
+            f"than one; give more of it (see `{listing}`)"
+        )
+    if len(given) < MIN_PREFIX:
+        return NotFound(
+            f"no {what} {given!r}{where}; an id prefix needs at least "
+            f"{MIN_PREFIX} characters (see `{listing}`)"
         )
     return NotFound(f"no {what} {given!r}{where}; see `{listing}`")
+
+
+MIN_PREFIX = 6
+"""The shortest id prefix a look-up by prefix takes."""
 
 
 def not_resumable(now_row: RunRow) -> UsageError:
