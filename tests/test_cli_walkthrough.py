@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import BaseModel
 
 import tether
 
@@ -292,3 +293,35 @@ def test_what_if_names_a_skipped_run_once(tmp_path: Path) -> None:
         f"skipped {run_id}: step 1 called 'x.read', which this app does not "
         "register; replay with the app that made the run (--app)"
     ]
+
+
+class Note(BaseModel):
+    text: str
+
+
+class Noted(BaseModel):
+    ok: bool
+
+
+@tether.capability("ticket.note", effect="write", idempotency="keyed")
+def note(args: Note) -> Noted:
+    return Noted(ok=True)
+
+
+def test_runs_show_gives_each_steps_recorded_effect_without_the_app(
+    tmp_path: Path,
+) -> None:
+    """`runs show` does not load the app's capabilities: the effect comes
+    from the record (each validated step records it), not `?`."""
+    db = f"sqlite:///{tmp_path / 'app.db'}"
+    with tether.Tether(db=db, env={}) as app:
+        app.register(note)
+        with app.run(principal=tether.Principal("bot"), request="note") as r:
+            r.call("ticket.note", {"text": "hi"})
+
+    done = run(tmp_path, "runs", "show", r.id, "--json", "--db", db)
+    assert done.returncode == 0, done.stderr
+    steps = json.loads(done.stdout)["steps"]
+    assert [(s["capability"], s["effect"]) for s in steps] == [("ticket.note", "write")]
+    table = run(tmp_path, "runs", "show", r.id, "--db", db)
+    assert "write" in table.stdout

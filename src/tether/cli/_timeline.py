@@ -84,7 +84,9 @@ def _timeline(app: Tether, run_id: str) -> dict[str, Any]:
             }
         _apply(step, ev)
     for step in steps.values():
-        try:
+        if step["effect"] is not None:
+            continue  # as recorded when the step was validated
+        try:  # not validated (a refused or planned step): as the app declares it
             step["effect"] = app.capabilities.get(str(step["capability"])).effect.value
         except NotFound:
             step["effect"] = None  # recorded under a capability this app lacks
@@ -112,6 +114,7 @@ def _apply(step: dict[str, Any], ev: Mapping[str, Any]) -> None:
         step["capability"] = ev.get("capability")
         step["version"] = ev.get("version")
         step["args"] = ev.get("args")
+        step["effect"] = ev.get("effect")
     elif kind == "decided":
         step["decision"] = ev.get("verdict")
     elif kind == "executed":
