@@ -182,10 +182,10 @@ def _first_difference(
         if name in IGNORED_FIELDS or (versions_differ and name in _VERSIONED):
             continue
         if old.get(name) != new.get(name):
-            if (
-                name == "message"
-                and old.get("kind") == "failed"
-                and old.get("stage") == "output"
+            if name == "message" and (
+                (old.get("kind") == "failed" and old.get("stage") == "output")
+                or old.get("error_code") == "invalid_output"  # a retry's
+                or old.get("error_type") == "InvalidOutput"  # an in-doubt write's
             ):
                 continue  # the invalid output itself is not recorded, only its error
             return name

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from tether import _canonical, _chain
+from tether._export import verify_run
 from tether.replay._report import ReplayError
 from tether.store import Store
 
@@ -27,12 +28,22 @@ class RecordedRun:
 
     @classmethod
     def from_store(cls, store: Store, run_id: str) -> RecordedRun:
-        """Read a run's record from a store.
+        """Read a run's record from a store and check its hash chain and signed head.
 
         Raises:
             NotFound: no such run.
+            ReplayError: the record does not verify (an event was altered,
+                removed or forged): it is refused, not replayed.
         """
         row = store.get_run(run_id)
+        checked = verify_run(store, row.run_id)
+        if not checked.ok:
+            # A replay of an edited record would report the edit as a changed
+            # decision, or pass a forged one as "same": neither is true.
+            raise ReplayError(
+                f"run {row.run_id}: its record does not verify ({checked.reason}); "
+                "it is refused, not replayed (see `tether verify RUN`)"
+            )
         events = tuple(_canonical.loads(e.body) for e in store.events(row.run_id))
         return cls(run_id=row.run_id, events=events, source=f"run {row.run_id}")
 

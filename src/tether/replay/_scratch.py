@@ -25,6 +25,7 @@ from tether.store import (
     ApprovalStatus,
     Batch,
     Committed,
+    KeyId,
     KeyRecord,
     KeyState,
 )
@@ -49,14 +50,40 @@ class Met:
     key_origin: tuple[str, int] | None = None
     grant: Mapping[str, Any] | None = None
     """Another run's approved request the step ran under (its `approval_used`)."""
+    key_conflict: bool = False
+    """The step's key was first used with other secrets (which the record masks)."""
 
 
-def met_by(recorded: Sequence[Mapping[str, Any]], own_requests: set[str]) -> Met:
-    """Read from a step's recorded events what it met outside its run."""
+_OTHER_SECRETS = b"replay: first used with other secret values"
+"""A fingerprint no call makes: the key's first call had other secrets."""
+
+
+def met_by(
+    recorded: Sequence[Mapping[str, Any]],
+    own_requests: set[str],
+    *,
+    secret_args: bool = False,
+) -> Met:
+    """Read from a step's recorded events what it met outside its run.
+
+    Args:
+        recorded: the step's recorded events.
+        own_requests: the approval requests the run made itself.
+        secret_args: the capability takes secrets, which the record masks: the
+            replay cannot tell two calls' secrets apart, so a key conflict the
+            record shows is the world's answer.
+    """
     met = Met()
     for e in recorded:
         kind = e["kind"]
-        if kind == "limit_refused":
+        if (
+            secret_args
+            and kind == "failed"
+            and e.get("stage") == "idempotency"
+            and e.get("error_code") == "idempotency_error"
+        ):
+            met.key_conflict = True
+        elif kind == "limit_refused":
             met.limits[str(e["limit"])] = e
         elif kind == "approval_used" and str(e["approval_id"]) not in own_requests:
             met.grant = e
@@ -93,7 +120,22 @@ class ScratchStore(MemoryStore):
             self._approvals[pending] = replace(batch.approval, id=pending)
         if met.key_output is not None and batch.claim is not None:
             self._seed_key(batch, met)
+        if met.key_conflict and batch.claim is not None:
+            existing = self._keys.get(batch.claim.id)
+            if existing is not None:
+                return Committed(
+                    head_seq=batch.base_seq,
+                    head_hash=batch.base_hash,
+                    conflict=replace(existing, fingerprint=_OTHER_SECRETS),
+                )
         return super().commit(batch)
+
+    def lookup_key(self, key: KeyId) -> KeyRecord | None:
+        """Return the key's record; as first used with other secrets, if it was."""
+        existing = super().lookup_key(key)
+        if existing is not None and self.met.key_conflict:
+            return replace(existing, fingerprint=_OTHER_SECRETS)
+        return existing
 
     def latest_approval(
         self, tenant: str, principal_id: str, digest: bytes, rule_ids: tuple[str, ...]

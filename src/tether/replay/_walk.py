@@ -7,11 +7,14 @@ recorded events, to the comparison (`_compare`), which writes the report.
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from collections.abc import Sequence
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
+
+import pydantic
 
 from tether import _canonical, gateway, record
 from tether._effects import Execute
@@ -21,7 +24,7 @@ from tether.capability import Capability
 from tether.clock import SystemClock
 from tether.config import Settings, guards_from, load_settings, policy_from
 from tether.errors import NotFound, TetherError
-from tether.handle import Run
+from tether.handle import IN_DOUBT_RULE, Run
 from tether.plan import PlanStep
 from tether.policy import PolicySet
 from tether.principal import Principal
@@ -55,6 +58,10 @@ _RUN_LEVEL = frozenset(
     }
 )
 """Kinds written outside a step: the walk handles each where it appears."""
+
+_STEP_ENDS = frozenset({"executed", "failed", "in_doubt", "idempotent_hit"})
+"""Kinds that end a step (as `Run.resumed` reads them): after an intent, a step
+with none of them was cut off by its process's death."""
 
 
 class Replayer:
@@ -133,6 +140,7 @@ class _Walk:
                 f"{recorded.source}: record format {fmt} is newer than this tether "
                 f"reads ({record.FORMAT}); upgrade tether to replay it"
             )
+        _check_events(recorded)
         self.report = ReplayReport(
             run_id=recorded.run_id, mode=replayer.mode, events=len(self.events), steps=0
         )
@@ -143,13 +151,37 @@ class _Walk:
             for e in self.events
             if e.get("kind") == "approval_requested"
         ]
-        ids = ReplayIds({"run_": [recorded.run_id], "apr_": approvals})
+        self.resumed_requests = {
+            str(e["approval_id"])
+            for e in self.events
+            if e.get("kind") == "approval_requested"
+            and IN_DOUBT_RULE in (e.get("rule_ids") or ())
+        }
+        """Requests a resume made for a `none` step its dead process cut off: the
+        resume's, not the call path's, so no step of the replay makes them."""
+        ids = ReplayIds(
+            {
+                "run_": [recorded.run_id],
+                "apr_": [a for a in approvals if a not in self.resumed_requests],
+            }
+        )
         self.scratch = _scratch_app(replayer, self.clock, ids)
-        self.by_step: dict[int, list[dict[str, Any]]] = {}
-        for e in self.events:
+        self.takes: dict[int, tuple[int, list[dict[str, Any]]]] = {}
+        """Each take of a step, by the position of its first event: the step's
+        number and its events. A step is taken once, but one its process died in
+        (intent, no result) is taken again under its number when the run resumes."""
+        current: dict[int, list[dict[str, Any]]] = {}
+        for position, e in enumerate(self.events):
             number = e.get("step")
-            if number is not None and e.get("kind") not in _RUN_LEVEL:
-                self.by_step.setdefault(int(number), []).append(e)
+            if number is None or e.get("kind") in _RUN_LEVEL:
+                continue
+            take = current.get(number)
+            if take is None or (
+                e["kind"] == "validated" and any(x["kind"] == "validated" for x in take)
+            ):
+                take = current[number] = []
+                self.takes[position] = (number, take)
+            take.append(e)
         self.proposed: deque[dict[str, Any]] = deque()
         self.own_requests = set(approvals)
         """Approval requests this run made (any other it waited on was another run's)."""
@@ -174,11 +206,11 @@ class _Walk:
         run.__enter__()
         self.run_ = run
         self._fresh()  # run_started and its status: the walk starts after them
-        done: set[int] = set()
         admitted_once = False
-        for event in self.events[1:]:
+        for position, event in enumerate(self.events):
+            if position == 0:
+                continue
             kind = event["kind"]
-            number = event.get("step")
             if kind == "plan_proposed":
                 self.proposed = deque(event.get("steps") or ())
             elif kind == "plan_admitted":
@@ -188,11 +220,8 @@ class _Walk:
                 self._usage(event)
             elif kind == "approval_decided":
                 self._decided(event)
-            elif kind in _RUN_LEVEL:
-                continue
-            elif number is not None and int(number) not in done:
-                done.add(int(number))
-                self._step(int(number))
+            elif position in self.takes:
+                self._step(*self.takes[position])
         return self.report
 
     def _fresh(self) -> list[dict[str, Any]]:
@@ -275,6 +304,8 @@ class _Walk:
                     event=made,
                 )
         except (NotFound, TetherError):
+            if approval_id in self.resumed_requests:
+                return  # the resume's request for a cut-off step: noted at the step
             # The request was not made again (an earlier divergence says why).
             self.report.notes.append(
                 f"approval {approval_id}: decided in the record, but the replay "
@@ -284,12 +315,27 @@ class _Walk:
 
     # -- steps -----------------------------------------------------------------------
 
-    def _step(self, number: int) -> None:
+    def _step(self, number: int, recorded: list[dict[str, Any]]) -> None:
         run = self.run_
-        recorded = self.by_step.get(number, [])
         proposal = self.proposed.popleft() if self.proposed else None
+        if number <= run.steps:
+            # A step its process died in, taken again under its number on resume
+            # (Run.resumed does the same): it may run again under its derived key.
+            run.steps = number - 1
+            run._numbers = itertools.count(number)
+        if number - run.steps > len(self.events):
+            raise ReplayError(
+                f"{self.recorded.source}: step {number} follows step {run.steps} in "
+                "a record of fewer events; the record is damaged: export it again"
+            )
         while run.steps < number - 1:  # a step the record has no events for
             run.next_step()
+        recorded, resumed = _cut_at_resume(recorded)
+        if resumed:
+            self.report.notes.append(
+                f"step {number}: its process died mid-call; the in-doubt request the "
+                "resume made for it is the record's, not re-checked"
+            )
         call = call_of(recorded, proposal)
         if call is None:
             run.next_step()
@@ -300,7 +346,7 @@ class _Walk:
             return
         name, args, key, dry_run = call
         try:
-            cap = self.scratch.capabilities.get(name)
+            cap = _capability(self.scratch, name, recorded)
         except NotFound as exc:
             raise ReplayError(
                 f"{self.recorded.source}: step {number} called {name!r}, which this app "
@@ -321,10 +367,12 @@ class _Walk:
             cap = recorded_checks(cap, recorded)
         store = self.scratch.store
         assert isinstance(store, ScratchStore)
-        store.met = met_by(recorded, self.own_requests)
+        store.met = met_by(recorded, self.own_requests, secret_args=cap.has_secrets)
         flow = gateway.step(run, cap, args, key=key, dry_run=dry_run)
         try:
-            drive(flow, cap, results, preview, self.clock)
+            drive(
+                flow, cap, results, preview, self.clock, cut_off=_is_cut_off(recorded)
+            )
         finally:
             store.met = Met()
         self.report.steps += 1
@@ -396,3 +444,71 @@ def _scratch_app(replayer: Replayer, clock: ReplayClock, ids: ReplayIds) -> Teth
     scratch.webhook = None
     scratch.store = ScratchStore()
     return scratch
+
+
+def _capability(
+    app: Tether, name: str, recorded: Sequence[dict[str, Any]]
+) -> Capability[Any, Any]:
+    """The capability a step called: the recorded version while the app has it.
+
+    A run may call a version that is not the latest (`run.step(cap_v1, ...)`);
+    verify mode replays under the versions the run used. Without that version
+    the latest stands in, and the changed version shows as a divergence.
+
+    Raises:
+        NotFound: the app has no capability of that name.
+    """
+    validated = next((e for e in recorded if e["kind"] == "validated"), None)
+    version = None if validated is None else validated.get("version")
+    if isinstance(version, str):
+        try:
+            return app.capabilities.get(name, version)
+        except NotFound:
+            pass
+    return app.capabilities.get(name)
+
+
+def _is_cut_off(recorded: Sequence[dict[str, Any]]) -> bool:
+    """True when the step's process died mid-call: an intent, and no result after."""
+    return any(e["kind"] == "intent" for e in recorded) and not any(
+        e["kind"] in _STEP_ENDS for e in recorded
+    )
+
+
+def _cut_at_resume(
+    recorded: list[dict[str, Any]],
+) -> tuple[list[dict[str, Any]], bool]:
+    """Split off what a resume wrote for a `none` step its dead process cut off.
+
+    The resume (`Run.resumed`) records the step in doubt and asks a person; the
+    call path did not write those events, so the replay does not re-drive them.
+    """
+    for i, e in enumerate(recorded):
+        if e["kind"] == "in_doubt" and e.get("error_type") == "WriterLost":
+            return recorded[:i], True
+    return recorded, False
+
+
+def _check_events(recorded: RecordedRun) -> None:
+    """Refuse a record whose events are not events of this format.
+
+    A chain proves an export unedited since it was hashed, not that tether wrote
+    it: a crafted file must be refused with a reason, not crash the replay.
+
+    Raises:
+        ReplayError: an event does not fit its kind's schema.
+    """
+    for number, event in enumerate(recorded.events, start=1):
+        try:
+            record.decode(_canonical.dumps(event))
+        except (pydantic.ValidationError, _canonical.CanonicalError, TypeError) as exc:
+            first = (
+                exc.errors()[0] if isinstance(exc, pydantic.ValidationError) else None
+            )
+            where = "" if first is None else ".".join(str(p) for p in first["loc"])
+            why = str(exc) if first is None else first["msg"]
+            why = f"{where}: {why}" if where else why
+            raise ReplayError(
+                f"{recorded.source}: event {number} is not a record event of "
+                f"this tether ({why}); the record is damaged: export it again"
+            ) from exc
