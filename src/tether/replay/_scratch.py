@@ -29,12 +29,20 @@ from tether.store import (
     KeyRecord,
     KeyState,
 )
+from tether.store._breakers import BreakerRow, BreakerSpec, BreakerState, breaker_view
 from tether.store._limits import LimitKind, to_us
 from tether.store.memory import MemoryStore
 
-__all__ = ["Met", "ScratchStore", "met_by"]
+__all__ = ["Met", "ScratchStore", "breaker_met", "met_by"]
 
 _APPROVAL_ID = re.compile(r"\bapr_[0-9A-Za-z]+")
+_TRIAL = re.compile(r"^trial call (\d+) of \d+$")
+"""A trial call's `breaker_checked` reason (`tether.store._breakers.admit_breaker`)."""
+_PAST_BREAKER = frozenset(
+    {"executed", "failed", "in_doubt", "retry_scheduled", "idempotent_hit"}
+)
+"""Kinds a step writes after its breaker check (or instead of it); its intent
+comes before the check's event, which the store appends to the same write."""
 
 
 @dataclass(slots=True, kw_only=True)
@@ -102,6 +110,64 @@ def met_by(
     return met
 
 
+def breaker_met(
+    recorded: Sequence[Mapping[str, Any]],
+    breaker_id: str,
+    known: str,
+    *,
+    passes_open: bool = False,
+) -> tuple[Mapping[str, Any] | None, bool, str]:
+    """Read whether other runs moved a shared breaker before this step met it.
+
+    `known` is where this run's own record last left the breaker (its checks
+    and the transitions its steps made or saw; `closed` before any). A step
+    that met it elsewhere than that (a check in another state, a closed
+    breaker passed, a transition from a state this run never saw) met what
+    other runs did: the breaker is put there. What this run's own calls did
+    is left to today's settings, so a changed threshold still shows.
+
+    `passes_open`: the step is a read and the breaker degrades to read-only,
+    so it goes through an open or half-open breaker without a check: passing
+    tells nothing of where the breaker stood.
+
+    Returns:
+        The `breaker_checked` event the step met (None: it passed a closed
+        breaker, which writes nothing), whether to put the breaker there,
+        and where the step left it (the next step's `known`).
+    """
+    checked = None
+    seed = False
+    state = known
+    reached = False
+    for e in recorded:
+        kind = e["kind"]
+        if kind in ("intent", "executed", "in_doubt") or (
+            kind == "failed" and e.get("stage") in ("execute", "output")
+        ):
+            reached = True
+        if kind in _PAST_BREAKER:
+            break
+        if e.get("breaker") != breaker_id:
+            continue
+        if kind == "breaker_transition":  # a time move this step saw
+            seed = seed or e.get("previous") != state
+            state = str(e.get("state"))
+        elif kind == "breaker_checked":
+            checked, reached = e, True
+            seed = seed or e.get("state") != state
+            break
+    passed_closed = reached and checked is None and not passes_open
+    if passed_closed:
+        seed = seed or state != BreakerState.CLOSED.value
+    after = state if checked is None else str(checked.get("state"))
+    if passed_closed:
+        after = BreakerState.CLOSED.value
+    for e in recorded:  # what the step's own outcome did to it
+        if e["kind"] == "breaker_transition" and e.get("breaker") == breaker_id:
+            after = str(e.get("state"))
+    return checked, seed and reached, after
+
+
 class ScratchStore(MemoryStore):
     """A memory store that puts in place, at a step's write, what the step met."""
 
@@ -129,6 +195,47 @@ class ScratchStore(MemoryStore):
                     conflict=replace(existing, fingerprint=_OTHER_SECRETS),
                 )
         return super().commit(batch)
+
+    def seed_breaker(
+        self, spec: BreakerSpec, checked: Mapping[str, Any] | None, now: datetime
+    ) -> None:
+        """Put a shared breaker where the record shows the step found it.
+
+        Other runs' calls move a breaker too, and their outcomes are not in
+        this record: a `breaker_checked` event says where it stood (open, or
+        half-open with a trial slot free or not); a step that passed with none
+        found it closed. The scratch breaker is moved there only when this
+        run's own replayed calls did not already leave it so; today's settings
+        then decide what that state does to the step (its mode, its trials).
+        """
+        at_us = to_us(now)
+        with self._lock:
+            row, _ = breaker_view(self._tables.breaker(spec.id), spec, at_us)
+            state = BreakerState.CLOSED if checked is None else _state(checked)
+            generation = row.generation + 1
+            if state is BreakerState.HALF_OPEN:
+                assert checked is not None
+                trial = _TRIAL.match(str(checked.get("reason", "")))
+                taken = (
+                    int(trial.group(1)) - 1
+                    if checked.get("admitted") and trial
+                    else spec.probes
+                )
+                if row.state is state and row.probes == taken:
+                    return
+                seeded = BreakerRow(
+                    state=state,
+                    since=at_us,
+                    generation=generation,
+                    probes=taken,
+                    probe_admits=(at_us,) * taken,
+                    probe_deadline=at_us + spec.probe_timeout_us if taken else 0,
+                )
+            elif row.state is state:
+                return
+            else:
+                seeded = BreakerRow(state=state, since=at_us, generation=generation)
+            self._tables.set_breaker(spec.id, seeded)
 
     def lookup_key(self, key: KeyId) -> KeyRecord | None:
         """Return the key's record; as first used with other secrets, if it was."""
@@ -222,3 +329,10 @@ class ScratchStore(MemoryStore):
             lease_until=claim.lease_until,
             completed_at=claim.now,
         )
+
+
+def _state(checked: Mapping[str, Any]) -> BreakerState:
+    try:
+        return BreakerState(str(checked.get("state")))
+    except ValueError:
+        return BreakerState.CLOSED  # not a state this tether knows: as if passed

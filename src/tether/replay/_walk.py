@@ -20,7 +20,7 @@ from tether import _canonical, gateway, record
 from tether._effects import Execute
 from tether._stages import handler_args, validate_output
 from tether.app import Tether
-from tether.capability import Capability
+from tether.capability import Capability, Effect
 from tether.clock import SystemClock
 from tether.config import Settings, guards_from, load_settings, policy_from
 from tether.errors import NotFound, TetherError
@@ -31,7 +31,7 @@ from tether.principal import Principal
 from tether.replay._compare import Comparison
 from tether.replay._records import RecordedRun, at
 from tether.replay._report import Mode, Prediction, ReplayError, ReplayReport
-from tether.replay._scratch import Met, ScratchStore, met_by
+from tether.replay._scratch import Met, ScratchStore, breaker_met, met_by
 from tether.replay._world import (
     FirstRng,
     ReplayClock,
@@ -183,6 +183,8 @@ class _Walk:
                 self.takes[position] = (number, take)
             take.append(e)
         self.proposed: deque[dict[str, Any]] = deque()
+        self.breakers_known: dict[str, str] = {}
+        """Where this run's own record last left each breaker (`breaker_met`)."""
         self.own_requests = set(approvals)
         """Approval requests this run made (any other it waited on was another run's)."""
         self.previews: dict[tuple[str, bytes], Any] = {}
@@ -368,6 +370,20 @@ class _Walk:
         store = self.scratch.store
         assert isinstance(store, ScratchStore)
         store.met = met_by(recorded, self.own_requests, secret_args=cap.has_secrets)
+        guards = self.scratch.guards
+        watch = None if guards is None else guards.breakers.for_resource(cap.resource)
+        if watch is not None and not dry_run:
+            spec = watch[1]
+            known = self.breakers_known.get(spec.id, "closed")
+            checked, seed, self.breakers_known[spec.id] = breaker_met(
+                recorded,
+                spec.id,
+                known,
+                passes_open=cap.effect is Effect.READ
+                and watch[0].on_open == "read_only",
+            )
+            if seed:
+                store.seed_breaker(spec, checked, at(recorded[0]))
         flow = gateway.step(run, cap, args, key=key, dry_run=dry_run)
         try:
             drive(
