@@ -12,7 +12,6 @@ import shutil
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -20,35 +19,7 @@ from typing import Any
 import pytest
 
 import tether
-
-CLI = os.environ.get("TETHER_CLI") or str(Path(sys.executable).parent / "tether")
-
-
-def run(
-    folder: Path, *args: str, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    """Run `tether` in `folder` with none of the caller's TETHER_* (plus `env`)."""
-    base = {k: v for k, v in os.environ.items() if not k.startswith("TETHER_")}
-    base.pop("COLUMNS", None)
-    return subprocess.run(
-        [CLI, *args],
-        cwd=folder,
-        env={**base, **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-
-
-def one_error(done: subprocess.CompletedProcess[str], code: str, exit: int = 2) -> str:
-    """Assert one `error[code]` line on stderr, no traceback; return the line."""
-    assert done.returncode == exit, (done.stdout, done.stderr)
-    lines = done.stderr.splitlines()
-    assert len(lines) == 1, done.stderr
-    assert lines[0].startswith(f"error[{code}] "), lines[0]
-    assert "Traceback" not in done.stderr + done.stdout
-    return lines[0]
+from _cli import CLI, one_error, run
 
 
 def digest(path: Path) -> str:
