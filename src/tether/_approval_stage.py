@@ -19,6 +19,7 @@ from tether._effects import (
 from tether._stages import (
     RunPort,
     args_fingerprint,
+    call_secrets,
     execution_error,
     failed_event,
     handler_args,
@@ -274,9 +275,7 @@ def _approval_digest(
 ) -> bytes:
     """Bind a grant to the capability and version, args, policy version and preview."""
     fingerprint = args_fingerprint(
-        run.store.record_key,
-        args_bytes,
-        record.secret_values(args) if cap.has_secrets else (),
+        run.store.record_key, args_bytes, call_secrets(cap, args, args_bytes)
     )
     digest = hashlib.sha256(b"tether-approval-v1")
     for part in (

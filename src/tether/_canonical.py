@@ -11,13 +11,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, Sequence, Set
 from datetime import datetime
 from decimal import Decimal
 from enum import Enum
 from typing import Any
 
 import orjson
+from pydantic import BaseModel
 
 __all__ = [
     "CanonicalError",
@@ -75,12 +76,17 @@ def inexact(value: object, _depth: int = 0) -> str | None:
     """Say what in `value` a record could not keep exactly, or None.
 
     orjson writes NaN and infinities as `null`, and pydantic's JSON mode rewrites
-    a mapping key holding a lone surrogate; a record must never change a value.
+    a mapping key holding a lone surrogate (and writes NaN as `null`, inside
+    sets and model instances too, which an `Any` field keeps as given); a record
+    must never change a value.
     """
     if isinstance(value, float):
         return None if math.isfinite(value) else "NaN or Infinity"
     if _depth > 256:
         return None  # deeper than any encoder accepts; the encoder refuses it
+    if isinstance(value, BaseModel):
+        extra = value.__pydantic_extra__ or {}
+        value = [*value.__dict__.values(), *extra.values()]
     if isinstance(value, Mapping):
         for k, v in value.items():
             if isinstance(k, str) and not k.isascii() and _has_surrogate(k):
@@ -88,7 +94,9 @@ def inexact(value: object, _depth: int = 0) -> str | None:
             found = inexact(v, _depth + 1)
             if found:
                 return found
-    elif isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+    elif isinstance(value, (Sequence, Set)) and not isinstance(
+        value, (str, bytes, bytearray)
+    ):
         for v in value:
             found = inexact(v, _depth + 1)
             if found:

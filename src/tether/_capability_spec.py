@@ -14,7 +14,7 @@ these from there.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence, Set
 from datetime import timedelta
 from decimal import Decimal, InvalidOperation
 from enum import StrEnum
@@ -115,12 +115,14 @@ class Capability(Generic[In, Out]):
 
     __slots__ = (
         "_secret_paths",
+        "_unordered",
         "actual_cost",
         "cost",
         "description",
         "dry_run_handler",
         "effect",
         "free_form",
+        "free_form_output",
         "handler",
         "idempotency",
         "input_model",
@@ -193,6 +195,14 @@ class Capability(Generic[In, Out]):
         schema = self.input_model.model_json_schema()
         self.free_form = _schema_is_free_form(schema)
         """Whether args may hold floats or free-form keys (then checked for exactness)."""
+        self._unordered = self.free_form or b'"uniqueItems":true' in _canonical.dumps(
+            schema
+        )
+        """Whether args may hold sets, whose JSON order is put right in `dump_args`."""
+        self.free_form_output = _schema_is_free_form(
+            self.output_model.model_json_schema()
+        )
+        """Whether outputs may hold floats (then checked for exactness)."""
         self.secret_output = _has_secrets(self.output_model)
         """True when the output has secret fields: a stored result cannot be replayed."""
         self._secret_paths = _has_secrets(self.input_model) or self.secret_output
@@ -203,6 +213,10 @@ class Capability(Generic[In, Out]):
     def has_secrets(self) -> bool:
         """True when the input or output model has a secret field."""
         return self._secret_paths
+
+    def inexact_output(self, output: BaseModel) -> str | None:
+        """Say what in `output` a record could not keep exactly (NaN, say), or None."""
+        return _canonical.inexact(output) if self.free_form_output else None
 
     def validate_args(self, raw: object, *, limit: int = MAX_ARGS_BYTES) -> In:
         """Validate `raw` (a mapping, a model or JSON text) against the input model.
@@ -270,10 +284,20 @@ class Capability(Generic[In, Out]):
                 args, mode="json"
             )
         except ValueError as exc:  # pydantic: "Maximum serialization depth exceeded"
+            if "depth" not in str(exc):  # an object, bytes that are not UTF-8, ...
+                raise ValidationFailed(
+                    f"{self.name}: arguments hold a value JSON cannot carry ({exc}); "
+                    "send JSON data (text, numbers, lists, objects)"
+                ) from exc
             raise ValidationFailed(
                 f"{self.name}: arguments are nested too deeply; flatten them"
             ) from exc
         try:
+            if self._unordered:
+                # A set's JSON list comes in iteration order, which changes with
+                # insertion order and the hash seed: sorted, one set has one form
+                # (one fingerprint, one record) in every process.
+                _order_sets(args, data, 0)
             encoded = _canonical.dumps(data)
         except _canonical.CanonicalError as exc:
             raise ValidationFailed(
@@ -388,6 +412,32 @@ def _schema_is_free_form(schema: Mapping[str, object]) -> bool:
     return (
         b'"number"' in text or b"{}" in text or b'"additionalProperties":true' in text
     )
+
+
+def _order_sets(value: object, js: object, depth: int) -> None:
+    """Sort, in place, the JSON lists in `js` that `value` holds as sets."""
+    if depth > 256:
+        return
+    if isinstance(value, BaseModel):
+        if not isinstance(js, dict):
+            return
+        for name, info in type(value).model_fields.items():
+            key = name if name in js else info.serialization_alias or info.alias
+            if key in js:
+                _order_sets(getattr(value, name, None), js[key], depth + 1)
+        for k, v in (value.__pydantic_extra__ or {}).items():
+            if k in js:
+                _order_sets(v, js[k], depth + 1)
+    elif isinstance(value, Mapping) and isinstance(js, dict):
+        for k, v in value.items():
+            key = k if isinstance(k, str) else str(getattr(k, "value", k))
+            if key in js:
+                _order_sets(v, js[key], depth + 1)
+    elif isinstance(value, (list, tuple, Set)) and isinstance(js, list):
+        for item, item_js in zip(value, js, strict=False):
+            _order_sets(item, item_js, depth + 1)
+        if isinstance(value, Set):
+            js.sort(key=_canonical.dumps)
 
 
 def _has_secrets(model: type[BaseModel]) -> bool:

@@ -65,6 +65,7 @@ __all__ = [
     "RunPort",
     "args_fingerprint",
     "as_model",
+    "call_secrets",
     "check_preconditions",
     "classify",
     "execution_error",
@@ -235,8 +236,9 @@ def check_preconditions(
         if held is True or held is None:
             continue
         reason = held if isinstance(held, str) and held else f"{name} does not hold"
-        if cap.has_secrets:
-            reason = record.redact_text(reason, record.secret_values(args))
+        secrets = call_secrets(cap, args)
+        if secrets:
+            reason = record.redact_text(reason, secrets)
         events.append(
             record.PreconditionChecked(
                 at=now, step=number, checks=tuple(names), failed=name, reason=reason
@@ -257,6 +259,25 @@ def policy_error(cap: Capability[Any, Any], decision: Decision) -> TetherError:
             reasons=decision.reasons,
         )
     return ApprovalRequired(f"{cap.name}: needs a person's approval ({rules}: {why})")
+
+
+def call_secrets(
+    cap: Capability[Any, Any], args: BaseModel, args_bytes: bytes | None = None
+) -> list[str]:
+    """Return the clear values of the secrets in a call's args (nested included).
+
+    A free-form field (`Any`, `dict[str, Any]`) may carry a `SecretStr` that no
+    schema declares: it is looked for too, when the canonical args
+    (`args_bytes`, if given) show a masked value.
+    """
+    if cap.has_secrets or (
+        cap.free_form and (args_bytes is None or _MASK_BYTES in args_bytes)
+    ):
+        return record.secret_values(args)
+    return []
+
+
+_MASK_BYTES = record.SECRET_MASK.encode()
 
 
 def args_fingerprint(
@@ -409,12 +430,20 @@ def validate_output(
         )
         if output is value:
             model.__pydantic_validator__.validate_python(data)
+        # JSON mode writes NaN and Infinity as null: the record would not hold
+        # what the caller got, nor a retry get what the first call did.
+        problem = cap.inexact_output(output)
     except ValidationError as exc:
         raise InvalidOutput(one_line_error(cap.name, "output", exc)) from exc
     except (PydanticSerializationError, ValueError) as exc:
         raise InvalidOutput(
             f"{cap.name}: output does not fit its schema: {exc}"
         ) from exc
+    if problem:
+        raise InvalidOutput(
+            f"{cap.name}: output holds {problem}, which a record cannot keep "
+            "exactly; return finite numbers"
+        )
     return output, data
 
 
@@ -442,17 +471,21 @@ def execution_error(
         return StepTimeout(f"{cap.name}: did not finish within its {limit:g}s timeout")
     exc = done.error
     assert exc is not None
-    if isinstance(exc, UsageError):
-        return exc  # tether's own misuse error, raised inside a handler
+    secrets = call_secrets(cap, args)
+    if isinstance(exc, UsageError):  # tether's own error, raised inside a handler
+        if secrets:  # kept as it is, but its message may quote the args
+            exc.message = record.redact_text(exc.message, secrets)
+            exc.args = (exc.message,)
+        return exc
     text = f"{type(exc).__name__}: {exc}"
     if not isinstance(exc, Exception):
         text = f"{type(exc).__name__}: the caller was cancelled while the handler ran"
-    if cap.has_secrets:
-        text = record.redact_text(text, record.secret_values(args))
+    if secrets:
+        text = record.redact_text(text, secrets)
     if len(text) > MAX_MESSAGE:
         text = text[:MAX_MESSAGE] + "..."
     failed = CapabilityFailed(f"{cap.name}: {text}")
-    if cap.has_secrets:
+    if secrets or cap.has_secrets:
         failed.__suppress_context__ = True  # the raw error may quote a secret
     else:
         failed.__cause__ = exc

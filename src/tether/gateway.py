@@ -36,6 +36,7 @@ from tether._limit_stage import (
 from tether._stages import (
     RunPort,
     args_fingerprint,
+    call_secrets,
     check_preconditions,
     handler_args,
     policy_error,
@@ -229,9 +230,7 @@ def step(  # the design's list, in order
             key=key,
         )
         fingerprint = args_fingerprint(
-            run.store.record_key,
-            args_bytes,
-            record.secret_values(args) if cap.has_secrets else (),
+            run.store.record_key, args_bytes, call_secrets(cap, args, args_bytes)
         )
         if run.has_pending():  # a result kept after a failed write answers first
             yield StoreOp(run.flush_pending)
@@ -253,9 +252,12 @@ def step(  # the design's list, in order
     try:
         cost = cap.estimate_cost(args)
     except Exception as exc:  # noqa: BLE001  # a user cost function may raise anything
+        why = f"{type(exc).__name__}: {exc}"
+        secrets = call_secrets(cap, args, args_bytes)
+        if secrets:  # its message may quote the args it read
+            why = record.redact_text(why, secrets)
         broken = UsageError(
-            f"{cap.name}: its cost function raised {type(exc).__name__}: {exc}; "
-            "fix the capability's cost"
+            f"{cap.name}: its cost function raised {why}; fix the capability's cost"
         )
         return (
             yield from refuse(
@@ -366,9 +368,13 @@ def step(  # the design's list, in order
         except UsageError as exc:
             # The call acted and its output is valid: it is executed, settled at
             # its estimate. Failing it now would free its key to run it again.
+            secrets = [*call_secrets(cap, args), *record.secret_values(output)]
             logger.warning(
                 "limits.actual_cost_failed",
-                extra={"tether.run_id": run.run_id, "tether.error": exc.message},
+                extra={
+                    "tether.run_id": run.run_id,
+                    "tether.error": record.redact_text(exc.message, secrets),
+                },
             )
     # A call that may still be acting (a timed-out thread) may still spend:
     # its budgets keep their estimate and its leases stay held until they lapse.

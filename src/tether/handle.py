@@ -556,8 +556,17 @@ class Run:
                 intent write.
         """
         cap = self._resolve(capability)
-        handler = cap.dry_run_handler if dry_run else cap.handler
-        if handler is not None and handler.is_async and _loop_running():
+        # What may run: a dry run's handler (a read without one runs its real
+        # one); else the real one, or the dry-run one (required by policy, or
+        # an approval request's preview).
+        preview = cap.dry_run_handler
+        if dry_run:
+            is_async = (preview or cap.handler).is_async
+        else:
+            is_async = cap.handler.is_async or (
+                preview is not None and preview.is_async
+            )
+        if is_async and _loop_running():
             raise UsageError(
                 f"{cap.name} is async and an event loop is running here; "
                 "use `await run.acall(...)`"
