@@ -10,9 +10,10 @@ import types
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
-from pydantic import BaseModel
+from pydantic import BaseModel, SecretStr
 
 import tether
 import tether.cli
@@ -456,6 +457,67 @@ def test_a_stashed_step_with_secrets_keeps_them_out_of_the_record_and_resumes_wi
     assert parked is RunState.DEGRADED
     assert resumed.status is RunState.SUCCEEDED
     assert sent == [("alice", "sk-live-AAAA1111"), ("bob", "sk-live-BBBB2222")]
+    assert b"sk-live-" not in exported
+
+
+class LooseSendArgs(BaseModel):
+    to: str
+    extra: dict[str, Any]
+    """Free-form: a SecretStr in it is masked by no schema."""
+
+
+@tether.capability("up.send_loose", effect="write", idempotency="keyed", resource="up")
+def up_send_loose(args: LooseSendArgs) -> PingOut:
+    """Send through the flaky upstream with a credential in a free-form field."""
+    if upstream["broken"]:
+        raise RuntimeError("upstream 503")
+    token = args.extra["token"]
+    clear = token.get_secret_value() if isinstance(token, SecretStr) else token
+    sent.append((args.to, clear))
+    return PingOut(n=len(sent))
+
+
+def test_a_stashed_step_with_a_secret_in_a_free_form_field_resumes_with_it(
+    tmp_path: Path,
+) -> None:
+    """The same as above when the credential rides in an `Any` field: the
+    record masks it, so resuming must not send the mask upstream."""
+    config = tmp_path / "tether.yaml"
+    config.write_text(
+        "breakers:\n"
+        "  - {id: up-br, resource: up, window: 1, min_calls: 1, failure_rate: 1,\n"
+        "     open_for: 30s, on_open: stash}\n"
+    )
+    upstream.update(broken=True, calls=[])
+    sent.clear()
+    clock = FakeClock()
+    secret = SecretStr("sk-live-CCCC3333")
+    with tether.Tether(
+        db=f"sqlite:///{tmp_path / 't.db'}?synchronous=normal",
+        config=config,
+        clock=clock,
+        env={},
+    ) as app:
+        app.register(up_call, up_send_loose)
+        app.register_planner(
+            "pay",
+            tether.ScriptedPlanner(
+                [
+                    ("up.call", {"n": 1}),  # fails and opens the breaker
+                    ("up.send_loose", {"to": "carol", "extra": {"token": secret}}),
+                ]
+            ),
+        )
+        run = app.start("pay carol", planner="pay", principal=BOT)
+        parked = run.status
+        clock.advance(timedelta(seconds=31))
+        upstream["broken"] = False
+        resumed = app.resume(run.id)
+        exported = b"".join(app.export(run.id))
+
+    assert parked is RunState.DEGRADED
+    assert resumed.status is RunState.SUCCEEDED
+    assert sent == [("carol", "sk-live-CCCC3333")]
     assert b"sk-live-" not in exported
 
 

@@ -23,6 +23,7 @@ from tether import _canonical, gateway, plan, record
 from tether._approval_stage import requested_event
 from tether._chain import StoredEvent
 from tether._run_writer import RunWriter
+from tether._stages import call_secrets
 from tether.capability import Capability, Effect, Idempotency
 from tether.errors import (
     ApprovalRequired,
@@ -671,10 +672,11 @@ class Run:
         }
         try:
             cap = self._resolve(capability)
-            kept["args"] = cap.dump_args(cap.validate_args(args))[0]
+            validated = cap.validate_args(args)
+            kept["args"], args_bytes = cap.dump_args(validated)
         except TetherError:
             return kept
-        if cap.has_secrets:
+        if call_secrets(cap, validated, args_bytes):  # a free-form field's too
             kept["secrets"] = True
         return kept
 

@@ -420,7 +420,8 @@ def _recordable(app: Tether, proposed: ProposedStep) -> dict[str, Any]:
         cap: Capability[Any, Any] | None = app.capabilities.get(proposed.capability)
     except NotFound:
         cap = None
-    if cap is not None and cap.has_secrets:
+    # A free-form field (Any) may carry a SecretStr no schema declares.
+    if cap is not None and (cap.has_secrets or cap.free_form):
         try:
             data["args"] = cap.validate_args(data["args"]).model_dump(mode="json")
         except ValidationFailed:

@@ -369,7 +369,11 @@ class _Walk:
             cap = recorded_checks(cap, recorded)
         store = self.scratch.store
         assert isinstance(store, ScratchStore)
-        store.met = met_by(recorded, self.own_requests, secret_args=cap.has_secrets)
+        # A free-form field (Any) may have carried a SecretStr no schema declares.
+        masked = cap.free_form and record.SECRET_MASK in _canonical.dumps(args).decode()
+        store.met = met_by(
+            recorded, self.own_requests, secret_args=cap.has_secrets or masked
+        )
         guards = self.scratch.guards
         watch = None if guards is None else guards.breakers.for_resource(cap.resource)
         if watch is not None and not dry_run:
