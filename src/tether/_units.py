@@ -24,17 +24,28 @@ def parse_duration(value: object) -> timedelta:
     if isinstance(value, timedelta):
         result = value
     elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        result = timedelta(seconds=value)
+        result = _seconds(value, value)
     else:
         m = _DURATION.match(str(value))
         if not m:
             raise ValueError(
                 f"{value!r} is not a duration; write e.g. '30s', '5m', '24h'"
             )
-        result = timedelta(seconds=float(m.group(1)) * _UNITS[m.group(2)])
+        result = _seconds(float(m.group(1)) * _UNITS[m.group(2)], value)
     if result <= timedelta(0):
         raise ValueError(f"{value!r} is not a positive duration; write e.g. '30s'")
     return result
+
+
+def _seconds(seconds: float, given: object) -> timedelta:
+    """`timedelta(seconds=...)`, or a `ValueError` naming `given` (NaN, or too long)."""
+    try:
+        return timedelta(seconds=seconds)
+    except (OverflowError, ValueError) as exc:  # past ~2.7 million years; NaN
+        raise ValueError(
+            f"{given!r} is not a duration tether can hold; write e.g. '30s', '5m', "
+            "'24h'"
+        ) from exc
 
 
 def parse_amount(value: object) -> Decimal:

@@ -22,11 +22,14 @@ import yaml
 
 from tether._yaml_messages import error_message, shown, unknown_field
 from tether._yaml_nodes import (
+    MAX_DEPTH,
     MAX_VALUES,
+    Loader,
     Loc,
     RecursiveAlias,
+    TooDeep,
+    alias_values,
     dotted,
-    expanded_size,
     lookup,
     walk,
 )
@@ -175,15 +178,14 @@ class _Checker(Generic[M]):
     # -- YAML ------------------------------------------------------------------------
 
     def _parse(self, raw: bytes) -> object:
-        loader: yaml.SafeLoader | None = None
+        loader: Loader | None = None
         try:
-            loader = yaml.SafeLoader(raw)
+            loader = Loader(raw)
             node = loader.get_single_node()
             if node is None:
                 return {}  # an empty file (or only comments): every default
             self.root = node
-            size = expanded_size(node, {}, set())
-            if size > MAX_VALUES:
+            if alias_values(node) > MAX_VALUES:
                 self._add(
                     (),
                     f"the file expands to over {MAX_VALUES} values through "
@@ -192,6 +194,15 @@ class _Checker(Generic[M]):
                 return _Invalid()
             self._scan(node, (), set())
             return loader.construct_document(node)
+        except TooDeep as exc:
+            self.problems.append(
+                ConfigProblem(
+                    file=self.file,
+                    line=exc.line,
+                    message=f"lists and mappings are nested over {MAX_DEPTH} deep "
+                    "here; a tether file needs a few levels, so flatten it",
+                )
+            )
         except RecursiveAlias as exc:
             self.problems.append(
                 ConfigProblem(

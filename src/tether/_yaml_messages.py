@@ -84,6 +84,9 @@ def error_message(error: Mapping[str, Any]) -> str:
         expected = str(ctx.get("expected", ""))
         choices = re.findall(r"'([^']*)'", expected) or [expected]
         given = repr(value) if isinstance(value, (str, int, float)) else shown(value)
+        if isinstance(value, str) and value in choices and "'" not in expected:
+            # `version: '1'`: the choice is a number, and quotes made it text.
+            return f"{given} is text; write {value} without quotes"
         text = f"unknown value {given}; use one of: {', '.join(choices)}"
         close = difflib.get_close_matches(str(value), choices, n=1)
         return f"{text} (did you mean {close[0]!r}?)" if close else text

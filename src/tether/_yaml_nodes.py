@@ -3,7 +3,8 @@
 PyYAML's composer keeps each node's position. A location (`Loc`, as in a
 pydantic error's `loc`) is followed through the node tree to the line a reader
 looks at, and written as `rules[3].match.role[0]`; a file's size once anchors
-and aliases are expanded is counted before it is constructed (a YAML bomb guard).
+and aliases are expanded is counted before it is constructed (a YAML bomb guard),
+and its nesting is bounded while it is composed (PyYAML's composer recurses).
 """
 
 from __future__ import annotations
@@ -11,11 +12,14 @@ from __future__ import annotations
 import yaml
 
 __all__ = [
+    "MAX_DEPTH",
     "MAX_VALUES",
+    "Loader",
     "Loc",
     "RecursiveAlias",
+    "TooDeep",
+    "alias_values",
     "dotted",
-    "expanded_size",
     "lookup",
     "walk",
 ]
@@ -24,7 +28,11 @@ Loc = tuple[str | int, ...]
 """A place in the file: mapping keys and list indexes, from the top."""
 
 MAX_VALUES = 100_000
-"""Most values a file may expand to through anchors and aliases (a YAML bomb guard)."""
+"""Most values anchors and aliases may add to a file (a YAML bomb guard)."""
+
+MAX_DEPTH = 100
+"""Deepest nesting of lists and mappings a file may have: PyYAML composes a
+node by recursion, so a hostile file would otherwise exhaust Python's stack."""
 
 
 class RecursiveAlias(Exception):
@@ -35,8 +43,64 @@ class RecursiveAlias(Exception):
         self.line = line
 
 
-def expanded_size(node: yaml.Node, sizes: dict[int, int], open_nodes: set[int]) -> int:
-    """Count the values `node` stands for once every alias is expanded."""
+class TooDeep(Exception):
+    """Nesting past `MAX_DEPTH`; caught in `_yaml_check._Checker._parse`."""
+
+    def __init__(self, line: int) -> None:
+        super().__init__(line)
+        self.line = line
+
+
+class Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing nesting deeper than `MAX_DEPTH` as it composes."""
+
+    _depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        """Compose one node, counting how deep it sits (raises `TooDeep`)."""
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                event = self.peek_event()  # type: ignore[no-untyped-call]
+                raise TooDeep(event.start_mark.line + 1)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def alias_values(node: yaml.Node) -> int:
+    """Count the values aliases add to `node` once expanded, up to past `MAX_VALUES`.
+
+    A file written out plainly adds none, however long it is: the guard is for
+    a few lines of aliases that expand to millions of values.
+
+    Raises:
+        RecursiveAlias: an alias inside the node it refers to.
+    """
+    plain = _distinct(node)
+    return _expanded(node, {}, set(), plain + MAX_VALUES) - plain
+
+
+def _distinct(root: yaml.Node) -> int:
+    seen: set[int] = set()
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            stack.extend(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                stack += (key, value)
+    return len(seen)
+
+
+def _expanded(
+    node: yaml.Node, sizes: dict[int, int], open_nodes: set[int], limit: int
+) -> int:
+    """Count the values `node` stands for once every alias is expanded (stops past `limit`)."""
     known = sizes.get(id(node))
     if known is not None:
         return known
@@ -46,14 +110,14 @@ def expanded_size(node: yaml.Node, sizes: dict[int, int], open_nodes: set[int]) 
     size = 1
     if isinstance(node, yaml.SequenceNode):
         for item in node.value:
-            size += expanded_size(item, sizes, open_nodes)
-            if size > MAX_VALUES:
+            size += _expanded(item, sizes, open_nodes, limit)
+            if size > limit:
                 break
     elif isinstance(node, yaml.MappingNode):
         for key, value in node.value:
-            size += expanded_size(key, sizes, open_nodes)
-            size += expanded_size(value, sizes, open_nodes)
-            if size > MAX_VALUES:
+            size += _expanded(key, sizes, open_nodes, limit)
+            size += _expanded(value, sizes, open_nodes, limit)
+            if size > limit:
                 break
     open_nodes.discard(id(node))
     sizes[id(node)] = size

@@ -264,6 +264,18 @@ def _print_policy_report(
                 _clean(f"{r.case.name}: {'; '.join(r.decision.reasons)}", 400)
             )
             console.print(detail, soft_wrap=True)
+        elif r.decision is not None and not r.passed and not r.decision.rule_ids:
+            # The default decided: no reason to show, so say that, and what the
+            # table's `[default]` is written as.
+            why = (
+                f"no rule matched; the default for {r.case.effect} decided "
+                f"{r.decision.verdict.value}"
+            )
+            if r.case.expect.rules == ("default",):
+                why += " (expect `rules: []` for the default)"
+            detail = Text("FAIL ", style="bold red")
+            detail.append(_clean(f"{r.case.name}: {why}", 400))
+            console.print(detail, soft_wrap=True)
     console.print()
     summary = Text(
         f"{report.passed} passed, {report.failed} failed",

@@ -56,7 +56,8 @@ so a rule or limit written with one would never apply."""
 class Match(pydantic.BaseModel, extra="forbid", frozen=True):
     """What a rule applies to.
 
-    Each field takes one value or a list; an empty field matches anything.
+    Each field takes one value or a list; a field left out matches anything
+    (a rule in a file may not give an empty list: see `Rule`).
     """
 
     capability: CapabilityGlobs = ()
@@ -82,6 +83,22 @@ class Rule(pydantic.BaseModel, extra="forbid", frozen=True):
     """Why, in words for the person who reads the record or the refusal."""
     approvers: tuple[str, ...] = ()
     """Roles that may approve when the decision is `require_approval`."""
+
+    @pydantic.field_validator("match", mode="before")
+    @classmethod
+    def _no_empty_lists(cls, value: object) -> object:
+        # In a file, a list matches any of its values, so `role: []` reads as
+        # "no role" and would match nothing, yet `Match` takes () for "any": a
+        # rule meant for a few would apply to every step. Refuse it.
+        if isinstance(value, Mapping):
+            for name in Match.model_fields:
+                given = value.get(name)
+                if isinstance(given, (list, tuple)) and not given:
+                    raise ValueError(
+                        f"`{name}: []` names no {name}, so it would match nothing; "
+                        f"list at least one, or leave out `{name}` to match any"
+                    )
+        return value
 
     @pydantic.field_validator("id")
     @classmethod
@@ -212,8 +229,22 @@ class RuleSet:
                 continue
             if rule.tenants and principal.tenant not in rule.tenants:
                 continue
-            if rule.environments and environment not in rule.environments:
-                continue
+            if rule.environments:
+                if environment is not None and not isinstance(environment, str):
+                    # Fail closed, as a condition that cannot be evaluated does: a
+                    # list or a number is neither one of the names nor surely not.
+                    matched.append(
+                        (
+                            Verdict.DENY,
+                            rule.id,
+                            f"rule {rule.id!r} could not be evaluated (the run's "
+                            f"context environment is a {type(environment).__name__}, "
+                            "not text); denied until it is text",
+                        )
+                    )
+                    continue
+                if environment not in rule.environments:
+                    continue
             if rule.condition is not None:
                 if scope is None:
                     scope = Scope(_variables(request))
