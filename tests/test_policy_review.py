@@ -304,3 +304,38 @@ def test_a_quoted_version_says_to_drop_the_quotes(tmp_path: Path) -> None:
     assert caught.value.message == (
         f"{config}:1: version: '1' is text; write 1 without quotes"
     )
+
+
+def test_approvers_on_a_rule_that_asks_no_one_are_refused(tmp_path: Path) -> None:
+    """`approvers` only matter to a `require_approval` rule: on another, they
+    would silently never be asked."""
+    config = tmp_path / "tether.yaml"
+    config.write_text(
+        "rules:\n"
+        "  - id: refunds\n"
+        "    match: {capability: payments.refund}\n"
+        "    decision: allow\n"
+        "    reason: refunds go through\n"
+        "    approvers: [finance]\n"
+    )
+
+    with pytest.raises(tether.ConfigError) as caught:
+        load_settings(config)
+
+    assert "approvers would never be asked" in caught.value.message
+    assert caught.value.message.startswith(f"{config}:")
+
+
+@pytest.mark.parametrize("field", ["capability", "resource", "effect"])
+def test_an_empty_list_in_a_limit_is_refused_not_a_limit_on_everything(
+    tmp_path: Path, field: str
+) -> None:
+    config = tmp_path / "tether.yaml"
+    config.write_text(
+        f"limits:\n  - {{id: few, kind: quota, max: 5, per: day, {field}: []}}\n"
+    )
+
+    with pytest.raises(tether.ConfigError) as caught:
+        load_settings(config)
+
+    assert f"`{field}: []` names no {field}" in caught.value.message

@@ -118,6 +118,21 @@ class Limit(pydantic.BaseModel, extra="forbid", frozen=True):
     """How long a reservation or lease holds if its worker dies (default: the key claim TTL)."""
     throttle: Throttle | None = None
 
+    @pydantic.model_validator(mode="before")
+    @classmethod
+    def _no_empty_lists(cls, value: object) -> object:
+        # Left out, a field applies to all; an empty list would read as "none"
+        # yet mean "all": refuse it rather than guess.
+        if isinstance(value, Mapping):
+            for name in ("capability", "resource", "effect"):
+                given = value.get(name)
+                if isinstance(given, (list, tuple)) and not given:
+                    raise ValueError(
+                        f"`{name}: []` names no {name}; list at least one, or leave "
+                        f"out `{name}` for every {name}"
+                    )
+        return value
+
     @pydantic.model_validator(mode="after")
     def _fits_its_kind(self) -> Limit:
         kind = self.kind

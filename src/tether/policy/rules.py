@@ -100,6 +100,16 @@ class Rule(pydantic.BaseModel, extra="forbid", frozen=True):
                     )
         return value
 
+    @pydantic.model_validator(mode="after")
+    def _approvers_ask(self) -> Rule:
+        if self.approvers and self.decision is not Verdict.REQUIRE_APPROVAL:
+            raise ValueError(
+                f"approvers: a {self.decision.value} rule asks no one, so its "
+                "approvers would never be asked; make the decision "
+                "require_approval, or remove approvers"
+            )
+        return self
+
     @pydantic.field_validator("id")
     @classmethod
     def _id_is_valid(cls, value: str) -> str:
