@@ -6,10 +6,23 @@ it is no longer open; a run left `executing` or `planning` once its writer's
 lease ran out (the process died). A run no registered planner drives (opened
 with `app.run` and stepped by its caller) is never offered: only its caller
 can go on with it.
+
+A look walks each state's runs oldest first, a page at a time (`Store.list_runs`
+with a keyset cursor), and stops once it has found as many ready runs as it
+was asked for: no read holds more than a page, and a worker working through a
+backlog of ready runs reads only as far as its next batch, not every parked
+row. A look that finds fewer still walks every page, since any parked run may
+have become ready since the last one: an approval decided (a request of its
+own, which moves its head, or another run's, which does not), a lease or a
+breaker's cool-down run out. None of these moves the run's place in the
+listing, so no cursor can tell which runs changed since the last look; what a
+look keeps instead is each run's gist, so a page costs a read of rows, not of
+records.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -30,9 +43,8 @@ ORPHANABLE_STATES = (RunState.EXECUTING.value, RunState.PLANNING.value)
 _KEPT = 10_000
 """Parked runs whose records' gist is kept between looks."""
 
-_EVERY = 1 << 62
-"""Ask `Store.list_runs` for every row of a state: it pages by no cursor, and
-a run behind `limit` newer ones must not wait for ever (its rows are small)."""
+_PAGE = 500
+"""Runs read per `Store.list_runs` call as a look walks a state."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,47 +66,87 @@ class _Gist:
 
 
 class ReadyRuns:
-    """Looks for runs that may go on, keeping what parked records say between looks."""
+    """Looks for runs that may go on, keeping what parked records say between looks.
 
-    def __init__(self) -> None:
+    Args:
+        page: Runs read per `Store.list_runs` call (default 500).
+    """
+
+    def __init__(self, *, page: int = _PAGE) -> None:
         self._gists: dict[str, _Gist] = {}
+        self._page = page
 
     def look(
         self, store: Store, now: datetime, guards: Guards | None, *, limit: int
     ) -> list[str]:
         """Return up to `limit` runs of `store` that may go on, oldest first (see the module).
 
+        Orphaned runs come first (`planning`, then `executing`), then
+        `degraded`, then `awaiting_approval` ones, each state oldest first.
         Every run in a parked or orphanable state is looked at, however many
-        newer ones still wait; runs no planner drives (opened with `app.run`
-        and driven by their caller) are never offered: no worker can go on
-        with them.
+        newer ones still wait, until `limit` are found; runs no planner
+        drives (opened with `app.run` and driven by their caller) are never
+        offered: no worker can go on with them.
         """
-        ready = []
-        for row in store.list_runs(
-            status=RunState.AWAITING_APPROVAL.value, limit=_EVERY
-        ):
+        pending: dict[str, bool] = {}  # an awaited request's answer, once a look
+        closed: dict[str | None, bool] = {}  # a stashing breaker's, once a look
+
+        def awaits_none(row: RunRow) -> bool:
             gist = self._gist(store, row, now)
             if not gist.planned or not gist.asked:
-                continue
+                return False
             if gist.own_pending_until is not None and gist.own_pending_until > now:
-                continue
-            if not any(
-                as_of(store.get_approval(i), now).status is ApprovalStatus.PENDING
-                for i in gist.awaited
-            ):
-                ready.append(row.run_id)
-        for row in store.list_runs(status=RunState.DEGRADED.value, limit=_EVERY):
+                return False
+            for i in gist.awaited:
+                if i not in pending:
+                    answer = as_of(store.get_approval(i), now)
+                    pending[i] = answer.status is ApprovalStatus.PENDING
+                if pending[i]:
+                    return False
+            return True
+
+        def breaker_let_go(row: RunRow) -> bool:
             gist = self._gist(store, row, now)
-            if gist.planned and _stash_breaker_closed(store, gist.breaker, now, guards):
-                ready.append(row.run_id)
-        for status in ORPHANABLE_STATES:  # their writer died: its lease ran out
-            ready.extend(
-                row.run_id
-                for row in store.list_runs(status=status, limit=_EVERY)
-                if (row.lease_until is None or row.lease_until <= now)
-                and self._gist(store, row, now).planned
+            if not gist.planned:
+                return False
+            if gist.breaker not in closed:
+                closed[gist.breaker] = _stash_breaker_closed(
+                    store, gist.breaker, now, guards
+                )
+            return closed[gist.breaker]
+
+        def orphaned(row: RunRow) -> bool:  # its writer died: its lease ran out
+            return (row.lease_until is None or row.lease_until <= now) and self._gist(
+                store, row, now
+            ).planned
+
+        checks: list[tuple[str, Callable[[RunRow], bool]]] = [
+            *((status, orphaned) for status in reversed(ORPHANABLE_STATES)),
+            (RunState.DEGRADED.value, breaker_let_go),
+            (RunState.AWAITING_APPROVAL.value, awaits_none),
+        ]
+        ready: list[str] = []
+        if limit <= 0:
+            return ready
+        for status, is_ready in checks:
+            for row in self._oldest_first(store, status):
+                if is_ready(row):
+                    ready.append(row.run_id)
+                    if len(ready) == limit:
+                        return ready  # the rest wait for the next look: read no further
+        return ready
+
+    def _oldest_first(self, store: Store, status: str) -> Iterator[RunRow]:
+        """Yield the runs in `status`, oldest first, reading a page only when needed."""
+        after = None
+        while True:
+            page = store.list_runs(
+                status=status, limit=self._page, after=after, oldest_first=True
             )
-        return ready[::-1][:limit]
+            yield from page
+            if len(page) < self._page:
+                return
+            after = page[-1]
 
     def _gist(self, store: Store, row: RunRow, now: datetime) -> _Gist:
         """Return what a run's record says, read once per head, not at every look."""

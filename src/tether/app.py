@@ -287,9 +287,11 @@ class Tether:
         `executing` or `planning` is ready once its writer's lease ran out (the
         process died: every write renews the lease for `idempotency.claim_ttl`);
         a `degraded` run once the breaker that stashed it is no longer open.
-        Every such run is looked at, however many newer ones still wait; at
-        most `limit` are returned. A run no planner drives (opened with
-        `app.run`) is never returned: only its caller can go on with it.
+        Every such run is looked at, however many newer ones still wait,
+        oldest first and a page at a time, until `limit` are found (orphaned
+        runs first, then degraded, then those awaiting approval). A run no
+        planner drives (opened with `app.run`) is never returned: only its
+        caller can go on with it.
         """
         return self._ready.look(self.store, self.clock.now(), self.guards, limit=limit)
 

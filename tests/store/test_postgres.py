@@ -27,7 +27,7 @@ from tether.testing import FakeClock
 
 pytestmark = pytest.mark.postgres
 
-LATEST = 6
+LATEST = 7
 """The newest migration's number."""
 
 

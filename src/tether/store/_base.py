@@ -244,8 +244,29 @@ class Store(abc.ABC):
         """
 
     @abc.abstractmethod
-    def list_runs(self, *, limit: int = 50, status: str | None = None) -> list[RunRow]:
-        """Return the newest runs first."""
+    def list_runs(
+        self,
+        *,
+        limit: int = 50,
+        status: str | None = None,
+        after: RunRow | None = None,
+        oldest_first: bool = False,
+    ) -> list[RunRow]:
+        """Return up to `limit` runs, newest first (oldest first with `oldest_first`).
+
+        Runs are in `(created_at, run_id)` order, which no two runs share, so
+        a listing is walked page by page: pass the last row of one page as
+        `after` for the runs that come after it, in the same order (keyset
+        paging: each page is one range of an index, however deep it starts).
+        The cursor is the row's place, not its membership: a run that left
+        `status` since it was listed still marks where the next page begins.
+
+        Args:
+            limit: The most runs returned.
+            status: Only runs in this status (None: every run).
+            after: The last row of the previous page (None: from the start).
+            oldest_first: Oldest first instead of newest first.
+        """
 
     @abc.abstractmethod
     def events(self, run_id: str) -> list[StoredEvent]:

@@ -54,7 +54,7 @@ __all__ = [
     "not_resumable",
     "return_grant",
     "run_row",
-    "runs_query",
+    "runs_page",
     "text_list",
 ]
 
@@ -213,16 +213,36 @@ _KEY_UPDATE = {
 }
 
 
-def runs_query(
-    mark: str, *, status: str | None, limit: int
+def runs_page(
+    mark: str,
+    *,
+    status: str | None,
+    after: tuple[object, str] | None,
+    oldest_first: bool,
+    limit: int,
 ) -> tuple[str, tuple[object, ...]]:
-    """Return `list_runs`' query and parameters; `mark` is the placeholder."""
-    sql = f"SELECT {RUN_COLUMNS} FROM runs"  # noqa: S608  # constant column list
-    params: tuple[object, ...] = ()
+    """Return `list_runs`' query and parameters: a keyset page, in index order.
+
+    `mark` is the placeholder; `after` is the previous page's last row as
+    `(created_at as the backend stores it, run_id)`. Each page is one range of
+    `runs_by_status` (or `runs_by_created`), however deep it starts.
+    """
+    where = []
+    params: list[object] = []
     if status is not None:
-        sql += f" WHERE status={mark}"
-        params = (status,)
-    sql += f" ORDER BY created_at DESC, run_id DESC LIMIT {mark}"
+        where.append(f"status={mark}")
+        params.append(status)
+    if after is not None:
+        where.append(
+            f"(created_at, run_id) {'>' if oldest_first else '<'} ({mark}, {mark})"
+        )
+        params += after
+    way = "ASC" if oldest_first else "DESC"
+    sql = (
+        f"SELECT {RUN_COLUMNS} FROM runs"  # noqa: S608  # constant columns and clauses
+        + (f" WHERE {' AND '.join(where)}" if where else "")
+        + f" ORDER BY created_at {way}, run_id {way} LIMIT {mark}"
+    )
     return sql, (*params, limit)
 
 

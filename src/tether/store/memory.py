@@ -404,15 +404,31 @@ class MemoryStore(Store):
             lease_until=run.lease_until,
         )
 
-    def list_runs(self, *, limit: int = 50, status: str | None = None) -> list[RunRow]:
-        """Return the newest runs first."""
+    def list_runs(
+        self,
+        *,
+        limit: int = 50,
+        status: str | None = None,
+        after: RunRow | None = None,
+        oldest_first: bool = False,
+    ) -> list[RunRow]:
+        """Return up to `limit` runs in `(created_at, run_id)` order, from after `after`.
+
+        Newest first unless `oldest_first`; see `Store.list_runs`.
+        """
         with self._lock:
-            ids = [
-                rid
+            keys = sorted(
+                (r.row.created_at, rid)
                 for rid, r in self._runs.items()
                 if status is None or r.row.status == status
-            ]
-        return [self.get_run(rid) for rid in reversed(ids)][:limit]
+            )
+        if not oldest_first:
+            keys.reverse()
+        if after is not None:
+            cursor = (after.created_at, after.run_id)
+            keys = [k for k in keys if (k > cursor if oldest_first else k < cursor)]
+        # Only the page's rows: each computes its chain head from its events.
+        return [self.get_run(rid) for _, rid in keys[: max(limit, 0)]]
 
     def events(self, run_id: str) -> list[_chain.StoredEvent]:
         """Return a run's events, encoded and chained now."""

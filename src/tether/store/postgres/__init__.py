@@ -33,7 +33,7 @@ from tether.store._sql import (
     not_one,
     not_resumable,
     run_row,
-    runs_query,
+    runs_page,
 )
 from tether.store.postgres._approvals import Approvals
 from tether.store.postgres._connection import (
@@ -139,9 +139,27 @@ class PostgresStore(Writes, Approvals):
             raise not_one(rows, "run", run_id, f" in {self.url}", "tether runs list")
         return run_row(rows[0], _utc)
 
-    def list_runs(self, *, limit: int = 50, status: str | None = None) -> list[RunRow]:
-        """Return the newest runs first."""
-        sql, params = runs_query("%s", status=status, limit=limit)
+    def list_runs(
+        self,
+        *,
+        limit: int = 50,
+        status: str | None = None,
+        after: RunRow | None = None,
+        oldest_first: bool = False,
+    ) -> list[RunRow]:
+        """Return up to `limit` runs in `(created_at, run_id)` order, from after `after`.
+
+        Newest first unless `oldest_first`; see `Store.list_runs`. Each page
+        is one range of `runs_by_status` (or `runs_by_created`), however deep.
+        """
+        # run_id is COLLATE "C": the row comparison orders as ORDER BY does.
+        sql, params = runs_page(
+            "%s",
+            status=status,
+            after=None if after is None else (after.created_at, after.run_id),
+            oldest_first=oldest_first,
+            limit=limit,
+        )
         rows = self._read(
             lambda conn: conn.execute(sql, params).fetchall(), "list runs"
         )

@@ -30,7 +30,7 @@ from tether.store._sql import (
     not_one,
     not_resumable,
     run_row,
-    runs_query,
+    runs_page,
 )
 from tether.store.sqlite._approvals import Approvals
 from tether.store.sqlite._connection import BUSY_TIMEOUT_MS, PAGE_SIZE, Synchronous
@@ -169,9 +169,29 @@ class SQLiteStore(Approvals):
             raise not_one(rows, "run", run_id, where, "tether runs list")
         return run_row(rows[0], _dt)
 
-    def list_runs(self, *, limit: int = 50, status: str | None = None) -> list[RunRow]:
-        """Return the newest runs first."""
-        sql, params = runs_query("?", status=status, limit=limit)
+    def list_runs(
+        self,
+        *,
+        limit: int = 50,
+        status: str | None = None,
+        after: RunRow | None = None,
+        oldest_first: bool = False,
+    ) -> list[RunRow]:
+        """Return up to `limit` runs in `(created_at, run_id)` order, from after `after`.
+
+        Newest first unless `oldest_first`; see `Store.list_runs`. Each page
+        is one range of `runs_by_status` (or `runs_by_created`), however deep.
+        """
+        # created_at is stored as its isoformat(): the same text orders alike.
+        sql, params = runs_page(
+            "?",
+            status=status,
+            after=None
+            if after is None
+            else (after.created_at.isoformat(), after.run_id),
+            oldest_first=oldest_first,
+            limit=limit,
+        )
         rows = self._read(lambda con: con.execute(sql, params).fetchall())
         return [run_row(r, _dt) for r in rows]
 
