@@ -110,6 +110,7 @@ def test_park_exit_approve_elsewhere_and_a_worker_finishes(tmp_path: Path) -> No
         0,
         False,
     )  # nothing ready yet
+    assert "idle: no run is ready to resume here" in idle.stdout  # it says so
     assert approved.returncode == 0, approved.stderr
     assert worked.returncode == 0, worked.stderr
     assert f"resumed {run_id} succeeded" in " ".join(worked.stdout.split())

@@ -77,11 +77,22 @@ def _worker(
     console = _console()
     _warn_of_skew(console, tether_app.clock_skew())
     given_up: set[str] = set()  # runs this worker cannot resume: said once, not retried
+    dealt_with = 0
     while True:
         # A look that only gave up on runs looks again at once: they may have
         # filled its batch, with runs this worker can resume behind them.
-        if not _resume_ready(tether_app, console, given_up):
+        went_on = _resume_ready(tether_app, console, given_up)
+        dealt_with += went_on
+        if not went_on:
             if until_idle:  # none is ready, or none can go on here
+                console.print(
+                    Text(
+                        "idle: nothing more is ready to resume here"
+                        if dealt_with
+                        else "idle: no run is ready to resume here",
+                        style="dim",
+                    )
+                )
                 return
             tether_app.wait_for_news(interval)
 
