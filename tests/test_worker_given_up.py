@@ -131,3 +131,44 @@ def test_a_worker_resumes_its_own_run_behind_a_full_batch_of_runs_it_cannot(
 
     assert f"resumed {ours} succeeded" in " ".join(hosts.said.getvalue().split())
     assert len(given_up) == 101
+
+
+class _Broken:
+    """A planner that raises once a person has answered (its second turn)."""
+
+    def __init__(self) -> None:
+        self.turns = 0
+
+    def propose(self, state: tether.agent.PlannerInput) -> tether.agent.Proposal:
+        self.turns += 1
+        if self.turns > 1:
+            raise RuntimeError("model API: 500 (prompt held sk-live-ZZZZ)")
+        return tether.agent.Proposal(
+            steps=(
+                tether.agent.ProposedStep(capability="pay.refund", args={"cents": 900}),
+            )
+        )
+
+
+def test_a_planner_that_raises_ends_its_run_failed_and_the_worker_goes_on(
+    hosts: Hosts,
+) -> None:
+    """The failed run records `planner_failed` (the exception's type, not its
+    message); the run behind it is resumed in the same look."""
+    hosts.worker.register_planner("broken", _Broken())
+    broken = hosts.worker.start(
+        "refund", planner="broken", principal=tether.Principal("bot")
+    )
+    fine = hosts.park("fine", 700, on=hosts.worker)
+    hosts.approve_all()
+
+    dealt_with = _resume_ready(hosts.worker, hosts.console, set())
+    said = hosts.said.getvalue()
+
+    assert dealt_with == 2
+    failed = hosts.worker.store.get_run(broken.id)
+    assert (failed.status, failed.error_code) == ("failed", "planner_failed")
+    assert hosts.worker.store.get_run(fine).status == "succeeded"
+    assert f"resumed {fine} succeeded" in " ".join(said.split())
+    record = b"".join(e.body for e in hosts.worker.store.events(broken.id))
+    assert b"RuntimeError" in record and b"sk-live" not in record

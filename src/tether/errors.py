@@ -62,6 +62,7 @@ __all__ = [
     "LimitExceeded",
     "NotAllowedToApprove",
     "NotFound",
+    "PlannerFailed",
     "PlannerGaveUp",
     "PreconditionFailed",
     "Refused",
@@ -296,6 +297,16 @@ class PlannerGaveUp(TetherError):
     """The planner finished without doing the task (`Proposal(gave_up=True)`)."""
 
     code = "planner_gave_up"
+
+
+class PlannerFailed(TetherError):
+    """The planner raised instead of proposing: the run ends `failed`.
+
+    Its own message is left out (a planner's error may quote what it was
+    shown, secrets included); its type is named.
+    """
+
+    code = "planner_failed"
 
 
 class IntegrityError(TetherError):

@@ -695,11 +695,16 @@ class Run:
         the one refused.
 
         Raises:
-            UsageError: the cost is a float or negative.
+            UsageError: the cost is a float or negative, a token count is not
+                an int from 0, or the model is not text.
             StoreError: the charge could not be written.
         """
         amount = plan.as_budget(cost)
         assert amount is not None
+        plan.check_token_count(input_tokens, "input_tokens")
+        plan.check_token_count(output_tokens, "output_tokens")
+        if model is not None and not isinstance(model, str):
+            raise UsageError(f"usage model must be text, got {model!r:.80}")
         guards = self.app.guards
         settles = (
             []

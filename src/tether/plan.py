@@ -46,6 +46,7 @@ __all__ = [
     "as_budget",
     "as_step",
     "as_steps",
+    "check_token_count",
 ]
 
 """Longest idempotency key, in characters (the gateway's bound)."""
@@ -89,6 +90,23 @@ class PlanStep:
             raise UsageError(
                 f"{self.capability}: proposed args must be a mapping, got "
                 f"{type(self.args).__name__}"
+            )
+        rationale: object = self.rationale
+        key: object = self.idempotency_key
+        dry_run: object = self.dry_run
+        if not isinstance(rationale, str):
+            raise UsageError(
+                f"{name}: a proposed step's rationale must be text, got {rationale!r:.80}"
+            )
+        if key is not None and not isinstance(key, str):
+            raise UsageError(
+                f"{name}: a proposed step's idempotency_key must be text or None, "
+                f"got {key!r:.80}"
+            )
+        if not isinstance(dry_run, bool):
+            raise UsageError(
+                f"{name}: a proposed step's dry_run must be True or False, "
+                f"got {dry_run!r:.40}"
             )
         # A read-only view, so a planner cannot change a step after it was recorded.
         object.__setattr__(self, "args", MappingProxyType(dict(self.args)))
@@ -168,6 +186,22 @@ def as_budget(budget: Decimal | int | None) -> Decimal | None:
     if not amount.is_finite() or amount < 0:
         raise UsageError(f"budget must be a finite amount >= 0, got {budget!r}")
     return amount
+
+
+_MAX_TOKENS = 2**63 - 1
+"""The most tokens one usage report may count (a record holds 64-bit integers)."""
+
+
+def check_token_count(count: object, name: str) -> None:
+    """Raise unless `count` is a token count a record can hold: an int from 0.
+
+    Raises:
+        UsageError: it is not an int (a bool is not), or is out of range.
+    """
+    if isinstance(count, bool) or not isinstance(count, int):
+        raise UsageError(f"usage {name} must be an int, got {count!r:.80}")
+    if not 0 <= count <= _MAX_TOKENS:
+        raise UsageError(f"usage {name} must be from 0 to {_MAX_TOKENS}, got {count}")
 
 
 class AdmissionStatus(StrEnum):

@@ -7,7 +7,7 @@ deterministic planner for demos and tests. Any object with
 
 from __future__ import annotations
 
-from tether.agent.loop import PlannerGaveUp, StepLimitReached, run_agent
+from tether.agent.loop import PlannerFailed, PlannerGaveUp, StepLimitReached, run_agent
 from tether.agent.planner import (
     Observation,
     Planner,
@@ -22,6 +22,7 @@ from tether.agent.planner import (
 __all__ = [
     "Observation",
     "Planner",
+    "PlannerFailed",
     "PlannerGaveUp",
     "PlannerInput",
     "Proposal",

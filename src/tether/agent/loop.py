@@ -10,6 +10,7 @@ record shows when the agent thought and when it acted.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
@@ -26,18 +27,22 @@ from tether.app import Run, Tether
 from tether.capability import Capability
 from tether.errors import (
     NotFound,
+    PlannerFailed,
     PlannerGaveUp,
     StepLimitReached,
+    TetherError,
     UsageError,
     ValidationFailed,
 )
 from tether.handle import IN_DOUBT_RULE
-from tether.plan import Admission
+from tether.plan import Admission, AdmissionStatus, StepAdmission
+from tether.policy import Verdict
 from tether.principal import Principal
 from tether.record import OutcomeStatus
 from tether.run import RunState
 
 __all__ = [
+    "PlannerFailed",
     "PlannerGaveUp",
     "StepLimitReached",
     "observations_from",
@@ -68,10 +73,11 @@ def run_agent(
     finish. An admitted plan moves the run to `executing` and its steps go
     through the gateway in order, until one does not produce an output (a
     step that needs approval, say): the steps after it are not taken, and
-    the planner sees what happened. The run ends `succeeded` when the planner
-    finishes, and `failed` when it gives up or would pass `max_steps` (the
-    record's `run_finished` event says which, by error code); each observation,
-    a refused plan's included, counts as a step.
+    the planner sees what happened (and is asked again, even if the plan
+    said `finish`). The run ends `succeeded` when the planner finishes, and
+    `failed` when it gives up or would pass `max_steps` (the record's
+    `run_finished` event says which, by error code); each observation, a
+    refused plan's included, counts as a step.
 
     Args:
         app: the app whose capabilities, policy and store the run uses.
@@ -145,15 +151,23 @@ def _drive(
         if run.status is not RunState.PLANNING:  # still planning after a refused plan
             run.transition(RunState.PLANNING)
         steps_left = max_steps - len(observations)
-        proposal = planner.propose(
-            PlannerInput(
-                request=run.request,
-                tools=tools,
-                observations=tuple(observations),
-                context=dict(run.context),
-                steps_left=steps_left,
+        try:
+            proposal = planner.propose(
+                PlannerInput(
+                    request=run.request,
+                    tools=tools,
+                    observations=tuple(observations),
+                    context=dict(run.context),
+                    steps_left=steps_left,
+                )
             )
-        )
+        except TetherError:
+            raise  # tether's own (a refused call the planner made, say)
+        except Exception as exc:  # a user planner may raise anything
+            raise PlannerFailed(
+                f"{type(planner).__name__}.propose raised {type(exc).__name__}; "
+                "the run ended failed (fix the planner, then start the task again)"
+            ) from exc
         if not isinstance(proposal, Proposal):
             raise UsageError(
                 f"{type(planner).__name__}.propose returned {proposal!r:.80}; "
@@ -182,6 +196,9 @@ def _drive(
                 f"{len(observations)}, over max_steps={max_steps}; raise max_steps "
                 "or check the planner for a loop"
             )
+        # Steps plus `finish` end the run only once every step produced its output:
+        # a step that failed or waits for a person goes back to the planner.
+        finished = proposal.finish and not proposal.steps
         if proposal.steps:
             admission = run.admit(proposal.steps)
             if not admission.admitted:
@@ -204,9 +221,11 @@ def _drive(
                     return  # parked: the approval request waits for a person
                 if not seen.ok:
                     break  # the rest of the plan counted on this step's output
-        if proposal.finish:
-            if proposal.gave_up:
-                raise PlannerGaveUp(proposal.answer or "the planner gave up")
+            else:
+                finished = proposal.finish
+        if proposal.gave_up:
+            raise PlannerGaveUp(proposal.answer or "the planner gave up")
+        if finished:
             return
 
 
@@ -314,6 +333,7 @@ def observations_from(events: Sequence[StoredEvent]) -> list[Observation]:
     """
     found: list[Observation] = []
     pending: dict[str, Any] = {}
+    proposed: list[dict[str, Any]] = []  # the steps of the last plan_proposed
     doubt_requests: dict[str, int] = {}  # in-doubt approval request -> its step
     for ev in events:
         data = ev.data()
@@ -336,18 +356,27 @@ def observations_from(events: Sequence[StoredEvent]) -> list[Observation]:
                 found.pop()  # the stashed step: taken again from the stash
         elif kind == "validated":
             pending = {"capability": data["capability"], "args": data["args"]}
+        elif kind == "plan_proposed":
+            proposed = list(data.get("steps") or ())
         elif kind == "plan_admitted" and data["status"] == "refused":
-            first: dict[str, Any] = next(
-                (s for s in data["steps"] if s.get("error_code")), {}
+            # As the planner saw it live (`_refused`): a planner may tell a
+            # refused plan from a step taken by its `admission`.
+            admission = _admission_from(data)
+            first = next(s for s in admission.steps if s.refused)
+            step_args = (
+                proposed[first.index - 1].get("args")
+                if first.index <= len(proposed)
+                else None
             )
             found.append(
                 Observation(
                     step=0,
-                    capability=str(first.get("capability", "")),
-                    args={},
+                    capability=first.capability,
+                    args=step_args or {},
                     status=OutcomeStatus.REFUSED,
-                    error_code=first.get("error_code"),
-                    error_message=first.get("error_message"),
+                    error_code=first.error_code,
+                    error_message=admission.message,
+                    admission=admission,
                 )
             )
         elif kind in ("executed", "idempotent_hit", "failed", "in_doubt"):
@@ -376,6 +405,33 @@ def observations_from(events: Sequence[StoredEvent]) -> list[Observation]:
                 )
             )
     return found
+
+
+def _admission_from(data: Mapping[str, Any]) -> Admission:
+    """Rebuild an `Admission` from its `plan_admitted` event."""
+    left = data.get("budget_left")
+    return Admission(
+        status=AdmissionStatus(data["status"]),
+        steps=tuple(
+            StepAdmission(
+                index=int(s["index"]),
+                capability=str(s["capability"]),
+                version=s.get("version"),
+                verdict=None if s.get("verdict") is None else Verdict(s["verdict"]),
+                rule_ids=tuple(s.get("rule_ids") or ()),
+                reasons=tuple(s.get("reasons") or ()),
+                cost=Decimal(str(s.get("cost") or 0)),
+                dry_run=bool(s.get("dry_run")),
+                error_code=s.get("error_code"),
+                error_message=s.get("error_message"),
+            )
+            for s in data["steps"]
+        ),
+        total_cost=Decimal(str(data["total_cost"])),
+        budget_left=None if left is None else Decimal(str(left)),
+        policy_version=str(data.get("policy_version") or ""),
+        at=datetime.fromisoformat(data["at"]),
+    )
 
 
 def _take(run: Run, proposed: ProposedStep) -> Observation:

@@ -14,7 +14,7 @@ from decimal import Decimal
 from typing import Any, Protocol, TypeAlias, runtime_checkable
 
 from tether.errors import UsageError
-from tether.plan import Admission, PlanStep, StepLike, as_step
+from tether.plan import Admission, PlanStep, StepLike, as_step, check_token_count
 from tether.record import OutcomeStatus
 
 __all__ = [
@@ -42,17 +42,40 @@ class Usage:
     """What one planner turn cost in model usage; charged to the run's budgets."""
 
     cost: Decimal = Decimal(0)
-    """In the capabilities' cost unit (cents, say); an int or a Decimal."""
+    """In the capabilities' cost unit (cents, say); an int or a Decimal, >= 0."""
     input_tokens: int = 0
+    """Tokens the model read this turn, >= 0."""
     output_tokens: int = 0
+    """Tokens the model wrote this turn, >= 0."""
     model: str | None = None
+    """The model's name, when the planner knows it."""
+
+    def __post_init__(self) -> None:
+        # Checked at run time: planners (LLM clients above all) are not type-checked,
+        # and what is charged is recorded, where a wrong type would damage the record.
+        cost: object = self.cost
+        if isinstance(cost, bool) or not isinstance(cost, (int, Decimal)):
+            raise UsageError(
+                f"a turn's usage cost must be an int or a Decimal (money is never "
+                f"a float), got {cost!r:.80}; write Decimal('{cost!s:.40}')"
+            )
+        if not Decimal(cost).is_finite() or cost < 0:
+            raise UsageError(f"a turn's usage cost must be >= 0, got {cost!r}")
+        object.__setattr__(self, "cost", Decimal(cost))
+        for name in ("input_tokens", "output_tokens"):
+            check_token_count(getattr(self, name), name)
+        model: object = self.model
+        if model is not None and not isinstance(model, str):
+            raise UsageError(f"a turn's usage model must be text, got {model!r:.80}")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Proposal:
     """A planner's answer for one turn: steps to take, and/or that the task is done.
 
-    Steps and `finish` together mean: take these steps, then end the run.
+    Steps and `finish` together mean: take these steps, then end the run. If
+    a step does not produce an output (it fails, or waits for a person), the
+    steps after it are not taken and the planner is asked again.
 
     Example:
         ```python
@@ -65,7 +88,7 @@ class Proposal:
     """The next steps: a plan, admitted as a whole, then taken in order; each
     taken step's outcome (or the plan's refusal) becomes an observation."""
     finish: bool = False
-    """True when the task is done (after `steps`, if any)."""
+    """True when the task is done (after `steps`, if any, all produced an output)."""
     answer: str | None = None
     """The final answer for the person who asked, when finishing."""
     gave_up: bool = False
@@ -74,6 +97,21 @@ class Proposal:
     """What this turn cost in model usage (tokens, cost), when the planner knows."""
 
     def __post_init__(self) -> None:
+        finish: object = self.finish
+        gave_up: object = self.gave_up
+        answer: object = self.answer
+        usage: object = self.usage
+        if not isinstance(finish, bool) or not isinstance(gave_up, bool):
+            raise UsageError(
+                f"a proposal's finish and gave_up must be True or False, got "
+                f"finish={finish!r:.40}, gave_up={gave_up!r:.40}"
+            )
+        if answer is not None and not isinstance(answer, str):
+            raise UsageError(f"a proposal's answer must be text, got {answer!r:.80}")
+        if usage is not None and not isinstance(usage, Usage):
+            raise UsageError(
+                f"a proposal's usage must be a tether.agent.Usage, got {usage!r:.80}"
+            )
         steps: tuple[object, ...] = tuple(self.steps)
         object.__setattr__(self, "steps", steps)
         bad = [s for s in steps if not isinstance(s, ProposedStep)]
