@@ -352,3 +352,30 @@ def test_a_dry_run_of_an_async_read_inside_an_event_loop_says_use_acall(
 
     asyncio.run(inside_a_loop())
     assert ran == ["b"]
+
+
+class IssuedOut(BaseModel):
+    data: dict[str, Any]
+    """Free-form: a SecretStr in it is masked by no schema."""
+
+
+def test_a_secret_in_a_free_form_output_is_never_returned_as_its_mask(
+    app: tether.Tether, principal: tether.Principal, tmp_path: Path
+) -> None:
+    """The first call returns the credential; the record keeps it masked, so a
+    retry under the key cannot return it, and says so instead of handing back
+    the mask as if it were the credential."""
+
+    @tether.capability("keys.issue", effect="write", idempotency="keyed")
+    def issue(args: NoteIn) -> IssuedOut:
+        return IssuedOut(data={"token": SecretStr(CANARY)})
+
+    app.register(issue)
+    with app.run(principal=principal, request="issue") as run:
+        first = run.call(issue, {"host": "a", "extra": {}}, idempotency_key="k")
+        with pytest.raises(tether.IdempotencyConflict) as again:
+            run.call(issue, {"host": "a", "extra": {}}, idempotency_key="k")
+
+    assert first.data["token"].get_secret_value() == CANARY
+    assert "holds secrets" in again.value.message
+    assert CANARY not in _stored_text(tmp_path)

@@ -394,7 +394,9 @@ def stored_result(
 ) -> tuple[BaseModel | None, TetherError | None]:
     """Return a key's stored result as the capability's output, or why it cannot be."""
     assert existing.output is not None
-    if cap.secret_output:
+    # A free-form field (Any) may have held a SecretStr no schema declares: its
+    # stored form is the mask, which must not come back as the result.
+    if cap.secret_output or (cap.free_form_output and _MASK_BYTES in existing.output):
         return None, IdempotencyConflict(
             f"{cap.name}: the call under idempotency key {key!r:.80} completed (run "
             f"{existing.run_id}, step {existing.step}), but its result holds secrets, "
