@@ -6,7 +6,9 @@ export`) are these functions over the app's store.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
+from datetime import datetime
 
 from tether import _canonical, record
 from tether.capability import Registry
@@ -15,9 +17,11 @@ from tether.store import Store
 
 __all__ = ["export_run", "verify_run"]
 
-_LINE_BREAKS = tuple(
-    (ch.encode(), f"\\u{ord(ch):04x}".encode()) for ch in ("\u2028", "\u2029", "\x85")
-)
+_UNSAFE = re.compile("[\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff]")
+"""What JSON lets through raw but a terminal or a line reader acts on: DEL and the
+C1 controls (U+009B starts an escape sequence in some terminals), the Unicode
+line breaks, and the invisible and bidirectional marks (`tether`'s CLI escapes
+the same set)."""
 
 
 def verify_run(
@@ -44,30 +48,47 @@ def verify_run(
     # The runs row is an index over the record, not part of the chain: what it
     # shows (and `runs list` prints) must agree with the chained events.
     started = events[0].data()
-    last_status = None
+    last_status = error_code = None
     for event in reversed(events):
         data = event.data()
+        if data["kind"] == "run_finished" and error_code is None:
+            error_code = data.get("error_code")
         if data["kind"] == "run_status":
             last_status = data["status"]
             break
     principal = started.get("principal") or {}
-    facts = {
+    facts: dict[str, tuple[object, object]] = {
         "request": (row.request, started.get("request")),
         "principal": (row.principal_id, principal.get("id")),
         "tenant": (row.tenant, principal.get("tenant")),
         "status": (row.status, last_status),
+        # `runs list` and the export header show these two as well.
+        "error_code": (row.error_code, error_code),
+        "created_at": (row.created_at, _instant(started.get("at"))),
     }
     for name, (shown, recorded) in facts.items():
-        if shown != recorded:
+        if shown != recorded:  # datetimes: the same instant, whatever its zone
             return record.VerifyReport(
                 run_id=row.run_id,
                 ok=False,
                 events=report.events,
                 head=report.head,
-                reason=f"the run's {name} {shown!r} differs from the record's "
-                f"{recorded!r}: the runs table was edited",
+                reason=f"the run's {name} {_shown(shown)!r} differs from the "
+                f"record's {_shown(recorded)!r}: the runs table was edited",
             )
     return report
+
+
+def _instant(value: object) -> datetime | None:
+    """Return a recorded RFC 3339 time as a datetime (None when it is not one)."""
+    try:
+        return datetime.fromisoformat(str(value))
+    except ValueError:
+        return None
+
+
+def _shown(value: object) -> object:
+    return value.isoformat() if isinstance(value, datetime) else value
 
 
 def export_run(
@@ -131,12 +152,18 @@ def export_run(
 
 
 def _line_safe(document: object) -> bytes:
-    """Encode one JSONL line, escaping the characters text readers take for breaks.
+    """Encode one JSONL line, escaping what text readers and terminals act on.
 
     JSON allows U+2028, U+2029 and U+0085 raw, but `str.splitlines` and many
-    log tools split lines on them.
+    log tools split lines on them; an export printed to a terminal must not
+    move its cursor or reorder its text either. A JSON escape stands for the
+    same string, so the events' hashes are unchanged.
     """
     line = _canonical.dumps(document)
-    for char, escaped in _LINE_BREAKS:
-        line = line.replace(char, escaped)
-    return line
+    if line.isascii() and b"\x7f" not in line:
+        return line
+    return _UNSAFE.sub(_escape, line.decode()).encode()
+
+
+def _escape(match: re.Match[str]) -> str:
+    return f"\\u{ord(match.group()):04x}"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from datetime import timedelta
@@ -276,10 +277,14 @@ def record_key(
 
 def _create_key_file(key_file: Path) -> None:
     # Written aside, then linked into place: link fails if another process won the
-    # race, and no reader ever sees a half-written key.
-    key_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = key_file.with_name(f"{key_file.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    # race, and no reader ever sees a half-written key. mkstemp makes the file
+    # aside anew (O_EXCL, mode 0600, an unguessable name): a fixed name could be
+    # a symlink someone planted, or another process's file of the same pid (two
+    # containers sharing the folder), and the key would be written into it.
+    folder = key_file.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=folder, prefix=f"{key_file.name}.", suffix=".tmp")
+    tmp = Path(name)
     try:
         with os.fdopen(fd, "w") as f:
             f.write(os.urandom(32).hex() + "\n")

@@ -208,4 +208,12 @@ class SQLiteStore(Approvals):
 
 
 def _dt(value: str) -> datetime:
-    return datetime.fromisoformat(value)
+    try:
+        return datetime.fromisoformat(value)
+    except (TypeError, ValueError) as exc:
+        # Only an edit or damage outside tether puts a non-time here: say so in
+        # one line, not as a crash of tether's own.
+        raise StoreError(
+            f"the runs table holds {str(value)[:40]!r} where a time belongs: the "
+            "database was edited or damaged outside tether; restore it from a backup"
+        ) from exc

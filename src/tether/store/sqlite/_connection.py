@@ -110,6 +110,20 @@ class Connected(Store):
         """The error for a file SQLite could not use, saying what to do about it."""
         name = str(self.path)
         folder = self.path.parent
+        # A busy file or a full or failing disk says nothing about the file
+        # itself: it is the right one, and opens once the fault clears.
+        code = getattr(exc, "sqlite_errorname", "")
+        if code.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
+            return StoreError(
+                f"{name!r} is busy: another process held its write lock for more "
+                f"than {BUSY_TIMEOUT_MS / 1000:g} s ({exc}); try again once it "
+                "lets go"
+            )
+        if code.startswith(("SQLITE_FULL", "SQLITE_IOERR")):
+            return StoreError(
+                f"{name!r} could not be written: the disk is full or failing "
+                f"({exc}); free space or fix the disk, then try again"
+            )
         denied = "unable to open" in str(exc) or "readonly" in str(exc)
         if denied and self.path.is_file() and not os.access(folder, os.W_OK):
             return StoreError(
