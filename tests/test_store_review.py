@@ -22,6 +22,7 @@ from pydantic import BaseModel
 
 import tether
 from tether import config
+from tether.replay import ReplayError
 from tether.replay._records import RecordedRun
 from tether.store.sqlite import _connection
 
@@ -270,7 +271,7 @@ def test_an_export_cut_to_its_header_is_refused_as_truncated(tmp_path: Path) -> 
     cut = tmp_path / "cut.jsonl"
     cut.write_bytes(header + b"\n")
 
-    with pytest.raises(tether.replay.ReplayError, match="truncated or altered"):
+    with pytest.raises(ReplayError, match="truncated or altered"):
         RecordedRun.from_file(cut)
 
 
