@@ -414,13 +414,9 @@ def up_send(args: SendArgs) -> PingOut:
     return PingOut(n=len(sent))
 
 
-def test_a_stashed_step_with_secrets_keeps_them_out_of_the_record_and_resumes_with_the_real_ones(
-    tmp_path: Path,
-) -> None:
-    """A stash-mode breaker parks a plan whose steps carry credentials: the
-    record (and its export) holds them masked, never in clear, and resuming
-    hands those steps back to the planner, which sends them with the real
-    credentials, not the mask."""
+def _stash_on_failure(tmp_path: Path) -> tuple[Path, FakeClock]:
+    """A tether.yaml whose breaker on `up` opens at one failure and stashes; a
+    broken upstream; a fake clock."""
     config = tmp_path / "tether.yaml"
     config.write_text(
         "breakers:\n"
@@ -429,7 +425,17 @@ def test_a_stashed_step_with_secrets_keeps_them_out_of_the_record_and_resumes_wi
     )
     upstream.update(broken=True, calls=[])
     sent.clear()
-    clock = FakeClock()
+    return config, FakeClock()
+
+
+def test_a_stashed_step_with_secrets_keeps_them_out_of_the_record_and_resumes_with_the_real_ones(
+    tmp_path: Path,
+) -> None:
+    """A stash-mode breaker parks a plan whose steps carry credentials: the
+    record (and its export) holds them masked, never in clear, and resuming
+    hands those steps back to the planner, which sends them with the real
+    credentials, not the mask."""
+    config, clock = _stash_on_failure(tmp_path)
     with tether.Tether(
         db=f"sqlite:///{tmp_path / 't.db'}?synchronous=normal",
         config=config,
@@ -482,15 +488,7 @@ def test_a_stashed_step_with_a_secret_in_a_free_form_field_resumes_with_it(
 ) -> None:
     """The same as above when the credential rides in an `Any` field: the
     record masks it, so resuming must not send the mask upstream."""
-    config = tmp_path / "tether.yaml"
-    config.write_text(
-        "breakers:\n"
-        "  - {id: up-br, resource: up, window: 1, min_calls: 1, failure_rate: 1,\n"
-        "     open_for: 30s, on_open: stash}\n"
-    )
-    upstream.update(broken=True, calls=[])
-    sent.clear()
-    clock = FakeClock()
+    config, clock = _stash_on_failure(tmp_path)
     secret = SecretStr("sk-live-CCCC3333")
     with tether.Tether(
         db=f"sqlite:///{tmp_path / 't.db'}?synchronous=normal",

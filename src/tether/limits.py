@@ -31,7 +31,12 @@ import pydantic
 
 from tether._units import Amount, Duration
 from tether.policy.cel import CelError, Condition, Scope, compile_condition
-from tether.policy.rules import CapabilityGlobs, EffectName, OneOrMany
+from tether.policy.rules import (
+    CapabilityGlobs,
+    EffectName,
+    OneOrMany,
+    refuse_empty_lists,
+)
 from tether.principal import Principal
 from tether.store._limits import LimitKind, Reserve, Settle, to_us
 
@@ -121,17 +126,9 @@ class Limit(pydantic.BaseModel, extra="forbid", frozen=True):
     @pydantic.model_validator(mode="before")
     @classmethod
     def _no_empty_lists(cls, value: object) -> object:
-        # Left out, a field applies to all; an empty list would read as "none"
-        # yet mean "all": refuse it rather than guess.
-        if isinstance(value, Mapping):
-            for name in ("capability", "resource", "effect"):
-                given = value.get(name)
-                if isinstance(given, (list, tuple)) and not given:
-                    raise ValueError(
-                        f"`{name}: []` names no {name}; list at least one, or leave "
-                        f"out `{name}` for every {name}"
-                    )
-        return value
+        return refuse_empty_lists(
+            value, ("capability", "resource", "effect"), "to apply to all"
+        )
 
     @pydantic.model_validator(mode="after")
     def _fits_its_kind(self) -> Limit:

@@ -53,6 +53,27 @@ CapabilityGlobs = Annotated[OneOrMany, pydantic.AfterValidator(_globs_are_valid)
 so a rule or limit written with one would never apply."""
 
 
+def refuse_empty_lists(value: object, names: tuple[str, ...], left_out: str) -> object:
+    """Refuse `name: []` in a raw mapping, for each of `names`; return `value`.
+
+    Left out, such a field applies to every value; an empty list reads as "none"
+    yet would mean "all", so neither is guessed.
+
+    Raises:
+        ValueError: one of `names` is an empty list (`left_out` says what
+            leaving it out does).
+    """
+    if isinstance(value, Mapping):
+        for name in names:
+            given = value.get(name)
+            if isinstance(given, (list, tuple)) and not given:
+                raise ValueError(
+                    f"`{name}: []` names no {name}; list at least one, or leave "
+                    f"out `{name}` {left_out}"
+                )
+    return value
+
+
 class Match(pydantic.BaseModel, extra="forbid", frozen=True):
     """What a rule applies to.
 
@@ -90,15 +111,7 @@ class Rule(pydantic.BaseModel, extra="forbid", frozen=True):
         # In a file, a list matches any of its values, so `role: []` reads as
         # "no role" and would match nothing, yet `Match` takes () for "any": a
         # rule meant for a few would apply to every step. Refuse it.
-        if isinstance(value, Mapping):
-            for name in Match.model_fields:
-                given = value.get(name)
-                if isinstance(given, (list, tuple)) and not given:
-                    raise ValueError(
-                        f"`{name}: []` names no {name}, so it would match nothing; "
-                        f"list at least one, or leave out `{name}` to match any"
-                    )
-        return value
+        return refuse_empty_lists(value, tuple(Match.model_fields), "to match any")
 
     @pydantic.model_validator(mode="after")
     def _approvers_ask(self) -> Rule:
