@@ -92,6 +92,14 @@ def ask_approval(
         digest,
         decision.rule_ids,
     )
+    if latest is not None and latest.on_behalf_of != principal.on_behalf_of:
+        # The same call made for someone else is another call: its grant or
+        # denial is not this one's, or a person could approve the call an
+        # agent makes for them by approving it for another (who may not
+        # decide is also whom the call acts for). A pending request still
+        # coalesces in the store: this call then waits on it and, once it is
+        # decided, asks for itself.
+        latest = None
     if latest is not None:
         live = latest.expires_at > now
         if latest.status is ApprovalStatus.APPROVED and live:

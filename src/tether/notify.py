@@ -10,6 +10,7 @@ source of truth: `tether approvals list` always is.
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import queue
@@ -53,6 +54,8 @@ class Webhook:
     def send(self, document: Mapping[str, Any]) -> None:
         """Deliver `document` in the background, after the ones sent before it."""
         self._queue.put(json.dumps(document, default=str, sort_keys=True).encode())
+        # Under the lock the sender, when idle, checks the queue before it stops
+        # (`_run`): a document put here is either seen by it or starts a new one.
         with self._lock:
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(
@@ -71,7 +74,11 @@ class Webhook:
             try:
                 body = self._queue.get(timeout=5)
             except queue.Empty:
-                return  # idle: the next send starts a thread again
+                with self._lock:
+                    if self._queue.empty():
+                        self._thread = None
+                        return  # idle: the next send starts a thread again
+                continue  # a send landed as the wait ended: deliver it too
             try:
                 self._deliver(body)
             finally:
@@ -95,8 +102,16 @@ class Webhook:
                     error = f"HTTP {answer.status}"
             except urllib.error.HTTPError as exc:
                 error = f"HTTP {exc.code}"
-            except (urllib.error.URLError, OSError) as exc:
-                error = str(exc)
+            except (
+                urllib.error.URLError,
+                OSError,
+                http.client.HTTPException,
+                ValueError,
+            ) as exc:
+                # A reply that is not HTTP (BadStatusLine, ...) or a URL urllib
+                # cannot use (InvalidURL) is a failed try too, not the end of the
+                # sender thread and of the documents queued behind this one.
+                error = str(exc) or type(exc).__name__
         logger.warning(
             "approvals.webhook_failed",
             extra={"tether.url": self.url, "tether.error": error},

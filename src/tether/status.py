@@ -181,6 +181,17 @@ def _is_retry_row(row: LimitRow, retry: RetryBudget) -> bool:
     return row.window is not None  # a capability's retries, or its calls
 
 
+def _current_window(length: timedelta | None, at: datetime) -> datetime | None:
+    """Return the start of the window a limit of this `per` counts in at `at`.
+
+    As the limits align it: on whole multiples of the length since the epoch.
+    """
+    if length is None:
+        return None
+    us, step = to_us(at), length // timedelta(microseconds=1)
+    return from_us(us - us % step)
+
+
 def _window_end(start: datetime | None, length: timedelta | None) -> datetime | None:
     if start is None or length is None:
         return None
@@ -195,13 +206,15 @@ def _counters(
 ) -> tuple[tuple[Counter, ...], int]:
     cap = _cap(lim) or Decimal(0)
     length = _PERIOD.get(lim.per or "")
+    current = _current_window(length, at)
     out: list[Counter] = []
     skipped = 0
     for row in rows:
         end = _window_end(row.window, length)
-        if (end is not None and end <= at) or (
-            lim.scope == "run" and not alive(row.scope)
-        ):
+        # Only the window the limit counts in now is live: an ended one, and
+        # one of another shape (the limit's `per` or kind was edited, same id),
+        # are counted by no call.
+        if row.window != current or (lim.scope == "run" and not alive(row.scope)):
             skipped += 1
             continue
         out.append(
@@ -250,6 +263,7 @@ def _retry_status(
     runs: list[RetryCounter] = []
     incidents: list[RetryCounter] = []
     windows: dict[tuple[str, datetime], dict[str, Decimal]] = {}
+    current = _current_window(retry.window, at)
     skipped = 0
     for row in rows:
         if row.window is None:
@@ -262,7 +276,7 @@ def _retry_status(
                 assert retry.per_incident is not None
                 incidents.append(_retry_counter(row, retry.per_incident))
             continue
-        if row.window + retry.window <= at:
+        if row.window != current:  # ended, or of a `window:` since edited
             skipped += 1
             continue
         name = row.limit_id.removeprefix(_RETRY_PREFIX)

@@ -101,14 +101,17 @@ def _status(
         path = resolve_config_path(config)
         sqlite = sqlite_path(url)
         if sqlite and Path(sqlite).is_dir():
-            raise _no_database(sqlite, "")
+            with _opening(db):  # the error names TETHER_DB when the URL came from it
+                raise _no_database(sqlite, "")
         if sqlite and not Path(sqlite).is_file():
             settings, _ = load_settings(path)
             if settings.limits or settings.breakers or settings.retry_budget:
-                raise _no_database(
-                    sqlite,
-                    "pass --db (or set TETHER_DB) to the database your app records to",
-                )
+                with _opening(db):
+                    raise _no_database(
+                        sqlite,
+                        "pass --db (or set TETHER_DB) to the database your app "
+                        "records to",
+                    )
             # nothing configured, nothing recorded: not created
             with Tether(db="memory://", config=path) as opened:
                 report = status(opened)
