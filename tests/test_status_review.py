@@ -54,7 +54,7 @@ def test_a_missing_database_from_tether_db_names_the_variable(
     assert not (folder / "absent.db").exists()
 
 
-class NIn(BaseModel):
+class CountIn(BaseModel):
     n: int
 
 
@@ -63,7 +63,7 @@ class NOut(BaseModel):
 
 
 @tether.capability("x.go", effect="read")
-def go(args: NIn) -> NOut:
+def go(args: CountIn) -> NOut:
     return NOut(n=args.n)
 
 
@@ -120,7 +120,7 @@ def test_retries_of_an_edited_retry_window_are_not_shown_as_live(
     upstream = {"failing": True}
 
     @tether.capability("x.flaky", effect="read")
-    def flaky(args: NIn) -> NOut:
+    def flaky(args: CountIn) -> NOut:
         if upstream["failing"]:
             upstream["failing"] = False
             raise ConnectionError("503")
