@@ -54,17 +54,17 @@ def test_a_missing_database_from_tether_db_names_the_variable(
     assert not (folder / "absent.db").exists()
 
 
-class CountIn(BaseModel):
+class GoArgs(BaseModel):
     n: int
 
 
-class NOut(BaseModel):
+class GoResult(BaseModel):
     n: int
 
 
 @tether.capability("x.go", effect="read")
-def go(args: CountIn) -> NOut:
-    return NOut(n=args.n)
+def go(args: GoArgs) -> GoResult:
+    return GoResult(n=args.n)
 
 
 def _app(tmp_path: Path, config: str, clock: FakeClock) -> tether.Tether:
@@ -120,11 +120,11 @@ def test_retries_of_an_edited_retry_window_are_not_shown_as_live(
     upstream = {"failing": True}
 
     @tether.capability("x.flaky", effect="read")
-    def flaky(args: CountIn) -> NOut:
+    def flaky(args: GoArgs) -> GoResult:
         if upstream["failing"]:
             upstream["failing"] = False
             raise ConnectionError("503")
-        return NOut(n=args.n)
+        return GoResult(n=args.n)
 
     app = _app(tmp_path, budget.format("1m"), clock)
     app.register(flaky)
