@@ -174,6 +174,9 @@ class ScratchStore(MemoryStore):
     def __init__(self) -> None:
         super().__init__()
         self.met = Met()
+        self.on_behalf_of: str | None = None
+        """Whom the replayed run acts for: another run's grant it used was
+        for the same call, so for the same person."""
 
     def commit(self, batch: Batch) -> Committed:
         """Seed what the current step met, then commit as the memory store does."""
@@ -257,7 +260,7 @@ class ScratchStore(MemoryStore):
                 step=0,
                 tenant=tenant,
                 principal_id=principal_id,
-                on_behalf_of=None,
+                on_behalf_of=self.on_behalf_of,
                 capability="",
                 version="",
                 args=b"{}",

@@ -198,6 +198,9 @@ class _Walk:
     def run(self) -> ReplayReport:
         first = self.events[0]
         principal = Principal(**first["principal"])
+        store = self.scratch.store
+        assert isinstance(store, ScratchStore)
+        store.on_behalf_of = principal.on_behalf_of  # whom a seeded grant was for
         run = Run(
             self.scratch,
             principal=principal,
