@@ -71,6 +71,7 @@ __all__ = [
     "execution_error",
     "failed_event",
     "handler_args",
+    "may_hold_secrets",
     "policy_error",
     "refuse",
     "settle_by_key",
@@ -270,11 +271,20 @@ def call_secrets(
     schema declares: it is looked for too, when the canonical args
     (`args_bytes`, if given) show a masked value.
     """
-    if cap.has_secrets or (
-        cap.free_form and (args_bytes is None or _MASK_BYTES in args_bytes)
-    ):
+    if may_hold_secrets(cap, args_bytes):
         return record.secret_values(args)
     return []
+
+
+def may_hold_secrets(cap: Capability[Any, Any], args_bytes: bytes | None) -> bool:
+    """Tell whether a call's args may hold secrets.
+
+    Declared ones, or a masked value in a free-form field (`args_bytes`: the
+    canonical, masked args; None when not at hand).
+    """
+    return cap.has_secrets or (
+        cap.free_form and (args_bytes is None or _MASK_BYTES in args_bytes)
+    )
 
 
 _MASK_BYTES = record.SECRET_MASK.encode()

@@ -18,7 +18,7 @@ import pydantic
 
 from tether import _canonical, gateway, record
 from tether._effects import Execute
-from tether._stages import handler_args, validate_output
+from tether._stages import handler_args, may_hold_secrets, validate_output
 from tether.app import Tether
 from tether.capability import Capability, Effect
 from tether.clock import SystemClock
@@ -372,10 +372,11 @@ class _Walk:
             cap = recorded_checks(cap, recorded)
         store = self.scratch.store
         assert isinstance(store, ScratchStore)
-        # A free-form field (Any) may have carried a SecretStr no schema declares.
-        masked = cap.free_form and record.SECRET_MASK in _canonical.dumps(args).decode()
         store.met = met_by(
-            recorded, self.own_requests, secret_args=cap.has_secrets or masked
+            recorded,
+            self.own_requests,
+            # the recorded args are masked, as the call path's canonical bytes are
+            secret_args=may_hold_secrets(cap, _canonical.dumps(args)),
         )
         guards = self.scratch.guards
         watch = None if guards is None else guards.breakers.for_resource(cap.resource)
