@@ -106,3 +106,107 @@ def test_the_agent_loop_charges_each_turn(app: tether.Tether) -> None:
     # two turns of 30 and one step of 10
     assert _used(app, "tenant-spend") == Decimal(70)
     assert _used(app, "notes-only") == Decimal(10)
+
+
+class _Spender:
+    """Each turn costs 40 and proposes one note (cost 10); it never finishes."""
+
+    def __init__(self) -> None:
+        self.turns = 0
+
+    def propose(self, state: PlannerInput) -> Proposal:
+        self.turns += 1
+        step = ProposedStep(capability="notes.save", args={"text": str(self.turns)})
+        return Proposal(steps=(step,), usage=Usage(cost=Decimal(40), model="m"))
+
+
+def test_no_planner_turn_is_taken_once_its_budget_is_spent(
+    app: tether.Tether,
+) -> None:
+    planner = _Spender()
+    run = run_agent(app, planner, principal=BOT, request="write notes", max_steps=20)
+
+    # turn 1: 40 + 10; turn 2: 40 + 10 = 100, the whole budget; no turn 3
+    assert planner.turns == 2
+    assert _used(app, "tenant-spend") == Decimal(100)
+    assert run.status == "failed"
+    assert app.store.get_run(run.id).error_code == "limit_exceeded"
+    events = [e.data() for e in app.store.events(run.id)]
+    refused = [e for e in events if e["kind"] == "limit_refused"]
+    assert [(e["limit"], e.get("step"), e["used"]) for e in refused] == [
+        ("tenant-spend", None, "100")
+    ]
+    finished = events[-1]
+    assert finished["kind"] == "run_finished"
+    assert "'tenant-spend'" in finished["message"]
+    assert "the planner is not asked again" in finished["message"]
+
+
+def test_the_turn_that_overruns_is_charged_and_is_the_last(
+    app: tether.Tether,
+) -> None:
+    class Thinker:
+        turns = 0
+
+        def propose(self, state: PlannerInput) -> Proposal:
+            self.turns += 1  # 60 a turn, and a note of 10
+            step = ProposedStep(capability="notes.save", args={"text": "x"})
+            return Proposal(steps=(step,), usage=Usage(cost=Decimal(60)))
+
+    planner = Thinker()
+    run = run_agent(app, planner, principal=BOT, request="think", max_steps=20)
+
+    # 60 + 10, then 60: 130, over the 100 (the second note is refused); no turn 3
+    assert planner.turns == 2
+    assert _used(app, "tenant-spend") == Decimal(130)
+    assert run.status == "failed"
+
+
+def test_the_runs_own_budget_counts_model_usage_too(app: tether.Tether) -> None:
+    planner = _Spender()
+    run = run_agent(app, planner, principal=BOT, request="x", budget=30, max_steps=20)
+
+    # turn 1 costs 40: past the run's budget of 30, so its plan is refused and
+    # no turn follows
+    assert planner.turns == 1
+    assert run.status == "failed"
+    events = [e.data() for e in app.store.events(run.id)]
+    refused = next(e for e in events if e["kind"] == "limit_refused")
+    assert (refused["limit"], refused["cap"], refused["used"]) == (
+        "run budget",
+        "30",
+        "40",
+    )
+
+
+def test_replay_re_checks_each_turn_against_the_budget(
+    app: tether.Tether, tmp_path: Path
+) -> None:
+    from tether.replay import RecordedRun, Replayer
+
+    run = run_agent(app, _Spender(), principal=BOT, request="notes", max_steps=20)
+    recorded = RecordedRun.from_store(app.store, run.id)
+
+    same = Replayer(app).replay(recorded)
+    assert same.ok, same.divergences
+
+    bigger = tmp_path / "bigger.yaml"
+    bigger.write_text(
+        "defaults: {write: allow}\n"
+        "limits:\n"
+        "  - {id: tenant-spend, kind: budget, scope: tenant, per: day, amount: 1000}\n"
+        "  - {id: notes-only, kind: budget, capability: notes.save, per: day, amount: 1000}\n"
+    )
+    changed = Replayer.for_file(app, bigger, mode="verify").replay(recorded)
+    assert [(d.step, d.kind, d.recorded) for d in changed.divergences] == [
+        (None, "missing", "limit_refused (limit tenant-spend)")
+    ]
+
+    smaller = tmp_path / "smaller.yaml"
+    smaller.write_text(
+        bigger.read_text().replace(
+            "amount: 1000}\n  - {id: notes", "amount: 50}\n  - {id: notes"
+        )
+    )
+    stricter = Replayer.for_file(app, smaller, mode="verify").replay(recorded)
+    assert (None, "extra") in [(d.step, d.kind) for d in stricter.divergences]

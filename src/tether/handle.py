@@ -22,17 +22,20 @@ from pydantic import BaseModel
 from tether import _canonical, gateway, plan, record
 from tether._approval_stage import requested_event
 from tether._chain import StoredEvent
+from tether._guards import after
 from tether._run_writer import RunWriter
 from tether._stages import call_secrets
 from tether.capability import Capability, Effect, Idempotency
 from tether.errors import (
     ApprovalRequired,
     BreakerOpen,
+    LimitExceeded,
     NotFound,
     StoreError,
     TetherError,
     UsageError,
 )
+from tether.limits import RUN_BUDGET
 from tether.policy import PolicySet
 from tether.principal import Principal
 from tether.record import Outcome
@@ -48,7 +51,7 @@ from tether.store import (
     RunRow,
 )
 from tether.store._breakers import BreakerAdmit, BreakerOutcome
-from tether.store._limits import Reserve, RetryCharge, Settle
+from tether.store._limits import Reserve, RetryCharge, Settle, to_us
 
 if TYPE_CHECKING:
     from tether.app import Tether
@@ -728,6 +731,79 @@ class Run:
             Batch(run_id=self.id, events=[charged], at=charged.at, settle=settles)
         )
         self.cost += amount
+
+    def check_turn_room(self) -> None:
+        """Refuse the planner's next turn when model usage has no room left.
+
+        A turn's cost is known only after it (the model reports it), so it
+        cannot be reserved as a step's is: a turn is taken while every budget
+        in `tether.yaml` that model usage is charged to (capability `llm`) has
+        something left, and the run's own budget too. The turn that overruns
+        is charged in full; no turn follows it. Without this a refused step
+        goes back to the planner, whose every new turn costs more.
+
+        Raises:
+            LimitExceeded: a budget is spent; one run-level `limit_refused`
+                event names it (the run's own budget as `run budget`).
+            StoreError: the budget could not be read, or the refusal written.
+        """
+        now = self.clock.now()
+        refused: record.LimitRefused | None = None
+        retry_after_us = 0
+        if self.budget is not None and self.cost >= self.budget:
+            refused = record.LimitRefused(
+                at=now,
+                limit=RUN_BUDGET,
+                limit_kind="budget",
+                scope=self.id,
+                cap=self.budget,
+                used=self.cost,
+                requested=Decimal(0),
+                left=Decimal(0),
+            )
+        guards = self.app.guards
+        if refused is None and guards is not None and guards.limits:
+            at = to_us(now)
+            for b in guards.limits.model_budgets(
+                principal=self.principal, run_id=self.id, now=now
+            ):
+                row = self.store.limit_row(b.limit.id, b.scope, b.window, now)
+                cap = b.limit.amount or Decimal(0)
+                if row is None or row.used + row.held < cap:
+                    continue
+                retry_after_us = b.window + b.length_us - at if b.length_us else 0
+                refused = record.LimitRefused(
+                    at=now,
+                    limit=b.limit.id,
+                    limit_kind="budget",
+                    scope=b.scope,
+                    cap=cap,
+                    used=row.used,
+                    held=row.held,
+                    requested=Decimal(0),
+                    left=Decimal(0),
+                    retry_after_us=retry_after_us,
+                )
+                break
+        if refused is None:
+            return
+        self.append(refused)
+        then = ""
+        if retry_after_us:
+            then = f"; its window turns {after(retry_after_us / 1e6)}"
+        whose = (
+            "the run's own budget"
+            if refused.limit == RUN_BUDGET
+            else f"budget {refused.limit!r} (scope {refused.scope})"
+        )
+        raise LimitExceeded(
+            f"run {self.id}: {whose} is spent ({refused.used + refused.held} of "
+            f"{refused.cap}, model usage included), so the planner is not asked "
+            f"again{then}; raise the budget, or start the task again later",
+            limit_id=refused.limit,
+            left=Decimal(0),
+            retry_after=retry_after_us / 1e6 if retry_after_us else None,
+        )
 
     @overload
     def call(

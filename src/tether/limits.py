@@ -42,8 +42,10 @@ from tether.store._limits import LimitKind, Reserve, Settle, to_us
 
 __all__ = [
     "LLM_CAPABILITY",
+    "RUN_BUDGET",
     "Limit",
     "LimitSet",
+    "ModelBudget",
     "Reserved",
     "Throttle",
     "scope_key",
@@ -51,6 +53,10 @@ __all__ = [
 
 LLM_CAPABILITY = "llm"
 """The capability name a planner's model usage is charged as (see `Run.charge_usage`)."""
+
+RUN_BUDGET = "run budget"
+"""What a refusal names the run's own budget (`Tether.run(budget=...)`) as: with
+its space it is no valid limit id, so never a limit's of `tether.yaml`."""
 
 Scope_ = Literal["run", "principal", "tenant", "capability", "global"]
 Per = Literal["minute", "hour", "day", "run"]
@@ -324,6 +330,30 @@ class LimitSet:
             out.append(Reserved(limit=lim, reserve=reserve, own_cost=own))
         return out
 
+    def model_budgets(
+        self, *, principal: Principal, run_id: str, now: datetime
+    ) -> list[ModelBudget]:
+        """Return the budgets a planner's model usage is charged to (capability `llm`).
+
+        Budgets with a `cost` expression are left out: it reads a step's args.
+        """
+        at = to_us(now)
+        out = []
+        for lim in self.applying(LLM_CAPABILITY, None, None):
+            if lim.kind != "budget" or lim.cost is not None:
+                continue
+            window = length = 0
+            if lim.per in _PERIOD:
+                length = _PERIOD[lim.per] // timedelta(microseconds=1)
+                window = at - at % length
+            scope = scope_key(
+                lim.scope, run_id=run_id, principal=principal, capability=LLM_CAPABILITY
+            )
+            out.append(
+                ModelBudget(limit=lim, scope=scope, window=window, length_us=length)
+            )
+        return out
+
     def charges(
         self,
         *,
@@ -335,34 +365,34 @@ class LimitSet:
         """Return the budget charges for a planner's model usage (capability `llm`).
 
         Usage has happened when it is reported, so it is charged, never refused:
-        a budget it overruns refuses the run's next reservation.
+        a budget it overruns refuses the run's next reservation, and the run's
+        next planner turn (`Run.check_turn_room`).
         """
-        at = to_us(now)
-        out = []
-        for lim in self.applying(LLM_CAPABILITY, None, None):
-            if lim.kind != "budget" or lim.cost is not None:
-                continue
-            window = 0
-            if lim.per in _PERIOD:
-                length = _PERIOD[lim.per] // timedelta(microseconds=1)
-                window = at - at % length
-            out.append(
-                Settle(
-                    limit_id=lim.id,
-                    kind=LimitKind.BUDGET,
-                    scope=scope_key(
-                        lim.scope,
-                        run_id=run_id,
-                        principal=principal,
-                        capability=LLM_CAPABILITY,
-                    ),
-                    window=window,
-                    run_id=run_id,
-                    step=0,
-                    actual=cost,
-                )
+        return [
+            Settle(
+                limit_id=b.limit.id,
+                kind=LimitKind.BUDGET,
+                scope=b.scope,
+                window=b.window,
+                run_id=run_id,
+                step=0,
+                actual=cost,
             )
-        return out
+            for b in self.model_budgets(principal=principal, run_id=run_id, now=now)
+        ]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ModelBudget:
+    """A budget that a planner's model usage is charged to, in its current counter."""
+
+    limit: Limit
+    scope: str
+    """Whose counter (see `scope_key`)."""
+    window: int
+    """The window's start, µs since the epoch; 0 for a run's lifetime."""
+    length_us: int
+    """The window's length in µs; 0 when it has none."""
 
 
 def _matches(

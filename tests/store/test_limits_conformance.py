@@ -253,6 +253,35 @@ def test_a_reservation_is_held_while_the_call_runs_and_released_when_it_fails(
     assert retried.status is tether.OutcomeStatus.EXECUTED  # the whole budget was back
 
 
+def test_one_counter_reads_as_the_whole_list_shows_it(
+    make_app: Callable[[str], tether.Tether], clock: FakeClock, handler: Handler
+) -> None:
+    """`limit_row` (what a planner turn's check reads) agrees with `limit_rows`, holds included."""
+    app = make_app(BUDGET)
+    day = int(clock.now().timestamp()) // 86400 * 86400 * US  # the window's start
+    seen: list[LimitRow | None] = []
+
+    def during() -> None:
+        handler.during = None
+        seen.append(app.store.limit_row("budget", "acme", day, clock.now()))
+
+    with app.run(principal=BOT, request="charge") as run:
+        run.step("pay.charge", {"amount": 3})
+        handler.during = during
+        run.step("pay.charge", {"amount": 4})
+    whole = rows(app, clock)["budget/acme"]
+    one = app.store.limit_row("budget", "acme", day, clock.now())
+
+    assert [(r.used, r.held, r.holds) for r in seen if r is not None] == [
+        (Decimal(3), Decimal(4), 1)
+    ]
+    assert one == whole
+    assert one is not None
+    assert (one.used, one.held, one.holds) == (Decimal(7), Decimal(0), 0)
+    assert app.store.limit_row("budget", "globex", day, clock.now()) is None
+    assert app.store.limit_row("budget", "acme", day + 86400 * US, clock.now()) is None
+
+
 def test_a_budget_settles_at_the_actual_cost_below_and_above_the_estimate(
     make_app: Callable[[str], tether.Tether], clock: FakeClock
 ) -> None:

@@ -26,6 +26,7 @@ from tether.agent.planner import (
 from tether.app import Run, Tether
 from tether.capability import Capability
 from tether.errors import (
+    LimitExceeded,
     NotFound,
     PlannerFailed,
     PlannerGaveUp,
@@ -75,9 +76,10 @@ def run_agent(
     step that needs approval, say): the steps after it are not taken, and
     the planner sees what happened (and is asked again, even if the plan
     said `finish`). The run ends `succeeded` when the planner finishes, and
-    `failed` when it gives up or would pass `max_steps` (the record's
-    `run_finished` event says which, by error code); each observation, a
-    refused plan's included, counts as a step.
+    `failed` when it gives up, would pass `max_steps`, or a budget its model
+    usage is charged to (or the run's own) is spent before a turn (see
+    `Run.check_turn_room`; the record's `run_finished` event says which, by
+    error code); each observation, a refused plan's included, counts as a step.
 
     Args:
         app: the app whose capabilities, policy and store the run uses.
@@ -130,7 +132,7 @@ def run_agent(
                 planner_name=planner_name,
                 park=park_on_approval,
             )
-    except (StepLimitReached, PlannerGaveUp):
+    except (StepLimitReached, PlannerGaveUp, LimitExceeded):
         pass  # recorded as the run's failure; the caller reads `run.status`
     return run
 
@@ -151,6 +153,10 @@ def _drive(
         if run.status is not RunState.PLANNING:  # still planning after a refused plan
             run.transition(RunState.PLANNING)
         steps_left = max_steps - len(observations)
+        # A turn costs model usage: none is taken once a budget it is charged
+        # to is spent (a refused step would otherwise come back to the planner,
+        # turn after turn, each charged past the budget).
+        run.check_turn_room()
         try:
             proposal = planner.propose(
                 PlannerInput(
@@ -272,7 +278,7 @@ def resume_agent(
                 park=True,
                 observations=seen,
             )
-    except (StepLimitReached, PlannerGaveUp):
+    except (StepLimitReached, PlannerGaveUp, LimitExceeded):
         pass  # recorded as the run's failure; the caller reads `run.status`
     return run
 

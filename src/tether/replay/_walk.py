@@ -7,6 +7,7 @@ recorded events, to the comparison (`_compare`), which writes the report.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections import deque
 from collections.abc import Sequence
@@ -23,7 +24,7 @@ from tether.app import Tether
 from tether.capability import Capability, Effect
 from tether.clock import SystemClock
 from tether.config import Settings, guards_from, load_settings, policy_from
-from tether.errors import NotFound, TetherError
+from tether.errors import LimitExceeded, NotFound, TetherError
 from tether.handle import IN_DOUBT_RULE, Run
 from tether.plan import PlanStep
 from tether.policy import PolicySet
@@ -58,6 +59,9 @@ _RUN_LEVEL = frozenset(
     }
 )
 """Kinds written outside a step: the walk handles each where it appears."""
+
+_TURN = frozenset({"usage_charged", "plan_proposed"})
+"""Kinds that a planner turn writes, the first of them after its room was checked."""
 
 _STEP_ENDS = frozenset({"executed", "failed", "in_doubt", "idempotent_hit"})
 """Kinds that end a step (as `Run.resumed` reads them): after an intent, a step
@@ -208,21 +212,31 @@ class _Walk:
             context=dict(first.get("context") or {}),
         )
         run.planner = first.get("planner")
+        budget = first.get("budget")
+        if budget is not None:
+            run.budget = Decimal(str(budget))
         run.__enter__()
         self.run_ = run
         self._fresh()  # run_started and its status: the walk starts after them
         admitted_once = False
+        turn_checked = False  # a planner turn's room is checked before the turn
         for position, event in enumerate(self.events):
             if position == 0:
                 continue
             kind = event["kind"]
+            if kind in _TURN and run.planner is not None and not turn_checked:
+                self._turn(event)
+                turn_checked = True
             if kind == "plan_proposed":
                 self.proposed = deque(event.get("steps") or ())
+                turn_checked = False
             elif kind == "plan_admitted":
                 self._admit(event, first_admission=not admitted_once)
                 admitted_once = True
             elif kind == "usage_charged":
                 self._usage(event)
+            elif kind == "limit_refused" and event.get("step") is None:
+                self._turn(event)
             elif kind == "approval_decided":
                 self._decided(event)
             elif position in self.takes:
@@ -267,6 +281,18 @@ class _Walk:
         self.compare.events(run.steps + 1, [event], new, run_level=True)
         if self.replayer.mode == "what_if" and new:
             self.compare.plan_changes(event, new[-1])
+
+    def _turn(self, event: dict[str, Any]) -> None:
+        """Re-make the check before a planner turn (`Run.check_turn_room`).
+
+        At a turn's first event (its usage charge, or its proposal) the check
+        passed in the record; at a run-level `limit_refused` it refused.
+        """
+        self.clock.set(at(event))
+        with contextlib.suppress(LimitExceeded):  # its event is compared below
+            self.run_.check_turn_room()
+        refused = [event] if event["kind"] == "limit_refused" else []
+        self.compare.events(None, refused, self._fresh())
 
     def _usage(self, event: dict[str, Any]) -> None:
         self.clock.set(at(event))

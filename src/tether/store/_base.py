@@ -39,6 +39,7 @@ from tether.store._rows import (
     RunRow,
 )
 from tether.store._rules import apply_limits, closed_reason, may_replace
+from tether.store._time import from_us
 
 if TYPE_CHECKING:
     from tether.record import Event
@@ -120,6 +121,20 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def limit_rows(self, now: datetime) -> list[LimitRow]:
         """Return every limit counter and live lease set (for `tether status`)."""
+
+    def limit_row(
+        self, limit_id: str, scope: str, window: int, now: datetime
+    ) -> LimitRow | None:
+        """Return one limit counter (`window`: its start, µs; 0 for none), if it has one.
+
+        A read outside any write, for a check that cannot reserve (a planner
+        turn's: its cost is known only after it). SQL backends read one key.
+        """
+        start = from_us(window) if window else None
+        for row in self.limit_rows(now):
+            if row.limit_id == limit_id and row.scope == scope and row.window == start:
+                return row
+        return None
 
     @abc.abstractmethod
     def breaker_rows(self) -> dict[str, BreakerRow]:

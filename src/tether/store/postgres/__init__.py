@@ -94,6 +94,23 @@ class PostgresStore(Writes, Approvals):
 
         return self._read(query, "read the limits")
 
+    def limit_row(
+        self, limit_id: str, scope: str, window: int, now: datetime
+    ) -> LimitRow | None:
+        """Return one limit counter, if it has one (see `Store.limit_row`)."""
+        found = self._read(
+            lambda conn: limit_summary(
+                conn.execute(
+                    f"SELECT {LIMIT_COLUMNS} FROM limit_state WHERE limit_id=%s "  # noqa: S608  # constant column list
+                    "AND scope=%s AND \"window\"=%s AND holder <> '~'",
+                    (limit_id, scope, window),
+                ),
+                _us(now),
+            ),
+            "read a limit",
+        )
+        return found[0] if found else None
+
     def breaker_row(self, breaker_id: str) -> BreakerRow:
         """Return one breaker's stored row (a closed one when it has none)."""
         row = self._read(

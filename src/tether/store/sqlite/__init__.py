@@ -74,6 +74,23 @@ class SQLiteStore(Approvals):
 
         return self._read(query)
 
+    def limit_row(
+        self, limit_id: str, scope: str, window: int, now: datetime
+    ) -> LimitRow | None:
+        """Return one limit counter, if it has one (see `Store.limit_row`)."""
+        found = self._read(
+            lambda con: limit_summary(
+                con.execute(
+                    "SELECT limit_id, scope, window, holder, amount, until, charged "
+                    "FROM limit_state WHERE limit_id=? AND scope=? AND window=? "
+                    "AND holder <> '~'",
+                    (limit_id, scope, window),
+                ),
+                _limits.to_us(now),
+            )
+        )
+        return found[0] if found else None
+
     def renew_lease(
         self,
         run_id: str,
