@@ -140,3 +140,88 @@ def test_a_receiver_that_keeps_failing_is_given_up_and_logged(
     assert outcome.status == "refused"
     assert receiver.tries == 4  # the first try and 3 retries
     assert any(r.getMessage() == "approvals.webhook_failed" for r in caplog.records)
+
+
+# -- a URL that carries a token lives in the environment ---------------------------
+
+_RULES = (
+    "rules:\n"
+    "  - {id: big, match: {capability: pay.refund}, decision: require_approval,\n"
+    "     reason: refunds need finance, approvers: [finance]}\n"
+    "approvers: {alice: [finance]}\n"
+)
+
+
+def test_the_webhook_url_can_come_from_the_environment_and_stays_out_of_exports(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    """`webhook_env` names the variable: requests are posted there, and the export never holds the URL."""
+    port = receiver.server_address[1]
+    url = f"http://127.0.0.1:{port}/hook/T0K3N-s3cret"
+    config = tmp_path / "tether.yaml"
+    config.write_text(_RULES + "approvals: {webhook_env: APPROVALS_HOOK}\n")
+    env = {"APPROVALS_HOOK": url}
+    with tether.Tether(
+        db="memory://", config=config, clock=FakeClock(), env=env
+    ) as app:
+        app.register(refund)
+        with app.run(principal=tether.Principal("bot"), request="refund") as run:
+            asked = run.step("pay.refund", {"cents": 5})
+        assert app.webhook is not None
+        app.webhook.flush(timeout=10)
+        exported = list(app.export(run.id))
+
+    assert isinstance(asked.error, tether.ApprovalRequired)
+    assert [d["event"] for d in receiver.documents] == ["approval.requested"]
+    header = json.loads(exported[0])
+    assert "webhook_env: APPROVALS_HOOK" in header["config"]  # the file, for replay
+    assert not [line for line in exported if b"T0K3N" in line]
+
+
+@pytest.mark.parametrize(
+    ("env", "says"),
+    [
+        ({}, "approvals.webhook_env names APPROVALS_HOOK, which is not set"),
+        ({"APPROVALS_HOOK": ""}, "which is not set"),
+        ({"APPROVALS_HOOK": "ftp://h/T0K3N"}, "holds no http:// or https:// URL"),
+    ],
+)
+def test_an_unset_or_bad_webhook_variable_is_a_config_error_that_never_shows_it(
+    tmp_path: Path, env: dict[str, str], says: str
+) -> None:
+    config = tmp_path / "tether.yaml"
+    config.write_text(_RULES + "approvals: {webhook_env: APPROVALS_HOOK}\n")
+
+    with pytest.raises(tether.ConfigError, match=says) as raised:
+        tether.Tether(db="memory://", config=config, env=env)
+    assert "T0K3N" not in raised.value.message
+
+
+def test_a_webhook_and_its_variable_together_are_refused(tmp_path: Path) -> None:
+    config = tmp_path / "tether.yaml"
+    config.write_text(
+        _RULES + "approvals: {webhook: 'http://h/x', webhook_env: APPROVALS_HOOK}\n"
+    )
+
+    with pytest.raises(tether.ConfigError, match="not both"):
+        tether.Tether(db="memory://", config=config, env={"APPROVALS_HOOK": "http://h"})
+
+
+def test_a_reload_whose_webhook_variable_is_unset_keeps_the_last_good_settings(
+    tmp_path: Path, receiver: Receiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    port = receiver.server_address[1]
+    config = tmp_path / "tether.yaml"
+    config.write_text(_RULES + f"approvals: {{webhook: 'http://127.0.0.1:{port}/a'}}\n")
+    with tether.Tether(db="memory://", config=config, clock=FakeClock(), env={}) as app:
+        app.register(refund)
+        before = app.current_policy().version
+        config.write_text(_RULES + "approvals: {webhook_env: NOT_SET_HERE}\n")
+        after = app.current_policy().version
+        kept = app.webhook
+
+    assert after == before
+    assert kept is not None
+    failed = [r for r in caplog.records if r.getMessage() == "policy.reload_failed"]
+    assert failed
+    assert "NOT_SET_HERE, which is not set" in str(failed[0].__dict__["tether.error"])

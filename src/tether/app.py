@@ -112,7 +112,8 @@ class Tether:
         """The limits, breakers and retry budget in force; None when `tether.yaml` has none."""
         self.full_counters = FullCounters()
         """Counters reads found full in this process: later reads check first."""
-        self.webhook = _config.webhook_from(self.settings, self.clock)
+        self._env = env
+        self.webhook = _config.webhook_from(self.settings, self.clock, env)
         """Where approval requests and decisions are announced, if anywhere."""
         self.store: Store = open_store(self.db_url, read_only=read_only)
         self._ready = ReadyRuns()
@@ -349,12 +350,23 @@ class Tether:
                 },
             )
             return
+        try:
+            webhook = _config.webhook_from(settings, self.clock, self._env)
+        except ConfigError as exc:
+            logger.warning(
+                "policy.reload_failed",
+                extra={
+                    "tether.config": str(watched.path),
+                    "tether.error": f"{exc.message}; the last good settings stay",
+                },
+            )
+            return
         fresh = _config.policy_from(settings, version, has_file=watched)
         self.policy = self.policy.replace(
             rules=fresh.rules, defaults=fresh.defaults, version=version
         )
         self.guards = _config.guards_from(settings)
-        self.webhook = _config.webhook_from(settings, self.clock)
+        self.webhook = webhook
         self.settings = settings
         logger.info("policy.reloaded", extra={"tether.policy_version": version})
 

@@ -92,7 +92,21 @@ class ApprovalSettings(pydantic.BaseModel, extra="forbid", frozen=True):
     """How long a request waits for a decision; undecided, it expires (a denial, recorded)."""
     webhook: str | None = pydantic.Field(default=None, pattern=r"^https?://")
     """A URL that gets a JSON POST when a request is made and when it is decided."""
+    webhook_env: str | None = pydantic.Field(
+        default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
+    )
+    """The environment variable that holds the webhook's URL, for a URL that
+    carries a token: the file (which `tether runs export` copies) never holds it."""
     webhook_retries: int = pydantic.Field(default=3, ge=0, le=10)
+
+    @pydantic.model_validator(mode="after")
+    def _one_webhook(self) -> ApprovalSettings:
+        if self.webhook is not None and self.webhook_env is not None:
+            raise ValueError(
+                "give the webhook's URL (webhook) or the variable that holds it "
+                "(webhook_env), not both"
+            )
+        return self
 
 
 class Settings(RulesConfig, extra="forbid", frozen=True):
@@ -398,9 +412,30 @@ def misfits(
     return problems
 
 
-def webhook_from(settings: Settings, clock: Clock) -> Webhook | None:
-    """Return where approval news goes, if `settings` name a webhook."""
-    url = settings.approvals.webhook
+def webhook_from(
+    settings: Settings, clock: Clock, env: Mapping[str, str]
+) -> Webhook | None:
+    """Return where approval news goes, if `settings` name a webhook.
+
+    Raises:
+        ConfigError: `approvals.webhook_env` names a variable that is unset or
+            holds no http(s) URL (its value is never shown: it may be secret).
+    """
+    approvals = settings.approvals
+    url = approvals.webhook
+    if approvals.webhook_env is not None:
+        name = approvals.webhook_env
+        url = env.get(name)
+        if not url:
+            raise ConfigError(
+                f"approvals.webhook_env names {name}, which is not set; set it to "
+                "the webhook's http(s) URL, or remove webhook_env"
+            )
+        if not url.startswith(("http://", "https://")) or not url.isprintable():
+            raise ConfigError(
+                f"{name} (approvals.webhook_env) holds no http:// or https:// URL; "
+                "set it to the webhook's URL"
+            )
     if url is None:
         return None
     return Webhook(url, retries=settings.approvals.webhook_retries, sleep=clock.sleep)
