@@ -27,7 +27,7 @@ import tether
 from tether.errors import ApprovalClosed, NotAllowedToApprove, NotFound, UsageError
 from tether.record import Outcome, OutcomeStatus
 from tether.store import ApprovalRow, ApprovalStatus, Batch, Committed
-from tether.testing import FakeClock
+from tether.testing import FakeClock, write_config
 
 TTL = timedelta(hours=1)
 
@@ -444,9 +444,10 @@ class TestGrantAndTheRestOfTheCallPath:
         self, world: World
     ) -> None:
         """The grant is spent with the intent, in one write: a call a limit refuses keeps it."""
-        world.config.write_text(
+        write_config(
+            world.config,
             POLICY
-            + "limits:\n  - {id: q, kind: quota, per: minute, max: 1, capability: 'pay.*'}\n"
+            + "limits:\n  - {id: q, kind: quota, per: minute, max: 1, capability: 'pay.*'}\n",
         )
         app = world.app
         with app.run(principal=world.bot, request="refunds") as run:
@@ -533,7 +534,7 @@ def change_args(world: World) -> dict[str, object]:
 
 
 def change_policy(world: World) -> dict[str, object]:
-    world.config.write_text(POLICY_V2)
+    write_config(world.config, POLICY_V2)
     return refund(500)
 
 

@@ -24,7 +24,7 @@ import tether
 from tether.config import check_config, load_settings
 from tether.record import OutcomeStatus
 from tether.store._limits import to_us
-from tether.testing import FakeClock, temporary_app
+from tether.testing import FakeClock, temporary_app, write_config
 
 PRINCIPAL = tether.Principal("ops-bot", roles=["agent"], tenant="acme")
 
@@ -476,8 +476,9 @@ def test_a_reload_that_makes_a_trial_deadline_too_short_keeps_the_last_good_sett
     )
     with tether.Tether(db="memory://", config=config, env={}) as app:
         app.register(_slow_ping)
-        config.write_text(
-            "breakers:\n  - {id: net-br, resource: net, probe_timeout: 5s}\n# edited\n"
+        write_config(
+            config,
+            "breakers:\n  - {id: net-br, resource: net, probe_timeout: 5s}\n# edited\n",
         )
         with caplog.at_level("WARNING", logger="tether.app"):
             app.current_policy()

@@ -38,7 +38,7 @@ from tether.policy import (
 )
 from tether.policy.cel import MAX_EXPRESSION, CelError, Scope, compile_condition
 from tether.record import OutcomeStatus
-from tether.testing import FakeClock, temporary_app
+from tether.testing import FakeClock, temporary_app, write_config
 
 PROPERTY = settings(
     max_examples=300,
@@ -547,11 +547,11 @@ class TestReload:
                 first = run.step(
                     "payments.refund", {"order_id": "o", "amount_cents": 5}
                 )
-                config.write_text(RULES_V2)
+                write_config(config, RULES_V2)
                 second = run.step(
                     "payments.refund", {"order_id": "o", "amount_cents": 5}
                 )
-                config.write_text("rules: [\n")  # broken: the last good policy stays
+                write_config(config, "rules: [\n")  # broken: the last good policy stays
                 third = run.step(
                     "payments.refund", {"order_id": "o", "amount_cents": 5}
                 )
@@ -1354,7 +1354,7 @@ def test_a_reload_that_would_shorten_the_claim_below_a_timeout_is_refused(
     with temporary_app(config=config) as app:
         app.register(_slow)
         before = app.current_policy().version
-        config.write_text("idempotency: {claim_ttl: 1m}\n")
+        write_config(config, "idempotency: {claim_ttl: 1m}\n")
 
         after = app.current_policy().version
 

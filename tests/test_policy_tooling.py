@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
@@ -18,9 +19,11 @@ import pydantic
 import pytest
 
 import tether
+from tether import config as config_module
 from tether.capability import Registry
 from tether.cli import main
 from tether.config import (
+    Settings,
     check_config,
     check_policy_tests,
     load_policy_tests,
@@ -425,6 +428,84 @@ def test_a_broken_reload_keeps_the_last_good_policy_until_the_file_is_fixed(
         "policy.reload_failed",
         "policy.reloaded",
     ]
+
+
+SETTLED = (
+    FIRST.replace("> 50000", "> 5000")
+    + """\
+  - id: no-refunds-for-o-1
+    match: {capability: payments.refund}
+    when: args.order_id == "o-1"
+    decision: deny
+    reason: disputed order
+defaults: {write: allow}
+"""
+)
+
+
+def test_a_file_edited_in_place_is_taken_only_whole_and_settled(
+    reloading_app: tuple[tether.Tether, Path],
+) -> None:
+    """A half-written file that parses (cut after a rule) never decides a step.
+
+    Before: the step after the first half was written ran under the cut file.
+    """
+    app, config = reloading_app
+    bot = tether.Principal("support-bot", tenant="acme")
+    small = {"order_id": "o-1", "amount_cents": 1000}
+    half = SETTLED.index("  - id: no-refunds-for-o-1")
+    _, first_version = load_settings(config)
+
+    with app.run(principal=bot, request="refunds") as run, config.open("w") as out:
+        out.write(SETTLED[:half])  # a whole rule: this much parses
+        out.flush()
+        cut = run.step("payments.refund", small)
+        out.write(SETTLED[half:])
+        out.flush()
+        fresh = run.step("payments.refund", small)
+        time.sleep(config_module.SETTLE_NS / 1e9 * 1.5)
+        settled = run.step("payments.refund", small)
+
+    _, new_version = load_settings(config)
+    assert [(v, ver == first_version) for v, ver in decided(app, run.id)] == [
+        ("allow", True),  # the cut file (no deny for o-1, no default) is never taken
+        ("allow", True),  # written a moment ago: maybe still being written
+        ("deny", False),
+    ]
+    assert decided(app, run.id)[2][1] == new_version
+    assert (cut.status.value, fresh.status.value, settled.status.value) == (
+        "executed",
+        "executed",
+        "refused",
+    )
+
+
+def test_a_file_written_while_it_is_read_is_read_again(
+    reloading_app: tuple[tether.Tether, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write that lands during the read: that read is dropped, the next step reads again."""
+    app, config = reloading_app
+    bot = tether.Principal("support-bot", tenant="acme")
+    small = {"order_id": "o-1", "amount_cents": 1000}
+    half = SETTLED.index("  - id: no-refunds-for-o-1")
+    write_config(config, SETTLED[:half], 2_000_000_000)
+    real = config_module.load_settings
+    reads: list[int] = []
+
+    def read_while_written(path: Path | None) -> tuple[Settings, str]:
+        loaded = real(path)
+        if not reads:  # the rest of the file lands just after the read
+            write_config(config, SETTLED, 3_000_000_000)
+        reads.append(1)
+        return loaded
+
+    monkeypatch.setattr(config_module, "load_settings", read_while_written)
+    with app.run(principal=bot, request="refunds") as run:
+        during = run.step("payments.refund", small)
+        after = run.step("payments.refund", small)
+
+    assert len(reads) == 2
+    assert (during.status.value, after.status.value) == ("executed", "refused")
 
 
 # -- policy tests in YAML ----------------------------------------------------------------

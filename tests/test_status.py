@@ -35,7 +35,7 @@ from tether.status import (
     UnconfiguredCounter,
     status,
 )
-from tether.testing import FakeClock
+from tether.testing import FakeClock, write_config
 
 CLI = os.environ.get("TETHER_CLI") or str(Path(sys.executable).parent / "tether")
 
@@ -389,7 +389,7 @@ def test_counters_of_a_removed_limit_are_listed_as_unconfigured(
     for line in removed:
         kept = kept.replace(line, "")
     kept = kept.replace("{id: pay-br,", "{id: pay-breaker,")
-    scene.config.write_text(kept)
+    write_config(scene.config, kept)
 
     report = status(scene.app)
 
@@ -494,7 +494,7 @@ def test_incident_retries_and_a_removed_retry_budget(
             )
             monkeypatch.setenv("COLUMNS", "200")
             _, text, _ = run_cli(capsys, "status", "--app", "incidentapp:app")
-            config.write_text("rules: []\n")
+            write_config(config, "rules: []\n")
             after = status(app)
 
     assert retry is not None

@@ -13,7 +13,7 @@ import pytest
 from pydantic import BaseModel
 
 import tether
-from tether.testing import FakeClock
+from tether.testing import FakeClock, write_config
 
 
 class Receiver(ThreadingHTTPServer):
@@ -216,7 +216,7 @@ def test_a_reload_whose_webhook_variable_is_unset_keeps_the_last_good_settings(
     with tether.Tether(db="memory://", config=config, clock=FakeClock(), env={}) as app:
         app.register(refund)
         before = app.current_policy().version
-        config.write_text(_RULES + "approvals: {webhook_env: NOT_SET_HERE}\n")
+        write_config(config, _RULES + "approvals: {webhook_env: NOT_SET_HERE}\n")
         after = app.current_policy().version
         kept = app.webhook
 

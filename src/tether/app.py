@@ -333,13 +333,16 @@ class Tether:
 
     def _reload(self, watched: _config.ConfigFile) -> None:
         try:
-            settings, version = watched.load()
+            loaded = watched.load()
         except ConfigError as exc:
             logger.warning(
                 "policy.reload_failed",
                 extra={"tether.config": str(watched.path), "tether.error": exc.message},
             )
             return
+        if loaded is None:
+            return  # written while it was read: the next step reads it again
+        settings, version = loaded
         problems = _config.misfits(settings, list(self.capabilities))
         if problems:
             logger.warning(

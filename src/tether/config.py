@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from datetime import timedelta
@@ -310,10 +311,18 @@ def _create_key_file(key_file: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+SETTLE_NS = 50_000_000
+"""How long (ns) a changed file must go unwritten before a hot reload takes it."""
+
+
 class ConfigFile:
     """A config file watched for changes, for hot reload.
 
-    `changed()` costs one `stat` call; a step asks it before its decision.
+    `changed()` costs one `stat` call; a step asks it before its decision. A
+    file edited in place is taken only once it has gone unwritten for
+    `SETTLE_NS` (by its modification time), and only when nothing wrote it
+    while it was read: a half-written file can parse (cut after a rule, say),
+    and would decide steps without the rules still to come.
     """
 
     __slots__ = ("_name", "_stamp", "path")
@@ -332,18 +341,37 @@ class ConfigFile:
         return (st.st_mtime_ns, st.st_size, st.st_ino)
 
     def changed(self) -> bool:
-        """Tell whether the file changed since the last `load` (or creation)."""
-        return self._read_stamp() != self._stamp
+        """Tell whether the file changed since the last `load`, and has settled."""
+        stamp = self._read_stamp()
+        if stamp == self._stamp:
+            return False
+        # A modification time ahead of this host's clock (another host's file
+        # system) cannot be waited out: taken as settled.
+        return stamp is None or not 0 <= time.time_ns() - stamp[0] < SETTLE_NS
 
-    def load(self) -> tuple[Settings, str]:
+    def load(self) -> tuple[Settings, str] | None:
         """Load the file as it is now (see `load_settings`); remember its stamp.
+
+        Returns:
+            The settings and their version, or None when the file was written
+            while it was read (it is read again at the next step).
 
         Raises:
             ConfigError: the file is invalid; the stamp is remembered anyway, so a
                 broken file is reported once, not at every step.
         """
-        self._stamp = self._read_stamp()
-        return load_settings(self.path)
+        stamp = self._read_stamp()
+        try:
+            loaded = load_settings(self.path)
+        except ConfigError:
+            if self._read_stamp() != stamp:
+                return None  # cut off by a write, most likely: read it again
+            self._stamp = stamp
+            raise
+        if self._read_stamp() != stamp:
+            return None
+        self._stamp = stamp
+        return loaded
 
 
 def check_policy_tests(path: Path) -> ConfigCheck[PolicyTests]:

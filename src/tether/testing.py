@@ -1,11 +1,13 @@
 """What users need to test their own agents and capabilities against tether.
 
 `FakeClock` moves only when told; `temporary_app()` gives a `Tether` on a
-throwaway SQLite file; `ScriptedPlanner` proposes steps from a list.
+throwaway SQLite file; `ScriptedPlanner` proposes steps from a list;
+`write_config()` rewrites a `tether.yaml` that a running app takes at once.
 """
 
 from __future__ import annotations
 
+import os
 import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -15,8 +17,30 @@ from typing import Any
 
 from tether.agent import ScriptedPlanner
 from tether.app import Tether
+from tether.config import SETTLE_NS
 
-__all__ = ["FakeClock", "ScriptedPlanner", "temporary_app"]
+__all__ = ["FakeClock", "ScriptedPlanner", "temporary_app", "write_config"]
+
+
+def write_config(path: str | os.PathLike[str], text: str) -> Path:
+    """Write a `tether.yaml` that a running app takes at its next step.
+
+    A hot reload takes a changed file only once it has gone unwritten for a
+    moment (`tether.config.SETTLE_NS`: it may be half-written until then).
+    This writes the file whole and dates it that moment back, so a test need
+    not wait.
+
+    Example:
+        ```python
+        write_config("tether.yaml", "defaults: {write: deny}")
+        ```
+    """
+    path = Path(path)
+    path.write_text(text)
+    written = path.stat()
+    back = written.st_mtime_ns - 2 * SETTLE_NS
+    os.utime(path, ns=(written.st_atime_ns, back))
+    return path
 
 
 class FakeClock:
