@@ -77,10 +77,10 @@ def test_a_run_argument_is_called_run_as_in_the_docs(
 
 
 def test_the_runs_group_names_every_subcommand(tmp_path: Path) -> None:
-    """`tether runs --help` sums up list, show, export and resume, not three of them."""
+    """`tether runs --help` sums up list, show, export, resume and abort, not some of them."""
     done = run(tmp_path, "runs", "--help")
 
-    assert "List, show, export and resume recorded runs." in done.stdout
+    assert "List, show, export, resume and abort recorded runs." in done.stdout
 
 
 def test_list_limits_are_shown_as_n(tmp_path: Path) -> None:

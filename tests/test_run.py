@@ -28,6 +28,7 @@ DESIGN = {
     (S.AWAITING_APPROVAL, S.PLANNING),
     (S.AWAITING_APPROVAL, S.ABORTED),
     (S.DEGRADED, S.EXECUTING),
+    (S.DEGRADED, S.ABORTED),  # beyond DESIGN.md: a stashed run can be stopped
 }
 """DESIGN.md's lifecycle, written out pair by pair."""
 

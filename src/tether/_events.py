@@ -87,8 +87,13 @@ class RunStatus:
 
     at: datetime
     """When the stage ran, aware UTC."""
+    by: str | None = None
+    """Who moved the run, when a person did (`aborted` by `Tether.abort`); None
+    when the run's own writer did (and in records older than the field)."""
     kind: Literal["run_status"] = "run_status"
     previous: str
+    reason: str | None = None
+    """Why the person moved it; None when `by` is."""
     status: str
     step: int | None = None
     """The step's number in the run, from 1; None for run-level events."""

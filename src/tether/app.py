@@ -28,18 +28,24 @@ from tether.agent.planner import Planner
 from tether.capability import Capability, Registry
 from tether.clock import Clock, Ids, RandomIds, Rng, SystemClock, system_rng
 from tether.errors import (
+    ApprovalClosed,
     ConfigError,
+    HeadMoved,
+    LeaseLost,
     NotAllowedToApprove,
     NotFound,
     StoreError,
     UsageError,
 )
-from tether.handle import Run
+from tether.handle import ABORTED_CODE, Run
 from tether.policy import Policy, PolicySet
 from tether.principal import Principal, check_text
+from tether.run import ABORTABLE_STATES, FINAL_STATES, RunState, check_transition
 from tether.store import (
     ApprovalRow,
     ApprovalStatus,
+    Batch,
+    RunRow,
     Store,
     open_store,
     skew_problem,
@@ -51,6 +57,9 @@ logger = logging.getLogger(__name__)
 
 Out = TypeVar("Out", bound=BaseModel)
 C = TypeVar("C", bound=Capability[Any, Any])
+
+_ABORT_RACES = 20
+"""How many times `Tether.abort` takes a run again that another writer took first."""
 
 
 class Tether:
@@ -418,6 +427,156 @@ class Tether:
             context=recorded,
             budget=budget,
         )
+
+    def abort(self, run_id: str, *, by: str, reason: str) -> RunRow:
+        """Stop a run for good: take it from whoever holds it and end it `aborted`.
+
+        The run is taken over first, in whatever state it is short of a final
+        one, even from a live process stepping it: its lease epoch goes up, so
+        that process's next write is refused (`LeaseLost`, saying who aborted
+        the run and why) and it records nothing more. Then one write appends
+        a `run_status` event to `aborted` (with `by` and `reason`) and
+        `run_finished` (error code `aborted`). Approval requests of the run
+        still pending are then denied in `by`'s name, so nobody approves a
+        call of a stopped run.
+
+        A step the holding process was running may still finish upstream;
+        its result is not recorded (the record ends at its intent).
+
+        Args:
+            run_id: the run, or a unique prefix of 6+ characters.
+            by: who stops it, for the record.
+            reason: why, for the record and whoever ran the run (required).
+
+        Returns:
+            The run's row, now `aborted`.
+
+        Raises:
+            NotFound: no such run.
+            UsageError: the run already ended, or `by` or `reason` is missing.
+            StoreError: the store could not be written (nothing was, or the
+                run is taken and not yet ended: abort it again).
+
+        Example:
+            ```python
+            row = app.abort(run.id, by="alice", reason="stuck in a loop")
+            print(row.status)
+            #> aborted
+            ```
+        """
+        check_text(by, "who aborts the run (by)", name=True)
+        if not check_text(reason, "the reason").strip():
+            raise UsageError(
+                "an abort needs a reason: say why, for the record and for whoever "
+                "ran the run"
+            )
+        for _ in range(_ABORT_RACES):
+            row = self.store.get_run(run_id)
+            if row.status in FINAL_STATES:
+                raise UsageError(
+                    f"run {row.run_id} already ended {row.status}; nothing to abort"
+                )
+            try:
+                taken = self.store.take_over(
+                    row.run_id, parked=ABORTABLE_STATES, now=self.clock.now()
+                )
+            except UsageError:
+                continue  # it ended, or another writer took it first: look again
+            try:
+                ended = self._end_aborted(taken, by=by, reason=reason)
+            except LeaseLost:
+                continue  # a worker took it meanwhile: take it back
+            self._close_requests(ended.run_id, by=by, reason=reason)
+            return ended
+        raise StoreError(
+            f"run {run_id}: other writers kept taking it over; it is not aborted "
+            "yet, abort it again"
+        )
+
+    def _end_aborted(self, taken: RunRow, *, by: str, reason: str) -> RunRow:
+        """Write `run_status` to `aborted` and `run_finished` under `taken`'s epoch.
+
+        Raises:
+            LeaseLost: another writer took the run over since.
+        """
+        row = taken
+        for tries in range(_ABORT_RACES, -1, -1):
+            check_transition(RunState(row.status), RunState.ABORTED)
+            now = self.clock.now()
+            events: list[record.Event] = [
+                record.RunStatus(
+                    at=now,
+                    previous=row.status,
+                    status=RunState.ABORTED.value,
+                    by=by,
+                    reason=reason,
+                ),
+                record.RunFinished(
+                    at=now,
+                    status=RunState.ABORTED.value,
+                    error_code=ABORTED_CODE,
+                    message=f"aborted by {by}: {reason}",
+                ),
+            ]
+            try:
+                self.store.commit(
+                    Batch(
+                        run_id=row.run_id,
+                        events=events,
+                        at=now,
+                        epoch=taken.epoch,
+                        base_seq=row.head_seq,
+                        base_hash=row.head_hash,
+                        status=RunState.ABORTED.value,
+                        error_code=ABORTED_CODE,
+                    )
+                )
+            except HeadMoved:
+                # A person's approval decision grew the record since it was
+                # read (the old writer is fenced off): write after it.
+                if not tries:
+                    raise
+                row = self.store.get_run(row.run_id)
+                continue
+            break
+        logger.info("run.aborted", extra={"tether.run_id": row.run_id, "tether.by": by})
+        return self.store.get_run(row.run_id)
+
+    def _close_requests(self, run_id: str, *, by: str, reason: str) -> None:
+        """Deny an aborted run's pending approval requests (expire lapsed ones)."""
+        now = self.clock.now()
+        note = f"the run was aborted: {reason}"
+        pending = self.store.list_approvals(
+            status=ApprovalStatus.PENDING, run_id=run_id, limit=10_000
+        )
+        for request in pending:
+            if request.expires_at <= now:
+                self.store.expire_approval(request.id, now)
+                continue
+
+            def event(row: ApprovalRow, closed: str | None) -> record.Event:
+                return record.ApprovalDecided(
+                    at=now,
+                    step=row.step,
+                    approval_id=row.id,
+                    by=by,
+                    outcome="refused" if closed else "denied",
+                    reason=closed,
+                    note=note,
+                )
+
+            try:
+                decided = self.store.decide_approval(
+                    request.id,
+                    status=ApprovalStatus.DENIED,
+                    by=by,
+                    note=note,
+                    now=now,
+                    event=event,
+                )
+            except ApprovalClosed:
+                continue  # a person decided it meanwhile
+            self.notify("approval.decided", decided)
 
     # -- approvals ---------------------------------------------------------------------
 

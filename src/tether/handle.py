@@ -29,6 +29,7 @@ from tether.capability import Capability, Effect, Idempotency
 from tether.errors import (
     ApprovalRequired,
     BreakerOpen,
+    LeaseLost,
     LimitExceeded,
     NotFound,
     StoreError,
@@ -56,7 +57,7 @@ from tether.store._limits import Reserve, RetryCharge, Settle, to_us
 if TYPE_CHECKING:
     from tether.app import Tether
 
-__all__ = ["IN_DOUBT_RULE", "Run"]
+__all__ = ["ABORTED_CODE", "IN_DOUBT_RULE", "Run"]
 
 logger = logging.getLogger("tether.app")
 
@@ -67,6 +68,9 @@ _STEP_ENDS = frozenset({"executed", "failed", "in_doubt", "idempotent_hit"})
 
 IN_DOUBT_RULE = "in_doubt"
 """The rule id of an approval request for a step whose outcome is unknown."""
+
+ABORTED_CODE = "aborted"
+"""The error code of a run a person stopped (`Tether.abort`), in its `run_finished`."""
 
 Out = TypeVar("Out", bound=BaseModel)
 
@@ -333,7 +337,38 @@ class Run:
                     f"run {self.id} is {self.status.value}; its record takes no more "
                     "events (a step still running when the run ended cannot record)"
                 )
-            return self._writer.commit(batch, keep_on_failure=keep_on_failure)
+            try:
+                return self._writer.commit(batch, keep_on_failure=keep_on_failure)
+            except LeaseLost as exc:
+                why = self._why_aborted()
+                if why is None:
+                    raise  # another writer resumed it: not ours to say more
+                # Final: leaving the `with` block writes nothing more.
+                self.status = RunState.ABORTED
+                raise LeaseLost(why) from exc
+
+    def _why_aborted(self) -> str | None:
+        """Say who aborted the run and why, if a person did (None: not aborted)."""
+        try:
+            if self.store.get_run(self.id).status != RunState.ABORTED.value:
+                return None
+            events = self.store.events(self.id)
+        except StoreError:
+            return None  # the lease message is all that can be said
+        said = next(
+            (
+                data
+                for data in (e.data() for e in reversed(events))
+                if data["kind"] == "run_status"
+            ),
+            {},
+        )
+        who = said.get("by") or "someone"
+        why = f": {said['reason']}" if said.get("reason") else ""
+        return (
+            f"run {self.id} was aborted by {who}{why}; this process may write "
+            "nothing more to it (steps stop, the run stays aborted)"
+        )
 
     # -- lifecycle ---------------------------------------------------------------------
 

@@ -6,7 +6,13 @@ from enum import StrEnum
 
 from tether.errors import IllegalTransition
 
-__all__ = ["FINAL_STATES", "TRANSITIONS", "RunState", "check_transition"]
+__all__ = [
+    "ABORTABLE_STATES",
+    "FINAL_STATES",
+    "TRANSITIONS",
+    "RunState",
+    "check_transition",
+]
 
 
 class RunState(StrEnum):
@@ -39,7 +45,8 @@ TRANSITIONS: dict[RunState, frozenset[RunState]] = {
         }
     ),
     _S.AWAITING_APPROVAL: frozenset({_S.EXECUTING, _S.PLANNING, _S.ABORTED}),
-    _S.DEGRADED: frozenset({_S.EXECUTING}),
+    # A degraded run waits for a breaker, maybe for long: a person may stop it.
+    _S.DEGRADED: frozenset({_S.EXECUTING, _S.ABORTED}),
     _S.SUCCEEDED: frozenset(),
     _S.FAILED: frozenset(),
     _S.ABORTED: frozenset(),
@@ -47,6 +54,10 @@ TRANSITIONS: dict[RunState, frozenset[RunState]] = {
 """Every legal move; a state missing from a set cannot be reached from its key."""
 
 FINAL_STATES = frozenset({_S.SUCCEEDED, _S.FAILED, _S.ABORTED})
+
+ABORTABLE_STATES = tuple(s.value for s in RunState if _S.ABORTED in TRANSITIONS[s])
+"""States a person may stop a run in (`Tether.abort`): every state a stored
+run can be in but the final ones (a run is stored from `executing` on)."""
 
 
 def check_transition(current: RunState, target: RunState) -> None:

@@ -66,7 +66,7 @@ def _root(
 
 @_runs_cli.callback(invoke_without_command=True)
 def _runs_group(ctx: typer.Context) -> None:
-    """List, show, export and resume recorded runs.
+    """List, show, export, resume and abort recorded runs.
 
     Example: tether runs list --limit 5
     """

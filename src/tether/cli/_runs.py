@@ -322,6 +322,74 @@ def _runs_resume(run_id: _RunArg, app: _ResumeApp, as_json: _Json = False) -> No
         raise typer.Exit(1)
 
 
+@_runs_cli.command("abort")
+def _runs_abort(
+    run: _RunArg,
+    by: Annotated[
+        str,
+        typer.Option(
+            "--as",
+            metavar="NAME",
+            help="Who stops the run, for the record.",
+            show_default=False,
+        ),
+    ],
+    reason: Annotated[
+        str,
+        typer.Option(
+            "--reason",
+            metavar="TEXT",
+            help="Why (required): the record and the process running it get it.",
+            show_default=False,
+        ),
+    ],
+    as_json: _Json = False,
+    db: _Db = None,
+) -> None:
+    """Stop a run for good: end it aborted, whoever holds it.
+
+    Works on a run in any state short of a final one: parked (awaiting
+    approval, degraded) or live in another process or worker, whose next
+    write is then refused, saying who aborted the run and why. The record
+    gets a run_status event (who, why) and run_finished; the run's pending
+    approval requests are denied in the same name. A run that already ended
+    is an error (exit 2).
+
+    Example: tether runs abort run_0190f3a2c4 --as alice --reason "looping on restarts"
+    """
+    if not by.strip():
+        raise UsageError(
+            "--as is empty; give the name of the person stopping the run (e.g. --as alice)"
+        )
+    if not reason.strip():
+        raise UsageError(
+            "--reason is empty; say why the run is stopped, for the record and "
+            "for whoever ran it"
+        )
+    with _open(db, must_exist=True) as app:
+        row = app.abort(run, by=by, reason=reason)
+    if as_json:
+        _emit_json(
+            {
+                "format": JSON_FORMAT,
+                "run_id": row.run_id,
+                "status": row.status,
+                "by": by,
+                "reason": reason,
+                "tenant": row.tenant,
+                "principal": row.principal_id,
+                "request": row.request,
+                "updated_at": row.updated_at.isoformat(),
+                "events": row.head_seq,
+                "error_code": row.error_code,
+            }
+        )
+        return
+    line = Text.assemble("run ", _clean(row.run_id), " ", _styled(row.status))
+    line.append(_clean(f" by {by}: {reason}", 300))
+    _console().print(line, soft_wrap=True)
+
+
 @_runs_cli.command("export")
 def _runs_export(
     run: _RunArg,
