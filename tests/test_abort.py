@@ -248,7 +248,9 @@ def test_a_live_holder_in_another_thread_is_told_who_aborted_and_why(
     thread.join(30)
 
     error = seen["error"]
-    assert isinstance(error, tether.LeaseLost)
+    assert isinstance(error, tether.RunAborted)
+    assert isinstance(error, tether.LeaseLost)  # what callers caught before
+    assert error.code == "run_aborted"
     assert error.message.startswith(f"run {run.id} was aborted by alice: runaway loop")
     assert run.status is tether.RunState.ABORTED
     events = _kinds(person, run.id)
@@ -266,7 +268,7 @@ def test_a_holder_leaving_its_block_after_the_abort_writes_nothing(
 
     held: list[tether.Run] = []
 
-    with pytest.raises(tether.LeaseLost, match="aborted by alice: stop"):
+    with pytest.raises(tether.RunAborted, match="aborted by alice: stop"):
         _abort_while_held(holder, person, held, reason="stop")
 
     (run,) = held
@@ -308,7 +310,7 @@ def test_an_async_holder_is_told_too(open_app: Any) -> None:
             person.abort(run.id, by="alice", reason="async too")
             await run.acall(*CHECK)
 
-    with pytest.raises(tether.LeaseLost, match="aborted by alice: async too"):
+    with pytest.raises(tether.RunAborted, match="aborted by alice: async too"):
         asyncio.run(hold())
 
     (run,) = held

@@ -44,6 +44,7 @@ PUBLIC_API = [
     "Principal",
     "Refused",
     "Run",
+    "RunAborted",
     "RunState",
     "ScriptedPlanner",
     "Secret",

@@ -24,6 +24,7 @@ TetherError
 ├── StoreError                    store_error
 │   ├── HeadMoved                 record_moved            the record grew under this writer
 │   └── LeaseLost                 lease_lost              a newer epoch holds the run
+│       └── RunAborted            run_aborted             a person aborted the run (who, why)
 ├── NotFound(LookupError)         not_found               no such run, capability or event
 ├── StepLimitReached              max_steps_exceeded      a planner wanted more steps than allowed
 ├── PlannerGaveUp                 planner_gave_up         a planner ended without doing the task
@@ -66,6 +67,7 @@ __all__ = [
     "PlannerGaveUp",
     "PreconditionFailed",
     "Refused",
+    "RunAborted",
     "StepLimitReached",
     "StepTimeout",
     "StoreError",
@@ -279,6 +281,15 @@ class LeaseLost(StoreError):
     """A newer lease epoch holds the run; this worker may no longer write to it."""
 
     code = "lease_lost"
+
+
+class RunAborted(LeaseLost):
+    """A person aborted the run (`Tether.abort`) while this process held it.
+
+    The message says who and why; the run is `aborted` and takes no more writes.
+    """
+
+    code = "run_aborted"
 
 
 class NotFound(TetherError, LookupError):

@@ -32,6 +32,7 @@ from tether.errors import (
     LeaseLost,
     LimitExceeded,
     NotFound,
+    RunAborted,
     StoreError,
     TetherError,
     UsageError,
@@ -345,7 +346,7 @@ class Run:
                     raise  # another writer resumed it: not ours to say more
                 # Final: leaving the `with` block writes nothing more.
                 self.status = RunState.ABORTED
-                raise LeaseLost(why) from exc
+                raise RunAborted(why) from exc
 
     def _why_aborted(self) -> str | None:
         """Say who aborted the run and why, if a person did (None: not aborted)."""
