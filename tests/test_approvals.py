@@ -1093,11 +1093,13 @@ class LookupGate:
                 principal_id: str,
                 digest: bytes,
                 rule_ids: tuple[str, ...],
-                read: Callable[
-                    [str, str, bytes, tuple[str, ...]], ApprovalRow | None
-                ] = read,
+                *,
+                on_behalf_of: str | None,
+                read: Callable[..., ApprovalRow | None] = read,
             ) -> ApprovalRow | None:
-                row = read(tenant, principal_id, digest, rule_ids)
+                row = read(
+                    tenant, principal_id, digest, rule_ids, on_behalf_of=on_behalf_of
+                )
                 gate = self.gate
                 if gate is not None:
                     gate.wait()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Generator
 from datetime import datetime
@@ -83,23 +84,22 @@ def ask_approval(
     # own): the same call asked for by other rules is another request, or an
     # approver for one rule's call would approve it where another rule wants
     # someone else. The rules and the policy version (in the digest) settle
-    # who may approve. (Not in the digest: records written before would no
-    # longer replay.)
+    # who may approve. And it is the person's the call is made for: the same
+    # call made for someone else is another call, with its own requests,
+    # grants and denials, or a person could approve the call an agent makes
+    # for them by approving it for another (whom the call acts for may not
+    # decide it). The store matches both, and coalesces a new request only
+    # onto one for the same person. (Neither is in the digest: records
+    # written before would no longer replay.)
     latest: ApprovalRow | None = yield StoreOp(
-        run.store.latest_approval,
+        functools.partial(
+            run.store.latest_approval, on_behalf_of=principal.on_behalf_of
+        ),
         principal.tenant,
         principal.id,
         digest,
         decision.rule_ids,
     )
-    if latest is not None and latest.on_behalf_of != principal.on_behalf_of:
-        # The same call made for someone else is another call: its grant or
-        # denial is not this one's, or a person could approve the call an
-        # agent makes for them by approving it for another (who may not
-        # decide is also whom the call acts for). A pending request still
-        # coalesces in the store: this call then waits on it and, once it is
-        # decided, asks for itself.
-        latest = None
     if latest is not None:
         live = latest.expires_at > now
         if latest.status is ApprovalStatus.APPROVED and live:

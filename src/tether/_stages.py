@@ -322,8 +322,9 @@ def classify(
             return "proceed"
     if existing.fingerprint != fingerprint:
         return IdempotencyConflict(
-            f"{cap.name}: idempotency key {key!r:.80} was first used with other arguments "
-            f"(run {existing.run_id}, step {existing.step}); use a new key for new arguments"
+            f"{cap.name}: idempotency key {key!r:.80} was first used for a different "
+            f"call (other arguments, or on behalf of another person; run "
+            f"{existing.run_id}, step {existing.step}); use a new key for a new call"
         )
     if state is KeyState.COMPLETED:
         return "hit"

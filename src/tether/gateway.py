@@ -9,6 +9,7 @@ one pipeline, two ten-line loops.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from decimal import Decimal
 from typing import Any
@@ -232,6 +233,14 @@ def step(  # the design's list, in order
         fingerprint = args_fingerprint(
             run.store.record_key, args_bytes, call_secrets(cap, args, args_bytes)
         )
+        for_whom = run.principal.on_behalf_of
+        if for_whom is not None:
+            # The same args for another person are another call: under the same
+            # key, a conflict, not the first person's result. (Left as it was
+            # for nobody, so keys stored before still match.)
+            fingerprint = hashlib.sha256(
+                b"tether-key-for-v1" + fingerprint + for_whom.encode()
+            ).digest()
         if run.has_pending():  # a result kept after a failed write answers first
             yield StoreOp(run.flush_pending)
         # The lookup answers a finished call before limits and the breaker can

@@ -248,7 +248,13 @@ class ScratchStore(MemoryStore):
         return existing
 
     def latest_approval(
-        self, tenant: str, principal_id: str, digest: bytes, rule_ids: tuple[str, ...]
+        self,
+        tenant: str,
+        principal_id: str,
+        digest: bytes,
+        rule_ids: tuple[str, ...],
+        *,
+        on_behalf_of: str | None,
     ) -> ApprovalRow | None:
         """Answer as the store did: with another run's approved request, if one was used."""
         used = self.met.grant
@@ -276,7 +282,9 @@ class ScratchStore(MemoryStore):
                 decided_by=str(used.get("decided_by")),
                 decided_at=when,
             )
-        return super().latest_approval(tenant, principal_id, digest, rule_ids)
+        return super().latest_approval(
+            tenant, principal_id, digest, rule_ids, on_behalf_of=on_behalf_of
+        )
 
     def events_since(self, run_id: str, start: int) -> list[dict[str, Any]]:
         """The run's events from position `start` on, as JSON data.

@@ -189,9 +189,21 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def latest_approval(
-        self, tenant: str, principal_id: str, digest: bytes, rule_ids: tuple[str, ...]
+        self,
+        tenant: str,
+        principal_id: str,
+        digest: bytes,
+        rule_ids: tuple[str, ...],
+        *,
+        on_behalf_of: str | None,
     ) -> ApprovalRow | None:
-        """Return the newest approval request for this digest asked by these rules, if any."""
+        """Return the newest approval request for this call asked by these rules, if any.
+
+        The call is the principal's (`tenant`, `principal_id`), made for
+        `on_behalf_of` (None matches only requests made for nobody), with this
+        `digest`: the same call made for another person is another call, with
+        requests and grants of its own.
+        """
 
     @abc.abstractmethod
     def get_approval(self, approval_id: str) -> ApprovalRow:

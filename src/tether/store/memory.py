@@ -136,9 +136,10 @@ class MemoryStore(Store):
             if batch.approval is not None:
                 new = batch.approval
                 for a in list(self._approvals.values()):
-                    if (a.tenant, a.principal_id, a.digest) != (
+                    if (a.tenant, a.principal_id, a.on_behalf_of, a.digest) != (
                         new.tenant,
                         new.principal_id,
+                        new.on_behalf_of,
                         new.digest,
                     ) or a.status is not ApprovalStatus.PENDING:
                         continue
@@ -258,15 +259,22 @@ class MemoryStore(Store):
     # -- approvals ----------------------------------------------------------------
 
     def latest_approval(
-        self, tenant: str, principal_id: str, digest: bytes, rule_ids: tuple[str, ...]
+        self,
+        tenant: str,
+        principal_id: str,
+        digest: bytes,
+        rule_ids: tuple[str, ...],
+        *,
+        on_behalf_of: str | None,
     ) -> ApprovalRow | None:
-        """Return the newest approval request for this digest asked by these rules, if any."""
+        """Return the newest approval request for this call asked by these rules, if any."""
+        call = (tenant, principal_id, on_behalf_of, digest, rule_ids)
         with self._lock:
             found = [
                 a
                 for a in self._approvals.values()
-                if (a.tenant, a.principal_id, a.digest, a.rule_ids)
-                == (tenant, principal_id, digest, rule_ids)
+                if (a.tenant, a.principal_id, a.on_behalf_of, a.digest, a.rule_ids)
+                == call
             ]
         return max(found, key=lambda a: (a.created_at, a.id), default=None)
 

@@ -44,16 +44,23 @@ class Approvals(Connected):
     """The approval requests of `PostgresStore`."""
 
     def latest_approval(
-        self, tenant: str, principal_id: str, digest: bytes, rule_ids: tuple[str, ...]
+        self,
+        tenant: str,
+        principal_id: str,
+        digest: bytes,
+        rule_ids: tuple[str, ...],
+        *,
+        on_behalf_of: str | None,
     ) -> ApprovalRow | None:
-        """Return the newest approval request for this digest asked by these rules, if any."""
+        """Return the newest approval request for this call asked by these rules, if any."""
         rules = text_list(rule_ids)
         row = self._read(
             lambda conn: conn.execute(
                 f"SELECT {APPROVAL_COLUMNS} FROM approvals WHERE tenant=%s AND "  # noqa: S608  # constant column list
-                "principal_id=%s AND digest=%s AND rule_ids=%s "
+                "principal_id=%s AND digest=%s AND rule_ids=%s AND "
+                "on_behalf_of IS NOT DISTINCT FROM %s "  # NULL (made for nobody) matches NULL
                 "ORDER BY created_at DESC, id DESC LIMIT 1",
-                (tenant, principal_id, digest, rules),
+                (tenant, principal_id, digest, rules, on_behalf_of),
             ).fetchone(),
             "read approvals",
         )

@@ -86,8 +86,9 @@ def locked_reads(
     if a is not None:
         pending = w.execute(
             "SELECT id FROM approvals WHERE tenant=%s AND principal_id=%s AND "
-            "digest=%s AND status='pending' AND expires_at > %s LIMIT 1",
-            (a.tenant, a.principal_id, a.digest, _us(a.created_at)),
+            "digest=%s AND on_behalf_of IS NOT DISTINCT FROM %s AND "
+            "status='pending' AND expires_at > %s LIMIT 1",
+            (a.tenant, a.principal_id, a.digest, a.on_behalf_of, _us(a.created_at)),
         )
     failed = w.sync()
     if failed is not None:
@@ -107,8 +108,9 @@ def locked_reads(
             raise WriteBlocked(PendingExists(approval_id=str(found[0])))
         w.execute(
             "UPDATE approvals SET status='expired' WHERE tenant=%s AND "
-            "principal_id=%s AND digest=%s AND status='pending' AND expires_at <= %s",
-            (a.tenant, a.principal_id, a.digest, _us(a.created_at)),
+            "principal_id=%s AND digest=%s AND on_behalf_of IS NOT DISTINCT FROM %s "
+            "AND status='pending' AND expires_at <= %s",
+            (a.tenant, a.principal_id, a.digest, a.on_behalf_of, _us(a.created_at)),
         )
         _insert_approval(w, a)
     if not batch.limited:

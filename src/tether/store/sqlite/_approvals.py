@@ -34,16 +34,23 @@ class Approvals(Writes):
     """The approval requests of `SQLiteStore`."""
 
     def latest_approval(
-        self, tenant: str, principal_id: str, digest: bytes, rule_ids: tuple[str, ...]
+        self,
+        tenant: str,
+        principal_id: str,
+        digest: bytes,
+        rule_ids: tuple[str, ...],
+        *,
+        on_behalf_of: str | None,
     ) -> ApprovalRow | None:
-        """Return the newest approval request for this digest asked by these rules, if any."""
+        """Return the newest approval request for this call asked by these rules, if any."""
         rules = text_list(rule_ids)
         row = self._read(
             lambda con: con.execute(
                 f"SELECT {APPROVAL_COLUMNS} FROM approvals WHERE tenant=? AND "  # noqa: S608  # constant column list
-                "principal_id=? AND digest=? AND rule_ids=? "
+                "principal_id=? AND digest=? AND rule_ids=? AND "
+                "on_behalf_of IS ? "  # NULL (made for nobody) matches NULL
                 "ORDER BY created_at DESC, id DESC LIMIT 1",
-                (tenant, principal_id, digest, rules),
+                (tenant, principal_id, digest, rules, on_behalf_of),
             ).fetchone()
         )
         return None if row is None else approval_row(row)

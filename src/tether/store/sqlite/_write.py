@@ -272,18 +272,22 @@ def read_key(con: sqlite3.Connection, k: KeyId) -> KeyRecord | None:
 
 
 def _coalesce(con: sqlite3.Connection, a: ApprovalRow) -> str | None:
-    """Return a live pending request for the same call; mark lapsed ones expired."""
-    key = (a.tenant, a.principal_id, a.digest)
+    """Return a live pending request for the same call; mark lapsed ones expired.
+
+    The same call is the principal's, for the same person (NULL, for nobody,
+    matches NULL): a request made for another person is never waited on.
+    """
+    key = (a.tenant, a.principal_id, a.digest, a.on_behalf_of)
     row = con.execute(
         "SELECT id FROM approvals WHERE tenant=? AND principal_id=? AND digest=? "
-        "AND status='pending' AND expires_at > ? LIMIT 1",
+        "AND on_behalf_of IS ? AND status='pending' AND expires_at > ? LIMIT 1",
         (*key, _us(a.created_at)),
     ).fetchone()
     if row is not None:
         return str(row[0])
     con.execute(
         "UPDATE approvals SET status='expired' WHERE tenant=? AND principal_id=? "
-        "AND digest=? AND status='pending' AND expires_at <= ?",
+        "AND digest=? AND on_behalf_of IS ? AND status='pending' AND expires_at <= ?",
         (*key, _us(a.created_at)),
     )
     return None
