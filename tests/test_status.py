@@ -273,7 +273,7 @@ def test_the_report_counts_exactly_what_the_calls_used(scene: Scene) -> None:
             retries=1,
             calls=3,
             allowed=Decimal("1.5"),  # max(0.5 * 3 calls, 1)
-            left=Decimal("0.5"),
+            left=0,
         ),
     )
     assert (report.unconfigured, report.unconfigured_breakers, report.hidden) == (
@@ -613,7 +613,7 @@ def test_the_tables_show_the_numbers(
         "escalate", "2026-01-01", reopen,
     ]  # fmt: skip
     assert row(out, "per", "run")[2:7] == [scene.run.id, "1", "1", "0", "-"]
-    assert row(out, "0.5", "of")[5:10] == ["pay.charge", "1", "1.5", "0.5", "3"]
+    assert row(out, "0.5", "of")[5:10] == ["pay.charge", "1", "1.5", "0", "3"]
 
 
 def test_a_narrow_terminal_folds_names_and_keeps_numbers_whole(

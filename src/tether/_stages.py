@@ -430,7 +430,15 @@ def validate_output(
 
     The JSON form is what the record keeps, so it is what is validated: an
     instance made with `model_construct()` or changed by attribute assignment
-    skipped pydantic's checks, and is caught here.
+    skipped pydantic's checks, and is caught here. The output returned is a
+    validated one too, never the handler's unchecked instance: the one
+    validated from that JSON form (which costs nothing more: the validation
+    ran anyway), so the first caller gets what a keyed retry later reads back
+    from the record (a field the handler set to `"5"` reaches both as the int
+    5). An output whose JSON form may mask a secret (a secret field, or an
+    open one, `Any` or extra keys, that may hold a `SecretStr`) is validated
+    again from its Python form instead, so the first caller still gets the
+    clear value.
     """
     model = cap.output_model
     try:
@@ -442,7 +450,15 @@ def validate_output(
             output, mode="json", warnings=False
         )
         if output is value:
-            model.__pydantic_validator__.validate_python(data)
+            validator = model.__pydantic_validator__
+            checked = validator.validate_python(data)
+            output = (
+                validator.validate_python(
+                    model.__pydantic_serializer__.to_python(value, warnings=False)
+                )
+                if cap.secret_output or (cap.free_form_output and _open(model))
+                else checked
+            )
         # JSON mode writes NaN and Infinity as null: the record would not hold
         # what the caller got, nor a retry get what the first call did.
         problem = cap.inexact_output(output)
@@ -458,6 +474,22 @@ def validate_output(
             "exactly; return finite numbers"
         )
     return output, data
+
+
+_OPEN: dict[type[BaseModel], bool] = {}
+
+
+def _open(model: type[BaseModel]) -> bool:
+    """Tell whether `model` has a field of any type or takes extra keys.
+
+    Such a field may hold a `SecretStr` no schema declares, which its JSON
+    form masks. Worked out once per model (its JSON schema is not cheap).
+    """
+    found = _OPEN.get(model)
+    if found is None:
+        text = _canonical.dumps(model.model_json_schema())
+        found = _OPEN[model] = b"{}" in text or b'"additionalProperties":true' in text
+    return found
 
 
 def as_model(model: type[BaseModel], value: object) -> BaseModel:

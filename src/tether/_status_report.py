@@ -135,8 +135,9 @@ class CapabilityRetries:
     """Calls that ended in the window (the retries' denominator)."""
     allowed: Decimal
     """`max(ratio * calls, min_retries)`: the retries the window allows."""
-    left: Decimal
-    """`allowed - retries`, never below 0."""
+    left: int
+    """The whole retries the window still admits: `allowed - retries`, rounded
+    down (a retry needs `retries + 1 <= allowed`), never below 0."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -23,6 +23,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -298,7 +299,8 @@ def _retry_status(
                 retries=int(retries),
                 calls=int(calls),
                 allowed=allowed,
-                left=max(allowed - retries, Decimal(0)),
+                # Whole retries: the store admits one while retries + 1 <= allowed.
+                left=max(math.floor(allowed - retries), 0),
             )
         )
     report = RetryStatus(

@@ -116,6 +116,7 @@ def locked_reads(
     if not batch.limited:
         return None, took_over
     tables = Tables(schema, w)
+    tables.top = max(keys, default=None)  # a late lock keeps to the order above
     for g in groups:
         tables.groups[g] = {}
     for b in breakers:

@@ -13,6 +13,8 @@ from dataclasses import dataclass, replace
 from decimal import Decimal
 from typing import Any
 
+from psycopg import errors as pg_errors
+
 from tether.store._base import Batch
 from tether.store._breakers import (
     BreakerRow,
@@ -30,6 +32,7 @@ __all__ = [
     "LIMIT_COLUMNS",
     "SELECT_BREAKER",
     "SELECT_GROUP",
+    "OutOfOrder",
     "Tables",
     "counter_charges",
     "limit_keys",
@@ -51,6 +54,14 @@ _UPSERT_LIMIT = (
     'ON CONFLICT (limit_id, scope, "window", holder) DO UPDATE SET '
     "amount=EXCLUDED.amount, until=EXCLUDED.until, charged=EXCLUDED.charged"
 )
+
+
+class OutOfOrder(pg_errors.SerializationFailure):
+    """A late lock sorted below one held was taken by another transaction.
+
+    A serialization failure, so the store's write rolls back and tries again
+    (`Connected._run`), as it does when the server reports one.
+    """
 
 
 def _rule_row(r: Sequence[Any]) -> BreakerRow:
@@ -150,7 +161,15 @@ class Tables:
     in a queue of final row states, written with the batch.
     """
 
-    __slots__ = ("breakers", "dirty", "dirty_breakers", "groups", "schema", "w")
+    __slots__ = (
+        "breakers",
+        "dirty",
+        "dirty_breakers",
+        "groups",
+        "schema",
+        "top",
+        "w",
+    )
 
     def __init__(self, schema: str, w: Writer) -> None:
         self.schema = schema
@@ -161,6 +180,10 @@ class Tables:
         self.dirty: dict[_Key, _Row | None] = {}
         """Rows to write (None: to delete), by key."""
         self.dirty_breakers: set[str] = set()
+        self.top: int | None = None
+        """The highest advisory lock key the transaction holds, once known
+        (None: not yet; taken to be the highest of the foreseen groups' and
+        breakers' keys)."""
 
     def load_limits(self, rows: Iterable[Sequence[Any]]) -> None:
         """Keep `limit_state` rows read in `LIMIT_COLUMNS` order."""
@@ -179,14 +202,44 @@ class Tables:
         group = self.groups.get(key)
         if group is None:
             # Not foreseen by limit_keys: lock and read it now (a round trip).
+            self._lock(lock_key(self.schema, "limit", limit_id, scope, str(window)))
             group = self.groups[key] = {}
-            conn = self.w.conn
-            conn.execute(
-                "SELECT pg_advisory_xact_lock(%s)",
-                (lock_key(self.schema, "limit", limit_id, scope, str(window)),),
-            )
-            self.load_limits(conn.execute(SELECT_GROUP, key).fetchall())
+            self.load_limits(self.w.conn.execute(SELECT_GROUP, key).fetchall())
         return group
+
+    def _lock(self, key: int) -> None:
+        """Take the advisory lock `key` late, in the locked path's global order.
+
+        The batch's locks were taken sorted; a lock taken now is waited for
+        only when it sorts above every lock held, so no two transactions wait
+        for each other. One below is only tried: if another transaction holds
+        it, waiting could close a cycle, so this transaction gives way instead
+        (a serialization failure: its write rolls back and is tried again).
+        """
+        top = self.top
+        if top is None:
+            top = max(
+                [
+                    *(
+                        lock_key(self.schema, "limit", *map(str, g))
+                        for g in self.groups
+                    ),
+                    *(lock_key(self.schema, "breaker", b) for b in self.breakers),
+                ],
+                default=None,
+            )
+        conn = self.w.conn
+        if top is None or key > top:
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (key,))
+            self.top = key
+            return
+        row = conn.execute("SELECT pg_try_advisory_xact_lock(%s)", (key,)).fetchone()
+        if row is None or not row[0]:
+            raise OutOfOrder(
+                "a limit or breaker lock the batch did not foresee is held by "
+                "another transaction; rolled back rather than wait out of order"
+            )
+        self.top = top
 
     def _put(self, key: tuple[str, str, int], holder: str, row: _Row | None) -> None:
         group = self._group(*key)
@@ -303,12 +356,8 @@ class Tables:
     def _breaker(self, breaker_id: str) -> BreakerRow | None:
         if breaker_id not in self.breakers:
             # Not foreseen by limit_keys: lock and read it now (a round trip).
-            conn = self.w.conn
-            conn.execute(
-                "SELECT pg_advisory_xact_lock(%s)",
-                (lock_key(self.schema, "breaker", breaker_id),),
-            )
-            found = conn.execute(SELECT_BREAKER, (breaker_id,)).fetchone()
+            self._lock(lock_key(self.schema, "breaker", breaker_id))
+            found = self.w.conn.execute(SELECT_BREAKER, (breaker_id,)).fetchone()
             self.breakers[breaker_id] = None if found is None else _rule_row(found)
         return self.breakers[breaker_id]
 
