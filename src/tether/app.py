@@ -38,6 +38,7 @@ from tether.errors import (
     UsageError,
 )
 from tether.handle import ABORTED_CODE, Run
+from tether.notify import Webhook
 from tether.policy import Policy, PolicySet
 from tether.principal import Principal, check_text
 from tether.run import ABORTABLE_STATES, FINAL_STATES, RunState, check_transition
@@ -121,8 +122,10 @@ class Tether:
         """The limits, breakers and retry budget in force; None when `tether.yaml` has none."""
         self.full_counters = FullCounters()
         """Counters reads found full in this process: later reads check first."""
-        self._env = env
-        self.webhook = _config.webhook_from(self.settings, self.clock, env)
+        # A read-only app announces nothing: its webhook (and the variable
+        # `webhook_env` names, which a reading shell may lack) is never needed.
+        self._env: Mapping[str, str] | None = None if read_only else env
+        self.webhook = self._webhook(self.settings)
         """Where approval requests and decisions are announced, if anywhere."""
         self.store: Store = open_store(self.db_url, read_only=read_only)
         self._ready = ReadyRuns()
@@ -340,6 +343,12 @@ class Tether:
                     self._reload(watched)
         return self.policy
 
+    def _webhook(self, settings: _config.Settings) -> Webhook | None:
+        """Return where `settings` send approval news (None for a read-only app)."""
+        if self._env is None:
+            return None
+        return _config.webhook_from(settings, self.clock, self._env)
+
     def _reload(self, watched: _config.ConfigFile) -> None:
         try:
             loaded = watched.load()
@@ -363,7 +372,7 @@ class Tether:
             )
             return
         try:
-            webhook = _config.webhook_from(settings, self.clock, self._env)
+            webhook = self._webhook(settings)
         except ConfigError as exc:
             logger.warning(
                 "policy.reload_failed",

@@ -22,6 +22,7 @@ from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import pydantic
 
@@ -345,22 +346,23 @@ class ConfigFile:
         stamp = self._read_stamp()
         if stamp == self._stamp:
             return False
-        # A modification time ahead of this host's clock (another host's file
-        # system) cannot be waited out: taken as settled.
-        return stamp is None or not 0 <= time.time_ns() - stamp[0] < SETTLE_NS
+        return _settled(stamp)
 
     def load(self) -> tuple[Settings, str] | None:
         """Load the file as it is now (see `load_settings`); remember its stamp.
 
         Returns:
             The settings and their version, or None when the file was written
-            while it was read (it is read again at the next step).
+            while it was read, or since `changed()` found it settled (it is
+            read again at a later step).
 
         Raises:
             ConfigError: the file is invalid; the stamp is remembered anyway, so a
                 broken file is reported once, not at every step.
         """
         stamp = self._read_stamp()
+        if not _settled(stamp):
+            return None  # written again since `changed()` said it had settled
         try:
             loaded = load_settings(self.path)
         except ConfigError:
@@ -372,6 +374,13 @@ class ConfigFile:
             return None
         self._stamp = stamp
         return loaded
+
+
+def _settled(stamp: tuple[int, int, int] | None) -> bool:
+    """Tell whether a file stamped so has gone unwritten for `SETTLE_NS` (a gone one has)."""
+    # A modification time ahead of this host's clock (another host's file
+    # system) cannot be waited out: taken as settled.
+    return stamp is None or not 0 <= time.time_ns() - stamp[0] < SETTLE_NS
 
 
 def check_policy_tests(path: Path) -> ConfigCheck[PolicyTests]:
@@ -446,14 +455,17 @@ def webhook_from(
     """Return where approval news goes, if `settings` name a webhook.
 
     Raises:
-        ConfigError: `approvals.webhook_env` names a variable that is unset or
-            holds no http(s) URL (its value is never shown: it may be secret).
+        ConfigError: `approvals.webhook_env` names a variable that is unset,
+            holds no http(s) URL, or one with credentials before its host (the
+            value is never shown: it may be secret).
     """
     approvals = settings.approvals
     url = approvals.webhook
     if approvals.webhook_env is not None:
         name = approvals.webhook_env
-        url = env.get(name)
+        # A value read from a secret file keeps its last newline (`kubectl
+        # create secret --from-file`): no URL ends in white space.
+        url = (env.get(name) or "").strip()
         if not url:
             raise ConfigError(
                 f"approvals.webhook_env names {name}, which is not set; set it to "
@@ -463,6 +475,14 @@ def webhook_from(
             raise ConfigError(
                 f"{name} (approvals.webhook_env) holds no http:// or https:// URL; "
                 "set it to the webhook's URL"
+            )
+        if "@" in urlsplit(url).netloc:
+            # urllib takes `user:token@` for part of the host name: every
+            # announcement would fail to resolve it.
+            raise ConfigError(
+                f"{name} (approvals.webhook_env) holds a URL with a user name or "
+                "password before its host (user:token@host), which tether cannot "
+                "send; put the token in the URL's path or query instead"
             )
     if url is None:
         return None

@@ -797,6 +797,9 @@ class Run:
                 requested=Decimal(0),
                 left=Decimal(0),
             )
+        # The policy first: a changed tether.yaml (a budget raised, say) applies
+        # at a turn as at a step, and a run refused here takes no step to load it.
+        _ = self.policy
         guards = self.app.guards
         if refused is None and guards is not None and guards.limits:
             at = to_us(now)

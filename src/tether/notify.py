@@ -16,6 +16,7 @@ import logging
 import queue
 import threading
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -112,7 +113,32 @@ class Webhook:
                 # cannot use (InvalidURL) is a failed try too, not the end of the
                 # sender thread and of the documents queued behind this one.
                 error = str(exc) or type(exc).__name__
+        shown = _shown(self.url)
         logger.warning(
             "approvals.webhook_failed",
-            extra={"tether.url": self.url, "tether.error": error},
+            extra={
+                "tether.url": shown,
+                "tether.error": error.replace(self.url, shown),
+            },
         )
+
+
+def _shown(url: str) -> str:
+    """The URL as logs may show it: its scheme and host, never its path or query.
+
+    A webhook's path or query often is its token (a chat's incoming webhook),
+    which is why `approvals.webhook_env` keeps it out of the file.
+    """
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or "?"
+    number = _port(parts)
+    port = "" if number is None else f":{number}"
+    rest = "/..." if parts.path.strip("/") or parts.query else "/"
+    return f"{parts.scheme}://{host}{port}{rest}"
+
+
+def _port(parts: urllib.parse.SplitResult) -> int | None:
+    try:
+        return parts.port
+    except ValueError:  # not a number: nothing to show
+        return None

@@ -78,8 +78,10 @@ def run_agent(
     said `finish`). The run ends `succeeded` when the planner finishes, and
     `failed` when it gives up, would pass `max_steps`, or a budget its model
     usage is charged to (or the run's own) is spent before a turn (see
-    `Run.check_turn_room`; the record's `run_finished` event says which, by
-    error code); each observation, a refused plan's included, counts as a step.
+    `Run.check_turn_room`: made before the first turn, and before each turn
+    once one cost something, so a free planner still finishes a run its steps
+    spent; the record's `run_finished` event says which, by error code); each
+    observation, a refused plan's included, counts as a step.
 
     Args:
         app: the app whose capabilities, policy and store the run uses.
@@ -146,6 +148,8 @@ def _drive(
     planner_name: str,
     park: bool = False,
     observations: list[Observation] | None = None,
+    turned: bool = False,
+    paid: bool = False,
 ) -> None:
     tools = tuple(app.capabilities.tool_schemas())
     observations = [] if observations is None else observations
@@ -155,8 +159,12 @@ def _drive(
         steps_left = max_steps - len(observations)
         # A turn costs model usage: none is taken once a budget it is charged
         # to is spent (a refused step would otherwise come back to the planner,
-        # turn after turn, each charged past the budget).
-        run.check_turn_room()
+        # turn after turn, each charged past the budget). A planner whose turns
+        # have cost nothing so far is free: once its first turn is taken, a
+        # budget its steps spent leaves it its last turn (`finish`, say).
+        if paid or not turned:
+            run.check_turn_room()
+        turned = True
         try:
             proposal = planner.propose(
                 PlannerInput(
@@ -181,6 +189,7 @@ def _drive(
             )
         if proposal.usage is not None:
             u = proposal.usage
+            paid = paid or u.cost > 0
             run.charge_usage(
                 u.cost,
                 input_tokens=u.input_tokens,
@@ -263,6 +272,7 @@ def resume_agent(
                 return run  # parked on entering: a person decides the in-doubt step
             events = app.store.events(run.id)
             seen = observations_from(events)
+            turned, paid = _turns_of(events)
             if run.status is RunState.AWAITING_APPROVAL:
                 run.transition(RunState.EXECUTING)  # answered: the step goes ahead
             elif run.status is RunState.DEGRADED:
@@ -277,10 +287,30 @@ def resume_agent(
                 planner_name=planner_name,
                 park=True,
                 observations=seen,
+                turned=turned,
+                paid=paid,
             )
     except (StepLimitReached, PlannerGaveUp, LimitExceeded):
         pass  # recorded as the run's failure; the caller reads `run.status`
     return run
+
+
+def _turns_of(events: Sequence[StoredEvent]) -> tuple[bool, bool]:
+    """Tell whether the record shows a planner turn, and one that cost something.
+
+    The check before a turn (`Run.check_turn_room`) is made before a run's
+    first turn and, once a turn cost something, before every turn (replay
+    makes it by the same reading of the record).
+    """
+    turned = paid = False
+    for ev in events:
+        data = ev.data()
+        kind = data["kind"]
+        if kind in ("plan_proposed", "usage_charged"):
+            turned = True
+        if kind == "usage_charged" and Decimal(str(data.get("cost") or 0)) > 0:
+            paid = True
+    return turned, paid
 
 
 def _stashed(events: Sequence[StoredEvent]) -> list[ProposedStep]:

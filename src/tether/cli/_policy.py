@@ -10,7 +10,6 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from tether.app import Tether
 from tether.cli._common import (
     JSON_FORMAT,
     _App,
@@ -28,6 +27,8 @@ from tether.config import (
     ConfigProblem,
     check_config,
     check_policy_tests,
+    load_settings,
+    policy_from,
 )
 from tether.errors import ConfigError
 from tether.policy import RuleSet, Verdict
@@ -154,8 +155,10 @@ def _policy_test(file: _TestFile, app: _App = None, as_json: _Json = False) -> N
     if policy_checked.value is None:
         doc = {"file": str(file), "policy": str(tests.policy)}
         raise _problems_found(policy_checked.problems, as_json, doc)
-    with Tether(db="memory://", config=tests.policy, env={}) as from_file:
-        policy = from_file.policy
+    # The file's policy alone: no store, no webhook (whose variable, with
+    # `webhook_env`, a test shell may lack), as an app would decide with it.
+    settings, version = load_settings(tests.policy)
+    policy = policy_from(settings, version, has_file=tests.policy)
     own_rules = False
     if loaded is not None:
         own_rules = loaded.config_path is not None and _same_file(

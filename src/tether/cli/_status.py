@@ -113,7 +113,7 @@ def _status(
                         "records to",
                     )
             # nothing configured, nothing recorded: not created
-            with Tether(db="memory://", config=path) as opened:
+            with Tether(db="memory://", config=path, read_only=True) as opened:
                 report = status(opened)
         else:
             with _open(db, read_only=True, config=path) as opened:

@@ -43,6 +43,7 @@ from tether.replay._world import (
     recorded_checks,
 )
 from tether.store import ApprovalStatus
+from tether.store._limits import to_us
 
 __all__ = ["Replayer"]
 
@@ -196,6 +197,10 @@ class _Walk:
         self.seen = (
             0  # replayed events already compared (an index into the scratch record)
         )
+        self.recorded_version: str | None = None
+        """The policy version the record's latest decision so far was made under."""
+        self.unchecked_turns = False
+        """A turn the record took past a spent budget was noted (see `_turn`)."""
 
     # -- the walk -------------------------------------------------------------------
 
@@ -220,13 +225,17 @@ class _Walk:
         self._fresh()  # run_started and its status: the walk starts after them
         admitted_once = False
         turn_checked = False  # a planner turn's room is checked before the turn
+        turned = paid = False  # as the agent loop reads them (`_turns_of`)
         for position, event in enumerate(self.events):
             if position == 0:
                 continue
             kind = event["kind"]
             if kind in _TURN and run.planner is not None and not turn_checked:
-                self._turn(event)
-                turn_checked = True
+                if paid or not turned:  # the loop checks no free planner's turn
+                    self._turn(event)
+                turn_checked = turned = True
+            if kind == "usage_charged" and Decimal(str(event.get("cost") or 0)) > 0:
+                paid = True
             if kind == "plan_proposed":
                 self.proposed = deque(event.get("steps") or ())
                 turn_checked = False
@@ -241,6 +250,8 @@ class _Walk:
                 self._decided(event)
             elif position in self.takes:
                 self._step(*self.takes[position])
+            if event.get("policy_version"):
+                self.recorded_version = str(event["policy_version"])
         return self.report
 
     def _fresh(self) -> list[dict[str, Any]]:
@@ -289,10 +300,71 @@ class _Walk:
         passed in the record; at a run-level `limit_refused` it refused.
         """
         self.clock.set(at(event))
+        if event["kind"] == "limit_refused":
+            self._seed_turn(event)
         with contextlib.suppress(LimitExceeded):  # its event is compared below
             self.run_.check_turn_room()
         refused = [event] if event["kind"] == "limit_refused" else []
-        self.compare.events(None, refused, self._fresh())
+        new = self._fresh()
+        if (
+            not refused
+            and new
+            and self.recorded_version is not None
+            and self.recorded_version == self.scratch.policy.version
+        ):
+            # The same settings refuse a turn the record took: the record was
+            # made before tether checked a turn (its planner was asked past the
+            # budget then), not by another policy.
+            if not self.unchecked_turns:
+                self.unchecked_turns = True
+                self.report.notes.append(
+                    f"{at(event).isoformat()}: the record takes a planner turn past "
+                    f"a spent budget ({new[-1].get('limit')}) under the settings it was "
+                    "recorded with: it predates the check before a turn, which "
+                    "is not compared"
+                )
+            return
+        self.compare.events(None, refused, new)
+
+    def _seed_turn(self, refused: dict[str, Any]) -> None:
+        """Put a budget where a refused turn found it (`ScratchStore` does so for steps).
+
+        Other runs charge a tenant's, a principal's or a global budget too, and
+        their charges are not in this record: the refusal's `used` and `held`
+        say what the turn met. Only a budget today's settings still charge
+        model usage to is seeded; today's amount then decides the turn.
+        """
+        guards = self.scratch.guards
+        if guards is None or not guards.limits:
+            return
+        run = self.run_
+        now = at(refused)
+        found = next(
+            (
+                b
+                for b in guards.limits.model_budgets(
+                    principal=run.principal, run_id=run.id, now=now
+                )
+                if b.limit.id == refused["limit"] and b.scope == refused.get("scope")
+            ),
+            None,
+        )
+        if found is None:
+            return
+        store = self.scratch.store
+        assert isinstance(store, ScratchStore)
+        tables = store._tables  # the scratch store is the walk's own
+        us = to_us(now)
+        key = (found.limit.id, found.scope, found.window)
+        used, held, _ = tables.usage(*key, us)
+        want_used = Decimal(str(refused.get("used", 0)))
+        want_held = Decimal(str(refused.get("held", 0)))
+        if want_used > used:
+            tables.set_counter(*key, want_used, us)
+        if want_held > held:
+            tables.add_hold(
+                *key, "replay:other", 0, want_held - held, us + 1, charged=False
+            )
 
     def _usage(self, event: dict[str, Any]) -> None:
         self.clock.set(at(event))
