@@ -59,3 +59,13 @@ try:
     pass
 except tether.TetherError as exc:
     assert_type(exc.code, str)
+
+with app.run(principal=principal, request="think", budget=100) as run:
+    run.check_turn_room()  # raises LimitExceeded when a model budget is spent
+
+row = app.abort("run_x", by="alice", reason="looping on restarts")
+assert_type(row.status, str)
+try:
+    pass
+except tether.RunAborted as aborted:
+    lost: tether.LeaseLost = aborted  # what callers caught before it existed
