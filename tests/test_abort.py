@@ -81,8 +81,8 @@ def _kinds(app: tether.Tether, run_id: str) -> list[dict[str, Any]]:
 # -- the Python API ----------------------------------------------------------------------
 
 
-def test_abort_ends_a_parked_run_and_denies_its_pending_request(open_app: Any) -> None:
-    """A run awaiting approval ends `aborted`, recording who and why, and its request is denied."""
+def test_abort_ends_a_parked_run_and_closes_its_pending_request(open_app: Any) -> None:
+    """A run awaiting approval ends `aborted`, recording who and why; its request is closed undecided."""
     app = open_app()
     run = _parked(app)
     (request,) = app.approvals(status="pending")
@@ -110,11 +110,14 @@ def test_abort_ends_a_parked_run_and_denies_its_pending_request(open_app: Any) -
     }
     assert (closed["kind"], closed["outcome"], closed["by"]) == (
         "approval_decided",
-        "denied",
+        "expired",
         "alice",
     )
-    denied = app.approval(request.id)
-    assert (denied.status, denied.decided_by) == (ApprovalStatus.DENIED, "alice")
+    assert closed["note"] == (
+        f"closed undecided: run {run.id} was aborted by alice: wrong service"
+    )
+    shut = app.approval(request.id)
+    assert (shut.status, shut.decided_by) == (ApprovalStatus.EXPIRED, "alice")
     assert app.verify(run.id).ok
     assert run.id not in app.ready_runs()
 

@@ -446,11 +446,13 @@ class Tether:
         the run and why) and it records nothing more. Then one write appends
         a `run_status` event to `aborted` (with `by` and `reason`) and
         `run_finished` (error code `aborted`). Approval requests of the run
-        still pending are then denied in `by`'s name, so nobody approves a
-        call of a stopped run.
+        still pending are then closed undecided (`expired`, in `by`'s name),
+        so nobody approves a call of a stopped run; the same call made again
+        (by another run) asks a person anew.
 
-        A step the holding process was running may still finish upstream;
-        its result is not recorded (the record ends at its intent).
+        A step the holding process was running (or was cut off in when it
+        died) may still finish upstream; its result is not recorded: the
+        abort records the step `in_doubt`, its outcome unknown.
 
         Args:
             run_id: the run, or a unique prefix of 6+ characters.
@@ -496,7 +498,8 @@ class Tether:
             except LeaseLost:
                 continue  # a worker took it meanwhile: take it back
             self._close_requests(ended.run_id, by=by, reason=reason)
-            return ended
+            # Read again: closing the requests recorded their closing in the run.
+            return self.store.get_run(ended.run_id)
         raise StoreError(
             f"run {run_id}: other writers kept taking it over; it is not aborted "
             "yet, abort it again"
@@ -505,14 +508,47 @@ class Tether:
     def _end_aborted(self, taken: RunRow, *, by: str, reason: str) -> RunRow:
         """Write `run_status` to `aborted` and `run_finished` under `taken`'s epoch.
 
+        A step whose intent is recorded and result is not (its process died
+        mid-call, or is still in it) is recorded `in_doubt` first, as a
+        resume records a `none` step its dead writer cut off: nothing will run
+        it again or record its result, and it may have acted upstream, so the
+        record says its outcome is unknown rather than end at its intent.
+
         Raises:
             LeaseLost: another writer took the run over since.
         """
         row = taken
+        cut: tuple[int, str] | None = None  # (step, capability): intent, no result
+        for stored in self.store.events(row.run_id):
+            data = stored.data()
+            if data["kind"] == "intent":
+                cut = (int(data["step"]), str(data["capability"]))
+            elif (
+                cut is not None
+                and data.get("step") == cut[0]
+                and data["kind"] in ("executed", "failed", "in_doubt", "idempotent_hit")
+            ):
+                cut = None  # the step ended
         for tries in range(_ABORT_RACES, -1, -1):
             check_transition(RunState(row.status), RunState.ABORTED)
             now = self.clock.now()
-            events: list[record.Event] = [
+            events: list[record.Event] = []
+            if cut is not None:
+                events.append(
+                    record.InDoubtRecorded(
+                        at=now,
+                        step=cut[0],
+                        duration_us=0,
+                        # As a resume's cut-off step: written by no call path.
+                        error_type="WriterLost",
+                        message=(
+                            f"{cut[1]} step {cut[0]}: the run was aborted mid-call; "
+                            "its outcome is unknown (it may have acted upstream, or "
+                            "still be running) and it is never run again"
+                        ),
+                    )
+                )
+            events += [
                 record.RunStatus(
                     at=now,
                     previous=row.status,
@@ -546,15 +582,28 @@ class Tether:
                 if not tries:
                     raise
                 row = self.store.get_run(row.run_id)
+                if row.epoch != taken.epoch:  # and maybe ended by its new writer
+                    raise LeaseLost(
+                        f"run {row.run_id} was taken over while it was aborted"
+                    ) from None
                 continue
             break
         logger.info("run.aborted", extra={"tether.run_id": row.run_id, "tether.by": by})
         return self.store.get_run(row.run_id)
 
     def _close_requests(self, run_id: str, *, by: str, reason: str) -> None:
-        """Deny an aborted run's pending approval requests (expire lapsed ones)."""
+        """Close an aborted run's pending approval requests, undecided.
+
+        Each is closed `expired` in `by`'s name, not denied: an abort stops a
+        run, it is no verdict on the call. A denial would stand against that
+        exact call for good, so a later run of the principal making it would
+        be refused in `by`'s name without asking anyone, and a run that waits
+        on the same request (the same call, coalesced) would be told a person
+        denied it. Closed undecided, the call asks a person anew whenever it
+        is made again, and a run waiting on the request is resumed to ask.
+        """
         now = self.clock.now()
-        note = f"the run was aborted: {reason}"
+        note = f"closed undecided: run {run_id} was aborted by {by}: {reason}"
         pending = self.store.list_approvals(
             status=ApprovalStatus.PENDING, run_id=run_id, limit=10_000
         )
@@ -569,7 +618,7 @@ class Tether:
                     step=row.step,
                     approval_id=row.id,
                     by=by,
-                    outcome="refused" if closed else "denied",
+                    outcome="refused" if closed else "expired",
                     reason=closed,
                     note=note,
                 )
@@ -577,7 +626,7 @@ class Tether:
             try:
                 decided = self.store.decide_approval(
                     request.id,
-                    status=ApprovalStatus.DENIED,
+                    status=ApprovalStatus.EXPIRED,
                     by=by,
                     note=note,
                     now=now,

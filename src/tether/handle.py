@@ -10,6 +10,7 @@ import asyncio
 import hashlib
 import itertools
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from decimal import Decimal
@@ -72,6 +73,13 @@ IN_DOUBT_RULE = "in_doubt"
 
 ABORTED_CODE = "aborted"
 """The error code of a run a person stopped (`Tether.abort`), in its `run_finished`."""
+
+_ABORT_LANDS = 50
+"""Looks, 20 ms apart, a write refused by a newer epoch takes to see whether an
+abort took the run (its end is written just after it takes the run over)."""
+
+_REASON_SHOWN = 500
+"""Characters of an abort's reason that `RunAborted`'s message quotes."""
 
 Out = TypeVar("Out", bound=BaseModel)
 
@@ -349,10 +357,22 @@ class Run:
                 raise RunAborted(why) from exc
 
     def _why_aborted(self) -> str | None:
-        """Say who aborted the run and why, if a person did (None: not aborted)."""
+        """Say who aborted the run and why, if a person did (None: not aborted).
+
+        `Tether.abort` takes the run over in one write and ends it in the
+        next: a write refused between the two finds the run taken and not yet
+        aborted. So a run still in a state short of a final one is looked at
+        again for up to a second (`_ABORT_LANDS`), as the abort's end lands; a
+        run another worker resumed stays unended, and the looks give up.
+        """
         try:
-            if self.store.get_run(self.id).status != RunState.ABORTED.value:
-                return None
+            for looks in range(_ABORT_LANDS, -1, -1):
+                status = self.store.get_run(self.id).status
+                if status == RunState.ABORTED.value:
+                    break
+                if status in FINAL_STATES or not looks:
+                    return None
+                time.sleep(0.02)  # noqa: TID251  # another writer's write lands, not logic
             events = self.store.events(self.id)
         except StoreError:
             return None  # the lease message is all that can be said
@@ -365,7 +385,10 @@ class Run:
             {},
         )
         who = said.get("by") or "someone"
-        why = f": {said['reason']}" if said.get("reason") else ""
+        reason = str(said.get("reason") or "")
+        if len(reason) > _REASON_SHOWN:  # the record keeps it whole
+            reason = reason[: _REASON_SHOWN - 1] + "…"
+        why = f": {reason}" if reason else ""
         return (
             f"run {self.id} was aborted by {who}{why}; this process may write "
             "nothing more to it (steps stop, the run stays aborted)"

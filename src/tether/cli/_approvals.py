@@ -201,6 +201,9 @@ def _decision_line(row: ApprovalRow) -> str:
     if row.status is ApprovalStatus.PENDING:
         return "undecided"
     if row.status is ApprovalStatus.EXPIRED:
+        if row.decided_by is not None and row.decided_at is not None:
+            # closed early, undecided: its run was aborted (`Tether.abort`)
+            return f"closed undecided by {row.decided_by} at {_utc(row.decided_at)} UTC"
         return f"expired undecided at {_utc(row.expires_at)} UTC"
     verb = "approved" if row.status is ApprovalStatus.USED else row.status.value
     return f"{verb} by {row.decided_by} at {_utc(row.decided_at)} UTC"

@@ -351,9 +351,11 @@ def _runs_abort(
     Works on a run in any state short of a final one: parked (awaiting
     approval, degraded) or live in another process or worker, whose next
     write is then refused, saying who aborted the run and why. The record
-    gets a run_status event (who, why) and run_finished; the run's pending
-    approval requests are denied in the same name. A run that already ended
-    is an error (exit 2).
+    gets a run_status event (who, why) and run_finished, after an in_doubt
+    event for a step cut off mid-call (its outcome is unknown); the run's
+    pending approval requests are closed undecided (expired) in the same
+    name, so the same call made again asks a person anew. A run that
+    already ended is an error (exit 2).
 
     Example: tether runs abort run_0190f3a2c4 --as alice --reason "looping on restarts"
     """
@@ -368,6 +370,16 @@ def _runs_abort(
         )
     with _open(db, must_exist=True) as app:
         row = app.abort(run, by=by, reason=reason)
+        # A step the run was cut off in (recorded in doubt by the abort, in
+        # its write, just before its run_status): whoever stops it must check.
+        events = [e.data() for e in app.store.events(row.run_id)]
+        moved = max(i for i, e in enumerate(events) if e["kind"] == "run_status")
+        prior = events[moved - 1]
+        doubt = (
+            prior
+            if prior["kind"] == "in_doubt" and prior["at"] == events[moved]["at"]
+            else None
+        )
     if as_json:
         _emit_json(
             {
@@ -382,12 +394,20 @@ def _runs_abort(
                 "updated_at": row.updated_at.isoformat(),
                 "events": row.head_seq,
                 "error_code": row.error_code,
+                "in_doubt": None
+                if doubt is None
+                else {"step": doubt["step"], "message": doubt["message"]},
             }
         )
         return
     line = Text.assemble("run ", _clean(row.run_id), " ", _styled(row.status))
     line.append(_clean(f" by {by}: {reason}", 300))
     _console().print(line, soft_wrap=True)
+    if doubt is not None:
+        _console().print(
+            Text(f"in doubt: {_clean(doubt['message'], 300)}", style="yellow"),
+            soft_wrap=True,
+        )
 
 
 @_runs_cli.command("export")
