@@ -187,11 +187,6 @@ def _abort_between_steps(
         run.call(*CHECK)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="an aborted run's approved, unspent grant stays live: the store has no "
-    "operation that withdraws a grant (see the review report)",
-)
 def test_an_aborted_runs_unspent_grant_does_not_run_the_call_in_a_later_run(
     open_app: Any, clock: FakeClock
 ) -> None:

@@ -447,8 +447,9 @@ class Tether:
         a `run_status` event to `aborted` (with `by` and `reason`) and
         `run_finished` (error code `aborted`). Approval requests of the run
         still pending are then closed undecided (`expired`, in `by`'s name),
-        so nobody approves a call of a stopped run; the same call made again
-        (by another run) asks a person anew.
+        and those approved but not yet spent are withdrawn (`expired` too),
+        so nobody approves, nor runs under an approval, a call of a stopped
+        run; the same call made again (by another run) asks a person anew.
 
         A step the holding process was running (or was cut off in when it
         died) may still finish upstream; its result is not recorded: the
@@ -592,27 +593,50 @@ class Tether:
         return self.store.get_run(row.run_id)
 
     def _close_requests(self, run_id: str, *, by: str, reason: str) -> None:
-        """Close an aborted run's pending approval requests, undecided.
+        """Close an aborted run's open approval requests, undecided.
 
-        Each is closed `expired` in `by`'s name, not denied: an abort stops a
-        run, it is no verdict on the call. A denial would stand against that
-        exact call for good, so a later run of the principal making it would
-        be refused in `by`'s name without asking anyone, and a run that waits
-        on the same request (the same call, coalesced) would be told a person
-        denied it. Closed undecided, the call asks a person anew whenever it
-        is made again, and a run waiting on the request is resumed to ask.
+        A pending one is closed `expired` in `by`'s name, not denied: an abort
+        stops a run, it is no verdict on the call. A denial would stand against
+        that exact call for good, so a later run of the principal making it
+        would be refused in `by`'s name without asking anyone, and a run that
+        waits on the same request (the same call, coalesced) would be told a
+        person denied it. Closed undecided, the call asks a person anew
+        whenever it is made again, and a run waiting on the request is
+        resumed to ask.
+
+        An approved one no step has spent is withdrawn the same way (approved
+        -> `expired`, in `by`'s name): else a later run of the principal
+        making the identical call would run under it without asking anyone,
+        though the run was stopped so that it would not happen. A step
+        spending it at once (another run's) and the withdrawal race in the
+        store: exactly one wins. The requests are read after the run's end
+        is written, so one approved meanwhile is withdrawn too, and one
+        approved while this closes it is withdrawn after.
         """
         now = self.clock.now()
-        note = f"closed undecided: run {run_id} was aborted by {by}: {reason}"
-        pending = self.store.list_approvals(
-            status=ApprovalStatus.PENDING, run_id=run_id, limit=10_000
-        )
-        for request in pending:
-            if request.expires_at <= now:
+        why = f"run {run_id} was aborted by {by}: {reason}"
+        notes = {
+            ApprovalStatus.PENDING: f"closed undecided: {why}",
+            ApprovalStatus.APPROVED: f"approval withdrawn unspent: {why}",
+        }
+        requests = [
+            request
+            for status in notes
+            for request in self.store.list_approvals(
+                status=status, run_id=run_id, limit=10_000
+            )
+        ]
+        while requests:
+            request = requests.pop(0)
+            withdraw = request.status is ApprovalStatus.APPROVED
+            if not withdraw and request.expires_at <= now:
                 self.store.expire_approval(request.id, now)
                 continue
+            note = notes[request.status]
 
-            def event(row: ApprovalRow, closed: str | None) -> record.Event:
+            def event(
+                row: ApprovalRow, closed: str | None, note: str = note
+            ) -> record.Event:
                 return record.ApprovalDecided(
                     at=now,
                     step=row.step,
@@ -631,9 +655,15 @@ class Tether:
                     note=note,
                     now=now,
                     event=event,
+                    withdraw=withdraw,
                 )
             except ApprovalClosed:
-                continue  # a person decided it meanwhile
+                # Decided meanwhile: denied or spent, it stays so; approved, it
+                # is withdrawn next.
+                again = self.store.get_approval(request.id)
+                if not withdraw and again.status is ApprovalStatus.APPROVED:
+                    requests.insert(0, again)
+                continue
             self.notify("approval.decided", decided)
 
     # -- approvals ---------------------------------------------------------------------

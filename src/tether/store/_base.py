@@ -62,7 +62,9 @@ __all__ = [
     "RunRow",
     "Store",
     "apply_limits",
+    "check_withdrawal",
     "closed_reason",
+    "decision_refused",
     "may_replace",
     "skew_problem",
 ]
@@ -84,6 +86,44 @@ def skew_problem(skew: timedelta | None) -> str | None:
         "server's; leases, limit windows, rate limits and approval expiry are "
         "reckoned by each host's clock: keep every host's clock in sync (NTP)"
     )
+
+
+def decision_refused(
+    row: ApprovalRow,
+    now: datetime,
+    status: ApprovalStatus | None,
+    *,
+    withdraw: bool,
+) -> str | None:
+    """Say why `Store.decide_approval` leaves `row` as it is (None: the decision applies).
+
+    A decision applies to a pending request that has not expired; a
+    withdrawal, to an approved one (spent, it is `used`). With `status` None
+    nothing applies, and nothing is refused.
+    """
+    if status is None:
+        return None
+    if withdraw:
+        if row.status is ApprovalStatus.APPROVED:
+            return None
+        who = f" by {row.decided_by}" if row.decided_by else ""
+        return (
+            f"approval request {row.id} is {row.status.value}{who}; only an "
+            "approved request no step has spent can be withdrawn"
+        )
+    if row.status is ApprovalStatus.PENDING and row.expires_at > now:
+        return None
+    return closed_reason(row, now)
+
+
+def check_withdrawal(status: ApprovalStatus | None, *, withdraw: bool) -> None:
+    """Refuse a withdrawal that would close a grant other than `expired`.
+
+    Raises:
+        ValueError: `withdraw` with a `status` other than `expired` (or None).
+    """
+    if withdraw and status not in (None, ApprovalStatus.EXPIRED):
+        raise ValueError(f"a withdrawn approval is closed expired, not {status}")
 
 
 class Store(abc.ABC):
@@ -243,6 +283,7 @@ class Store(abc.ABC):
         note: str | None,
         now: datetime,
         event: Callable[[ApprovalRow, str | None], Event],
+        withdraw: bool = False,
     ) -> ApprovalRow:
         """Decide a pending request and append an event to its run's record, atomically.
 
@@ -252,10 +293,18 @@ class Store(abc.ABC):
         decision applies only to a pending request that has not expired: of two
         deciders racing, exactly one wins.
 
+        With `withdraw`, the call closes an approved request no step has spent
+        instead (approved -> `status`, which must be `expired`; `by`, `now` and
+        `note` say who withdrew it, when and why): nothing runs under it after.
+        It applies only to a request still `approved`, so of a step spending
+        the grant (approved -> used) and the withdrawal racing, exactly one
+        wins; a pending, used, denied or expired request is left as it is.
+
         Raises:
             NotFound: no such request.
-            ApprovalClosed: the request is decided, used or expired (the event is
-                still recorded).
+            ApprovalClosed: the request is decided, used or expired; with
+                `withdraw`, it is not approved (the event is still recorded).
+            ValueError: `withdraw` with a `status` other than `expired`.
         """
 
     @abc.abstractmethod

@@ -39,7 +39,8 @@ from tether.store._base import (
     RunRow,
     Store,
     apply_limits,
-    closed_reason,
+    check_withdrawal,
+    decision_refused,
     may_replace,
 )
 from tether.store._breakers import BreakerRow
@@ -338,8 +339,14 @@ class MemoryStore(Store):
         note: str | None,
         now: datetime,
         event: Callable[[ApprovalRow, str | None], Event],
+        withdraw: bool = False,
     ) -> ApprovalRow:
-        """Decide a pending request and record the event in its run, atomically."""
+        """Decide a pending request and record the event in its run, atomically.
+
+        With `withdraw`, close an approved, unspent request instead (see
+        `Store.decide_approval`).
+        """
+        check_withdrawal(status, withdraw=withdraw)
         with self._lock:
             current = self._approvals.get(approval_id)
             if current is None:
@@ -347,19 +354,14 @@ class MemoryStore(Store):
             run = self._runs.get(current.run_id)
             if run is None:
                 raise NotFound(f"no run {current.run_id!r}")
-            is_open = (
-                current.status is ApprovalStatus.PENDING and current.expires_at > now
-            )
-            closed = status is not None and not is_open
-            if status is not None and is_open:
+            refused = decision_refused(current, now, status, withdraw=withdraw)
+            if status is not None and refused is None:
                 current = self._approvals[approval_id] = replace(
                     current, status=status, decided_by=by, decided_at=now, note=note
                 )
-            run.events.append(
-                event(current, closed_reason(current, now) if closed else None)
-            )
-        if closed:
-            raise ApprovalClosed(closed_reason(current, now))
+            run.events.append(event(current, refused))
+        if refused is not None:
+            raise ApprovalClosed(refused)
         return current
 
     def limit_rows(self, now: datetime) -> list[LimitRow]:

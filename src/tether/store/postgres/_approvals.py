@@ -25,7 +25,13 @@ import psycopg
 from tether import _canonical, _chain
 from tether.errors import ApprovalClosed, NotFound, StoreError
 from tether.store import _limits
-from tether.store._base import ApprovalRow, ApprovalStatus, Batch, closed_reason
+from tether.store._base import (
+    ApprovalRow,
+    ApprovalStatus,
+    Batch,
+    check_withdrawal,
+    decision_refused,
+)
 from tether.store._sql import (
     APPROVAL_COLUMNS,
     approval_row,
@@ -115,8 +121,14 @@ class Approvals(Connected):
         note: str | None,
         now: datetime,
         event: Callable[[ApprovalRow, str | None], Any],
+        withdraw: bool = False,
     ) -> ApprovalRow:
-        """Decide a pending request and record `event` in its run, in one transaction."""
+        """Decide a pending request and record `event` in its run, in one transaction.
+
+        With `withdraw`, close an approved, unspent request instead (see
+        `Store.decide_approval`).
+        """
+        check_withdrawal(status, withdraw=withdraw)
         sent = _Sent()
 
         def lost(exc: psycopg.OperationalError) -> None:
@@ -130,15 +142,15 @@ class Approvals(Connected):
                 ) from exc
             sent.losses += 1
 
-        current, closed = self._run(
+        current, refused = self._run(
             lambda conn: self._decide(
-                conn, sent, approval_id, status, by, note, now, event
+                conn, sent, approval_id, status, by, note, now, event, withdraw
             ),
             f"decide {approval_id!r}",
             lost=lost,
         )
-        if closed:
-            raise ApprovalClosed(closed_reason(current, now))
+        if refused is not None:
+            raise ApprovalClosed(refused)
         return current
 
     def _decide(
@@ -151,14 +163,18 @@ class Approvals(Connected):
         note: str | None,
         now: datetime,
         event: Callable[[ApprovalRow, str | None], Any],
-    ) -> tuple[ApprovalRow, bool]:
-        """Decide in one transaction; return the row and whether it was closed.
+        withdraw: bool,
+    ) -> tuple[ApprovalRow, str | None]:
+        """Decide in one transaction; return the row and why it was closed, if it was.
 
         The request's row is locked first: of two deciders, the second reads
-        the first one's decision and finds the request closed. A try of this
-        call whose `COMMIT` went out before its connection was lost (`sent`)
-        held that lock until it ended: if its event is in the record now, it
-        landed, and its answer stands.
+        the first one's decision and finds the request closed. A step
+        spending a grant being withdrawn (approved -> used, guarded by
+        `status='approved'`) waits for the lock too, then finds it expired;
+        or it spent the grant first, and the withdrawal finds it used. A try
+        of this call whose `COMMIT` went out before its connection was lost
+        (`sent`) held that lock until it ended: if its event is in the record
+        now, it landed, and its answer stands.
         """
         conn.execute("BEGIN")
         row = conn.execute(
@@ -168,12 +184,19 @@ class Approvals(Connected):
         if row is None:
             raise NotFound(f"no approval request {approval_id!r}")
         current = approval_row(row)
-        is_open = current.status is ApprovalStatus.PENDING and current.expires_at > now
-        if status is not None and is_open:
+        refused = decision_refused(current, now, status, withdraw=withdraw)
+        if status is not None and refused is None:
             updated = conn.execute(
                 "UPDATE approvals SET status=%s, decided_by=%s, decided_at=%s, "  # noqa: S608  # constant column list
-                f"note=%s WHERE id=%s RETURNING {APPROVAL_COLUMNS}",
-                (status.value, by, _us(now), note, approval_id),
+                f"note=%s WHERE id=%s AND status=%s RETURNING {APPROVAL_COLUMNS}",
+                (
+                    status.value,
+                    by,
+                    _us(now),
+                    note,
+                    approval_id,
+                    current.status.value,  # pending, or approved for a withdrawal
+                ),
             ).fetchone()
             assert updated is not None  # the row is locked by this transaction
             current = approval_row(updated)
@@ -187,23 +210,22 @@ class Approvals(Connected):
         if sent.answer is not None and _landed(conn, sent):
             conn.execute("ROLLBACK")
             return sent.answer
-        closed = status is not None and not is_open
         batch = Batch(
             run_id=current.run_id,
-            events=[event(current, closed_reason(current, now) if closed else None)],
+            events=[event(current, refused)],
             at=now,
             epoch=run[0],
             base_seq=run[1],
             base_hash=bytes(run[2]),
         )
-        if status is not None and is_open:
+        if status is not None and refused is None:
             # Delivered when the decision commits: a waiting worker wakes now.
             conn.execute("SELECT pg_notify(%s, %s)", (self._channel, current.run_id))
         sent.answer = None
         sent.seq, sent.head = self._append(conn, batch)
-        sent.answer = (current, closed)  # from here on, it may land
+        sent.answer = (current, refused)  # from here on, it may land
         conn.execute("COMMIT")
-        return current, closed
+        return current, refused
 
     def _append(self, conn: psycopg.Connection[Any], batch: Batch) -> tuple[int, bytes]:
         """Append events to a run inside the caller's open transaction; return its new head."""
@@ -236,8 +258,8 @@ class Approvals(Connected):
 class _Sent:
     """The try of one `decide_approval` call whose `COMMIT` went out, if any."""
 
-    answer: tuple[ApprovalRow, bool] | None = None
-    """What it answers if it lands: the request, and whether it was closed."""
+    answer: tuple[ApprovalRow, str | None] | None = None
+    """What it answers if it lands: the request, and why it was closed, if it was."""
     seq: int = 0
     """The seq of its last event."""
     head: bytes = b""

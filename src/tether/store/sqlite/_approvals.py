@@ -14,7 +14,13 @@ from typing import Any
 
 from tether.errors import ApprovalClosed, NotFound, StoreError
 from tether.store import _limits
-from tether.store._base import ApprovalRow, ApprovalStatus, Batch, closed_reason
+from tether.store._base import (
+    ApprovalRow,
+    ApprovalStatus,
+    Batch,
+    check_withdrawal,
+    decision_refused,
+)
 from tether.store._sql import (
     APPROVAL_COLUMNS,
     approval_row,
@@ -101,15 +107,21 @@ class Approvals(Writes):
         note: str | None,
         now: datetime,
         event: Callable[[ApprovalRow, str | None], Any],
+        withdraw: bool = False,
     ) -> ApprovalRow:
-        """Decide a pending request and record `event` in its run, in one transaction."""
+        """Decide a pending request and record `event` in its run, in one transaction.
+
+        With `withdraw`, close an approved, unspent request instead (see
+        `Store.decide_approval`).
+        """
+        check_withdrawal(status, withdraw=withdraw)
         try:
             with self._lock:
                 con = self._con
                 con.execute("BEGIN IMMEDIATE")
                 try:
-                    current, closed = self._decide(
-                        con, approval_id, status, by, note, now, event
+                    current, refused = self._decide(
+                        con, approval_id, status, by, note, now, event, withdraw
                     )
                     con.execute("COMMIT")
                 except BaseException:
@@ -117,8 +129,8 @@ class Approvals(Writes):
                     raise
         except sqlite3.Error as exc:
             raise StoreError(f"cannot decide {approval_id!r}: {exc}") from exc
-        if closed:
-            raise ApprovalClosed(closed_reason(current, now))
+        if refused is not None:
+            raise ApprovalClosed(refused)
         return current
 
     def _decide(
@@ -130,20 +142,29 @@ class Approvals(Writes):
         note: str | None,
         now: datetime,
         event: Callable[[ApprovalRow, str | None], Any],
-    ) -> tuple[ApprovalRow, bool]:
-        """Decide inside the caller's transaction; return the row and whether it was closed."""
+        withdraw: bool,
+    ) -> tuple[ApprovalRow, str | None]:
+        """Decide inside the caller's transaction; return the row and why it was closed, if it was."""
         select = f"SELECT {APPROVAL_COLUMNS} FROM approvals WHERE id=?"  # noqa: S608  # constant column list
         row = con.execute(select, (approval_id,)).fetchone()
         if row is None:
             raise NotFound(f"no approval request {approval_id!r}")
         current = approval_row(row)
-        is_open = current.status is ApprovalStatus.PENDING and current.expires_at > now
-        if status is not None and is_open:
-            # The WHERE makes racing deciders safe even without this transaction.
+        refused = decision_refused(current, now, status, withdraw=withdraw)
+        if status is not None and refused is None:
+            # The WHERE makes racing deciders (and a step spending a withdrawn
+            # grant: approved -> used) safe even without this transaction.
             con.execute(
                 "UPDATE approvals SET status=?, decided_by=?, decided_at=?, note=? "
-                "WHERE id=? AND status='pending'",
-                (status.value, by, _us(now), note, approval_id),
+                "WHERE id=? AND status=?",
+                (
+                    status.value,
+                    by,
+                    _us(now),
+                    note,
+                    approval_id,
+                    "approved" if withdraw else "pending",
+                ),
             )
             current = approval_row(con.execute(select, (approval_id,)).fetchone())
         run = con.execute(
@@ -152,18 +173,15 @@ class Approvals(Writes):
         ).fetchone()
         if run is None:
             raise NotFound(f"no run {current.run_id!r}")
-        closed = status is not None and not is_open
         self._commit(
             con,
             Batch(
                 run_id=current.run_id,
-                events=[
-                    event(current, closed_reason(current, now) if closed else None)
-                ],
+                events=[event(current, refused)],
                 at=now,
                 epoch=run[0],
                 base_seq=run[1],
                 base_hash=run[2],
             ),
         )
-        return current, closed
+        return current, refused
