@@ -17,8 +17,6 @@ from tether.agent import PlannerInput, Proposal, ProposedStep, Usage, run_agent
 from tether.replay import RecordedRun, Replayer
 from tether.testing import FakeClock, write_config
 
-pytest_plugins = ["tests._postgres"]
-
 
 class NoteIn(BaseModel):
     text: str
