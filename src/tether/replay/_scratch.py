@@ -305,23 +305,46 @@ class ScratchStore(MemoryStore):
             seen = refused.get(r.limit_id)
             if seen is None or r.kind is LimitKind.RATE:
                 continue  # a rate limit's state is a time, not a count: not seeded
-            used, held, _ = tables.usage(r.limit_id, r.scope, r.window, now)
             want_used = Decimal(str(seen.get("used", 0)))
             want_held = Decimal(str(seen.get("held", 0)))
             if r.kind is LimitKind.CONCURRENCY:
+                used, held, _ = tables.usage(r.limit_id, r.scope, r.window, now)
                 for n in range(int(want_used) - int(used + held)):
                     tables.add_hold(
                         r.limit_id, r.scope, r.window, "replay:other", n,
                         Decimal(1), r.hold_until or now + 1, charged=False,
                     )  # fmt: skip
                 continue
-            if want_used > used:
-                tables.set_counter(r.limit_id, r.scope, r.window, want_used, now)
-            if want_held > held:
-                tables.add_hold(
-                    r.limit_id, r.scope, r.window, "replay:other", 0,
-                    want_held - held, r.hold_until or now + 1, charged=False,
-                )  # fmt: skip
+            self.seed_counter(
+                (r.limit_id, r.scope, r.window),
+                used=want_used,
+                held=want_held,
+                at_us=now,
+                hold_until=r.hold_until or now + 1,
+            )
+
+    def seed_counter(
+        self,
+        key: tuple[str, str, int],
+        *,
+        used: Decimal,
+        held: Decimal,
+        at_us: int,
+        hold_until: int,
+    ) -> None:
+        """Raise a counter to what the record says a refusal met (other runs' use).
+
+        `key` is (limit id, scope, window start in µs). Only raises: what this
+        run itself charged already counts.
+        """
+        tables = self._tables
+        have_used, have_held, _ = tables.usage(*key, at_us)
+        if used > have_used:
+            tables.set_counter(*key, used, at_us)
+        if held > have_held:
+            tables.add_hold(
+                *key, "replay:other", 0, held - have_held, hold_until, charged=False
+            )
 
     def _seed_key(self, batch: Batch, met: Met) -> None:
         claim = batch.claim

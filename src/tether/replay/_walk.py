@@ -353,18 +353,14 @@ class _Walk:
             return
         store = self.scratch.store
         assert isinstance(store, ScratchStore)
-        tables = store._tables  # the scratch store is the walk's own
         us = to_us(now)
-        key = (found.limit.id, found.scope, found.window)
-        used, held, _ = tables.usage(*key, us)
-        want_used = Decimal(str(refused.get("used", 0)))
-        want_held = Decimal(str(refused.get("held", 0)))
-        if want_used > used:
-            tables.set_counter(*key, want_used, us)
-        if want_held > held:
-            tables.add_hold(
-                *key, "replay:other", 0, want_held - held, us + 1, charged=False
-            )
+        store.seed_counter(
+            (found.limit.id, found.scope, found.window),
+            used=Decimal(str(refused.get("used", 0))),
+            held=Decimal(str(refused.get("held", 0))),
+            at_us=us,
+            hold_until=us + 1,
+        )
 
     def _usage(self, event: dict[str, Any]) -> None:
         self.clock.set(at(event))
