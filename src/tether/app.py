@@ -350,37 +350,28 @@ class Tether:
         return _config.webhook_from(settings, self.clock, self._env)
 
     def _reload(self, watched: _config.ConfigFile) -> None:
+        def failed(error: str) -> None:
+            logger.warning(
+                "policy.reload_failed",
+                extra={"tether.config": str(watched.path), "tether.error": error},
+            )
+
         try:
             loaded = watched.load()
         except ConfigError as exc:
-            logger.warning(
-                "policy.reload_failed",
-                extra={"tether.config": str(watched.path), "tether.error": exc.message},
-            )
+            failed(exc.message)
             return
         if loaded is None:
             return  # written while it was read: the next step reads it again
         settings, version = loaded
         problems = _config.misfits(settings, list(self.capabilities))
         if problems:
-            logger.warning(
-                "policy.reload_failed",
-                extra={
-                    "tether.config": str(watched.path),
-                    "tether.error": f"{problems[0]}; the last good settings stay",
-                },
-            )
+            failed(f"{problems[0]}; the last good settings stay")
             return
         try:
             webhook = self._webhook(settings)
         except ConfigError as exc:
-            logger.warning(
-                "policy.reload_failed",
-                extra={
-                    "tether.config": str(watched.path),
-                    "tether.error": f"{exc.message}; the last good settings stay",
-                },
-            )
+            failed(f"{exc.message}; the last good settings stay")
             return
         fresh = _config.policy_from(settings, version, has_file=watched)
         self.policy = self.policy.replace(
