@@ -37,7 +37,7 @@ from tether.errors import (
     StoreError,
     UsageError,
 )
-from tether.handle import ABORTED_CODE, Run
+from tether.handle import ABORTED_CODE, Run, cut_off_step
 from tether.notify import Webhook
 from tether.policy import Policy, PolicySet
 from tether.principal import Principal, check_text
@@ -510,17 +510,7 @@ class Tether:
             LeaseLost: another writer took the run over since.
         """
         row = taken
-        cut: tuple[int, str] | None = None  # (step, capability): intent, no result
-        for stored in self.store.events(row.run_id):
-            data = stored.data()
-            if data["kind"] == "intent":
-                cut = (int(data["step"]), str(data["capability"]))
-            elif (
-                cut is not None
-                and data.get("step") == cut[0]
-                and data["kind"] in ("executed", "failed", "in_doubt", "idempotent_hit")
-            ):
-                cut = None  # the step ended
+        cut = cut_off_step([e.data() for e in self.store.events(row.run_id)])
         for tries in range(_ABORT_RACES, -1, -1):
             check_transition(RunState(row.status), RunState.ABORTED)
             now = self.clock.now()

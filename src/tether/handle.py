@@ -59,7 +59,7 @@ from tether.store._limits import Reserve, RetryCharge, Settle, to_us
 if TYPE_CHECKING:
     from tether.app import Tether
 
-__all__ = ["ABORTED_CODE", "IN_DOUBT_RULE", "Run"]
+__all__ = ["ABORTED_CODE", "IN_DOUBT_RULE", "Run", "cut_off_step"]
 
 logger = logging.getLogger("tether.app")
 
@@ -82,6 +82,21 @@ _REASON_SHOWN = 500
 """Characters of an abort's reason that `RunAborted`'s message quotes."""
 
 Out = TypeVar("Out", bound=BaseModel)
+
+
+def cut_off_step(events: Sequence[Mapping[str, Any]]) -> tuple[int, str] | None:
+    """Return the step (number, capability) whose intent is recorded and end is not.
+
+    Its writer died mid-call (or still runs it, if the run was taken from it).
+    """
+    cut: tuple[int, str] | None = None
+    for data in events:
+        kind = data["kind"]
+        if kind == "intent":
+            cut = (int(data["step"]), str(data["capability"]))
+        elif cut is not None and kind in _STEP_ENDS and data.get("step") == cut[0]:
+            cut = None
+    return cut
 
 
 class Run:
@@ -174,19 +189,14 @@ class Run:
             head=(row.head_seq, row.head_hash),
         )
         last = 0
-        open_step, open_capability = None, ""  # intent recorded, result not
         validated: dict[int, dict[str, Any]] = {}
-        for ev in events:
-            data = ev.data()
+        datas = [ev.data() for ev in events]
+        for data in datas:
             step = data.get("step") or 0
             last = max(last, step)
             kind = data["kind"]
             if kind == "validated":
                 validated[step] = data
-            elif kind == "intent":
-                open_step, open_capability = step, data["capability"]
-            elif kind in _STEP_ENDS and step == open_step:
-                open_step = None
             # A planner's model usage counts toward the budget too.
             if (
                 kind == "executed" and not data.get("dry_run")
@@ -195,8 +205,9 @@ class Run:
         run.steps = last
         run._numbers = itertools.count(last + 1)
         run._resumed = True
-        if open_step is not None:
-            run._cut_off(open_step, open_capability, validated.get(open_step, {}))
+        cut = cut_off_step(datas)
+        if cut is not None:
+            run._cut_off(cut[0], cut[1], validated.get(cut[0], {}))
         return run
 
     def _cut_off(
