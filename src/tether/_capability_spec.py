@@ -127,6 +127,7 @@ class Capability(Generic[In, Out]):
         "idempotency",
         "input_model",
         "name",
+        "open_output",
         "output_model",
         "preconditions",
         "requires_approval",
@@ -199,10 +200,12 @@ class Capability(Generic[In, Out]):
             schema
         )
         """Whether args may hold sets, whose JSON order is put right in `dump_args`."""
-        self.free_form_output = _schema_is_free_form(
-            self.output_model.model_json_schema()
-        )
+        out_schema = _canonical.dumps(self.output_model.model_json_schema())
+        self.free_form_output = _text_is_free_form(out_schema)
         """Whether outputs may hold floats (then checked for exactness)."""
+        self.open_output = _text_is_open(out_schema)
+        """Whether outputs have a field of any type or take extra keys: such a
+        field may hold a `SecretStr` no schema declares, which JSON masks."""
         self.secret_output = _has_secrets(self.output_model)
         """True when the output has secret fields: a stored result cannot be replayed."""
         self._secret_paths = _has_secrets(self.input_model) or self.secret_output
@@ -406,12 +409,17 @@ def one_line_error(name: str, what: str, exc: pydantic.ValidationError) -> str:
 
 
 def _schema_is_free_form(schema: Mapping[str, object]) -> bool:
-    text = _canonical.dumps(schema)
+    return _text_is_free_form(_canonical.dumps(schema))
+
+
+def _text_is_free_form(text: bytes) -> bool:
     # "number" anywhere may carry NaN; a property with no type at all (Any) or
     # open additional properties may carry NaN or keys of any text.
-    return (
-        b'"number"' in text or b"{}" in text or b'"additionalProperties":true' in text
-    )
+    return b'"number"' in text or _text_is_open(text)
+
+
+def _text_is_open(text: bytes) -> bool:
+    return b"{}" in text or b'"additionalProperties":true' in text
 
 
 def _order_sets(value: object, js: object, depth: int) -> None:

@@ -456,7 +456,7 @@ def validate_output(
                 validator.validate_python(
                     model.__pydantic_serializer__.to_python(value, warnings=False)
                 )
-                if cap.secret_output or (cap.free_form_output and _open(model))
+                if cap.secret_output or cap.open_output
                 else checked
             )
         # JSON mode writes NaN and Infinity as null: the record would not hold
@@ -474,22 +474,6 @@ def validate_output(
             "exactly; return finite numbers"
         )
     return output, data
-
-
-_OPEN: dict[type[BaseModel], bool] = {}
-
-
-def _open(model: type[BaseModel]) -> bool:
-    """Tell whether `model` has a field of any type or takes extra keys.
-
-    Such a field may hold a `SecretStr` no schema declares, which its JSON
-    form masks. Worked out once per model (its JSON schema is not cheap).
-    """
-    found = _OPEN.get(model)
-    if found is None:
-        text = _canonical.dumps(model.model_json_schema())
-        found = _OPEN[model] = b"{}" in text or b'"additionalProperties":true' in text
-    return found
 
 
 def as_model(model: type[BaseModel], value: object) -> BaseModel:
