@@ -190,8 +190,8 @@ class Run:
         )
         last = 0
         validated: dict[int, dict[str, Any]] = {}
-        datas = [ev.data() for ev in events]
-        for data in datas:
+        decoded = [ev.data() for ev in events]
+        for data in decoded:
             step = data.get("step") or 0
             last = max(last, step)
             kind = data["kind"]
@@ -205,7 +205,7 @@ class Run:
         run.steps = last
         run._numbers = itertools.count(last + 1)
         run._resumed = True
-        cut = cut_off_step(datas)
+        cut = cut_off_step(decoded)
         if cut is not None:
             run._cut_off(cut[0], cut[1], validated.get(cut[0], {}))
         return run
