@@ -23,6 +23,7 @@ __all__ = [
     "Failed",
     "IdempotentHit",
     "InDoubtRecorded",
+    "InDoubtResolved",
     "Intent",
     "KeyExpired",
     "LimitRefused",
@@ -295,6 +296,34 @@ class InDoubtRecorded:
     error_type: str
     kind: Literal["in_doubt"] = "in_doubt"
     message: str
+    step: int | None = None
+    """The step's number in the run, from 1; None for run-level events."""
+
+
+@dataclass(slots=True, kw_only=True)
+class InDoubtResolved:
+    """A person checked the upstream and said whether a step in doubt acted.
+
+    Written by `Tether.resolve_in_doubt` (`tether runs resolve`), from any
+    process, after the step's `in_doubt` event, also in a run that has ended.
+    """
+
+    acted: bool
+    """The person found the call acted upstream (True) or did not (False)."""
+    at: datetime
+    """When the resolution was recorded, aware UTC."""
+    by: str
+    """Who resolved it."""
+    key: str | None = None
+    """The step's idempotency key, if it had one."""
+    key_state: str | None = None
+    """What the key became (`completed`, `failed`); None: no key of this step's
+    was left to settle (it had none, or a later call had taken it over)."""
+    kind: Literal["in_doubt_resolved"] = "in_doubt_resolved"
+    output: dict[str, Any] | None = None
+    """The call's result, as the person gave it (with `acted`)."""
+    reason: str
+    """What the person found, in their words."""
     step: int | None = None
     """The step's number in the run, from 1; None for run-level events."""
 

@@ -32,6 +32,9 @@ from tether.store import (
 
 __all__ = ["RunWriter"]
 
+_PEOPLES = frozenset({"approval_decided", "in_doubt_resolved"})
+"""Kinds a person's answer appends to a run from any process, under a live writer."""
+
 _DECISION_RACES = 20
 """How many times a write re-reads the record after people's decisions grew it."""
 
@@ -275,16 +278,15 @@ class RunWriter:
         )
 
     def _adopt_decisions(self) -> bool:
-        """Take up events a person's approval decision appended to this run's record.
+        """Take up events people's answers appended to this run's record.
 
         Deciding an approval request records the decision in the requesting
-        run, from whatever process decides. When only such events grew the
+        run, and resolving a step in doubt records the answer in the step's
+        run, from whatever process. When only such events grew the
         record (each chained onto the last), this writer extends them;
         anything else is a second writer, and stays an error.
         """
         grown = self._grown()
-        if not grown or any(
-            ev.data().get("kind") != "approval_decided" for ev in grown
-        ):
+        if not grown or any(ev.data().get("kind") not in _PEOPLES for ev in grown):
             return False
         return self._extend(grown)

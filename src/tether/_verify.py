@@ -72,9 +72,9 @@ def verify(
     finished = False
     for ev in events:
         # A finished run's record takes nothing more, but a person's decision
-        # on one of its approval requests, which is recorded in it wherever
-        # and whenever it is made.
-        if finished and _kind(ev.body) != "approval_decided":
+        # on one of its approval requests, or answer to one of its steps in
+        # doubt, which is recorded in it wherever and whenever it is made.
+        if finished and _kind(ev.body) not in ("approval_decided", "in_doubt_resolved"):
             return _bad(
                 run_id,
                 ev.seq,

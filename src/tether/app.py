@@ -24,6 +24,7 @@ from tether._export import export_run, verify_run
 from tether._guards import FullCounters
 from tether._keeper import LeaseKeeper
 from tether._ready import ORPHANABLE_STATES, PARKED_STATES, ReadyRuns
+from tether._resolve import Resolution, resolve_in_doubt
 from tether.agent.planner import Planner
 from tether.capability import Capability, Registry
 from tether.clock import Clock, Ids, RandomIds, Rng, SystemClock, system_rng
@@ -648,6 +649,65 @@ class Tether:
             self.notify("approval.decided", decided)
 
     # -- approvals ---------------------------------------------------------------------
+
+    def resolve_in_doubt(
+        self,
+        run_id: str,
+        step: int,
+        *,
+        acted: bool,
+        by: str,
+        reason: str,
+        output: Mapping[str, Any] | BaseModel | None = None,
+    ) -> Resolution:
+        """Say whether a step in doubt acted upstream, and settle its key by it.
+
+        A step in doubt (a `none` write that failed or timed out after it
+        started, or a step its run was cut off in) is never run again on its
+        own: its idempotency key refuses every retry. Once a person has
+        checked the upstream, this records what they found in the step's run
+        (`in_doubt_resolved`, also in a run that has ended) and, in the same
+        write, settles the step's key: `acted=False` leaves it `failed`, so a
+        retry under it runs the call again; `acted=True` leaves it
+        `completed` with `output`, the call's result, which a retry under it
+        gets instead of acting again.
+
+        Args:
+            run_id: the run, or a unique prefix of 6+ characters.
+            step: the step's number in the run.
+            acted: whether the call acted upstream.
+            by: who checked, for the record.
+            reason: what they found, for the record (required).
+            output: the call's result; required with `acted` when the step
+                has a key, checked against the capability's output schema
+                when it is registered here.
+
+        Raises:
+            NotFound: no such run.
+            UsageError: the step is not in doubt, was resolved already, or
+                the answer is incomplete or does not fit.
+            StoreError: the store could not be written (nothing was).
+
+        Example:
+            ```python
+            done = app.resolve_in_doubt(
+                run_id, 3, acted=False, by="alice", reason="no charge in Stripe"
+            )
+            print(done.key_state)
+            #> failed
+            ```
+        """
+        return resolve_in_doubt(
+            self.store,
+            self.capabilities,
+            run_id,
+            step,
+            now=self.clock.now(),
+            acted=acted,
+            by=by,
+            reason=reason,
+            output=output,
+        )
 
     def approvals(
         self, *, status: ApprovalStatus | str | None = None, limit: int = 50

@@ -35,6 +35,7 @@ from tether._events import (
     Failed,
     IdempotentHit,
     InDoubtRecorded,
+    InDoubtResolved,
     Intent,
     KeyExpired,
     LimitRefused,
@@ -69,6 +70,7 @@ __all__ = [
     "Failed",
     "IdempotentHit",
     "InDoubtRecorded",
+    "InDoubtResolved",
     "Intent",
     "KeyExpired",
     "LimitRefused",
@@ -114,6 +116,7 @@ Event: TypeAlias = (
     | Executed
     | Failed
     | InDoubtRecorded
+    | InDoubtResolved
     | LimitReserved
     | LimitRefused
     | LimitSettled

@@ -410,6 +410,120 @@ def _runs_abort(
         )
 
 
+@_runs_cli.command("resolve")
+def _runs_resolve(
+    run: _RunArg,
+    step: Annotated[
+        int,
+        typer.Argument(
+            metavar="STEP",
+            help="The step in doubt, by its number (runs show lists them).",
+            min=1,
+            show_default=False,
+        ),
+    ],
+    acted: Annotated[
+        bool,
+        typer.Option(
+            "--acted/--not-acted",
+            help="What you found upstream: the call acted, or it did not.",
+            show_default=False,
+        ),
+    ],
+    by: Annotated[
+        str,
+        typer.Option(
+            "--as",
+            metavar="NAME",
+            help="Who checked, for the record.",
+            show_default=False,
+        ),
+    ],
+    reason: Annotated[
+        str,
+        typer.Option(
+            "--reason",
+            metavar="TEXT",
+            help="What you found (required), for the record.",
+            show_default=False,
+        ),
+    ],
+    output: Annotated[
+        str | None,
+        typer.Option(
+            "--output",
+            metavar="JSON",
+            help="With --acted: the call's result, a JSON object; a retry "
+            "under the step's key gets it instead of acting again.",
+            show_default=False,
+        ),
+    ] = None,
+    as_json: _Json = False,
+    db: _Db = None,
+) -> None:
+    """Say whether a step in doubt acted upstream, once you have checked.
+
+    A step is in doubt when it may have acted and tether cannot know (a
+    `none` write that failed or timed out after it started, or a step its
+    run was cut off in). Its idempotency key refuses every retry until this
+    says what happened: --not-acted leaves the key failed, so a retry under
+    it runs the call again; --acted --output JSON leaves it completed with
+    that result, which a retry gets instead of acting twice. The answer is
+    recorded in the step's run (in_doubt_resolved), also once it has ended.
+    A step not in doubt, or resolved already, is an error (exit 2).
+
+    Example: tether runs resolve run_0190f3a2c4 3 --not-acted --as alice --reason "no charge in the ledger"
+    """
+    if not by.strip():
+        raise UsageError(
+            "--as is empty; give the name of the person who checked (e.g. --as alice)"
+        )
+    data = None
+    if output is not None:
+        try:
+            data = _canonical.loads_strict(output)
+        except _canonical.CanonicalError as exc:
+            raise UsageError(
+                f"--output is not JSON ({exc}); give the call's result as a JSON "
+                'object, e.g. --output \'{"charge_id": "ch_1"}\''
+            ) from None
+        if not isinstance(data, dict):
+            raise UsageError(
+                f"--output must be a JSON object, got {type(data).__name__}"
+            )
+    with _open(db, must_exist=True) as app:
+        done = app.resolve_in_doubt(
+            run, step, acted=acted, by=by, reason=reason, output=data
+        )
+    if as_json:
+        _emit_json(
+            {
+                "format": JSON_FORMAT,
+                "run_id": done.run_id,
+                "step": done.step,
+                "capability": done.capability,
+                "acted": done.acted,
+                "key": done.key,
+                "key_state": done.key_state,
+                "seq": done.seq,
+            }
+        )
+        return
+    found = "acted" if acted else "did not act"
+    line = Text.assemble("run ", _clean(done.run_id), f" step {done.step} ")
+    line.append(_clean(f"({done.capability}) {found}, by {by}: {reason}", 300))
+    _console().print(line, soft_wrap=True)
+    if done.key is None:
+        said = "it has no idempotency key: nothing else changes"
+    elif done.key_state is None:
+        said = f"key {done.key!r} is no longer this step's: left as it is"
+    elif done.key_state == "failed":
+        said = f"key {done.key!r} is failed: a retry under it runs the call again"
+    else:
+        said = f"key {done.key!r} is completed: a retry under it gets this result"
+    _console().print(Text(_clean(said, 300)), soft_wrap=True)
+
+
 @_runs_cli.command("export")
 def _runs_export(
     run: _RunArg,

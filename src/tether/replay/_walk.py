@@ -19,6 +19,7 @@ import pydantic
 
 from tether import _canonical, gateway, record
 from tether._effects import Execute
+from tether._resolve import resolve_in_doubt
 from tether._stages import handler_args, may_hold_secrets, validate_output
 from tether.app import Tether
 from tether.capability import Capability, Effect
@@ -57,6 +58,7 @@ _RUN_LEVEL = frozenset(
         "plan_stashed",
         "usage_charged",
         "approval_decided",
+        "in_doubt_resolved",
     }
 )
 """Kinds written outside a step: the walk handles each where it appears."""
@@ -248,6 +250,8 @@ class _Walk:
                 self._turn(event)
             elif kind == "approval_decided":
                 self._decided(event)
+            elif kind == "in_doubt_resolved":
+                self._resolved(event)
             elif position in self.takes:
                 self._step(*self.takes[position])
             if event.get("policy_version"):
@@ -411,6 +415,33 @@ class _Walk:
                 "made no such request"
             )
         self._fresh()  # the decision's own event is the person's, not compared
+
+    def _resolved(self, event: dict[str, Any]) -> None:
+        """Apply a person's recorded answer to a step in doubt to the scratch store.
+
+        The replayed step must be in doubt too; its key is settled as the
+        answer said, so a later retry under it replays as it ran (the call
+        again, or the person's result).
+        """
+        step = int(event["step"])
+        try:
+            resolve_in_doubt(
+                self.scratch.store,
+                self.scratch.capabilities,
+                self.run_.id,
+                step,
+                now=at(event),
+                acted=bool(event["acted"]),
+                by=str(event["by"]),
+                reason=str(event["reason"]),
+                output=event.get("output"),
+            )
+        except TetherError as exc:
+            self.report.notes.append(
+                f"step {step}: resolved by {event['by']} in the record, but the "
+                f"replay cannot resolve it ({exc.message})"
+            )
+        self._fresh()  # the answer's own event is the person's, not compared
 
     # -- steps -----------------------------------------------------------------------
 

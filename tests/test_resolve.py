@@ -1,0 +1,350 @@
+"""A person's answer to a step in doubt settles its key: the call runs again, or never.
+
+A `none` write that fails after it started is in doubt: its key refuses every
+retry until someone checks the upstream. `Tether.resolve_in_doubt` (and
+`tether runs resolve`) records what they found in the step's run and settles
+the key in the same write: not acted, a retry under the key runs the call
+again; acted, a retry gets the result the person gave and never acts twice.
+Every test runs on a real SQLite file, on PostgreSQL and on `memory://`.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from pydantic import BaseModel
+
+import _cli
+import tether
+from tether.record import OutcomeStatus
+from tether.replay import RecordedRun, Replayer
+from tether.store import KeyId, KeyState
+from tether.testing import FakeClock
+
+BACKENDS = ["sqlite", "memory", pytest.param("postgres", marks=pytest.mark.postgres)]
+KEY = {"TETHER_RECORD_KEY": "cd" * 32}
+AGENT = tether.Principal("pay-bot", roles=["agent"], tenant="acme")
+
+
+class ChargeIn(BaseModel):
+    order: str
+    cents: int
+
+
+class ChargeOut(BaseModel):
+    charge_id: str
+    cents: int
+
+
+@dataclass
+class World:
+    """An app on one backend, and the charges its upstream made."""
+
+    app: tether.Tether
+    db: str
+    charges: list[str] = field(default_factory=list)
+    hang_up: list[bool] = field(default_factory=list)
+    """One entry per coming call: the upstream hangs up after charging."""
+
+
+@pytest.fixture(params=BACKENDS)
+def world(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[World]:
+    if request.param == "postgres":
+        db = request.getfixturevalue("postgres_url")
+    elif request.param == "sqlite":
+        db = f"sqlite:///{tmp_path / 'tether.db'}?synchronous=normal"
+    else:
+        db = "memory://"
+    app = tether.Tether(db=db, clock=FakeClock(), env={})
+    w = World(app=app, db=db)
+
+    @tether.capability("pay.charge", effect="write", idempotency="none")
+    def charge(args: ChargeIn) -> ChargeOut:
+        w.charges.append(args.order)
+        if w.hang_up and w.hang_up.pop(0):
+            raise ConnectionResetError("upstream hung up after charging")
+        return ChargeOut(charge_id=f"ch_{len(w.charges)}", cents=args.cents)
+
+    app.register(charge)
+    with app:
+        yield w
+
+
+def key_of(key: str) -> KeyId:
+    return KeyId(
+        tenant="acme", principal_id="pay-bot", capability="pay.charge", key=key
+    )
+
+
+def doubted(w: World, key: str) -> str:
+    """Make a charge under `key` that is left in doubt; return its run's id."""
+    w.hang_up.append(True)
+    with (
+        w.app.run(principal=AGENT, request="charge o-1") as run,
+        pytest.raises(tether.InDoubt),
+    ):
+        run.call("pay.charge", {"order": "o-1", "cents": 500}, idempotency_key=key)
+    return run.id
+
+
+def kinds(w: World, run_id: str) -> list[str]:
+    return [e.data()["kind"] for e in w.app.store.events(run_id)]
+
+
+def test_not_acted_lets_a_retry_under_the_key_run_the_call_again(world: World) -> None:
+    """Resolved as not acted, the key is failed: the next call under it charges."""
+    key = f"charge-{uuid.uuid4().hex}"
+    run_id = doubted(world, key)
+    with (
+        world.app.run(principal=AGENT, request="retry") as before,
+        pytest.raises(tether.InDoubt),
+    ):
+        before.call("pay.charge", {"order": "o-1", "cents": 500}, idempotency_key=key)
+
+    done = world.app.resolve_in_doubt(
+        run_id, 1, acted=False, by="alice", reason="no charge o-1 in the ledger"
+    )
+    with world.app.run(principal=AGENT, request="retry") as after:
+        out = after.call(
+            "pay.charge", {"order": "o-1", "cents": 500}, idempotency_key=key
+        )
+
+    assert (done.key, done.key_state, done.capability) == (key, "failed", "pay.charge")
+    assert world.charges == ["o-1", "o-1"]
+    assert out == ChargeOut(charge_id="ch_2", cents=500)
+    assert kinds(world, run_id)[-1] == "in_doubt_resolved"
+    resolved = world.app.store.events(run_id)[-1].data()
+    assert resolved | {"at": None} == {
+        "acted": False,
+        "at": None,
+        "by": "alice",
+        "key": key,
+        "key_state": "failed",
+        "kind": "in_doubt_resolved",
+        "output": None,
+        "reason": "no charge o-1 in the ledger",
+        "seq": done.seq,
+        "step": 1,
+    }
+    assert world.app.verify(run_id).ok  # after run_finished, the chain holds
+
+
+def test_acted_gives_a_retry_the_persons_result_and_never_charges_again(
+    world: World,
+) -> None:
+    """Resolved as acted with the result, a retry under the key is an idempotent hit."""
+    key = f"charge-{uuid.uuid4().hex}"
+    run_id = doubted(world, key)
+
+    world.app.resolve_in_doubt(
+        run_id,
+        1,
+        acted=True,
+        by="alice",
+        reason="ch_1 is in the ledger",
+        output={"charge_id": "ch_1", "cents": 500},
+    )
+    with world.app.run(principal=AGENT, request="retry") as run:
+        outcome = run.step(
+            "pay.charge", {"order": "o-1", "cents": 500}, idempotency_key=key
+        )
+
+    assert outcome.status is OutcomeStatus.IDEMPOTENT_HIT
+    assert outcome.output == ChargeOut(charge_id="ch_1", cents=500)
+    assert world.charges == ["o-1"]
+    stored = world.app.store.lookup_key(key_of(key))
+    assert stored is not None
+    assert stored.state is KeyState.COMPLETED
+
+
+def test_an_incomplete_or_repeated_answer_is_refused_and_changes_nothing(
+    world: World,
+) -> None:
+    """No reason, acted without the result, a result that misfits, twice: one line each."""
+    key = f"charge-{uuid.uuid4().hex}"
+    run_id = doubted(world, key)
+    resolve = world.app.resolve_in_doubt
+    head = world.app.store.get_run(run_id).head_seq
+
+    with pytest.raises(tether.UsageError, match="needs a reason"):
+        resolve(run_id, 1, acted=False, by="alice", reason="  ")
+    with pytest.raises(tether.UsageError, match="give the call's result"):
+        resolve(run_id, 1, acted=True, by="alice", reason="charged")
+    with pytest.raises(tether.UsageError, match="cents"):
+        resolve(
+            run_id, 1, acted=True, by="alice", reason="x", output={"charge_id": "c"}
+        )
+    with pytest.raises(tether.UsageError, match="drop it, or say it acted"):
+        resolve(run_id, 1, acted=False, by="alice", reason="x", output={"a": 1})
+    with pytest.raises(tether.UsageError, match="no step 7"):
+        resolve(run_id, 7, acted=False, by="alice", reason="x")
+    assert world.app.store.get_run(run_id).head_seq == head
+    stored = world.app.store.lookup_key(key_of(key))
+    assert stored is not None
+    assert stored.state is KeyState.IN_DOUBT
+
+    resolve(run_id, 1, acted=False, by="alice", reason="not charged")
+    with pytest.raises(tether.UsageError, match="resolved already: alice found it"):
+        resolve(run_id, 1, acted=True, by="bob", reason="x", output={})
+
+
+def test_a_step_that_finished_is_not_in_doubt(world: World) -> None:
+    with world.app.run(principal=AGENT, request="charge") as run:
+        run.call("pay.charge", {"order": "o-2", "cents": 1})
+
+    with pytest.raises(
+        tether.UsageError, match=r"step 1 \(pay.charge\) is not in doubt"
+    ):
+        world.app.resolve_in_doubt(run.id, 1, acted=False, by="alice", reason="x")
+
+
+def test_a_live_run_takes_the_answer_up_and_goes_on(world: World) -> None:
+    """Resolved while its run is still open (from anywhere), the run writes after it."""
+    key = f"charge-{uuid.uuid4().hex}"
+    world.hang_up.append(True)
+    with world.app.run(principal=AGENT, request="charge, then retry") as run:
+        with pytest.raises(tether.InDoubt):
+            run.call("pay.charge", {"order": "o-1", "cents": 500}, idempotency_key=key)
+        world.app.resolve_in_doubt(
+            run.id, 1, acted=False, by="alice", reason="not in the ledger"
+        )
+        out = run.call(
+            "pay.charge", {"order": "o-1", "cents": 500}, idempotency_key=key
+        )
+
+    assert out.charge_id == "ch_2"
+    assert world.app.store.get_run(run.id).status == "succeeded"
+    assert kinds(world, run.id).count("in_doubt_resolved") == 1
+    assert world.app.verify(run.id).ok
+
+
+def test_a_step_an_abort_cut_off_is_resolved_with_its_claim(world: World) -> None:
+    """A keyed step aborted mid-call keeps its key claimed; acted, a retry gets the result."""
+    app = world.app
+
+    @tether.capability("pay.capture", effect="write", idempotency="keyed")
+    def capture(args: ChargeIn) -> ChargeOut:
+        world.charges.append(args.order)
+        app.abort(run_id, by="oncall", reason="stop everything")  # mid-call
+        return ChargeOut(charge_id="ch_cut", cents=args.cents)
+
+    app.register(capture)
+    key = f"capture-{uuid.uuid4().hex}"
+    with app.run(principal=AGENT, request="x") as run:
+        run_id = run.id
+        with pytest.raises(tether.RunAborted):
+            run.call(capture, {"order": "o-3", "cents": 9}, idempotency_key=key)
+    claimed = app.store.lookup_key(
+        KeyId(tenant="acme", principal_id="pay-bot", capability="pay.capture", key=key)
+    )
+    assert claimed is not None
+    assert claimed.state is KeyState.IN_PROGRESS
+
+    done = app.resolve_in_doubt(
+        run_id,
+        1,
+        acted=True,
+        by="alice",
+        reason="captured",
+        output=ChargeOut(charge_id="ch_cut", cents=9),
+    )
+    with app.run(principal=AGENT, request="retry") as again:
+        hit = again.step(capture, {"order": "o-3", "cents": 9}, idempotency_key=key)
+
+    assert done.key_state == "completed"
+    assert hit.status is OutcomeStatus.IDEMPOTENT_HIT
+    assert world.charges == ["o-3"]
+    assert app.verify(run_id).ok
+
+
+def test_a_resolved_retry_replays_the_same(tmp_path: Path) -> None:
+    """Replay settles the key as the record's answer did, so the retry after it matches."""
+    db = f"sqlite:///{tmp_path / 'tether.db'}"
+    hang_up = [True]
+
+    @tether.capability("pay.charge", effect="write", idempotency="none")
+    def charge(args: ChargeIn) -> ChargeOut:
+        if hang_up and hang_up.pop(0):
+            raise ConnectionResetError("upstream hung up after charging")
+        return ChargeOut(charge_id="ch_2", cents=args.cents)
+
+    with tether.Tether(db=db, clock=FakeClock(), env={}) as app:
+        app.register(charge)
+        with app.run(principal=AGENT, request="charge") as run:
+            with pytest.raises(tether.InDoubt):
+                run.call("pay.charge", {"order": "o", "cents": 5}, idempotency_key="k")
+            app.resolve_in_doubt(run.id, 1, acted=False, by="alice", reason="none")
+            run.call("pay.charge", {"order": "o", "cents": 5}, idempotency_key="k")
+        recorded = RecordedRun.from_store(app.store, run.id)
+        hang_up.append(True)  # the replayed first call is in doubt again
+
+        report = Replayer(app).replay(recorded)
+
+    assert report.ok, report.to_json()
+    assert report.notes == []
+
+
+def test_cli_resolves_a_step_and_says_what_the_key_became(tmp_path: Path) -> None:
+    """`tether runs resolve`: one error line for a bad answer, a JSON document for a good one."""
+    db = f"sqlite:///{tmp_path / 'tether.db'}"
+    hang_up = [True]
+
+    @tether.capability("pay.charge", effect="write", idempotency="none")
+    def charge(args: ChargeIn) -> ChargeOut:
+        if hang_up and hang_up.pop(0):
+            raise ConnectionResetError("upstream hung up after charging")
+        return ChargeOut(charge_id="ch_1", cents=args.cents)
+
+    with tether.Tether(db=db, env=KEY) as app:
+        app.register(charge)
+        with (
+            app.run(principal=AGENT, request="charge") as run,
+            pytest.raises(tether.InDoubt),
+        ):
+            run.call("pay.charge", {"order": "o", "cents": 5}, idempotency_key="k")
+    resolve = ("runs", "resolve", run.id, "1", "--as", "alice", "--db", db)
+
+    missing = _cli.run(tmp_path, *resolve, "--acted", "--reason", "seen", env=KEY)
+    bad = _cli.run(
+        tmp_path, *resolve, "--acted", "--output", "{nope", "--reason", "x", env=KEY
+    )
+    neither = _cli.run(tmp_path, *resolve, "--reason", "x", env=KEY)
+    ok = _cli.run(
+        tmp_path,
+        *resolve,
+        "--acted",
+        "--output",
+        '{"charge_id": "ch_1", "cents": 5}',
+        "--reason",
+        "ch_1 in the ledger",
+        "--json",
+        env=KEY,
+    )
+    again = _cli.run(tmp_path, *resolve, "--not-acted", "--reason", "x", env=KEY)
+    verified = _cli.run(tmp_path, "verify", run.id, "--db", db, env=KEY)
+
+    assert "give the call's result" in _cli.one_error(missing, "usage_error")
+    assert "--output is not JSON" in _cli.one_error(bad, "usage_error")
+    assert neither.returncode == 2
+    assert "--acted" in neither.stderr
+    assert ok.returncode == 0, ok.stderr
+    document = json.loads(ok.stdout)
+    assert document | {"seq": None, "format": None} == {
+        "format": None,
+        "run_id": run.id,
+        "step": 1,
+        "capability": "pay.charge",
+        "acted": True,
+        "key": "k",
+        "key_state": "completed",
+        "seq": None,
+    }
+    assert "resolved already: alice found it acted" in _cli.one_error(
+        again, "usage_error"
+    )
+    assert verified.returncode == 0, verified.stdout + verified.stderr
