@@ -217,7 +217,7 @@ def test_a_live_run_takes_the_answer_up_and_goes_on(world: World) -> None:
             "pay.charge", {"order": "o-1", "cents": 500}, idempotency_key=key
         )
 
-    assert out.charge_id == "ch_2"
+    assert out == ChargeOut(charge_id="ch_2", cents=500)
     assert world.app.store.get_run(run.id).status == "succeeded"
     assert kinds(world, run.id).count("in_doubt_resolved") == 1
     assert world.app.verify(run.id).ok
@@ -327,6 +327,8 @@ def test_cli_resolves_a_step_and_says_what_the_key_became(tmp_path: Path) -> Non
     )
     again = _cli.run(tmp_path, *resolve, "--not-acted", "--reason", "x", env=KEY)
     verified = _cli.run(tmp_path, "verify", run.id, "--db", db, env=KEY)
+    shown = _cli.run(tmp_path, "runs", "show", run.id, "--db", db, "--json", env=KEY)
+    text = _cli.run(tmp_path, "runs", "show", run.id, "--db", db, env=KEY)
 
     assert "give the call's result" in _cli.one_error(missing, "usage_error")
     assert "--output is not JSON" in _cli.one_error(bad, "usage_error")
@@ -348,3 +350,15 @@ def test_cli_resolves_a_step_and_says_what_the_key_became(tmp_path: Path) -> Non
         again, "usage_error"
     )
     assert verified.returncode == 0, verified.stdout + verified.stderr
+    step = json.loads(shown.stdout)["steps"][0]
+    assert (step["status"], step["resolved"]) == (
+        "in_doubt",
+        {
+            "acted": True,
+            "by": "alice",
+            "reason": "ch_1 in the ledger",
+            "key_state": "completed",
+        },
+    )
+    assert "resolved: acted (alice)" in text.stdout
+    assert "acted, by alice: ch_1 in the ledger; key k completed" in text.stdout

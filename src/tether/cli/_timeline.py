@@ -81,6 +81,7 @@ def _timeline(app: Tether, run_id: str) -> dict[str, Any]:
                 "output": None,
                 "error_code": None,
                 "error": None,
+                "resolved": None,
             }
         _apply(step, ev)
     for step in steps.values():
@@ -134,6 +135,13 @@ def _apply(step: dict[str, Any], ev: Mapping[str, Any]) -> None:
         step["error_code"] = "in_doubt"
         step["error"] = ev.get("message")
         step["duration_ms"] = _duration_ms(ev)
+    elif kind == "in_doubt_resolved":  # the step stays in doubt; a person answered
+        step["resolved"] = {
+            "acted": ev.get("acted"),
+            "by": ev.get("by"),
+            "reason": ev.get("reason"),
+            "key_state": ev.get("key_state"),
+        }
 
 
 def _duration_ms(ev: Mapping[str, Any]) -> float | None:
@@ -169,8 +177,12 @@ def _steps_table(steps: Sequence[Mapping[str, Any]], width: int) -> Table:
         )
     table.add_column("output", no_wrap=True)
     for s, row in zip(steps, rows, strict=True):
+        resolved = s.get("resolved")
         if s["status"] in _OK_STATUSES:
             out = _brief(s["output"], room)
+        elif resolved is not None:  # what a person found beats the doubt
+            found = "acted" if resolved["acted"] else "did not act"
+            out = _clean(f"resolved: {found} ({resolved['by']})", room)
         else:
             out = _clean(f"{s['error_code']}: {s['error']}", room)
         table.add_row(
@@ -233,6 +245,11 @@ def _event_detail(ev: Mapping[str, Any]) -> str:  # one line per kind
         return (
             f"stored result of {ev.get('original_run')} step {ev.get('original_step')}"
         )
+    if kind == "in_doubt_resolved":
+        found = "acted" if ev.get("acted") else "did not act"
+        key = ev.get("key_state")
+        settled = f"; key {ev.get('key')} {key}" if key else ""
+        return f"{found}, by {ev.get('by')}: {ev.get('reason')}{settled}"
     if kind == "run_finished":
         code = ev.get("error_code")
         return f"{ev.get('status')}" + (
