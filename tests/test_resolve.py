@@ -14,6 +14,7 @@ import json
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -245,6 +246,8 @@ def test_a_step_an_abort_cut_off_is_resolved_with_its_claim(world: World) -> Non
     assert claimed is not None
     assert claimed.state is KeyState.IN_PROGRESS
 
+    with pytest.raises(tether.UsageError, match="may still be running"):
+        app.resolve_in_doubt(run_id, 1, acted=False, by="bob", reason="no capture")
     done = app.resolve_in_doubt(
         run_id,
         1,
@@ -362,3 +365,33 @@ def test_cli_resolves_a_step_and_says_what_the_key_became(tmp_path: Path) -> Non
     )
     assert "resolved: acted (alice)" in text.stdout
     assert "acted, by alice: ch_1 in the ledger; key k completed" in text.stdout
+
+
+def test_a_cut_off_claim_is_answered_not_acted_once_it_lapsed(world: World) -> None:
+    """While a cut-off step's claim is live it may still act; once lapsed, not acted runs it again."""
+    app = world.app
+    clock = app.clock
+    assert isinstance(clock, FakeClock)
+
+    @tether.capability("pay.capture", effect="write", idempotency="keyed")
+    def capture(args: ChargeIn) -> ChargeOut:
+        world.charges.append(args.order)
+        if len(world.charges) == 1:
+            app.abort(run_id, by="oncall", reason="stop everything")  # mid-call
+        return ChargeOut(charge_id=f"ch_{len(world.charges)}", cents=args.cents)
+
+    app.register(capture)
+    key = f"capture-{uuid.uuid4().hex}"
+    with app.run(principal=AGENT, request="x") as run:
+        run_id = run.id
+        with pytest.raises(tether.RunAborted):
+            run.call(capture, {"order": "o-4", "cents": 9}, idempotency_key=key)
+    clock.advance(timedelta(hours=1))  # past any claim_ttl
+
+    done = app.resolve_in_doubt(run_id, 1, acted=False, by="bob", reason="no capture")
+    with app.run(principal=AGENT, request="retry") as again:
+        out = again.call(capture, {"order": "o-4", "cents": 9}, idempotency_key=key)
+
+    assert done.key_state == "failed"
+    assert out == ChargeOut(charge_id="ch_2", cents=9)
+    assert world.charges == ["o-4", "o-4"]

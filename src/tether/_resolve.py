@@ -93,7 +93,15 @@ def resolve_in_doubt(  # the person's whole answer, by keyword
     for tries in range(_RACES, -1, -1):
         row = store.get_run(run_id)
         capability, key = _in_doubt_step(store, row, step)
-        key_id, open_key = _open_key(store, row, step, capability, key)
+        key_id, open_key, claim_until = _open_key(store, row, step, capability, key)
+        if claim_until is not None and claim_until > now and not acted:
+            # Its process may still be in the call (an abort fences off its
+            # record, not its handler): a retry now could act a second time.
+            raise UsageError(
+                f"run {row.run_id} step {step} ({capability}) may still be "
+                f"running: its key's claim is live until {claim_until.isoformat()}; "
+                "check the upstream again after that, when nothing can still act"
+            )
         data = _output_data(registry, capability, output)
         if open_key is not None and acted and data is None:
             raise UsageError(
@@ -195,8 +203,10 @@ def _in_doubt_step(store: Store, row: RunRow, step: int) -> tuple[str, str | Non
 
 def _open_key(
     store: Store, row: RunRow, step: int, capability: str, key: str | None
-) -> tuple[KeyId | None, str | None]:
-    """Return the step's key and its name if it is still this step's, unsettled.
+) -> tuple[KeyId | None, str | None, datetime | None]:
+    """Return the step's key, its name and its claim's end if it is still this step's, unsettled.
+
+    The claim's end is None unless the key is still claimed (in progress).
 
     A step's key is the caller's (`key` from its `validated` event) or, for
     a `keyed` capability called without one, `RUN/STEP`. A key a later call
@@ -216,8 +226,9 @@ def _open_key(
             and found.step == step
             and found.state in _OPEN_KEY_STATES
         ):
-            return key_id, name
-    return None, None
+            claimed = found.state is KeyState.IN_PROGRESS
+            return key_id, name, found.lease_until if claimed else None
+    return None, None, None
 
 
 def _output_data(
