@@ -76,6 +76,20 @@ def world(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[World]:
         yield w
 
 
+def hanging_charge(
+    hang_up: list[bool], charge_id: str
+) -> tether.Capability[ChargeIn, ChargeOut]:
+    """A `none` charge that hangs up after charging while `hang_up` says so."""
+
+    @tether.capability("pay.charge", effect="write", idempotency="none")
+    def charge(args: ChargeIn) -> ChargeOut:
+        if hang_up and hang_up.pop(0):
+            raise ConnectionResetError("upstream hung up after charging")
+        return ChargeOut(charge_id=charge_id, cents=args.cents)
+
+    return charge
+
+
 def key_of(key: str) -> KeyId:
     return KeyId(
         tenant="acme", principal_id="pay-bot", capability="pay.charge", key=key
@@ -269,12 +283,7 @@ def test_a_resolved_retry_replays_the_same(tmp_path: Path) -> None:
     """Replay settles the key as the record's answer did, so the retry after it matches."""
     db = f"sqlite:///{tmp_path / 'tether.db'}"
     hang_up = [True]
-
-    @tether.capability("pay.charge", effect="write", idempotency="none")
-    def charge(args: ChargeIn) -> ChargeOut:
-        if hang_up and hang_up.pop(0):
-            raise ConnectionResetError("upstream hung up after charging")
-        return ChargeOut(charge_id="ch_2", cents=args.cents)
+    charge = hanging_charge(hang_up, "ch_2")
 
     with tether.Tether(db=db, clock=FakeClock(), env={}) as app:
         app.register(charge)
@@ -296,12 +305,7 @@ def test_cli_resolves_a_step_and_says_what_the_key_became(tmp_path: Path) -> Non
     """`tether runs resolve`: one error line for a bad answer, a JSON document for a good one."""
     db = f"sqlite:///{tmp_path / 'tether.db'}"
     hang_up = [True]
-
-    @tether.capability("pay.charge", effect="write", idempotency="none")
-    def charge(args: ChargeIn) -> ChargeOut:
-        if hang_up and hang_up.pop(0):
-            raise ConnectionResetError("upstream hung up after charging")
-        return ChargeOut(charge_id="ch_1", cents=args.cents)
+    charge = hanging_charge(hang_up, "ch_1")
 
     with tether.Tether(db=db, env=KEY) as app:
         app.register(charge)
