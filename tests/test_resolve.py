@@ -104,7 +104,16 @@ def doubted(w: World, key: str) -> str:
         pytest.raises(tether.InDoubt),
     ):
         run.call("pay.charge", {"order": "o-1", "cents": 500}, idempotency_key=key)
+    # A person checks after the call's claim lapsed: nothing can still act.
+    lapse(w.app)
     return run.id
+
+
+def lapse(app: tether.Tether) -> None:
+    """Move the app's clock past its key claims' TTL."""
+    clock = app.clock
+    assert isinstance(clock, FakeClock)
+    clock.advance(app.settings.idempotency.claim_ttl)
 
 
 def kinds(w: World, run_id: str) -> list[str]:
@@ -225,6 +234,9 @@ def test_a_live_run_takes_the_answer_up_and_goes_on(world: World) -> None:
     with world.app.run(principal=AGENT, request="charge, then retry") as run:
         with pytest.raises(tether.InDoubt):
             run.call("pay.charge", {"order": "o-1", "cents": 500}, idempotency_key=key)
+        with pytest.raises(tether.UsageError, match="may still be running"):
+            world.app.resolve_in_doubt(run.id, 1, acted=False, by="al", reason="no")
+        lapse(world.app)
         world.app.resolve_in_doubt(
             run.id, 1, acted=False, by="alice", reason="not in the ledger"
         )
@@ -290,6 +302,7 @@ def test_a_resolved_retry_replays_the_same(tmp_path: Path) -> None:
         with app.run(principal=AGENT, request="charge") as run:
             with pytest.raises(tether.InDoubt):
                 run.call("pay.charge", {"order": "o", "cents": 5}, idempotency_key="k")
+            lapse(app)
             app.resolve_in_doubt(run.id, 1, acted=False, by="alice", reason="none")
             run.call("pay.charge", {"order": "o", "cents": 5}, idempotency_key="k")
         recorded = RecordedRun.from_store(app.store, run.id)
@@ -299,6 +312,32 @@ def test_a_resolved_retry_replays_the_same(tmp_path: Path) -> None:
 
     assert report.ok, report.to_json()
     assert report.notes == []
+
+
+PAYAPP = """\
+import tether
+from pydantic import BaseModel
+
+
+class ChargeIn(BaseModel):
+    order: str
+    cents: int
+
+
+class ChargeOut(BaseModel):
+    charge_id: str
+    cents: int
+
+
+@tether.capability("pay.charge", effect="write", idempotency="none")
+def charge(args: ChargeIn) -> ChargeOut:
+    return ChargeOut(charge_id="ch_1", cents=args.cents)
+
+
+app = tether.Tether(db="sqlite:///tether.db")
+app.register(charge)
+"""
+"""The app a user points `runs resolve --app` at: it registers the capability."""
 
 
 def test_cli_resolves_a_step_and_says_what_the_key_became(tmp_path: Path) -> None:
@@ -321,9 +360,20 @@ def test_cli_resolves_a_step_and_says_what_the_key_became(tmp_path: Path) -> Non
         tmp_path, *resolve, "--acted", "--output", "{nope", "--reason", "x", env=KEY
     )
     neither = _cli.run(tmp_path, *resolve, "--reason", "x", env=KEY)
+    unchecked = _cli.run(
+        tmp_path, *resolve, "--acted", "--output", '{"a": 1}', "--reason", "x", env=KEY
+    )
+    (tmp_path / "payapp.py").write_text(PAYAPP)
     ok = _cli.run(
         tmp_path,
-        *resolve,
+        "runs",
+        "resolve",
+        run.id,
+        "1",
+        "--as",
+        "alice",
+        "--app",
+        "payapp:app",
         "--acted",
         "--output",
         '{"charge_id": "ch_1", "cents": 5}',
@@ -331,7 +381,7 @@ def test_cli_resolves_a_step_and_says_what_the_key_became(tmp_path: Path) -> Non
         "ch_1 in the ledger",
         "--json",
         env=KEY,
-    )
+    )  # from the app: its result is checked against pay.charge's output schema
     again = _cli.run(tmp_path, *resolve, "--not-acted", "--reason", "x", env=KEY)
     verified = _cli.run(tmp_path, "verify", run.id, "--db", db, env=KEY)
     shown = _cli.run(tmp_path, "runs", "show", run.id, "--db", db, "--json", env=KEY)
@@ -340,6 +390,8 @@ def test_cli_resolves_a_step_and_says_what_the_key_became(tmp_path: Path) -> Non
     assert "give the call's result" in _cli.one_error(missing, "usage_error")
     assert "--output is not JSON" in _cli.one_error(bad, "usage_error")
     assert neither.returncode == 2
+    _cli.one_error(unchecked, "usage_error")
+    assert "is not registered here" in unchecked.stderr
     assert "--acted" in neither.stderr
     assert ok.returncode == 0, ok.stderr
     document = json.loads(ok.stdout)

@@ -25,16 +25,15 @@ from typing import Any
 from pydantic import BaseModel
 
 from tether import _canonical, record
+from tether._approvals import as_of
 from tether._stages import validate_output
 from tether.capability import Registry
-from tether.errors import HeadMoved, InvalidOutput, LeaseLost, NotFound, UsageError
+from tether.errors import InvalidOutput, NotFound, UsageError
+from tether.handle import IN_DOUBT_RULE
 from tether.principal import check_text
-from tether.store import Batch, KeyId, KeyState, KeyUpdate, RunRow, Store
+from tether.store import ApprovalStatus, KeyId, KeyState, KeyUpdate, RunRow, Store
 
 __all__ = ["Resolution", "resolve_in_doubt"]
-
-_RACES = 20
-"""How many times a resolution re-reads a run whose record grew meanwhile."""
 
 _OPEN_KEY_STATES = (KeyState.IN_DOUBT, KeyState.IN_PROGRESS)
 """Key states a step in doubt leaves its key in (in progress: a cut-off claim)."""
@@ -90,81 +89,102 @@ def resolve_in_doubt(  # the person's whole answer, by keyword
         raise UsageError(
             "an output is the result of a call that acted; drop it, or say it acted"
         )
-    for tries in range(_RACES, -1, -1):
-        row = store.get_run(run_id)
-        capability, key = _in_doubt_step(store, row, step)
-        key_id, open_key, claim_until = _open_key(store, row, step, capability, key)
-        if claim_until is not None and claim_until > now and not acted:
-            # Its process may still be in the call (an abort fences off its
-            # record, not its handler): a retry now could act a second time.
+    row = store.get_run(run_id)
+    found = _in_doubt_step(store, row, step)
+    capability, key = found.capability, found.key
+    if found.request is not None:
+        answer = as_of(store.get_approval(found.request), now)
+        if answer.status is ApprovalStatus.PENDING:
+            # The worker that found the step cut off asked about it already:
+            # one question, one answer, or the two could disagree.
             raise UsageError(
-                f"run {row.run_id} step {step} ({capability}) may still be "
-                f"running: its key's claim is live until {claim_until.isoformat()}; "
-                "check the upstream again after that, when nothing can still act"
+                f"run {row.run_id} step {step} ({capability}) waits on approval "
+                f"request {found.request}: decide it instead (approve: it did not "
+                "act, run it again; deny: it acted or must not run again)"
             )
-        data = _output_data(registry, capability, output)
-        if open_key is not None and acted and data is None:
-            raise UsageError(
-                f"run {row.run_id} step {step} ({capability}) has idempotency key "
-                f"{open_key!r:.80}: give the call's result (--output JSON), which a "
-                "retry under the key gets instead of acting again"
-            )
-        key_state = None
-        update = None
-        if key_id is not None and open_key is not None:
-            state = KeyState.COMPLETED if acted else KeyState.FAILED
-            key_state = state.value
-            update = KeyUpdate(
-                id=key_id,
-                run_id=row.run_id,
-                step=step,
-                state=state,
-                output=None if data is None else _canonical.dumps(data),
-                now=now,
-            )
-        event = record.InDoubtResolved(
-            acted=acted,
-            at=now,
-            by=by,
-            key=open_key if open_key is not None else key,
-            key_state=key_state,
-            output=data,
-            reason=reason,
-            step=step,
+    key_id, open_key, claim_until = _open_key(store, row, step, capability, key)
+    if claim_until is not None and claim_until > now and not acted:
+        # Its handler may still be in the call (a timed-out thread, or a
+        # process an abort fenced off from its record, not from its
+        # upstream): a retry now could act a second time.
+        raise UsageError(
+            f"run {row.run_id} step {step} ({capability}) may still be "
+            f"running: its key's claim is live until {claim_until.isoformat()}; "
+            "check the upstream again after that, when nothing can still act"
         )
-        try:
-            committed = store.commit(
-                Batch(
-                    run_id=row.run_id,
-                    events=[event],
-                    at=now,
-                    epoch=row.epoch,
-                    base_seq=row.head_seq,
-                    base_hash=row.head_hash,
-                    key_update=update,
-                )
-            )
-        except (HeadMoved, LeaseLost):
-            # The run's writer (or a person deciding its approval) wrote since
-            # it was read; a writer holding it takes this event up at its next
-            # write (`RunWriter`). Read again and write after them.
-            if not tries:
-                raise
-            continue
-        return Resolution(
+    data = _output_data(registry, capability, output)
+    if open_key is not None and acted and data is None:
+        raise UsageError(
+            f"run {row.run_id} step {step} ({capability}) has idempotency key "
+            f"{open_key!r:.80}: give the call's result (--output JSON), which a "
+            "retry under the key gets instead of acting again"
+        )
+    update = None
+    state = KeyState.COMPLETED if acted else KeyState.FAILED
+    if key_id is not None:
+        update = KeyUpdate(
+            id=key_id,
             run_id=row.run_id,
             step=step,
-            capability=capability,
-            acted=acted,
-            key=event.key,
-            key_state=key_state,
-            seq=committed.head_seq,
+            state=state,
+            output=None if data is None else _canonical.dumps(data),
+            now=now,
         )
-    raise AssertionError("the loop returns or raises")  # pragma: no cover
+    made: list[record.InDoubtResolved] = []
+
+    def event(settled: bool) -> record.Event:
+        # The key is settled only if no call took it over since it was read.
+        made.append(
+            record.InDoubtResolved(
+                acted=acted,
+                at=now,
+                by=by,
+                key=open_key if open_key is not None else key,
+                key_state=state.value if settled else None,
+                output=data,
+                reason=reason,
+                step=step,
+            )
+        )
+        return made[-1]
+
+    # The answer is appended at the run's head in the store's transaction,
+    # not fenced by a head read here: a live run writing steps would keep
+    # moving it. Its writer takes the event up at its next write.
+    seq = store.resolve_step(
+        row.run_id,
+        step=step,
+        seen_seq=found.last_seq,
+        key=update,
+        event=event,
+        at=now,
+    )
+    return Resolution(
+        run_id=row.run_id,
+        step=step,
+        capability=capability,
+        acted=acted,
+        key=made[-1].key,
+        key_state=made[-1].key_state,
+        seq=seq,
+    )
 
 
-def _in_doubt_step(store: Store, row: RunRow, step: int) -> tuple[str, str | None]:
-    """Return the capability and explicit key of `row`'s step `step`, if it is in doubt.
+@dataclass(frozen=True, slots=True)
+class _Doubted:
+    """A step in doubt, as its run's record says."""
+
+    capability: str
+    key: str | None
+    """The caller's idempotency key, if it gave one."""
+    request: str | None
+    """The approval request a resume made about it (rule `in_doubt`), if one did."""
+    last_seq: int
+    """The last event read."""
+
+
+def _in_doubt_step(store: Store, row: RunRow, step: int) -> _Doubted:
+    """Return what `row`'s record says of its step `step`, if it is in doubt.
 
     Raises:
         UsageError: the run has no such step, it is not in doubt, or it was
@@ -172,8 +192,11 @@ def _in_doubt_step(store: Store, row: RunRow, step: int) -> tuple[str, str | Non
     """
     capability = None
     key = None
+    request = None
     doubted = False
+    last_seq = 0
     for ev in store.events(row.run_id):
+        last_seq = ev.seq
         data = ev.data()
         if data.get("step") != step:
             continue
@@ -182,6 +205,8 @@ def _in_doubt_step(store: Store, row: RunRow, step: int) -> tuple[str, str | Non
             capability, key = str(data["capability"]), data.get("key")
         elif kind == "in_doubt":
             doubted = True
+        elif kind == "approval_requested" and IN_DOUBT_RULE in data["rule_ids"]:
+            request = str(data["approval_id"])
         elif kind == "in_doubt_resolved":
             found = "acted" if data["acted"] else "did not act"
             raise UsageError(
@@ -198,7 +223,12 @@ def _in_doubt_step(store: Store, row: RunRow, step: int) -> tuple[str, str | Non
             f"run {row.run_id} step {step} ({capability}) is not in doubt; only a "
             "step recorded in_doubt needs a person's answer"
         )
-    return capability, None if key is None else str(key)
+    return _Doubted(
+        capability=capability,
+        key=None if key is None else str(key),
+        request=request,
+        last_seq=last_seq,
+    )
 
 
 def _open_key(
@@ -206,7 +236,9 @@ def _open_key(
 ) -> tuple[KeyId | None, str | None, datetime | None]:
     """Return the step's key, its name and its claim's end if it is still this step's, unsettled.
 
-    The claim's end is None unless the key is still claimed (in progress).
+    Until the claim's end, the step's handler may still be running: a key in
+    doubt keeps the end of the claim its call held (a timed-out thread may
+    still be in the call), and a claimed one is renewed while its run lives.
 
     A step's key is the caller's (`key` from its `validated` event) or, for
     a `keyed` capability called without one, `RUN/STEP`. A key a later call
@@ -226,8 +258,7 @@ def _open_key(
             and found.step == step
             and found.state in _OPEN_KEY_STATES
         ):
-            claimed = found.state is KeyState.IN_PROGRESS
-            return key_id, name, found.lease_until if claimed else None
+            return key_id, name, found.lease_until
     return None, None, None
 
 
@@ -236,32 +267,26 @@ def _output_data(
     capability: str,
     output: Mapping[str, Any] | BaseModel | None,
 ) -> dict[str, Any] | None:
-    """Return the output's JSON form, checked against the capability's schema when it is registered.
+    """Return the output's JSON form, checked against the capability's output schema.
 
     Raises:
-        UsageError: the output does not fit the schema, or is not a JSON object.
+        UsageError: the capability is not registered here (its result could be
+            neither checked nor have its secrets masked), or the output does
+            not fit its schema.
     """
     if output is None:
         return None
     try:
         cap = registry.get(capability)
     except NotFound:
-        cap = None
-    if cap is not None:
-        try:
-            _, data = validate_output(cap, output)
-        except InvalidOutput as exc:  # the person's mistake, said as theirs
-            raise UsageError(
-                f"{exc.message}; give the result the call returned"
-            ) from exc
-        return data
-    if isinstance(output, BaseModel):
-        output = output.model_dump(mode="json")
-    if not isinstance(output, Mapping):
         raise UsageError(
-            f"the output must be a JSON object, got {type(output).__name__}"
-        )
+            f"{capability} is not registered here, so the result you give can be "
+            "neither checked against its output schema nor have its secrets "
+            "masked; resolve from the app that registers it (tether runs "
+            "resolve --app MODULE:ATTR)"
+        ) from None
     try:
-        return dict(_canonical.loads(_canonical.dumps(dict(output))))
-    except (_canonical.CanonicalError, TypeError) as exc:
-        raise UsageError(f"the output has no exact JSON form: {exc}") from exc
+        _, data = validate_output(cap, output)
+    except InvalidOutput as exc:  # the person's mistake, said as theirs
+        raise UsageError(f"{exc.message}; give the result the call returned") from exc
+    return data

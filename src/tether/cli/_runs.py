@@ -454,7 +454,18 @@ def _runs_resolve(
             "--output",
             metavar="JSON",
             help="With --acted: the call's result, a JSON object; a retry "
-            "under the step's key gets it instead of acting again.",
+            "under the step's key gets it instead of acting again. Needs --app.",
+            show_default=False,
+        ),
+    ] = None,
+    app: Annotated[
+        str | None,
+        typer.Option(
+            "--app",
+            metavar="MODULE:ATTR",
+            help="Your tether.Tether instance (myapp:app), which registers the "
+            "step's capability: --output is checked against its output schema "
+            "and its secrets masked. Its database is used instead of --db.",
             show_default=False,
         ),
     ] = None,
@@ -473,6 +484,7 @@ def _runs_resolve(
     A step not in doubt, or resolved already, is an error (exit 2).
 
     Example: tether runs resolve run_0190f3a2c4 3 --not-acted --as alice --reason "no charge in the ledger"
+    Example: tether runs resolve run_0190f3a2c4 3 --acted --output '{"charge_id": "ch_1"}' --app myapp:app --as alice --reason "ch_1 is in the ledger"
     """
     if not by.strip():
         raise UsageError(
@@ -491,10 +503,19 @@ def _runs_resolve(
             raise UsageError(
                 f"--output must be a JSON object, got {type(data).__name__}"
             )
-    with _open(db, must_exist=True) as app:
-        done = app.resolve_in_doubt(
+    if app is not None:
+        if db is not None:
+            raise UsageError(
+                "--app reads the app's own database; drop --db, or drop --app"
+            )
+        done = _load_app(app).resolve_in_doubt(  # the user's app: theirs to close
             run, step, acted=acted, by=by, reason=reason, output=data
         )
+    else:
+        with _open(db, must_exist=True) as opened:
+            done = opened.resolve_in_doubt(
+                run, step, acted=acted, by=by, reason=reason, output=data
+            )
     if as_json:
         _emit_json(
             {

@@ -424,6 +424,17 @@ class _Walk:
         again, or the person's result).
         """
         step = int(event["step"])
+        if any(
+            e["kind"] == "in_doubt"
+            and e.get("step") == step
+            and e.get("error_type") == "WriterLost"
+            for e in self.events
+        ):
+            # Cut off by its process's death or an abort: the replay does not
+            # re-drive what those wrote (`_cut_at_resume`), so the step is not
+            # in doubt here and its answer has nothing to settle.
+            self._fresh()
+            return
         try:
             resolve_in_doubt(
                 self.scratch.store,

@@ -308,6 +308,34 @@ class Store(abc.ABC):
         """
 
     @abc.abstractmethod
+    def resolve_step(
+        self,
+        run_id: str,
+        *,
+        step: int,
+        seen_seq: int,
+        key: KeyUpdate | None,
+        event: Callable[[bool], Event],
+        at: datetime,
+    ) -> int:
+        """Settle a step in doubt and record a person's answer, in one transaction.
+
+        `key`, if given, is settled only while it is still this step's and
+        open (`in_doubt`, or `in_progress`: claimed); `event(settled)` makes the
+        answer's event, told whether the key was, and it is appended at the
+        run's head, whoever holds the run (a live writer takes it up). Of two
+        answers racing, one wins: an `in_doubt_resolved` event for `step` after
+        `seen_seq` (the last event the caller read) refuses the other.
+
+        Returns:
+            The appended event's seq.
+
+        Raises:
+            NotFound: no such run.
+            UsageError: the step was resolved since `seen_seq`.
+        """
+
+    @abc.abstractmethod
     def lookup_key(self, key: KeyId) -> KeyRecord | None:
         """Return the record of `key`, if any."""
 

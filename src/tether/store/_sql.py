@@ -48,6 +48,7 @@ __all__ = [
     "breaker_values",
     "fence_error",
     "key_record",
+    "key_settle",
     "key_update",
     "limit_summary",
     "not_one",
@@ -193,6 +194,17 @@ def key_update(mark: str, u: KeyUpdate) -> tuple[str, tuple[object, ...]]:
         u.run_id,
         u.step,
     )
+
+
+def key_settle(mark: str, u: KeyUpdate) -> tuple[str, tuple[object, ...]]:
+    """Return the statement that settles a step's key while it is still open.
+
+    As `key_update`, but only a key still `in_doubt` or `in_progress`: a
+    person's answer to a step in doubt (`Store.resolve_step`) must not settle
+    a key a later call has finished since.
+    """
+    sql, params = key_update(mark, u)
+    return f"{sql} AND state IN ('in_doubt', 'in_progress')", params
 
 
 def return_grant(mark: str, approval_id: str) -> tuple[str, tuple[object, ...]]:

@@ -364,6 +364,42 @@ class MemoryStore(Store):
             raise ApprovalClosed(refused)
         return current
 
+    def resolve_step(
+        self,
+        run_id: str,
+        *,
+        step: int,
+        seen_seq: int,
+        key: KeyUpdate | None,
+        event: Callable[[bool], Event],
+        at: datetime,
+    ) -> int:
+        """Settle a step in doubt and record the answer, atomically (see `Store.resolve_step`)."""
+        with self._lock:
+            run = self._runs.get(run_id)
+            if run is None:
+                raise NotFound(f"no run {run_id!r} in memory")
+            if any(
+                e.kind == "in_doubt_resolved" and e.step == step
+                for e in run.events[seen_seq:]
+            ):
+                raise UsageError(
+                    f"run {run_id} step {step} was resolved already, meanwhile; "
+                    f"`tether runs show {run_id}` shows the answer"
+                )
+            old = None if key is None else self._keys.get(key.id)
+            settled = (
+                key is not None
+                and old is not None
+                and old.state in (KeyState.IN_DOUBT, KeyState.IN_PROGRESS)
+            )
+            if settled:
+                assert key is not None
+                self._update_key(key)
+                settled = self._keys[key.id] is not old  # still this step's
+            run.events.append(event(settled))
+            return len(run.events)
+
     def limit_rows(self, now: datetime) -> list[LimitRow]:
         """Return every limit counter and live lease set (for `tether status`)."""
         at = to_us(now)

@@ -18,17 +18,18 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 
 from tether import _canonical, _chain
-from tether.errors import ApprovalClosed, NotFound, StoreError
+from tether.errors import ApprovalClosed, NotFound, StoreError, UsageError
 from tether.store import _limits
 from tether.store._base import (
     ApprovalRow,
     ApprovalStatus,
     Batch,
+    KeyUpdate,
     check_withdrawal,
     decision_refused,
 )
@@ -36,10 +37,14 @@ from tether.store._sql import (
     APPROVAL_COLUMNS,
     approval_row,
     approvals_query,
+    key_settle,
     not_one,
     text_list,
 )
 from tether.store.postgres._connection import Connected, one_line
+
+if TYPE_CHECKING:
+    from tether.record import Event
 
 __all__ = ["Approvals"]
 
@@ -226,6 +231,70 @@ class Approvals(Connected):
         sent.answer = (current, refused)  # from here on, it may land
         conn.execute("COMMIT")
         return current, refused
+
+    def resolve_step(
+        self,
+        run_id: str,
+        *,
+        step: int,
+        seen_seq: int,
+        key: KeyUpdate | None,
+        event: Callable[[bool], Event],
+        at: datetime,
+    ) -> int:
+        """Settle a step in doubt and record the answer, in one transaction (see `Store.resolve_step`).
+
+        A lost connection is an error, not tried again: the answer may have
+        landed (`tether runs show` says; a second try is refused as resolved).
+        """
+        return self._run(
+            lambda conn: self._resolve(conn, run_id, step, seen_seq, key, event, at),
+            f"resolve run {run_id} step {step}",
+        )
+
+    def _resolve(
+        self,
+        conn: psycopg.Connection[Any],
+        run_id: str,
+        step: int,
+        seen_seq: int,
+        key: KeyUpdate | None,
+        event: Callable[[bool], Event],
+        at: datetime,
+    ) -> int:
+        conn.execute("BEGIN")
+        # The key's row first, as a call claiming it locks it before its run's.
+        settled = key is not None and conn.execute(*key_settle("%s", key)).rowcount == 1
+        # Locked, so the head read here is the one the write below extends.
+        run = conn.execute(
+            "SELECT id, epoch, head_seq, head_hash FROM runs WHERE run_id=%s FOR UPDATE",
+            (run_id,),
+        ).fetchone()
+        if run is None:
+            raise NotFound(f"no run {run_id!r} in {self.url}")
+        answered = conn.execute(
+            "SELECT 1 FROM events WHERE run=%s AND seq>%s AND "
+            "kind='in_doubt_resolved' AND step=%s LIMIT 1",
+            (run[0], seen_seq, step),
+        ).fetchone()
+        if answered is not None:
+            raise UsageError(
+                f"run {run_id} step {step} was resolved already, meanwhile; "
+                f"`tether runs show {run_id}` shows the answer"
+            )
+        seq, _ = self._append(
+            conn,
+            Batch(
+                run_id=run_id,
+                events=[event(settled)],
+                at=at,
+                epoch=run[1],
+                base_seq=run[2],
+                base_hash=bytes(run[3]),
+            ),
+        )
+        conn.execute("COMMIT")
+        return seq
 
     def _append(self, conn: psycopg.Connection[Any], batch: Batch) -> tuple[int, bytes]:
         """Append events to a run inside the caller's open transaction; return its new head."""

@@ -10,14 +10,15 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from tether.errors import ApprovalClosed, NotFound, StoreError
+from tether.errors import ApprovalClosed, NotFound, StoreError, UsageError
 from tether.store import _limits
 from tether.store._base import (
     ApprovalRow,
     ApprovalStatus,
     Batch,
+    KeyUpdate,
     check_withdrawal,
     decision_refused,
 )
@@ -25,11 +26,15 @@ from tether.store._sql import (
     APPROVAL_COLUMNS,
     approval_row,
     approvals_query,
+    key_settle,
     not_one,
     text_list,
 )
 from tether.store.sqlite._connection import rollback
 from tether.store.sqlite._write import Writes
+
+if TYPE_CHECKING:
+    from tether.record import Event
 
 __all__ = ["Approvals"]
 
@@ -185,3 +190,71 @@ class Approvals(Writes):
             ),
         )
         return current, refused
+
+    def resolve_step(
+        self,
+        run_id: str,
+        *,
+        step: int,
+        seen_seq: int,
+        key: KeyUpdate | None,
+        event: Callable[[bool], Event],
+        at: datetime,
+    ) -> int:
+        """Settle a step in doubt and record the answer, in one transaction (see `Store.resolve_step`)."""
+        try:
+            with self._lock:
+                con = self._con
+                con.execute("BEGIN IMMEDIATE")
+                try:
+                    seq = self._resolve(con, run_id, step, seen_seq, key, event, at)
+                    con.execute("COMMIT")
+                except BaseException:
+                    rollback(con)
+                    raise
+        except sqlite3.Error as exc:
+            raise StoreError(
+                f"cannot resolve run {run_id} step {step} in {str(self.path)!r}: {exc}"
+            ) from exc
+        return seq
+
+    def _resolve(
+        self,
+        con: sqlite3.Connection,
+        run_id: str,
+        step: int,
+        seen_seq: int,
+        key: KeyUpdate | None,
+        event: Callable[[bool], Event],
+        at: datetime,
+    ) -> int:
+        # The file lock makes this the only writer: the head read here is the
+        # one the write below extends, whoever holds the run.
+        run = con.execute(
+            "SELECT id, epoch, head_seq, head_hash FROM runs WHERE run_id=?", (run_id,)
+        ).fetchone()
+        if run is None:
+            raise NotFound(f"no run {run_id!r} in {str(self.path)!r}")
+        answered = con.execute(
+            "SELECT 1 FROM events WHERE run=? AND seq>? AND kind='in_doubt_resolved' "
+            "AND step=? LIMIT 1",
+            (run[0], seen_seq, step),
+        ).fetchone()
+        if answered is not None:
+            raise UsageError(
+                f"run {run_id} step {step} was resolved already, meanwhile; "
+                f"`tether runs show {run_id}` shows the answer"
+            )
+        settled = key is not None and con.execute(*key_settle("?", key)).rowcount == 1
+        committed = self._commit(
+            con,
+            Batch(
+                run_id=run_id,
+                events=[event(settled)],
+                at=at,
+                epoch=run[1],
+                base_seq=run[2],
+                base_hash=run[3],
+            ),
+        )
+        return committed.head_seq
