@@ -529,3 +529,114 @@ def test_renew_lease_extends_a_live_runs_lease_and_its_steps_claim(
     assert after_take_over.lease_until == later + TTL
     assert key_after_take_over is not None
     assert key_after_take_over.lease_until == later
+
+
+# -- a person's answer to a step in doubt (Store.resolve_step) -------------------------
+
+
+def answer(settled: list[bool], *, step: int = 1) -> record.InDoubtResolved:
+    return record.InDoubtResolved(
+        acted=False,
+        at=T0,
+        by="alice",
+        key=KEY.key,
+        key_state="failed" if settled and settled[-1] else None,
+        reason="not in the ledger",
+        step=step,
+    )
+
+
+def resolve(
+    store: Store, run_id: str, key: KeyUpdate | None, *, seen_seq: int
+) -> tuple[int, bool]:
+    """Resolve step 1 of `run_id`; return the answer's seq and whether the key settled."""
+    settled: list[bool] = []
+
+    def event(was: bool) -> record.Event:
+        settled.append(was)
+        return answer(settled)
+
+    seq = store.resolve_step(
+        run_id, step=1, seen_seq=seen_seq, key=key, event=event, at=T0
+    )
+    return seq, settled[-1]
+
+
+def failing(run_id: str) -> KeyUpdate:
+    return KeyUpdate(id=KEY, run_id=run_id, step=1, state=KeyState.FAILED, now=T0)
+
+
+def test_an_answer_settles_an_open_key_and_lands_at_the_head_of_a_moved_run(
+    store: Store,
+) -> None:
+    """The key in doubt is settled, and the answer extends the head as it is, not as read."""
+    create_run(store, "run_a", claim=claim("run_a"))
+    settle(store, "run_a", KeyState.IN_DOUBT)
+    seen = store.get_run("run_a").head_seq
+    append(store, "run_a", [intent(2)])  # the live run writes meanwhile
+
+    seq, settled = resolve(store, "run_a", failing("run_a"), seen_seq=seen)
+
+    found = store.lookup_key(KEY)
+    row = store.get_run("run_a")
+    assert settled
+    assert found is not None
+    assert found.state is KeyState.FAILED
+    assert seq == row.head_seq == seen + 2
+    assert kinds(store, "run_a")[-1] == (seq, "in_doubt_resolved")
+    report = record.verify(
+        "run_a",
+        store.events("run_a"),
+        head_seq=row.head_seq,
+        head_hash=row.head_hash,
+        head_sig=row.head_sig,
+        key=store.record_key,
+    )
+    assert report.ok, report
+    assert append(store, "run_a", [intent(3)]).head_seq == seq + 1  # chained after it
+
+
+def test_an_answer_leaves_a_key_another_run_took_and_one_that_completed(
+    store: Store,
+) -> None:
+    """Only this step's open key is settled; the answer still lands, saying so."""
+    create_run(store, "run_a", claim=claim("run_a"))
+    create_run(store, "run_b")
+    later = T0 + TTL + timedelta(seconds=1)
+    append(store, "run_b", [intent(1, later)], claim=claim("run_b", at=later), at=later)
+
+    _, taken = resolve(
+        store, "run_a", failing("run_a"), seen_seq=store.get_run("run_a").head_seq
+    )
+    found = store.lookup_key(KEY)
+    assert not taken
+    assert found is not None
+    assert (found.run_id, found.state) == ("run_b", KeyState.IN_PROGRESS)
+
+    settle(store, "run_b", KeyState.COMPLETED, at=later)
+    _, done = resolve(
+        store,
+        "run_b",
+        KeyUpdate(id=KEY, run_id="run_b", step=1, state=KeyState.FAILED, now=later),
+        seen_seq=0,
+    )
+    found = store.lookup_key(KEY)
+    assert not done
+    assert found is not None
+    assert found.state is KeyState.COMPLETED
+
+
+def test_of_two_answers_to_one_step_the_second_is_refused(store: Store) -> None:
+    """An answer recorded after what the second answerer read refuses it; nothing lands."""
+    create_run(store, "run_a", claim=claim("run_a"))
+    settle(store, "run_a", KeyState.IN_DOUBT)
+    seen = store.get_run("run_a").head_seq
+    resolve(store, "run_a", failing("run_a"), seen_seq=seen)
+    head = store.get_run("run_a").head_seq
+
+    with pytest.raises(tether.UsageError, match="resolved already"):
+        resolve(store, "run_a", None, seen_seq=seen)
+
+    assert store.get_run("run_a").head_seq == head
+    with pytest.raises(tether.NotFound):
+        resolve(store, "run_nope", None, seen_seq=0)
