@@ -451,3 +451,32 @@ def test_a_cut_off_claim_is_answered_not_acted_once_it_lapsed(world: World) -> N
     assert done.key_state == "failed"
     assert out == ChargeOut(charge_id="ch_2", cents=9)
     assert world.charges == ["o-4", "o-4"]
+
+
+@pytest.mark.parametrize("command", ["abort", "resolve"])
+def test_cli_abort_and_resolve_read_the_config_they_are_given(
+    tmp_path: Path, command: str
+) -> None:
+    """`--config` is honoured: a broken file is one error line, and nothing is written."""
+    db = f"sqlite:///{tmp_path / 'tether.db'}"
+    with tether.Tether(db=db, env=KEY) as app:
+        app.register(hanging_charge([True], "ch_1"))
+        with (
+            app.run(principal=AGENT, request="charge") as run,
+            pytest.raises(tether.InDoubt),
+        ):
+            run.call("pay.charge", {"order": "o", "cents": 5}, idempotency_key="k")
+        head = app.store.get_run(run.id).head_seq
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("rules: [\n")
+    extra = ("1", "--acted") if command == "resolve" else ()
+    args = ("runs", command, run.id, *extra, "--as", "alice", "--reason", "x")
+
+    refused = _cli.run(tmp_path, *args, "--db", db, "--config", str(broken), env=KEY)
+    both = _cli.run(tmp_path, *args, "--app", "x:app", "--config", str(broken), env=KEY)
+
+    assert "broken.yaml" in _cli.one_error(refused, "config_invalid")
+    if command == "resolve":
+        assert "drop --db and --config" in _cli.one_error(both, "usage_error")
+    with tether.Tether(db=db, env=KEY) as app:
+        assert app.store.get_run(run.id).head_seq == head

@@ -322,6 +322,19 @@ def _runs_resume(run_id: _RunArg, app: _ResumeApp, as_json: _Json = False) -> No
         raise typer.Exit(1)
 
 
+_RunConfig = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        metavar="FILE",
+        help="The tether.yaml to use (its approvals webhook hears of requests "
+        "this closes); default: $TETHER_CONFIG, else ./tether.yaml.",
+        dir_okay=False,
+        show_default=False,
+    ),
+]
+
+
 @_runs_cli.command("abort")
 def _runs_abort(
     run: _RunArg,
@@ -345,6 +358,7 @@ def _runs_abort(
     ],
     as_json: _Json = False,
     db: _Db = None,
+    config: _RunConfig = None,
 ) -> None:
     """Stop a run for good: end it aborted, whoever holds it.
 
@@ -368,7 +382,7 @@ def _runs_abort(
             "--reason is empty; say why the run is stopped, for the record and "
             "for whoever ran it"
         )
-    with _open(db, must_exist=True) as app:
+    with _open(db, must_exist=True, config=config) as app:
         row = app.abort(run, by=by, reason=reason)
         # A step the run was cut off in (recorded in doubt by the abort, in
         # its write, just before its run_status): whoever stops it must check.
@@ -471,6 +485,7 @@ def _runs_resolve(
     ] = None,
     as_json: _Json = False,
     db: _Db = None,
+    config: _RunConfig = None,
 ) -> None:
     """Say whether a step in doubt acted upstream, once you have checked.
 
@@ -504,15 +519,16 @@ def _runs_resolve(
                 f"--output must be a JSON object, got {type(data).__name__}"
             )
     if app is not None:
-        if db is not None:
+        if db is not None or config is not None:
             raise UsageError(
-                "--app reads the app's own database; drop --db, or drop --app"
+                "--app reads the app's own database and tether.yaml; drop --db "
+                "and --config, or drop --app"
             )
         done = _load_app(app).resolve_in_doubt(  # the user's app: theirs to close
             run, step, acted=acted, by=by, reason=reason, output=data
         )
     else:
-        with _open(db, must_exist=True) as opened:
+        with _open(db, must_exist=True, config=config) as opened:
             done = opened.resolve_in_doubt(
                 run, step, acted=acted, by=by, reason=reason, output=data
             )
