@@ -19,6 +19,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 from tether._chain import StoredEvent
+from tether.errors import UsageError
 from tether.store._batch import (
     Batch,
     Claim,
@@ -66,6 +67,7 @@ __all__ = [
     "closed_reason",
     "decision_refused",
     "may_replace",
+    "resolved_meanwhile",
     "skew_problem",
 ]
 
@@ -124,6 +126,14 @@ def check_withdrawal(status: ApprovalStatus | None, *, withdraw: bool) -> None:
     """
     if withdraw and status not in (None, ApprovalStatus.EXPIRED):
         raise ValueError(f"a withdrawn approval is closed expired, not {status}")
+
+
+def resolved_meanwhile(run_id: str, step: int) -> UsageError:
+    """Say that another answer to a step in doubt landed since the caller read the run."""
+    return UsageError(
+        f"run {run_id} step {step} was resolved already, meanwhile; "
+        f"`tether runs show {run_id}` shows the answer"
+    )
 
 
 class Store(abc.ABC):

@@ -41,6 +41,7 @@ __all__ = [
     "KeyConflict",
     "Refused",
     "WriteBlocked",
+    "answered_since",
     "approval_row",
     "approval_values",
     "approvals_query",
@@ -205,6 +206,14 @@ def key_settle(mark: str, u: KeyUpdate) -> tuple[str, tuple[object, ...]]:
     """
     sql, params = key_update(mark, u)
     return f"{sql} AND state IN ('in_doubt', 'in_progress')", params
+
+
+def answered_since(mark: str) -> str:
+    """Return the query for an answer to a step recorded after a seq (run pk, seq, step)."""
+    return (
+        f"SELECT 1 FROM events WHERE run={mark} AND seq>{mark} AND "  # noqa: S608  # placeholders only
+        f"kind='in_doubt_resolved' AND step={mark} LIMIT 1"
+    )
 
 
 def return_grant(mark: str, approval_id: str) -> tuple[str, tuple[object, ...]]:

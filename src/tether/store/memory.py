@@ -42,6 +42,7 @@ from tether.store._base import (
     check_withdrawal,
     decision_refused,
     may_replace,
+    resolved_meanwhile,
 )
 from tether.store._breakers import BreakerRow
 from tether.store._limits import to_us
@@ -383,10 +384,7 @@ class MemoryStore(Store):
                 e.kind == "in_doubt_resolved" and e.step == step
                 for e in run.events[seen_seq:]
             ):
-                raise UsageError(
-                    f"run {run_id} step {step} was resolved already, meanwhile; "
-                    f"`tether runs show {run_id}` shows the answer"
-                )
+                raise resolved_meanwhile(run_id, step)
             old = None if key is None else self._keys.get(key.id)
             settled = (
                 key is not None

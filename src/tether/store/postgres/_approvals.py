@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 
 from tether import _canonical, _chain
-from tether.errors import ApprovalClosed, NotFound, StoreError, UsageError
+from tether.errors import ApprovalClosed, NotFound, StoreError
 from tether.store import _limits
 from tether.store._base import (
     ApprovalRow,
@@ -32,9 +32,11 @@ from tether.store._base import (
     KeyUpdate,
     check_withdrawal,
     decision_refused,
+    resolved_meanwhile,
 )
 from tether.store._sql import (
     APPROVAL_COLUMNS,
+    answered_since,
     approval_row,
     approvals_query,
     key_settle,
@@ -273,15 +275,11 @@ class Approvals(Connected):
         if run is None:
             raise NotFound(f"no run {run_id!r} in {self.url}")
         answered = conn.execute(
-            "SELECT 1 FROM events WHERE run=%s AND seq>%s AND "
-            "kind='in_doubt_resolved' AND step=%s LIMIT 1",
+            answered_since("%s"),
             (run[0], seen_seq, step),
         ).fetchone()
         if answered is not None:
-            raise UsageError(
-                f"run {run_id} step {step} was resolved already, meanwhile; "
-                f"`tether runs show {run_id}` shows the answer"
-            )
+            raise resolved_meanwhile(run_id, step)
         seq, _ = self._append(
             conn,
             Batch(

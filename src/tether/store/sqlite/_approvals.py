@@ -12,7 +12,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from tether.errors import ApprovalClosed, NotFound, StoreError, UsageError
+from tether.errors import ApprovalClosed, NotFound, StoreError
 from tether.store import _limits
 from tether.store._base import (
     ApprovalRow,
@@ -21,9 +21,11 @@ from tether.store._base import (
     KeyUpdate,
     check_withdrawal,
     decision_refused,
+    resolved_meanwhile,
 )
 from tether.store._sql import (
     APPROVAL_COLUMNS,
+    answered_since,
     approval_row,
     approvals_query,
     key_settle,
@@ -236,15 +238,11 @@ class Approvals(Writes):
         if run is None:
             raise NotFound(f"no run {run_id!r} in {str(self.path)!r}")
         answered = con.execute(
-            "SELECT 1 FROM events WHERE run=? AND seq>? AND kind='in_doubt_resolved' "
-            "AND step=? LIMIT 1",
+            answered_since("?"),
             (run[0], seen_seq, step),
         ).fetchone()
         if answered is not None:
-            raise UsageError(
-                f"run {run_id} step {step} was resolved already, meanwhile; "
-                f"`tether runs show {run_id}` shows the answer"
-            )
+            raise resolved_meanwhile(run_id, step)
         settled = key is not None and con.execute(*key_settle("?", key)).rowcount == 1
         committed = self._commit(
             con,
