@@ -327,8 +327,8 @@ _RunConfig = Annotated[
     typer.Option(
         "--config",
         metavar="FILE",
-        help="The tether.yaml to use (its approvals webhook hears of requests "
-        "this closes); default: $TETHER_CONFIG, else ./tether.yaml.",
+        help="The tether.yaml to use (an abort's closed requests reach its "
+        "approvals webhook); default: $TETHER_CONFIG, else ./tether.yaml.",
         dir_okay=False,
         show_default=False,
     ),
@@ -493,12 +493,15 @@ def _runs_resolve(
     `none` write that failed or timed out after it started, or a step its
     run was cut off in). Its idempotency key refuses every retry until this
     says what happened: --not-acted leaves the key failed, so a retry under
-    it runs the call again; --acted --output JSON leaves it completed with
-    that result, which a retry gets instead of acting twice. The answer is
-    recorded in the step's run (in_doubt_resolved), also once it has ended.
-    A step not in doubt, or resolved already, is an error (exit 2).
+    it runs the call again (refused while the call's claim is live: it may
+    still be running); --acted --output JSON --app MODULE:ATTR leaves it
+    completed with that result, checked by your app, which a retry gets
+    instead of acting twice. The answer is recorded in the step's run
+    (in_doubt_resolved), also once it has ended. A step not in doubt, or
+    resolved already, is an error (exit 2).
 
     Example: tether runs resolve run_0190f3a2c4 3 --not-acted --as alice --reason "no charge in the ledger"
+
     Example: tether runs resolve run_0190f3a2c4 3 --acted --output '{"charge_id": "ch_1"}' --app myapp:app --as alice --reason "ch_1 is in the ledger"
     """
     if not by.strip():
