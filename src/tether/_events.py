@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 __all__ = [
     "FORMAT",
+    "PEOPLES_KINDS",
     "ApprovalDecided",
     "ApprovalRequested",
     "ApprovalUsed",
@@ -43,6 +44,11 @@ __all__ = [
 
 FORMAT = 1
 """Version of the record format; stored in every `run_started` event."""
+
+PEOPLES_KINDS = frozenset({"approval_decided", "in_doubt_resolved"})
+"""Kinds a person's answer appends to a run from any process, whoever holds it,
+also after its `run_finished`: a decision on one of its approval requests, an
+answer to one of its steps in doubt."""
 
 
 # Events are made on the hottest path, three or more per step. Frozen dataclasses

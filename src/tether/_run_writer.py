@@ -18,6 +18,7 @@ from datetime import timedelta
 
 from tether import _canonical, _chain, _guards, record
 from tether._chain import StoredEvent
+from tether._events import PEOPLES_KINDS
 from tether.clock import Clock
 from tether.errors import HeadMoved, LeaseLost, StoreError
 from tether.store import (
@@ -31,9 +32,6 @@ from tether.store import (
 )
 
 __all__ = ["RunWriter"]
-
-_PEOPLES = frozenset({"approval_decided", "in_doubt_resolved"})
-"""Kinds a person's answer appends to a run from any process, under a live writer."""
 
 _DECISION_RACES = 20
 """How many times a write re-reads the record after people's decisions grew it."""
@@ -287,6 +285,6 @@ class RunWriter:
         anything else is a second writer, and stays an error.
         """
         grown = self._grown()
-        if not grown or any(ev.data().get("kind") not in _PEOPLES for ev in grown):
+        if not grown or any(ev.data().get("kind") not in PEOPLES_KINDS for ev in grown):
             return False
         return self._extend(grown)

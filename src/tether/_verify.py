@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from tether import _canonical
 from tether._chain import StoredEvent, chain_hash, genesis, sign_head
+from tether._events import PEOPLES_KINDS
 
 __all__ = ["VerifyReport", "verify"]
 
@@ -71,10 +72,9 @@ def verify(
     expected_seq = 1
     finished = False
     for ev in events:
-        # A finished run's record takes nothing more, but a person's decision
-        # on one of its approval requests, or answer to one of its steps in
-        # doubt, which is recorded in it wherever and whenever it is made.
-        if finished and _kind(ev.body) not in ("approval_decided", "in_doubt_resolved"):
+        # A finished run's record takes nothing more but people's answers,
+        # recorded in it wherever and whenever they are given.
+        if finished and _kind(ev.body) not in PEOPLES_KINDS:
             return _bad(
                 run_id,
                 ev.seq,
