@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -21,22 +20,17 @@ from tether.cli._common import (
     _clean,
     _console,
     _Db,
-    _db_url,
     _emit_json,
     _error,
     _fitted_table,
     _help_if_bare,
     _Json,
-    _load_app,
-    _no_database,
-    _open,
-    _opening,
+    _opened,
     cli,
 )
-from tether.config import resolve_config_path
 from tether.errors import ApprovalClosed, NotAllowedToApprove, UsageError
 from tether.principal import check_text
-from tether.store import ApprovalRow, ApprovalStatus, sqlite_path
+from tether.store import ApprovalRow, ApprovalStatus
 
 __all__: list[str] = []  # commands register on `cli` on import
 
@@ -101,38 +95,6 @@ def _approvals(ctx: typer.Context) -> None:
 
 
 # -- opening the app --------------------------------------------------------------------
-
-
-@contextmanager
-def _opened(
-    db: str | None, config: Path | None, app: str | None, *, read_only: bool = False
-) -> Iterator[Tether]:
-    """Yield the app whose store and `approvers:` the command uses.
-
-    `read_only` (list, show): the database is opened without migrating or
-    writing it (see `_open`).
-
-    Raises:
-        UsageError: `--app` together with `--db` or `--config`, or a bad `--app`.
-        NotFound: no database at the SQLite path (a read never creates one).
-    """
-    if app is not None:
-        if db is not None or config is not None:
-            raise UsageError(
-                "--app reads the app's own database and tether.yaml; drop --db "
-                "and --config, or drop --app"
-            )
-        yield _load_app(app)  # the user's app: theirs to close
-        return
-    with _opening(db):
-        path = sqlite_path(_db_url(db))
-        if path and not Path(path).is_file():
-            raise _no_database(
-                path,
-                "pass --db (or set TETHER_DB) to the database your app records to",
-            )
-    with _open(db, read_only=read_only, config=resolve_config_path(config)) as opened:
-        yield opened
 
 
 # -- the document ------------------------------------------------------------------------

@@ -52,6 +52,7 @@ __all__ = [
     "_ms",
     "_no_database",
     "_open",
+    "_opened",
     "_opening",
     "_policy_cli",
     "_runs_cli",
@@ -295,6 +296,38 @@ def _open(
         app = Tether(db=url, config=config, read_only=read_only)
     with app:
         yield app
+
+
+@contextmanager
+def _opened(
+    db: str | None, config: Path | None, app: str | None, *, read_only: bool = False
+) -> Iterator[Tether]:
+    """Yield the user's app (`--app`), or one on `--db` and `--config`: a command's app.
+
+    `read_only` (list, show): the database is opened without migrating or
+    writing it (see `_open`).
+
+    Raises:
+        UsageError: `--app` together with `--db` or `--config`, or a bad `--app`.
+        NotFound: no database at the SQLite path (a read never creates one).
+    """
+    if app is not None:
+        if db is not None or config is not None:
+            raise UsageError(
+                "--app reads the app's own database and tether.yaml; drop --db "
+                "and --config, or drop --app"
+            )
+        yield _load_app(app)  # the user's app: theirs to close
+        return
+    with _opening(db):
+        path = sqlite_path(_db_url(db))
+        if path and not Path(path).is_file():
+            raise _no_database(
+                path,
+                "pass --db (or set TETHER_DB) to the database your app records to",
+            )
+    with _open(db, read_only=read_only, config=resolve_config_path(config)) as opened:
+        yield opened
 
 
 def _no_database(path: str, fix: str) -> NotFound:

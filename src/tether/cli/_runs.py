@@ -26,6 +26,7 @@ from tether.cli._common import (
     _Json,
     _load_app,
     _open,
+    _opened,
     _RunArg,
     _runs_cli,
     _styled,
@@ -521,20 +522,10 @@ def _runs_resolve(
             raise UsageError(
                 f"--output must be a JSON object, got {type(data).__name__}"
             )
-    if app is not None:
-        if db is not None or config is not None:
-            raise UsageError(
-                "--app reads the app's own database and tether.yaml; drop --db "
-                "and --config, or drop --app"
-            )
-        done = _load_app(app).resolve_in_doubt(  # the user's app: theirs to close
+    with _opened(db, config, app) as opened:
+        done = opened.resolve_in_doubt(
             run, step, acted=acted, by=by, reason=reason, output=data
         )
-    else:
-        with _open(db, must_exist=True, config=config) as opened:
-            done = opened.resolve_in_doubt(
-                run, step, acted=acted, by=by, reason=reason, output=data
-            )
     if as_json:
         _emit_json(
             {
