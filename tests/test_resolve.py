@@ -13,111 +13,38 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from pydantic import BaseModel
 
 import _cli
 import tether
+from _resolving import (
+    AGENT,
+    BACKENDS,
+    KEY,
+    ChargeIn,
+    ChargeOut,
+    World,
+    cut_off_capture,
+    doubted,
+    hanging_charge,
+    key_of,
+    kinds,
+    lapse,
+    make_world,
+)
 from tether.record import OutcomeStatus
 from tether.replay import RecordedRun, Replayer
 from tether.store import KeyId, KeyState
 from tether.testing import FakeClock
 
-BACKENDS = ["sqlite", "memory", pytest.param("postgres", marks=pytest.mark.postgres)]
-KEY = {"TETHER_RECORD_KEY": "cd" * 32}
-AGENT = tether.Principal("pay-bot", roles=["agent"], tenant="acme")
-
-
-class ChargeIn(BaseModel):
-    order: str
-    cents: int
-
-
-class ChargeOut(BaseModel):
-    charge_id: str
-    cents: int
-
-
-@dataclass
-class World:
-    """An app on one backend, and the charges its upstream made."""
-
-    app: tether.Tether
-    db: str
-    charges: list[str] = field(default_factory=list)
-    hang_up: list[bool] = field(default_factory=list)
-    """One entry per coming call: the upstream hangs up after charging."""
-
 
 @pytest.fixture(params=BACKENDS)
 def world(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[World]:
-    if request.param == "postgres":
-        db = request.getfixturevalue("postgres_url")
-    elif request.param == "sqlite":
-        db = f"sqlite:///{tmp_path / 'tether.db'}?synchronous=normal"
-    else:
-        db = "memory://"
-    app = tether.Tether(db=db, clock=FakeClock(), env={})
-    w = World(app=app, db=db)
-
-    @tether.capability("pay.charge", effect="write", idempotency="none")
-    def charge(args: ChargeIn) -> ChargeOut:
-        w.charges.append(args.order)
-        if w.hang_up and w.hang_up.pop(0):
-            raise ConnectionResetError("upstream hung up after charging")
-        return ChargeOut(charge_id=f"ch_{len(w.charges)}", cents=args.cents)
-
-    app.register(charge)
-    with app:
+    with make_world(request, tmp_path) as w:
         yield w
-
-
-def hanging_charge(
-    hang_up: list[bool], charge_id: str
-) -> tether.Capability[ChargeIn, ChargeOut]:
-    """A `none` charge that hangs up after charging while `hang_up` says so."""
-
-    @tether.capability("pay.charge", effect="write", idempotency="none")
-    def charge(args: ChargeIn) -> ChargeOut:
-        if hang_up and hang_up.pop(0):
-            raise ConnectionResetError("upstream hung up after charging")
-        return ChargeOut(charge_id=charge_id, cents=args.cents)
-
-    return charge
-
-
-def key_of(key: str) -> KeyId:
-    return KeyId(
-        tenant="acme", principal_id="pay-bot", capability="pay.charge", key=key
-    )
-
-
-def doubted(w: World, key: str) -> str:
-    """Make a charge under `key` that is left in doubt; return its run's id."""
-    w.hang_up.append(True)
-    with (
-        w.app.run(principal=AGENT, request="charge o-1") as run,
-        pytest.raises(tether.InDoubt),
-    ):
-        run.call("pay.charge", {"order": "o-1", "cents": 500}, idempotency_key=key)
-    # A person checks after the call's claim lapsed: nothing can still act.
-    lapse(w.app)
-    return run.id
-
-
-def lapse(app: tether.Tether) -> None:
-    """Move the app's clock past its key claims' TTL."""
-    clock = app.clock
-    assert isinstance(clock, FakeClock)
-    clock.advance(app.settings.idempotency.claim_ttl)
-
-
-def kinds(w: World, run_id: str) -> list[str]:
-    return [e.data()["kind"] for e in w.app.store.events(run_id)]
 
 
 def test_not_acted_lets_a_retry_under_the_key_run_the_call_again(world: World) -> None:
@@ -141,7 +68,7 @@ def test_not_acted_lets_a_retry_under_the_key_run_the_call_again(world: World) -
     assert (done.key, done.key_state, done.capability) == (key, "failed", "pay.charge")
     assert world.charges == ["o-1", "o-1"]
     assert out == ChargeOut(charge_id="ch_2", cents=500)
-    assert kinds(world, run_id)[-1] == "in_doubt_resolved"
+    assert kinds(world.app, run_id)[-1] == "in_doubt_resolved"
     resolved = world.app.store.events(run_id)[-1].data()
     assert resolved | {"at": None} == {
         "acted": False,
@@ -246,7 +173,7 @@ def test_a_live_run_takes_the_answer_up_and_goes_on(world: World) -> None:
 
     assert out == ChargeOut(charge_id="ch_2", cents=500)
     assert world.app.store.get_run(run.id).status == "succeeded"
-    assert kinds(world, run.id).count("in_doubt_resolved") == 1
+    assert kinds(world.app, run.id).count("in_doubt_resolved") == 1
     assert world.app.verify(run.id).ok
 
 
@@ -428,25 +355,14 @@ def test_a_cut_off_claim_is_answered_not_acted_once_it_lapsed(world: World) -> N
     app = world.app
     clock = app.clock
     assert isinstance(clock, FakeClock)
-
-    @tether.capability("pay.capture", effect="write", idempotency="keyed")
-    def capture(args: ChargeIn) -> ChargeOut:
-        world.charges.append(args.order)
-        if len(world.charges) == 1:
-            app.abort(run_id, by="oncall", reason="stop everything")  # mid-call
-        return ChargeOut(charge_id=f"ch_{len(world.charges)}", cents=args.cents)
-
-    app.register(capture)
-    key = f"capture-{uuid.uuid4().hex}"
-    with app.run(principal=AGENT, request="x") as run:
-        run_id = run.id
-        with pytest.raises(tether.RunAborted):
-            run.call(capture, {"order": "o-4", "cents": 9}, idempotency_key=key)
+    run_id, key = cut_off_capture(world)
     clock.advance(timedelta(hours=1))  # past any claim_ttl
 
     done = app.resolve_in_doubt(run_id, 1, acted=False, by="bob", reason="no capture")
     with app.run(principal=AGENT, request="retry") as again:
-        out = again.call(capture, {"order": "o-4", "cents": 9}, idempotency_key=key)
+        out = again.call(
+            "pay.capture", {"order": "o-4", "cents": 9}, idempotency_key=key
+        )
 
     assert done.key_state == "failed"
     assert out == ChargeOut(charge_id="ch_2", cents=9)

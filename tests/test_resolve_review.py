@@ -19,7 +19,6 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -29,24 +28,24 @@ from pydantic import BaseModel, SecretStr
 
 import _cli
 import tether
+from _resolving import (
+    AGENT,
+    BACKENDS,
+    KEY,
+    ChargeIn,
+    ChargeOut,
+    World,
+    cut_off_capture,
+    doubted,
+    hanging_charge,
+    key_of,
+    kinds,
+    make_world,
+)
 from tether.record import OutcomeStatus
 from tether.replay import RecordedRun, Replayer
 from tether.store import KeyId, KeyState
 from tether.testing import FakeClock
-
-BACKENDS = ["sqlite", "memory", pytest.param("postgres", marks=pytest.mark.postgres)]
-KEY = {"TETHER_RECORD_KEY": "cd" * 32}
-AGENT = tether.Principal("pay-bot", roles=["agent"], tenant="acme")
-
-
-class ChargeIn(BaseModel):
-    order: str
-    cents: int
-
-
-class ChargeOut(BaseModel):
-    charge_id: str
-    cents: int
 
 
 class MintIn(BaseModel):
@@ -58,82 +57,10 @@ class MintOut(BaseModel):
     n: int
 
 
-@dataclass
-class World:
-    """An app on one backend, and the charges its upstream made."""
-
-    app: tether.Tether
-    db: str
-    charges: list[str] = field(default_factory=list)
-    hang_up: list[bool] = field(default_factory=list)
-
-
-def _db(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "postgres":
-        return str(request.getfixturevalue("postgres_url"))
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'tether.db'}?synchronous=normal"
-    return "memory://"
-
-
 @pytest.fixture(params=BACKENDS)
 def world(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[World]:
-    db = _db(request, tmp_path)
-    app = tether.Tether(db=db, clock=FakeClock(), env={})
-    w = World(app=app, db=db)
-
-    @tether.capability("pay.charge", effect="write", idempotency="none")
-    def charge(args: ChargeIn) -> ChargeOut:
-        w.charges.append(args.order)
-        if w.hang_up and w.hang_up.pop(0):
-            raise ConnectionResetError("upstream hung up after charging")
-        return ChargeOut(charge_id=f"ch_{len(w.charges)}", cents=args.cents)
-
-    app.register(charge)
-    with app:
+    with make_world(request, tmp_path) as w:
         yield w
-
-
-def key_of(key: str, capability: str = "pay.charge") -> KeyId:
-    return KeyId(tenant="acme", principal_id="pay-bot", capability=capability, key=key)
-
-
-def doubted(w: World, key: str | None) -> str:
-    """Make a charge (under `key`) that is left in doubt; return its run's id."""
-    w.hang_up.append(True)
-    with (
-        w.app.run(principal=AGENT, request="charge o-1") as run,
-        pytest.raises(tether.InDoubt),
-    ):
-        run.call("pay.charge", {"order": "o-1", "cents": 500}, idempotency_key=key)
-    clock = w.app.clock  # a person checks after the call's claim lapsed
-    assert isinstance(clock, FakeClock)
-    clock.advance(w.app.settings.idempotency.claim_ttl)
-    return run.id
-
-
-def kinds(app: tether.Tether, run_id: str) -> list[str]:
-    return [e.data()["kind"] for e in app.store.events(run_id)]
-
-
-def cut_off_capture(w: World) -> tuple[str, str]:
-    """Abort a run mid-call in a keyed capture; return the run id and the key."""
-    app = w.app
-
-    @tether.capability("pay.capture", effect="write", idempotency="keyed")
-    def capture(args: ChargeIn) -> ChargeOut:
-        w.charges.append(args.order)
-        if len(w.charges) == 1:
-            app.abort(run_id, by="oncall", reason="stop everything")  # mid-call
-        return ChargeOut(charge_id=f"ch_{len(w.charges)}", cents=args.cents)
-
-    app.register(capture)
-    key = f"capture-{uuid.uuid4().hex}"
-    with app.run(principal=AGENT, request="x") as run:
-        run_id = run.id
-        with pytest.raises(tether.RunAborted):
-            run.call(capture, {"order": "o-4", "cents": 9}, idempotency_key=key)
-    return run_id, key
 
 
 # -- run id prefix, concurrent answers ---------------------------------------------
@@ -468,22 +395,12 @@ def test_cli_never_stores_a_secret_output_in_clear(tmp_path: Path) -> None:
 # -- replay --------------------------------------------------------------------------
 
 
-def _hanging_charge(hang_up: list[bool]) -> tether.Capability[ChargeIn, ChargeOut]:
-    @tether.capability("pay.charge", effect="write", idempotency="none")
-    def charge(args: ChargeIn) -> ChargeOut:
-        if hang_up and hang_up.pop(0):
-            raise ConnectionResetError("upstream hung up after charging")
-        return ChargeOut(charge_id="ch_live", cents=args.cents)
-
-    return charge
-
-
 def test_an_acted_answer_and_the_hit_after_it_replay_the_same(tmp_path: Path) -> None:
     """Replay completes the scratch key with the person's result: the retry is a hit again."""
     db = f"sqlite:///{tmp_path / 'tether.db'}"
     hang_up = [True]
     with tether.Tether(db=db, clock=FakeClock(), env=KEY) as app:
-        app.register(_hanging_charge(hang_up))
+        app.register(hanging_charge(hang_up, "ch_live"))
         with app.run(principal=AGENT, request="charge") as run:
             with pytest.raises(tether.InDoubt):
                 run.call("pay.charge", {"order": "o", "cents": 5}, idempotency_key="k")
@@ -535,7 +452,7 @@ def test_cli_refusals_are_one_error_line_each(tmp_path: Path) -> None:
     db = f"sqlite:///{tmp_path / 'tether.db'}"
     hang_up = [False, True]
     with tether.Tether(db=db, env=KEY) as app:
-        app.register(_hanging_charge(hang_up))
+        app.register(hanging_charge(hang_up, "ch_live"))
         with app.run(principal=AGENT, request="charge") as run:
             run.call("pay.charge", {"order": "fine", "cents": 1})
             with pytest.raises(tether.InDoubt):
@@ -566,7 +483,7 @@ def test_cli_refusals_are_one_error_line_each(tmp_path: Path) -> None:
 def test_cli_step_zero_is_one_error_line(tmp_path: Path) -> None:
     db = f"sqlite:///{tmp_path / 'tether.db'}"
     with tether.Tether(db=db, env=KEY) as app:
-        app.register(_hanging_charge([]))
+        app.register(hanging_charge([], "ch_live"))
         with app.run(principal=AGENT, request="charge") as run:
             run.call("pay.charge", {"order": "fine", "cents": 1})
     done = _cli.run(
