@@ -194,7 +194,7 @@ def test_not_acted_is_refused_while_a_timed_out_none_write_still_runs(
 
 # -- a step a worker resume put in doubt (with its `in_doubt` approval request) ----
 
-CLI = os.environ.get("TETHER_CLI") or str(Path(sys.executable).parent / "tether")
+CLI = _cli.CLI
 
 CRASHING = textwrap.dedent(
     """
