@@ -155,15 +155,20 @@ def test_a_step_that_finished_is_not_in_doubt(world: World) -> None:
 
 
 def test_a_live_run_takes_the_answer_up_and_goes_on(world: World) -> None:
-    """Resolved while its run is still open (from anywhere), the run writes after it."""
+    """Resolved while its run is still open (from anywhere), the run writes after it.
+
+    The handler raised, so nothing is still in the call: the key's claim ended
+    with it, and "did not act" is taken at once, without waiting out the claim.
+    """
     key = f"charge-{uuid.uuid4().hex}"
     world.hang_up.append(True)
     with world.app.run(principal=AGENT, request="charge, then retry") as run:
         with pytest.raises(tether.InDoubt):
             run.call("pay.charge", {"order": "o-1", "cents": 500}, idempotency_key=key)
-        with pytest.raises(tether.UsageError, match="may still be running"):
-            world.app.resolve_in_doubt(run.id, 1, acted=False, by="al", reason="no")
-        lapse(world.app)
+        stored = world.app.store.lookup_key(key_of(key))
+        assert stored is not None
+        assert stored.state is KeyState.IN_DOUBT
+        assert stored.lease_until == world.app.clock.now()  # the claim ended with it
         world.app.resolve_in_doubt(
             run.id, 1, acted=False, by="alice", reason="not in the ledger"
         )
@@ -229,7 +234,6 @@ def test_a_resolved_retry_replays_the_same(tmp_path: Path) -> None:
         with app.run(principal=AGENT, request="charge") as run:
             with pytest.raises(tether.InDoubt):
                 run.call("pay.charge", {"order": "o", "cents": 5}, idempotency_key="k")
-            lapse(app)
             app.resolve_in_doubt(run.id, 1, acted=False, by="alice", reason="none")
             run.call("pay.charge", {"order": "o", "cents": 5}, idempotency_key="k")
         recorded = RecordedRun.from_store(app.store, run.id)

@@ -237,8 +237,9 @@ def _open_key(
     """Return the step's key, its name and its claim's end if it is still this step's, unsettled.
 
     Until the claim's end, the step's handler may still be running: a key in
-    doubt keeps the end of the claim its call held (a timed-out thread may
-    still be in the call), and a claimed one is renewed while its run lives.
+    doubt keeps the end of the claim its call held when a timed-out thread may
+    still be in the call (a handler that raised ended it: `KeyUpdate.ends_claim`),
+    and a claimed one is renewed while its run lives.
 
     A step's key is the caller's (`key` from its `validated` event) or, for
     a `keyed` capability called without one, `RUN/STEP`. A key a later call

@@ -503,6 +503,7 @@ def step(  # the design's list, in order
             step=number,
             state=KeyState.IN_DOUBT if in_doubt else KeyState.FAILED,
             now=end,
+            ends_claim=not done.still_running,  # else: held until it lapses
         )
     committed = yield run.commit(
         charged(room, events, len(before), number),

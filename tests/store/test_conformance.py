@@ -404,6 +404,35 @@ def test_only_the_claiming_run_and_step_settle_a_key(store: Store) -> None:
     assert (settled.run_id, settled.step, settled.fingerprint) == ("run_a", 1, ARGS_FP)
 
 
+@pytest.mark.parametrize("ends_claim", [False, True])
+def test_a_key_in_doubt_keeps_its_claim_unless_the_call_is_known_to_have_stopped(
+    store: Store, ends_claim: bool
+) -> None:
+    """A settle that ends the claim moves its end to now; else it keeps the claimed end."""
+    create_run(store, "run_a", claim=claim("run_a"))
+    stopped = T0 + timedelta(seconds=2)
+
+    append(
+        store,
+        "run_a",
+        [record.Executed(at=stopped, step=1, output={}, duration_us=1)],
+        key_update=KeyUpdate(
+            id=KEY,
+            run_id="run_a",
+            step=1,
+            state=KeyState.IN_DOUBT,
+            now=stopped,
+            ends_claim=ends_claim,
+        ),
+        at=stopped,
+    )
+
+    held = store.lookup_key(KEY)
+    assert held is not None
+    assert held.state is KeyState.IN_DOUBT
+    assert held.lease_until == (stopped if ends_claim else T0 + TTL)
+
+
 def test_an_unknown_key_has_no_record(store: Store) -> None:
     """Looking up a key nobody claimed returns None, even when a sibling key of another scope exists."""
     create_run(store, "run_a", claim=claim("run_a"))

@@ -63,6 +63,11 @@ class KeyUpdate:
     state: KeyState
     output: bytes | None = None
     now: datetime
+    ends_claim: bool = False
+    """The call is known to have stopped (it returned or raised): the key's
+    claim ends at `now`. Left False while it may still be in the call (a
+    timed-out thread), so the claim holds until it lapses. A person saying a
+    step in doubt did not act waits out a live claim (`Tether.resolve_in_doubt`)."""
 
 
 @dataclass(slots=True, kw_only=True)

@@ -188,6 +188,7 @@ def key_update(mark: str, u: KeyUpdate) -> tuple[str, tuple[object, ...]]:
         u.state.value,
         u.output,
         _us(u.now),
+        _us(u.now) if u.ends_claim else None,
         u.id.tenant,
         u.id.principal_id,
         u.id.capability,
@@ -226,7 +227,8 @@ def return_grant(mark: str, approval_id: str) -> tuple[str, tuple[object, ...]]:
 
 _KEY_UPDATE = {
     mark: (
-        f"UPDATE idempotency_keys SET state={mark}, output={mark}, completed_at={mark} "  # noqa: S608  # placeholders only
+        f"UPDATE idempotency_keys SET state={mark}, output={mark}, completed_at={mark}, "  # noqa: S608  # placeholders only
+        f"lease_until=COALESCE({mark}, lease_until) "
         f"WHERE tenant={mark} AND principal_id={mark} AND capability={mark} "
         f"AND key={mark} AND run_id={mark} AND step={mark}"
     )

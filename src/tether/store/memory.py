@@ -202,7 +202,7 @@ class MemoryStore(Store):
                 step=old.step,
                 output=u.output,
                 claimed_at=old.claimed_at,
-                lease_until=old.lease_until,
+                lease_until=u.now if u.ends_claim else old.lease_until,
                 completed_at=u.now,
             )
 
