@@ -89,13 +89,6 @@ def key_of(key: str, capability: str = "pay.charge") -> KeyId:
     return KeyId(tenant="acme", principal_id="pay-bot", capability=capability, key=key)
 
 
-def lapse(app: tether.Tether) -> None:
-    """Move the app's clock past its key claims' TTL."""
-    clock = app.clock
-    assert isinstance(clock, FakeClock)
-    clock.advance(app.settings.idempotency.claim_ttl)
-
-
 def doubted(w: World, key: str | None) -> str:
     """Make a charge (under `key`) that is left in doubt; return its run's id."""
     w.hang_up.append(True)

@@ -32,7 +32,6 @@ from _resolving import (
     hanging_charge,
     key_of,
     kinds,
-    lapse,
     make_world,
 )
 from tether.record import OutcomeStatus
