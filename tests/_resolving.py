@@ -56,7 +56,7 @@ def make_world(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[World
         db = f"sqlite:///{tmp_path / 'tether.db'}?synchronous=normal"
     else:
         db = "memory://"
-    app = tether.Tether(db=db, clock=FakeClock(), env={})
+    app = tether.Tether(db=db, config=resolvers(tmp_path), clock=FakeClock(), env={})
     w = World(app=app, db=db)
 
     @tether.capability("pay.charge", effect="write", idempotency="none")
@@ -83,6 +83,20 @@ def hanging_charge(
         return ChargeOut(charge_id=charge_id, cents=args.cents)
 
     return charge
+
+
+RESOLVERS = (
+    "approvers: {alice: [ops], bob: [ops], al: [ops], oncall: [ops], "
+    "p0: [ops], p1: [ops], p2: [ops], p3: [ops]}\n"
+)
+"""Who may answer for a step in doubt in these tests (as for approval requests)."""
+
+
+def resolvers(folder: Path) -> Path:
+    """Write a tether.yaml naming `RESOLVERS` into `folder`; return its path."""
+    path = folder / "tether.yaml"
+    path.write_text(RESOLVERS)
+    return path
 
 
 def key_of(key: str, capability: str = "pay.charge") -> KeyId:

@@ -33,6 +33,7 @@ from _resolving import (
     key_of,
     kinds,
     make_world,
+    resolvers,
 )
 from tether.record import OutcomeStatus
 from tether.replay import RecordedRun, Replayer
@@ -228,7 +229,9 @@ def test_a_resolved_retry_replays_the_same(tmp_path: Path) -> None:
     hang_up = [True]
     charge = hanging_charge(hang_up, "ch_2")
 
-    with tether.Tether(db=db, clock=FakeClock(), env={}) as app:
+    with tether.Tether(
+        db=db, config=resolvers(tmp_path), clock=FakeClock(), env={}
+    ) as app:
         app.register(charge)
         with app.run(principal=AGENT, request="charge") as run:
             with pytest.raises(tether.InDoubt):
@@ -276,7 +279,7 @@ def test_cli_resolves_a_step_and_says_what_the_key_became(tmp_path: Path) -> Non
     hang_up = [True]
     charge = hanging_charge(hang_up, "ch_1")
 
-    with tether.Tether(db=db, env=KEY) as app:
+    with tether.Tether(db=db, config=resolvers(tmp_path), env=KEY) as app:
         app.register(charge)
         with (
             app.run(principal=AGENT, request="charge") as run,
@@ -399,3 +402,94 @@ def test_cli_abort_and_resolve_read_the_config_they_are_given(
         assert "drop --db and --config" in _cli.one_error(both, "usage_error")
     with tether.Tether(db=db, env=KEY) as app:
         assert app.store.get_run(run.id).head_seq == head
+
+
+# -- who may answer ------------------------------------------------------------------
+
+WHO_MAY = """
+approvers:
+  alice: [ops]
+  pay-bot: [ops]            # the agent's own principal, listed by mistake
+  boss: [finance]           # whom the agent acts for
+  globex-sre: {roles: [ops], tenants: [globex]}
+"""
+
+
+def test_only_an_approver_for_the_runs_tenant_who_did_not_make_the_call_may_answer(
+    tmp_path: Path,
+) -> None:
+    """As for approval requests: named under approvers:, for the tenant, not the caller.
+
+    An answer lets the call run again (not acted) or stand for it (acted): the
+    agent, or whom it acts for, answering for its own call would be the call
+    approving itself. A refusal writes nothing, and the CLI says no with exit 1.
+    """
+    db = f"sqlite:///{tmp_path / 'tether.db'}"
+    config = tmp_path / "tether.yaml"
+    config.write_text(WHO_MAY)
+    hang_up = [True]
+    agent = tether.Principal("pay-bot", tenant="acme", on_behalf_of="boss")
+    with tether.Tether(db=db, config=config, env=KEY) as app:
+        app.register(hanging_charge(hang_up, "ch_2"))
+        with (
+            app.run(principal=agent, request="charge") as run,
+            pytest.raises(tether.InDoubt),
+        ):
+            run.call("pay.charge", {"order": "o", "cents": 5}, idempotency_key="k")
+        head = app.store.get_run(run.id).head_seq
+
+        refusals = {}
+        for who in ("mallory", "pay-bot", "boss", "globex-sre"):
+            with pytest.raises(tether.NotAllowedToApprove) as refused:
+                app.resolve_in_doubt(run.id, 1, acted=False, by=who, reason="x")
+            refusals[who] = refused.value.message
+        cli = _cli.run(
+            tmp_path,
+            *("runs", "resolve", run.id, "1", "--not-acted", "--as", "mallory"),
+            *("--reason", "x", "--db", db),
+            env=KEY,
+        )
+        untouched = app.store.get_run(run.id).head_seq
+        held = app.store.lookup_key(
+            KeyId(
+                tenant="acme", principal_id="pay-bot", capability="pay.charge", key="k"
+            )
+        )
+        done = app.resolve_in_doubt(run.id, 1, acted=False, by="alice", reason="none")
+
+    assert "mallory is not an approver" in refusals["mallory"]
+    assert "pay-bot made the call" in refusals["pay-bot"]
+    assert "boss made the call" in refusals["boss"]  # it acts for them
+    assert "not for tenant acme" in refusals["globex-sre"]
+    assert "mallory is not an approver" in _cli.one_error(cli, "not_an_approver", 1)
+    assert untouched == head
+    assert held is not None
+    assert held.state is KeyState.IN_DOUBT
+    assert done.key_state == "failed"
+
+
+def test_a_recorded_answer_replays_whoever_the_replaying_app_names(
+    tmp_path: Path,
+) -> None:
+    """Who answered was checked when they did: replay applies the answer as recorded."""
+    db = f"sqlite:///{tmp_path / 'tether.db'}"
+    hang_up = [True]
+    charge = hanging_charge(hang_up, "ch_2")
+    with tether.Tether(db=db, config=resolvers(tmp_path), env=KEY) as app:
+        app.register(charge)
+        with app.run(principal=AGENT, request="charge") as run:
+            with pytest.raises(tether.InDoubt):
+                run.call("pay.charge", {"order": "o", "cents": 5}, idempotency_key="k")
+            app.resolve_in_doubt(run.id, 1, acted=False, by="alice", reason="none")
+            run.call("pay.charge", {"order": "o", "cents": 5}, idempotency_key="k")
+        recorded = RecordedRun.from_store(app.store, run.id)
+    (tmp_path / "tether.yaml").write_text("approvers: {}\n")  # nobody, now
+
+    hang_up.append(True)
+    with tether.Tether(db=db, config=tmp_path / "tether.yaml", env=KEY) as later:
+        later.register(charge)
+        report = Replayer(later).replay(recorded)
+
+    assert later.settings.approvers == {}
+    assert report.ok, report.to_json()
+    assert not [n for n in report.notes if "cannot resolve" in n], report.notes

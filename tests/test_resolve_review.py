@@ -32,6 +32,7 @@ from _resolving import (
     AGENT,
     BACKENDS,
     KEY,
+    RESOLVERS,
     ChargeIn,
     ChargeOut,
     World,
@@ -41,6 +42,7 @@ from _resolving import (
     key_of,
     kinds,
     make_world,
+    resolvers,
 )
 from tether.record import OutcomeStatus
 from tether.replay import RecordedRun, Replayer
@@ -175,7 +177,9 @@ def test_not_acted_is_refused_while_a_timed_out_none_write_still_runs(
 
     db = f"sqlite:///{tmp_path / 'tether.db'}"
     try:
-        with tether.Tether(db=db, clock=FakeClock(), env={}) as app:
+        with tether.Tether(
+            db=db, config=resolvers(tmp_path), clock=FakeClock(), env={}
+        ) as app:
             app.register(send)
             with app.run(principal=AGENT, request="send") as run:
                 first = run.step(
@@ -245,9 +249,7 @@ def _agent(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
 def _crash_then_worker(home: Path) -> tuple[str, str]:
     """Crash the agent mid-call in a `none` write, let a worker pass; return run and request ids."""
     (home / "agentapp.py").write_text(CRASHING)
-    (home / "tether.yaml").write_text(
-        "idempotency: {claim_ttl: 1s}\napprovers: {alice: [ops]}\n"
-    )
+    (home / "tether.yaml").write_text("idempotency: {claim_ttl: 1s}\n" + RESOLVERS)
     crashed = _agent(
         home,
         sys.executable,
@@ -340,7 +342,7 @@ def test_a_registered_secret_output_is_masked_in_the_record_and_the_key(
     def mint(args: MintIn) -> MintOut:  # pragma: no cover - never called
         raise AssertionError
 
-    with tether.Tether(db=db, env=KEY) as app:
+    with tether.Tether(db=db, config=resolvers(tmp_path), env=KEY) as app:
         app.register(mint)
         app.resolve_in_doubt(
             run_id,
@@ -381,7 +383,7 @@ def test_cli_never_stores_a_secret_output_in_clear(tmp_path: Path) -> None:
         env=KEY,
     )
 
-    with tether.Tether(db=db, env=KEY) as app:
+    with tether.Tether(db=db, config=resolvers(tmp_path), env=KEY) as app:
         stored = app.store.lookup_key(key_of("k", "acct.mint"))
         events = json.dumps([e.data() for e in app.store.events(run_id)])
     assert stored is not None
@@ -399,7 +401,9 @@ def test_an_acted_answer_and_the_hit_after_it_replay_the_same(tmp_path: Path) ->
     """Replay completes the scratch key with the person's result: the retry is a hit again."""
     db = f"sqlite:///{tmp_path / 'tether.db'}"
     hang_up = [True]
-    with tether.Tether(db=db, clock=FakeClock(), env=KEY) as app:
+    with tether.Tether(
+        db=db, config=resolvers(tmp_path), clock=FakeClock(), env=KEY
+    ) as app:
         app.register(hanging_charge(hang_up, "ch_live"))
         with app.run(principal=AGENT, request="charge") as run:
             with pytest.raises(tether.InDoubt):
@@ -451,7 +455,7 @@ def test_cli_refusals_are_one_error_line_each(tmp_path: Path) -> None:
     """Unknown run, a step not in doubt, a non-object --output, an empty reason."""
     db = f"sqlite:///{tmp_path / 'tether.db'}"
     hang_up = [False, True]
-    with tether.Tether(db=db, env=KEY) as app:
+    with tether.Tether(db=db, config=resolvers(tmp_path), env=KEY) as app:
         app.register(hanging_charge(hang_up, "ch_live"))
         with app.run(principal=AGENT, request="charge") as run:
             run.call("pay.charge", {"order": "fine", "cents": 1})
@@ -473,7 +477,7 @@ def test_cli_refusals_are_one_error_line_each(tmp_path: Path) -> None:
     assert "JSON object" in _cli.one_error(listed, "usage_error")
     assert "needs a reason" in _cli.one_error(blank, "usage_error")
     assert "no step 9" in _cli.one_error(no_step, "usage_error")
-    with tether.Tether(db=db, env=KEY) as app:
+    with tether.Tether(db=db, config=resolvers(tmp_path), env=KEY) as app:
         assert kinds(app, run.id).count("in_doubt_resolved") == 0
         stored = app.store.lookup_key(key_of("k"))
         assert stored is not None
@@ -482,7 +486,7 @@ def test_cli_refusals_are_one_error_line_each(tmp_path: Path) -> None:
 
 def test_cli_step_zero_is_one_error_line(tmp_path: Path) -> None:
     db = f"sqlite:///{tmp_path / 'tether.db'}"
-    with tether.Tether(db=db, env=KEY) as app:
+    with tether.Tether(db=db, config=resolvers(tmp_path), env=KEY) as app:
         app.register(hanging_charge([], "ch_live"))
         with app.run(principal=AGENT, request="charge") as run:
             run.call("pay.charge", {"order": "fine", "cents": 1})

@@ -25,10 +25,10 @@ from typing import Any
 from pydantic import BaseModel
 
 from tether import _canonical, record
-from tether._approvals import as_of
+from tether._approvals import Approver, as_of, why_not_resolve
 from tether._stages import validate_output
 from tether.capability import Registry
-from tether.errors import InvalidOutput, NotFound, UsageError
+from tether.errors import InvalidOutput, NotAllowedToApprove, NotFound, UsageError
 from tether.handle import IN_DOUBT_RULE
 from tether.principal import check_text
 from tether.store import ApprovalStatus, KeyId, KeyState, KeyUpdate, RunRow, Store
@@ -66,14 +66,18 @@ def resolve_in_doubt(  # the person's whole answer, by keyword
     by: str,
     reason: str,
     output: Mapping[str, Any] | BaseModel | None = None,
+    approvers: Mapping[str, Approver] | None,
 ) -> Resolution:
     """Record a person's answer to a step in doubt and settle its key (see the module).
 
     `now` is when the answer is recorded (the app's clock; a replay's, the
-    recorded time).
+    recorded time). `by` must be one of `approvers` who decides for the
+    run's tenant, and not the run's principal nor whom it acts for; None:
+    not checked (a replay applies a recorded answer, checked when it was made).
 
     Raises:
         NotFound: no such run.
+        NotAllowedToApprove: `by` may not answer for this run's steps.
         UsageError: the step is not in doubt, was resolved already, or the
             answer is incomplete (no reason; `acted` with a key and no output;
             an output that does not fit the capability's output schema).
@@ -91,6 +95,16 @@ def resolve_in_doubt(  # the person's whole answer, by keyword
         )
     row = store.get_run(run_id)
     found = _in_doubt_step(store, row, step)
+    if approvers is not None:
+        refused = why_not_resolve(
+            by,
+            approvers,
+            run_id=row.run_id,
+            tenant=row.tenant,
+            callers=(row.principal_id, found.on_behalf_of),
+        )
+        if refused is not None:
+            raise NotAllowedToApprove(refused)
     capability, key = found.capability, found.key
     if found.request is not None:
         answer = as_of(store.get_approval(found.request), now)
@@ -181,6 +195,8 @@ class _Doubted:
     """The approval request a resume made about it (rule `in_doubt`), if one did."""
     last_seq: int
     """The last event read."""
+    on_behalf_of: str | None
+    """Whom the run's principal acts for, if anyone."""
 
 
 def _in_doubt_step(store: Store, row: RunRow, step: int) -> _Doubted:
@@ -195,9 +211,12 @@ def _in_doubt_step(store: Store, row: RunRow, step: int) -> _Doubted:
     request = None
     doubted = False
     last_seq = 0
+    on_behalf_of = None
     for ev in store.events(row.run_id):
         last_seq = ev.seq
         data = ev.data()
+        if data["kind"] == "run_started":
+            on_behalf_of = data["principal"].get("on_behalf_of")
         if data.get("step") != step:
             continue
         kind = data["kind"]
@@ -228,6 +247,7 @@ def _in_doubt_step(store: Store, row: RunRow, step: int) -> _Doubted:
         key=None if key is None else str(key),
         request=request,
         last_seq=last_seq,
+        on_behalf_of=on_behalf_of,
     )
 
 

@@ -676,7 +676,9 @@ class Tether:
             run_id: the run, or a unique prefix of 6+ characters.
             step: the step's number in the run.
             acted: whether the call acted upstream.
-            by: who checked, for the record.
+            by: who checked: a name under `approvers:` in tether.yaml that
+                decides for the run's tenant, not the run's principal nor
+                whom it acts for.
             reason: what they found, for the record (required).
             output: the call's result; required with `acted` when the step
                 has a key, checked against the capability's output schema
@@ -684,6 +686,8 @@ class Tether:
 
         Raises:
             NotFound: no such run.
+            NotAllowedToApprove: `by` may not answer for this run (nothing is
+                written).
             UsageError: the step is not in doubt, was resolved already, or
                 the answer is incomplete or does not fit.
             StoreError: the store could not be written (nothing was).
@@ -707,6 +711,7 @@ class Tether:
             by=by,
             reason=reason,
             output=output,
+            approvers=self.settings.approvers,
         )
 
     def approvals(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -20,15 +20,15 @@ from tether.cli._common import (
     _clean,
     _console,
     _Db,
+    _decided,
     _emit_json,
-    _error,
     _fitted_table,
     _help_if_bare,
     _Json,
     _opened,
     cli,
 )
-from tether.errors import ApprovalClosed, NotAllowedToApprove, UsageError
+from tether.errors import UsageError
 from tether.principal import check_text
 from tether.store import ApprovalRow, ApprovalStatus
 
@@ -445,16 +445,6 @@ def _decider(by: str) -> str:
             "approvers: in tether.yaml (e.g. --as alice)"
         )
     return check_text(by, "--as", name=True)
-
-
-def _decided(decide: Callable[[], ApprovalRow]) -> ApprovalRow:
-    """Return `decide()`; a refusal is the answer no: one line, exit 1."""
-    try:
-        return decide()
-    except (NotAllowedToApprove, ApprovalClosed) as exc:
-        # The command ran (the attempt is in the record) and the answer is no.
-        _error(exc.code, exc.message)
-        raise typer.Exit(1) from exc
 
 
 def _print_decision(row: ApprovalRow, by: str, as_json: bool) -> None:

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -26,7 +26,13 @@ from tether.config import (
     resolve_config_path,
     resolve_db,
 )
-from tether.errors import NotFound, TetherError, UsageError
+from tether.errors import (
+    ApprovalClosed,
+    NotAllowedToApprove,
+    NotFound,
+    TetherError,
+    UsageError,
+)
 from tether.scenarios import SCENARIOS
 from tether.store import safe_url, skew_problem, sqlite_path
 
@@ -42,6 +48,7 @@ __all__ = [
     "_clean",
     "_console",
     "_db_url",
+    "_decided",
     "_emit_json",
     "_error",
     "_escape_char",
@@ -296,6 +303,22 @@ def _open(
         app = Tether(db=url, config=config, read_only=read_only)
     with app:
         yield app
+
+
+_T = TypeVar("_T")
+
+
+def _decided(decide: Callable[[], _T]) -> _T:
+    """Return `decide()`; a person's refused decision is the answer no: one line, exit 1.
+
+    Not an approver (`approvals approve`/`deny`, `runs resolve`), or the
+    request closed: the command ran, and the answer is no.
+    """
+    try:
+        return decide()
+    except (NotAllowedToApprove, ApprovalClosed) as exc:
+        _error(exc.code, exc.message)
+        raise typer.Exit(1) from exc
 
 
 @contextmanager

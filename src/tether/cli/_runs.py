@@ -20,6 +20,7 @@ from tether.cli._common import (
     _clean,
     _console,
     _Db,
+    _decided,
     _emit_json,
     _field,
     _fitted_table,
@@ -328,8 +329,9 @@ _RunConfig = Annotated[
     typer.Option(
         "--config",
         metavar="FILE",
-        help="The tether.yaml to use (an abort's closed requests reach its "
-        "approvals webhook); default: $TETHER_CONFIG, else ./tether.yaml.",
+        help="The tether.yaml to use (its approvers: may resolve a step in "
+        "doubt; an abort's closed requests reach its approvals webhook); "
+        "default: $TETHER_CONFIG, else ./tether.yaml.",
         dir_okay=False,
         show_default=False,
     ),
@@ -450,7 +452,8 @@ def _runs_resolve(
         typer.Option(
             "--as",
             metavar="NAME",
-            help="Who checked, for the record.",
+            help="Who checked: a name under approvers: in tether.yaml who "
+            "decides for the run's tenant (not the run's own principal).",
             show_default=False,
         ),
     ],
@@ -494,12 +497,14 @@ def _runs_resolve(
     `none` write that failed or timed out after it started, or a step its
     run was cut off in). Its idempotency key refuses every retry until this
     says what happened: --not-acted leaves the key failed, so a retry under
-    it runs the call again (refused while the call's claim is live: it may
-    still be running); --acted --output JSON --app MODULE:ATTR leaves it
+    it runs the call again (refused while a timed-out or cut-off call's
+    claim is live: it may still be running); --acted --output JSON --app MODULE:ATTR leaves it
     completed with that result, checked by your app, which a retry gets
     instead of acting twice. The answer is recorded in the step's run
-    (in_doubt_resolved), also once it has ended. A step not in doubt, or
-    resolved already, is an error (exit 2).
+    (in_doubt_resolved), also once it has ended. Who may answer is
+    approvers: in the tether.yaml read (--config), as for approval requests;
+    the run's own principal may not. A step not in doubt, or resolved
+    already, is an error (exit 2).
 
     Example: tether runs resolve run_0190f3a2c4 3 --not-acted --as alice --reason "no charge in the ledger"
 
@@ -523,8 +528,10 @@ def _runs_resolve(
                 f"--output must be a JSON object, got {type(data).__name__}"
             )
     with _opened(db, config, app) as opened:
-        done = opened.resolve_in_doubt(
-            run, step, acted=acted, by=by, reason=reason, output=data
+        done = _decided(
+            lambda: opened.resolve_in_doubt(
+                run, step, acted=acted, by=by, reason=reason, output=data
+            )
         )
     if as_json:
         _emit_json(

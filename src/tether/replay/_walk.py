@@ -446,6 +446,7 @@ class _Walk:
                 by=str(event["by"]),
                 reason=str(event["reason"]),
                 output=event.get("output"),
+                approvers=None,  # who answered was checked when they did
             )
         except TetherError as exc:
             self.report.notes.append(
