@@ -38,13 +38,14 @@ schemas: install  ## regenerate the published JSON Schemas in src/tether/schemas
 demo: install  ## run the built-in cloud-ops incident end to end
 	$(RUN) tether demo
 
-bench: $(UV)  ## the call-path, policy, limits, replay, breakdown and PostgreSQL benchmarks (bare SQLite, LangGraph, DBOS, Cedar)
+bench: $(UV)  ## the call-path, policy, limits, replay, breakdown, floor and PostgreSQL benchmarks (bare SQLite, LangGraph, DBOS, Cedar)
 	$(UV) sync --frozen --group bench
 	$(RUN) --group bench python benchmarks/call_path.py
 	$(RUN) --group bench python benchmarks/policy.py
 	$(RUN) --group bench python benchmarks/limits.py
 	$(RUN) --group bench python benchmarks/replay.py
 	$(RUN) --group bench python benchmarks/breakdown.py
+	$(RUN) --group bench python benchmarks/floor.py
 	$(RUN) --group bench python benchmarks/postgres.py
 
 wheel-test: install  ## build the wheel, install it in a fresh venv, run the demo and CLI tests
