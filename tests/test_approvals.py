@@ -525,6 +525,57 @@ class TestGrantAndTheRestOfTheCallPath:
         assert len(app.store.list_approvals()) == 1  # nobody was asked again
         assert app.verify(run.id).ok
 
+    def test_a_grant_given_back_after_its_run_was_aborted_is_not_approved_again(
+        self, world: World, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """An abort withdraws its run's grants; one another run was spending comes back expired.
+
+        Run A asked and was approved; run B, making the identical call, spent
+        the grant with an intent whose answer was lost (the step never ran).
+        A is aborted meanwhile: the grant, spent, is not A's to withdraw then.
+        When B gives it back, it must not become approved again, or a third
+        run would make the call under the aborted run's approval, unasked.
+        """
+        app = world.app
+        commit = app.store.commit
+
+        def answer_lost(batch: Batch) -> Committed:
+            committed = commit(batch)
+            if batch.use_grant is not None:
+                raise tether.StoreError("failpoint: the answer was lost")
+            return committed
+
+        seen: dict[str, Any] = {}
+
+        def ask_spend_elsewhere_and_abort() -> None:
+            with app.run(principal=world.bot, request="refund") as asking:
+                seen["request"] = asked_id(asking.step("pay.refund", refund(500)))
+                app.approve(seen["request"], by="alice")
+                with app.run(principal=world.bot, request="refund too") as spending:
+                    seen["spending"] = spending.id
+                    with monkeypatch.context() as m:
+                        m.setattr(app.store, "commit", answer_lost)
+                        with pytest.raises(tether.StoreError):
+                            spending.step("pay.refund", refund(500))
+                    seen["spent"] = app.approval(seen["request"]).status
+                    app.abort(asking.id, by="oncall", reason="stop the refunds")
+                # Its next write (the run's end) gave the grant back.
+
+        with pytest.raises(tether.RunAborted):
+            ask_spend_elsewhere_and_abort()
+        request_id = seen["request"]
+        with app.run(principal=world.bot, request="refund again") as third:
+            later = third.step("pay.refund", refund(500))
+
+        assert seen["spent"] is ApprovalStatus.USED
+        assert app.approval(request_id).status is ApprovalStatus.EXPIRED
+        assert asked_id(later) != request_id  # a person is asked anew
+        assert world.bank.refunds == []
+        lost = of_step(events(app, seen["spending"]), 1)
+        assert kinds(lost)[-1] == "failed"
+        assert lost[-1]["stage"] == "intent"
+        assert world.bank.refunds == []
+
 
 # -- 2. digest binding ---------------------------------------------------------------
 

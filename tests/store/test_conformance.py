@@ -18,6 +18,8 @@ import pytest
 import tether
 from tether import record
 from tether.store import (
+    ApprovalRow,
+    ApprovalStatus,
     Batch,
     Claim,
     Committed,
@@ -669,3 +671,91 @@ def test_of_two_answers_to_one_step_the_second_is_refused(store: Store) -> None:
     assert store.get_run("run_a").head_seq == head
     with pytest.raises(tether.NotFound):
         resolve(store, "run_nope", None, seen_seq=0)
+
+
+# -- grants given back ---------------------------------------------------------------
+
+
+def _approved_request(store: Store, run_id: str) -> str:
+    """Ask for approval in `run_id` and approve it; return the request's id."""
+    row = store.get_run(run_id)
+    request = ApprovalRow(
+        id=f"apr_{run_id}",
+        run_id=run_id,
+        step=1,
+        tenant="acme",
+        principal_id="pay-bot",
+        on_behalf_of=None,
+        capability="pay.charge",
+        version="1",
+        args=b"{}",
+        preview=None,
+        digest=b"\x07" * 32,
+        policy_version="p1",
+        rule_ids=("big",),
+        reasons=("big charges need a human",),
+        approvers=(),
+        status=ApprovalStatus.PENDING,
+        created_at=T0,
+        expires_at=T0 + timedelta(hours=1),
+    )
+    asked = store.commit(
+        Batch(
+            run_id=run_id,
+            epoch=row.epoch,
+            base_seq=row.head_seq,
+            base_hash=row.head_hash,
+            events=[intent(1)],
+            approval=request,
+            at=T0,
+        )
+    )
+    assert asked.blocked is None
+    store.decide_approval(
+        request.id,
+        status=ApprovalStatus.APPROVED,
+        by="alice",
+        note=None,
+        now=T0,
+        event=lambda r, refused: record.ApprovalDecided(
+            approval_id=r.id, at=T0, by="alice", outcome="approved", reason=refused
+        ),
+    )
+    return request.id
+
+
+def _grant_batch(store: Store, run_id: str, **grant: str) -> Batch:
+    row = store.get_run(run_id)
+    return Batch(
+        run_id=run_id,
+        epoch=row.epoch,
+        base_seq=row.head_seq,
+        base_hash=row.head_hash,
+        events=[intent(1)],
+        at=T0,
+        **grant,  # type: ignore[arg-type]  # use_grant= or return_grant=
+    )
+
+
+@pytest.mark.parametrize("aborted", [False, True])
+def test_a_grant_given_back_is_approved_again_unless_its_run_was_aborted(
+    store: Store, aborted: bool
+) -> None:
+    """Given back by a step that never ran: approved again; expired once its asking run was aborted."""
+    create_run(store, "run_a")
+    create_run(store, "run_b")
+    request_id = _approved_request(store, "run_a")
+    spent = store.commit(_grant_batch(store, "run_b", use_grant=request_id))
+    if aborted:
+        append(
+            store,
+            "run_a",
+            [record.RunStatus(at=T0, previous="executing", status="aborted")],
+            status="aborted",
+        )
+
+    store.commit(_grant_batch(store, "run_b", return_grant=request_id))
+
+    assert spent.blocked is None
+    back = store.get_approval(request_id).status
+    assert back is (ApprovalStatus.EXPIRED if aborted else ApprovalStatus.APPROVED)

@@ -122,7 +122,9 @@ class Batch:
     approved, nothing is written (`Committed.blocked` says so)."""
     return_grant: str | None = None
     """Give this spent request back (used -> approved): the step that spent it
-    never ran. A request in any other state is left as it is."""
+    never ran. A request in any other state is left as it is; one whose run
+    was aborted meanwhile becomes `expired` (the abort withdraws its run's
+    grants)."""
 
     @property
     def limited(self) -> bool:

@@ -218,9 +218,16 @@ def answered_since(mark: str) -> str:
 
 
 def return_grant(mark: str, approval_id: str) -> tuple[str, tuple[object, ...]]:
-    """Return the statement that gives a spent request back (see `Batch.return_grant`)."""
+    """Return the statement that gives a spent request back (see `Batch.return_grant`).
+
+    A request whose run was aborted comes back `expired`, not approved: the
+    abort withdrew its run's unspent grants, and this one was only spared
+    because a step was spending it then.
+    """
     return (
-        f"UPDATE approvals SET status='approved' WHERE id={mark} AND status='used'",  # noqa: S608  # a placeholder only
+        "UPDATE approvals SET status=CASE WHEN EXISTS (SELECT 1 FROM runs WHERE "  # noqa: S608  # a placeholder only
+        "runs.run_id=approvals.run_id AND runs.status='aborted') THEN 'expired' "
+        f"ELSE 'approved' END WHERE id={mark} AND status='used'",
         (approval_id,),
     )
 

@@ -132,8 +132,13 @@ class MemoryStore(Store):
                 self._approvals[grant.id] = replace(grant, status=ApprovalStatus.USED)
             spent = self._approvals.get(batch.return_grant or "")
             if spent is not None and spent.status is ApprovalStatus.USED:
+                asker = self._runs.get(spent.run_id)
+                aborted = asker is not None and asker.row.status == "aborted"
                 self._approvals[spent.id] = replace(
-                    spent, status=ApprovalStatus.APPROVED
+                    spent,
+                    status=ApprovalStatus.EXPIRED
+                    if aborted
+                    else ApprovalStatus.APPROVED,
                 )
             if batch.approval is not None:
                 new = batch.approval
