@@ -486,14 +486,14 @@ def test_abort_withdraws_a_grant_approved_after_it_ended_the_run(
     """Bob approves between the abort's end write and its closing of the requests."""
     run = _start(app)
     (request,) = app.approvals(status="pending")
-    end = app._end_aborted
+    end = app.store.abort_run
 
-    def end_then_approve(taken: Any, *, by: str, reason: str) -> Any:
-        ended = end(taken, by=by, reason=reason)
+    def end_then_approve(run_id: str, **how: Any) -> Any:
+        ended = end(run_id, **how)
         app.approve(request.id, by="bob")
         return ended
 
-    monkeypatch.setattr(app, "_end_aborted", end_then_approve)
+    monkeypatch.setattr(app.store, "abort_run", end_then_approve)
 
     app.abort(run.id, by="alice", reason="stop")
 

@@ -111,51 +111,52 @@ def test_a_run_waiting_on_the_aborted_runs_request_is_not_told_a_person_denied(
 # -- the process that held the run -------------------------------------------------------
 
 
-def test_a_holder_writing_between_the_aborts_take_over_and_its_end_is_told_the_abort(
+def test_a_holder_refused_by_an_abort_is_told_it_and_by_a_resume_is_not(
     open_app: Any,
 ) -> None:
-    """The holder's write lands after the abort took the run and before it wrote the end.
+    """The abort takes the run and ends it in one transaction (`Store.abort_run`).
 
-    `Tether.abort` takes the run over in one write and ends it in the next; a
-    holder stepping in between is refused by the epoch before the record says
-    aborted. It must still be told who aborted the run (`RunAborted`), not the
-    plain lease message another worker's resume gives.
+    So a holder whose write the abort's epoch refused finds the run aborted
+    already, and is told who aborted it (`RunAborted`); one refused by a
+    worker that took the run over (a resume) gets the plain lease message,
+    and nobody is said to have aborted anything.
     """
     holder, person = open_app(), open_app()
+    outcomes: dict[str, BaseException] = {}
+    for how in ("aborted", "resumed"):
+        run, outcomes[how] = _refused(holder, person, how)
+        if how == "aborted":
+            assert run.status is tether.RunState.ABORTED
+            kinds = [e.data()["kind"] for e in person.store.events(run.id)]
+            assert kinds[-1] == "run_finished"
+            assert person.verify(run.id).ok
+
+    assert isinstance(outcomes["aborted"], tether.RunAborted)
+    assert str(outcomes["aborted"]).startswith("run ")
+    assert "was aborted by alice: runaway" in str(outcomes["aborted"])
+    assert not isinstance(outcomes["resumed"], tether.RunAborted)
+    assert "aborted" not in str(outcomes["resumed"])
+
+
+def _refused(
+    holder: tether.Tether, person: tether.Tether, how: str
+) -> tuple[tether.Run, tether.LeaseLost]:
+    """Step in `holder`; let `person` abort the run or take it over; step again."""
     held: list[tether.Run] = []
-
-    with pytest.raises(tether.LeaseLost) as caught:
-        _step_while_the_abort_lands(holder, person, held)
-
-    (run,) = held
-    assert isinstance(caught.value, tether.RunAborted), caught.value
-    assert caught.value.message.startswith(
-        f"run {run.id} was aborted by alice: runaway"
-    )
-    assert run.status is tether.RunState.ABORTED
-    assert person.store.get_run(run.id).status == "aborted"
-    assert [e.data()["kind"] for e in person.store.events(run.id)][-1] == "run_finished"
-
-
-def _step_while_the_abort_lands(
-    holder: tether.Tether, person: tether.Tether, held: list[tether.Run]
-) -> None:
-    """Step in `holder`; take the run as an abort's first write does; step as it ends."""
-    with holder.run(
-        principal=SCENARIO.principal, request="check", context=SCENARIO.context
-    ) as run:
-        held.append(run)
-        run.call(*CHECK)
-        # What the abort's first write leaves: the run taken, not yet ended.
-        person.store.take_over(run.id, parked=ABORTABLE_STATES)
-        ending = threading.Timer(
-            0.2, person.abort, (run.id,), {"by": "alice", "reason": "runaway"}
-        )
-        ending.start()
-        try:
+    try:
+        with holder.run(
+            principal=SCENARIO.principal, request="check", context=SCENARIO.context
+        ) as run:
+            held.append(run)
             run.call(*CHECK)
-        finally:
-            ending.join(30)
+            if how == "aborted":
+                person.abort(run.id, by="alice", reason="runaway")
+            else:  # what a worker's resume does first
+                person.store.take_over(run.id, parked=ABORTABLE_STATES)
+            run.call(*CHECK)
+    except tether.LeaseLost as refused:
+        return held[0], refused
+    raise AssertionError(f"the holder's write after the run was {how} was not refused")
 
 
 def test_a_long_reason_is_quoted_short_to_the_holder_and_kept_whole(

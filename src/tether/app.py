@@ -9,9 +9,9 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from datetime import timedelta
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any, TypeVar
 
@@ -20,6 +20,7 @@ from pydantic import BaseModel
 from tether import _canonical, record
 from tether import config as _config
 from tether._approvals import as_of, why_not
+from tether._chain import StoredEvent
 from tether._export import export_run, verify_run
 from tether._guards import FullCounters
 from tether._keeper import LeaseKeeper
@@ -31,8 +32,6 @@ from tether.clock import Clock, Ids, RandomIds, Rng, SystemClock, system_rng
 from tether.errors import (
     ApprovalClosed,
     ConfigError,
-    HeadMoved,
-    LeaseLost,
     NotAllowedToApprove,
     NotFound,
     StoreError,
@@ -46,7 +45,6 @@ from tether.run import ABORTABLE_STATES, FINAL_STATES, RunState, check_transitio
 from tether.store import (
     ApprovalRow,
     ApprovalStatus,
-    Batch,
     RunRow,
     Store,
     open_store,
@@ -60,8 +58,57 @@ logger = logging.getLogger(__name__)
 Out = TypeVar("Out", bound=BaseModel)
 C = TypeVar("C", bound=Capability[Any, Any])
 
-_ABORT_RACES = 20
-"""How many times `Tether.abort` takes a run again that another writer took first."""
+
+def _aborted_end(
+    row: RunRow,
+    stored: Sequence[StoredEvent],
+    *,
+    by: str,
+    reason: str,
+    at: datetime,
+) -> list[record.Event]:
+    """The events that end a run `row` aborted, its record being `stored`.
+
+    A step whose intent is recorded and result is not (its process died
+    mid-call, or is still in it) is recorded `in_doubt` first, as a resume
+    records a `none` step its dead writer cut off: nothing will run it again
+    or record its result, and it may have acted upstream, so the record says
+    its outcome is unknown rather than end at its intent.
+    """
+    check_transition(RunState(row.status), RunState.ABORTED)
+    events: list[record.Event] = []
+    cut = cut_off_step([e.data() for e in stored])
+    if cut is not None:
+        events.append(
+            record.InDoubtRecorded(
+                at=at,
+                step=cut[0],
+                duration_us=0,
+                # As a resume's cut-off step: written by no call path.
+                error_type="WriterLost",
+                message=(
+                    f"{cut[1]} step {cut[0]}: the run was aborted mid-call; "
+                    "its outcome is unknown (it may have acted upstream, or "
+                    "still be running) and it is never run again"
+                ),
+            )
+        )
+    return [
+        *events,
+        record.RunStatus(
+            at=at,
+            previous=row.status,
+            status=RunState.ABORTED.value,
+            by=by,
+            reason=reason,
+        ),
+        record.RunFinished(
+            at=at,
+            status=RunState.ABORTED.value,
+            error_code=ABORTED_CODE,
+            message=f"aborted by {by}: {reason}",
+        ),
+    ]
 
 
 class Tether:
@@ -281,11 +328,15 @@ class Tether:
                 f"run {row.run_id} was driven by planner {name!r}, which is not "
                 "registered here; register it (app.register_planner) and resume again"
             )
+        now = self.clock.now()
         row = self.store.take_over(
             row.run_id,
             parked=PARKED_STATES,
             orphaned=ORPHANABLE_STATES,
-            now=self.clock.now(),
+            now=now,
+            # Held from the take-over on, not from its first write: a second
+            # worker finds it held, not orphaned still.
+            lease_until=now + self.settings.idempotency.claim_ttl,
         )
         from tether.agent.loop import resume_agent  # see start()
 
@@ -432,12 +483,15 @@ class Tether:
     def abort(self, run_id: str, *, by: str, reason: str) -> RunRow:
         """Stop a run for good: take it from whoever holds it and end it `aborted`.
 
-        The run is taken over first, in whatever state it is short of a final
-        one, even from a live process stepping it: its lease epoch goes up, so
-        that process's next write is refused (`LeaseLost`, saying who aborted
-        the run and why) and it records nothing more. Then one write appends
-        a `run_status` event to `aborted` (with `by` and `reason`) and
-        `run_finished` (error code `aborted`). Approval requests of the run
+        In one store transaction (`Store.abort_run`), in whatever state the
+        run is short of a final one, even from a live process stepping it:
+        its lease epoch goes up, so that process's next write is refused
+        (`RunAborted`, saying who aborted the run and why) and it records
+        nothing more; and a `run_status` event to `aborted` (with `by` and
+        `reason`) and `run_finished` (error code `aborted`) are appended at
+        its head. Nothing comes between the two: no worker can take the run
+        in between, and no write is refused before the run reads aborted.
+        Approval requests of the run
         still pending are then closed undecided (`expired`, in `by`'s name),
         and those approved but not yet spent are withdrawn (`expired` too),
         so nobody approves, nor runs under an approval, a call of a stopped
@@ -458,8 +512,9 @@ class Tether:
         Raises:
             NotFound: no such run.
             UsageError: the run already ended, or `by` or `reason` is missing.
-            StoreError: the store could not be written (nothing was, or the
-                run is taken and not yet ended: abort it again).
+            StoreError: the store could not be written (nothing was; on
+                PostgreSQL, a connection lost after the write went out may
+                have let it land: `tether runs show` says).
 
         Example:
             ```python
@@ -474,105 +529,26 @@ class Tether:
                 "an abort needs a reason: say why, for the record and for whoever "
                 "ran the run"
             )
-        for _ in range(_ABORT_RACES):
-            row = self.store.get_run(run_id)
-            if row.status in FINAL_STATES:
-                raise UsageError(
-                    f"run {row.run_id} already ended {row.status}; nothing to abort"
-                )
-            try:
-                taken = self.store.take_over(
-                    row.run_id, parked=ABORTABLE_STATES, now=self.clock.now()
-                )
-            except UsageError:
-                continue  # it ended, or another writer took it first: look again
-            try:
-                ended = self._end_aborted(taken, by=by, reason=reason)
-            except LeaseLost:
-                continue  # a worker took it meanwhile: take it back
-            self._close_requests(ended.run_id, by=by, reason=reason)
-            # Read again: closing the requests recorded their closing in the run.
-            return self.store.get_run(ended.run_id)
-        raise StoreError(
-            f"run {run_id}: other writers kept taking it over; it is not aborted "
-            "yet, abort it again"
+        row = self.store.get_run(run_id)  # a prefix names the run here
+        if row.status in FINAL_STATES:
+            raise UsageError(
+                f"run {row.run_id} already ended {row.status}; nothing to abort"
+            )
+        now = self.clock.now()
+        ended = self.store.abort_run(
+            row.run_id,
+            abortable=ABORTABLE_STATES,
+            end=lambda at_abort, stored: _aborted_end(
+                at_abort, stored, by=by, reason=reason, at=now
+            ),
+            at=now,
         )
-
-    def _end_aborted(self, taken: RunRow, *, by: str, reason: str) -> RunRow:
-        """Write `run_status` to `aborted` and `run_finished` under `taken`'s epoch.
-
-        A step whose intent is recorded and result is not (its process died
-        mid-call, or is still in it) is recorded `in_doubt` first, as a
-        resume records a `none` step its dead writer cut off: nothing will run
-        it again or record its result, and it may have acted upstream, so the
-        record says its outcome is unknown rather than end at its intent.
-
-        Raises:
-            LeaseLost: another writer took the run over since.
-        """
-        row = taken
-        cut = cut_off_step([e.data() for e in self.store.events(row.run_id)])
-        for tries in range(_ABORT_RACES, -1, -1):
-            check_transition(RunState(row.status), RunState.ABORTED)
-            now = self.clock.now()
-            events: list[record.Event] = []
-            if cut is not None:
-                events.append(
-                    record.InDoubtRecorded(
-                        at=now,
-                        step=cut[0],
-                        duration_us=0,
-                        # As a resume's cut-off step: written by no call path.
-                        error_type="WriterLost",
-                        message=(
-                            f"{cut[1]} step {cut[0]}: the run was aborted mid-call; "
-                            "its outcome is unknown (it may have acted upstream, or "
-                            "still be running) and it is never run again"
-                        ),
-                    )
-                )
-            events += [
-                record.RunStatus(
-                    at=now,
-                    previous=row.status,
-                    status=RunState.ABORTED.value,
-                    by=by,
-                    reason=reason,
-                ),
-                record.RunFinished(
-                    at=now,
-                    status=RunState.ABORTED.value,
-                    error_code=ABORTED_CODE,
-                    message=f"aborted by {by}: {reason}",
-                ),
-            ]
-            try:
-                self.store.commit(
-                    Batch(
-                        run_id=row.run_id,
-                        events=events,
-                        at=now,
-                        epoch=taken.epoch,
-                        base_seq=row.head_seq,
-                        base_hash=row.head_hash,
-                        status=RunState.ABORTED.value,
-                        error_code=ABORTED_CODE,
-                    )
-                )
-            except HeadMoved:
-                # A person's approval decision grew the record since it was
-                # read (the old writer is fenced off): write after it.
-                if not tries:
-                    raise
-                row = self.store.get_run(row.run_id)
-                if row.epoch != taken.epoch:  # and maybe ended by its new writer
-                    raise LeaseLost(
-                        f"run {row.run_id} was taken over while it was aborted"
-                    ) from None
-                continue
-            break
-        logger.info("run.aborted", extra={"tether.run_id": row.run_id, "tether.by": by})
-        return self.store.get_run(row.run_id)
+        logger.info(
+            "run.aborted", extra={"tether.run_id": ended.run_id, "tether.by": by}
+        )
+        self._close_requests(ended.run_id, by=by, reason=reason)
+        # Read again: closing the requests recorded their closing in the run.
+        return self.store.get_run(ended.run_id)
 
     def _close_requests(self, run_id: str, *, by: str, reason: str) -> None:
         """Close an aborted run's open approval requests, undecided.

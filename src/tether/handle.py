@@ -10,7 +10,6 @@ import asyncio
 import hashlib
 import itertools
 import logging
-import time
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from decimal import Decimal
@@ -73,10 +72,6 @@ IN_DOUBT_RULE = "in_doubt"
 
 ABORTED_CODE = "aborted"
 """The error code of a run a person stopped (`Tether.abort`), in its `run_finished`."""
-
-_ABORT_LANDS = 50
-"""Looks, 20 ms apart, a write refused by a newer epoch takes to see whether an
-abort took the run (its end is written just after it takes the run over)."""
 
 _REASON_SHOWN = 500
 """Characters of an abort's reason that `RunAborted`'s message quotes."""
@@ -370,20 +365,14 @@ class Run:
     def _why_aborted(self) -> str | None:
         """Say who aborted the run and why, if a person did (None: not aborted).
 
-        `Tether.abort` takes the run over in one write and ends it in the
-        next: a write refused between the two finds the run taken and not yet
-        aborted. So a run still in a state short of a final one is looked at
-        again for up to a second (`_ABORT_LANDS`), as the abort's end lands; a
-        run another worker resumed stays unended, and the looks give up.
+        `Tether.abort` takes the run over and ends it in one transaction
+        (`Store.abort_run`): a write its new epoch refused finds the run
+        aborted already; one refused by a worker that resumed the run finds
+        it unended.
         """
         try:
-            for looks in range(_ABORT_LANDS, -1, -1):
-                status = self.store.get_run(self.id).status
-                if status == RunState.ABORTED.value:
-                    break
-                if status in FINAL_STATES or not looks:
-                    return None
-                time.sleep(0.02)  # noqa: TID251  # another writer's write lands, not logic
+            if self.store.get_run(self.id).status != RunState.ABORTED.value:
+                return None
             events = self.store.events(self.id)
         except StoreError:
             return None  # the lease message is all that can be said

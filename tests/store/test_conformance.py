@@ -17,6 +17,7 @@ import pytest
 
 import tether
 from tether import record
+from tether._chain import StoredEvent
 from tether.store import (
     ApprovalRow,
     ApprovalStatus,
@@ -28,6 +29,7 @@ from tether.store import (
     KeyState,
     KeyUpdate,
     NewRun,
+    RunRow,
     Store,
     open_store,
 )
@@ -759,3 +761,74 @@ def test_a_grant_given_back_is_approved_again_unless_its_run_was_aborted(
     assert spent.blocked is None
     back = store.get_approval(request_id).status
     assert back is (ApprovalStatus.EXPIRED if aborted else ApprovalStatus.APPROVED)
+
+
+# -- abort ---------------------------------------------------------------------------
+
+
+def test_an_abort_takes_the_run_and_ends_it_in_one_write(store: Store) -> None:
+    """Epoch up, the end's events at the head, status and error code aborted: the old writer is fenced off."""
+    create_run(store, "run_a")
+    append(store, "run_a", [intent(1)])
+    later = T0 + timedelta(seconds=5)
+    seen: list[tuple[str, list[int]]] = []
+
+    def end(row: RunRow, stored: list[StoredEvent]) -> list[record.Event]:
+        seen.append((row.status, [e.seq for e in stored]))
+        return [
+            record.RunStatus(
+                at=later, previous=row.status, status="aborted", by="alice", reason="x"
+            ),
+            record.RunFinished(at=later, status="aborted", error_code="aborted"),
+        ]
+
+    ended = store.abort_run("run_a", abortable=("executing",), end=end, at=later)
+
+    row = store.get_run("run_a")
+    assert seen == [("executing", [1, 2, 3])]
+    assert ended == row
+    assert (row.status, row.error_code, row.epoch, row.head_seq) == (
+        "aborted",
+        "aborted",
+        2,
+        5,
+    )
+    assert row.updated_at == later
+    assert kinds(store, "run_a")[-2:] == [(4, "run_status"), (5, "run_finished")]
+    report = record.verify(
+        "run_a",
+        store.events("run_a"),
+        head_seq=row.head_seq,
+        head_hash=row.head_hash,
+        head_sig=row.head_sig,
+        key=store.record_key,
+    )
+    assert report.ok, report.reason
+    with pytest.raises(tether.LeaseLost):
+        append(store, "run_a", [intent(2)], base_seq=3)  # the old writer's next
+    assert store.get_run("run_a").head_seq == 5
+
+
+def test_an_abort_of_a_run_past_aborting_writes_nothing(store: Store) -> None:
+    """A run not in an abortable state is refused, its end never made; an unknown run is not found."""
+    create_run(store, "run_a")
+    append(
+        store,
+        "run_a",
+        [record.RunFinished(at=T0, status="succeeded")],
+        status="succeeded",
+    )
+    before = store.get_run("run_a")
+    made: list[str] = []
+
+    def end(row: RunRow, stored: list[StoredEvent]) -> list[record.Event]:
+        made.append(row.status)
+        return []
+
+    with pytest.raises(tether.UsageError, match="already ended succeeded"):
+        store.abort_run("run_a", abortable=("executing",), end=end, at=T0)
+    with pytest.raises(tether.NotFound):
+        store.abort_run("run_nope", abortable=("executing",), end=end, at=T0)
+
+    assert made == []
+    assert store.get_run("run_a") == before

@@ -67,6 +67,7 @@ __all__ = [
     "closed_reason",
     "decision_refused",
     "may_replace",
+    "not_abortable",
     "resolved_meanwhile",
     "skew_problem",
 ]
@@ -126,6 +127,11 @@ def check_withdrawal(status: ApprovalStatus | None, *, withdraw: bool) -> None:
     """
     if withdraw and status not in (None, ApprovalStatus.EXPIRED):
         raise ValueError(f"a withdrawn approval is closed expired, not {status}")
+
+
+def not_abortable(row: RunRow) -> UsageError:
+    """Say that `Store.abort_run` found the run past aborting (it ended)."""
+    return UsageError(f"run {row.run_id} already ended {row.status}; nothing to abort")
 
 
 def resolved_meanwhile(run_id: str, step: int) -> UsageError:
@@ -225,12 +231,17 @@ class Store(abc.ABC):
         parked: Sequence[str],
         orphaned: Sequence[str] = (),
         now: datetime | None = None,
+        lease_until: datetime | None = None,
     ) -> RunRow:
         """Hold a run for a new writer: bump its lease epoch, atomically.
 
         The run must be in one of the `parked` states, or in one of the
-        `orphaned` states with its lease run out by `now` (its writer died);
-        every writer holding an older epoch is refused from then on (`LeaseLost`).
+        `orphaned` states with its lease run out by `now` (its writer died;
+        without `now`, no lease has run out); every writer holding an older
+        epoch is refused from then on (`LeaseLost`). `lease_until` is the new
+        writer's lease, set in the same write (never moved back): until it
+        runs out the run is not orphaned, so a second take-over racing this
+        one is refused, not let in before the new writer's first write.
 
         Raises:
             NotFound: no such run.
@@ -315,6 +326,33 @@ class Store(abc.ABC):
             ApprovalClosed: the request is decided, used or expired; with
                 `withdraw`, it is not approved (the event is still recorded).
             ValueError: `withdraw` with a `status` other than `expired`.
+        """
+
+    @abc.abstractmethod
+    def abort_run(
+        self,
+        run_id: str,
+        *,
+        abortable: Sequence[str],
+        end: Callable[[RunRow, list[StoredEvent]], list[Event]],
+        at: datetime,
+    ) -> RunRow:
+        """Take a run from whoever holds it and end it `aborted`, in one transaction.
+
+        The run must be in one of the `abortable` states. Its lease epoch goes
+        up, so every writer holding an older one is refused from then on
+        (`LeaseLost`); `end(row, record)` makes the events that end it from the
+        run as it is (its row and its stored record), and they are appended at
+        its head, with status `aborted` and error code `aborted`. Nothing comes
+        between the two: a writer refused by the new epoch finds the run
+        already aborted, and no worker can take the run over in between.
+
+        Returns:
+            The run's row, now aborted.
+
+        Raises:
+            NotFound: no such run (`run_id` is a whole id, not a prefix).
+            UsageError: the run is not in an abortable state (it ended).
         """
 
     @abc.abstractmethod

@@ -47,6 +47,7 @@ __all__ = [
     "approvals_query",
     "breaker_row",
     "breaker_values",
+    "events_of",
     "fence_error",
     "key_record",
     "key_settle",
@@ -214,6 +215,14 @@ def answered_since(mark: str) -> str:
     return (
         f"SELECT 1 FROM events WHERE run={mark} AND seq>{mark} AND "  # noqa: S608  # placeholders only
         f"kind='in_doubt_resolved' AND step={mark} LIMIT 1"
+    )
+
+
+def events_of(mark: str) -> str:
+    """Return the query for a run's stored events in order (seq, body, hash), by run id."""
+    return (
+        "SELECT e.seq, e.body, e.hash FROM events e JOIN runs r ON r.id = e.run "  # noqa: S608  # a placeholder only
+        f"WHERE r.run_id={mark} ORDER BY e.seq"
     )
 
 

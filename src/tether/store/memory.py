@@ -42,6 +42,7 @@ from tether.store._base import (
     check_withdrawal,
     decision_refused,
     may_replace,
+    not_abortable,
     resolved_meanwhile,
 )
 from tether.store._breakers import BreakerRow
@@ -245,6 +246,7 @@ class MemoryStore(Store):
         parked: Sequence[str],
         orphaned: Sequence[str] = (),
         now: datetime | None = None,
+        lease_until: datetime | None = None,
     ) -> RunRow:
         """Bump a parked or orphaned run's lease epoch (see `Store.take_over`)."""
         with self._lock:
@@ -261,6 +263,10 @@ class MemoryStore(Store):
                     "parked run, or one whose writer's lease ran out, can be resumed"
                 )
             run.row = replace(row, epoch=row.epoch + 1)
+            if lease_until is not None and (
+                run.lease_until is None or run.lease_until < lease_until
+            ):
+                run.lease_until = lease_until
         return self.get_run(run_id)
 
     # -- approvals ----------------------------------------------------------------
@@ -370,6 +376,33 @@ class MemoryStore(Store):
             raise ApprovalClosed(refused)
         return current
 
+    def abort_run(
+        self,
+        run_id: str,
+        *,
+        abortable: Sequence[str],
+        end: Callable[[RunRow, list[_chain.StoredEvent]], list[Event]],
+        at: datetime,
+    ) -> RunRow:
+        """Take a run and end it `aborted`, atomically (see `Store.abort_run`)."""
+        with self._lock:
+            run = self._runs.get(run_id)
+            if run is None:
+                raise NotFound(f"no run {run_id!r} in memory")
+            stored = self._stored(run_id, run.events)
+            row = self._row(run_id, run, stored)
+            if row.status not in abortable:
+                raise not_abortable(row)
+            run.events.extend(end(row, stored))
+            run.row = replace(
+                run.row,
+                epoch=run.row.epoch + 1,
+                status="aborted",
+                error_code="aborted",
+                updated_at=at,
+            )
+            return self._row(run_id, run, self._stored(run_id, run.events))
+
     def resolve_step(
         self,
         run_id: str,
@@ -434,7 +467,11 @@ class MemoryStore(Store):
                     run = self._runs[run_id]
             if run is None:
                 raise NotFound(f"no run {run_id!r} in memory; see `tether runs list`")
-            events = self._stored(run_id, run.events)
+            return self._row(run_id, run, self._stored(run_id, run.events))
+
+    @staticmethod
+    def _row(run_id: str, run: _Run, events: list[_chain.StoredEvent]) -> RunRow:
+        """Return `run`'s row, its head from its `events` as stored."""
         head = events[-1].hash if events else _chain.genesis(run_id)
         r = run.row
         return RunRow(

@@ -23,12 +23,22 @@ from typing import Any
 import psycopg
 
 from tether import _chain
+from tether.errors import NotFound
+from tether.record import Event
 from tether.store import _limits
-from tether.store._base import KeyId, KeyRecord, LimitRow, RunRow
+from tether.store._base import (
+    Batch,
+    KeyId,
+    KeyRecord,
+    LimitRow,
+    RunRow,
+    not_abortable,
+)
 from tether.store._breakers import BreakerRow
 from tether.store._sql import (
     RUN_COLUMNS,
     breaker_row,
+    events_of,
     limit_summary,
     not_one,
     not_resumable,
@@ -187,14 +197,73 @@ class PostgresStore(Writes, Approvals):
         if "\0" in run_id:
             return []
         rows = self._read(
-            lambda conn: conn.execute(
-                "SELECT e.seq, e.body, e.hash FROM events e JOIN runs r ON r.id = e.run "
-                "WHERE r.run_id=%s ORDER BY e.seq",
-                (run_id,),
-            ).fetchall(),
+            lambda conn: conn.execute(events_of("%s"), (run_id,)).fetchall(),
             f"read run {run_id}",
         )
         return [_chain.StoredEvent(seq=s, body=b, hash=h) for s, b, h in rows]
+
+    def abort_run(
+        self,
+        run_id: str,
+        *,
+        abortable: Sequence[str],
+        end: Callable[[RunRow, list[_chain.StoredEvent]], list[Event]],
+        at: datetime,
+    ) -> RunRow:
+        """Take a run and end it `aborted`, in one transaction (see `Store.abort_run`).
+
+        The run's row is locked first: a writer's step (which locks it in its
+        one statement) either lands before, and the end extends it, or waits
+        and then finds the epoch moved. A lost connection is an error, not
+        tried again: the abort may have landed (`tether runs show` says; a
+        second try is refused as ended).
+        """
+        return self._run(
+            lambda conn: self._abort(conn, run_id, abortable, end, at),
+            f"abort run {run_id}",
+        )
+
+    def _abort(
+        self,
+        conn: psycopg.Connection[Any],
+        run_id: str,
+        abortable: Sequence[str],
+        end: Callable[[RunRow, list[_chain.StoredEvent]], list[Event]],
+        at: datetime,
+    ) -> RunRow:
+        conn.execute("BEGIN")
+        found = conn.execute(
+            f"SELECT {RUN_COLUMNS} FROM runs WHERE run_id=%s FOR UPDATE",  # noqa: S608  # constant column list
+            (run_id,),
+        ).fetchone()
+        if found is None:
+            raise NotFound(f"no run {run_id!r} in {self.url}")
+        row = run_row(found, _utc)
+        if row.status not in abortable:
+            raise not_abortable(row)
+        stored = [
+            _chain.StoredEvent(seq=s, body=b, hash=h)
+            for s, b, h in conn.execute(events_of("%s"), (run_id,)).fetchall()
+        ]
+        self._append(
+            conn,
+            Batch(
+                run_id=run_id,
+                events=end(row, stored),
+                at=at,
+                epoch=row.epoch + 1,
+                base_seq=row.head_seq,
+                base_hash=row.head_hash,
+            ),
+        )
+        ended = conn.execute(
+            "UPDATE runs SET epoch=epoch+1, status='aborted', error_code='aborted', "  # noqa: S608  # constant column list
+            f"updated_at=%s WHERE run_id=%s RETURNING {RUN_COLUMNS}",
+            (at, run_id),
+        ).fetchone()
+        assert ended is not None  # the row is locked: it is there
+        conn.execute("COMMIT")
+        return run_row(ended, _utc)
 
     def renew_lease(
         self,
@@ -247,6 +316,7 @@ class PostgresStore(Writes, Approvals):
         parked: Sequence[str],
         orphaned: Sequence[str] = (),
         now: datetime | None = None,
+        lease_until: datetime | None = None,
     ) -> RunRow:
         """Bump a parked or orphaned run's lease epoch (see `Store.take_over`).
 
@@ -256,12 +326,14 @@ class PostgresStore(Writes, Approvals):
         """
         row = self.get_run(run_id)
         at = 0 if now is None else _us(now)
+        until = 0 if lease_until is None else _us(lease_until)
+        lost = [] if now is None else list(orphaned)  # no time, no lease ran out
         taken = self._run(
             lambda conn: conn.execute(
-                f"UPDATE runs SET epoch=epoch+1 WHERE run_id=%s AND epoch=%s "  # noqa: S608  # constant column list
-                "AND (status = ANY(%s) OR (status = ANY(%s) AND lease_until <= %s)) "
-                f"RETURNING {RUN_COLUMNS}",
-                (row.run_id, row.epoch, list(parked), list(orphaned), at),
+                "UPDATE runs SET epoch=epoch+1, lease_until=GREATEST(lease_until, %s) "  # noqa: S608  # constant column list
+                "WHERE run_id=%s AND epoch=%s AND (status = ANY(%s) OR "
+                f"(status = ANY(%s) AND lease_until <= %s)) RETURNING {RUN_COLUMNS}",
+                (until, row.run_id, row.epoch, list(parked), lost, at),
             ).fetchone(),
             f"take over run {run_id}",
         )

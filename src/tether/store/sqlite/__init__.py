@@ -15,17 +15,26 @@ SQLITE_BUSY at once, ignoring `busy_timeout`.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 
 from tether import _chain
-from tether.errors import StoreError
+from tether.errors import NotFound, StoreError
+from tether.record import Event
 from tether.store import _limits
-from tether.store._base import KeyId, KeyRecord, LimitRow, RunRow
+from tether.store._base import (
+    Batch,
+    KeyId,
+    KeyRecord,
+    LimitRow,
+    RunRow,
+    not_abortable,
+)
 from tether.store._breakers import BreakerRow
 from tether.store._sql import (
     RUN_COLUMNS,
     breaker_row,
+    events_of,
     limit_summary,
     not_one,
     not_resumable,
@@ -33,7 +42,12 @@ from tether.store._sql import (
     runs_page,
 )
 from tether.store.sqlite._approvals import Approvals
-from tether.store.sqlite._connection import BUSY_TIMEOUT_MS, PAGE_SIZE, Synchronous
+from tether.store.sqlite._connection import (
+    BUSY_TIMEOUT_MS,
+    PAGE_SIZE,
+    Synchronous,
+    rollback,
+)
 from tether.store.sqlite._tables import Tables
 from tether.store.sqlite._write import read_key
 
@@ -137,10 +151,14 @@ class SQLiteStore(Approvals):
         parked: Sequence[str],
         orphaned: Sequence[str] = (),
         now: datetime | None = None,
+        lease_until: datetime | None = None,
     ) -> RunRow:
         """Bump a parked or orphaned run's lease epoch (see `Store.take_over`)."""
         row = self.get_run(run_id)
+        if now is None:
+            orphaned = ()  # no time, no lease ran out
         at = 0 if now is None else _us(now)
+        until = 0 if lease_until is None else _us(lease_until)
         marks = ",".join("?" * len(parked)) or "NULL"
         lost = ",".join("?" * len(orphaned)) or "NULL"
         try:
@@ -148,10 +166,10 @@ class SQLiteStore(Approvals):
                 # RETURNING, not a read after COMMIT: by then another worker may
                 # have taken the run over again, and its epoch is not ours.
                 rows = con.execute(
-                    f"UPDATE runs SET epoch=epoch+1 WHERE run_id=? AND epoch=? "  # noqa: S608  # placeholders only
-                    f"AND (status IN ({marks}) OR (status IN ({lost}) AND lease_until <= ?)) "
-                    f"RETURNING {RUN_COLUMNS}",
-                    (row.run_id, row.epoch, *parked, *orphaned, at),
+                    "UPDATE runs SET epoch=epoch+1, lease_until=MAX(lease_until, ?) "  # noqa: S608  # placeholders only
+                    f"WHERE run_id=? AND epoch=? AND (status IN ({marks}) OR "
+                    f"(status IN ({lost}) AND lease_until <= ?)) RETURNING {RUN_COLUMNS}",
+                    (until, row.run_id, row.epoch, *parked, *orphaned, at),
                 ).fetchall()  # every row: a RETURNING statement left open blocks COMMIT
                 taken = rows[0] if rows else None
         except sqlite3.Error as exc:
@@ -159,6 +177,72 @@ class SQLiteStore(Approvals):
         if taken is None:
             raise not_resumable(self.get_run(row.run_id))
         return run_row(taken, _dt)
+
+    def abort_run(
+        self,
+        run_id: str,
+        *,
+        abortable: Sequence[str],
+        end: Callable[[RunRow, list[_chain.StoredEvent]], list[Event]],
+        at: datetime,
+    ) -> RunRow:
+        """Take a run and end it `aborted`, in one transaction (see `Store.abort_run`)."""
+        try:
+            with self._lock:
+                con = self._con
+                con.execute("BEGIN IMMEDIATE")  # the file's one writer until COMMIT
+                try:
+                    ended = self._abort(con, run_id, abortable, end, at)
+                    con.execute("COMMIT")
+                except BaseException:
+                    rollback(con)
+                    raise
+        except sqlite3.Error as exc:
+            raise StoreError(
+                f"cannot abort run {run_id} in {str(self.path)!r}: {exc}"
+            ) from exc
+        return ended
+
+    def _abort(
+        self,
+        con: sqlite3.Connection,
+        run_id: str,
+        abortable: Sequence[str],
+        end: Callable[[RunRow, list[_chain.StoredEvent]], list[Event]],
+        at: datetime,
+    ) -> RunRow:
+        found = con.execute(
+            f"SELECT {RUN_COLUMNS} FROM runs WHERE run_id=?",  # noqa: S608  # constant column list
+            (run_id,),
+        ).fetchone()
+        if found is None:
+            raise NotFound(f"no run {run_id!r} in {str(self.path)!r}")
+        row = run_row(found, _dt)
+        if row.status not in abortable:
+            raise not_abortable(row)
+        stored = [
+            _chain.StoredEvent(seq=s, body=b, hash=h)
+            for s, b, h in con.execute(events_of("?"), (run_id,))
+        ]
+        con.execute("UPDATE runs SET epoch=epoch+1 WHERE run_id=?", (run_id,))
+        self._commit(
+            con,
+            Batch(
+                run_id=run_id,
+                events=end(row, stored),
+                at=at,
+                epoch=row.epoch + 1,
+                base_seq=row.head_seq,
+                base_hash=row.head_hash,
+                status="aborted",
+                error_code="aborted",
+            ),
+        )
+        ended = con.execute(
+            f"SELECT {RUN_COLUMNS} FROM runs WHERE run_id=?",  # noqa: S608  # constant column list
+            (run_id,),
+        ).fetchone()
+        return run_row(ended, _dt)
 
     def breaker_row(self, breaker_id: str) -> BreakerRow:
         """Return one breaker's stored row (a closed one when it has none)."""
@@ -214,13 +298,7 @@ class SQLiteStore(Approvals):
 
     def events(self, run_id: str) -> list[_chain.StoredEvent]:
         """Return a run's events in order."""
-        rows = self._read(
-            lambda con: con.execute(
-                "SELECT e.seq, e.body, e.hash FROM events e JOIN runs r ON r.id = e.run "
-                "WHERE r.run_id=? ORDER BY e.seq",
-                (run_id,),
-            ).fetchall()
-        )
+        rows = self._read(lambda con: con.execute(events_of("?"), (run_id,)).fetchall())
         return [_chain.StoredEvent(seq=s, body=b, hash=h) for s, b, h in rows]
 
 
