@@ -168,6 +168,42 @@ def test_every_connection_uses_wal_the_documented_sync_level_and_timeouts(
     app.close()
 
 
+def test_a_read_only_connection_waits_on_locks_and_cannot_write(
+    traced: list[Traced], tmp_path: Path
+) -> None:
+    """The commands that only read (`verify`, `runs`, `status`, `replay`) open the file read-only.
+
+    Such a connection waits out a writer's lock like the others (a busy timeout
+    of 5 s or more, in WAL), and refuses every write (`query_only`). It sets
+    neither `synchronous` nor foreign keys: it writes nothing they govern.
+    """
+    db = f"sqlite:///{tmp_path / 'tether.db'}"
+    with tether.Tether(db=db, env={}) as writer:
+        workload(writer)
+    traced.clear()
+
+    with tether.Tether(db=db, env={}, read_only=True) as app:
+        runs = app.store.list_runs()
+        assert len(runs) == 2
+        assert all(app.verify(run.run_id).ok for run in runs)
+        (entry,) = traced
+        entry.con.set_trace_callback(None)
+        pragmas = {
+            name: entry.con.execute(f"PRAGMA {name}").fetchone()[0]
+            for name in ("journal_mode", "busy_timeout", "query_only")
+        }
+        with pytest.raises(sqlite3.OperationalError, match="readonly"):
+            entry.con.execute("DELETE FROM events")
+
+    assert pragmas == {
+        "journal_mode": "wal",
+        "busy_timeout": pragmas["busy_timeout"],
+        "query_only": 1,
+    }
+    assert pragmas["busy_timeout"] >= 5000
+    assert not [s for s in entry.statements if WRITES.match(_bare(s))]
+
+
 def test_every_writing_transaction_begins_immediate(
     traced: list[Traced], tmp_path: Path
 ) -> None:
