@@ -26,7 +26,7 @@ from pydantic import BaseModel
 import tether
 from tether.errors import ApprovalClosed, NotAllowedToApprove, NotFound, UsageError
 from tether.record import Outcome, OutcomeStatus
-from tether.store import ApprovalRow, ApprovalStatus, Batch, Committed
+from tether.store import ApprovalRow, ApprovalStatus, Batch, Committed, Store
 from tether.testing import FakeClock, write_config
 
 TTL = timedelta(hours=1)
@@ -493,13 +493,7 @@ class TestGrantAndTheRestOfTheCallPath:
     ) -> None:
         """The intent landed but the store's answer did not: the step never ran, so the next try runs under the same grant, without asking again."""
         app = world.app
-        commit = app.store.commit
-
-        def answer_lost(batch: Batch) -> Committed:
-            committed = commit(batch)
-            if batch.use_grant is not None:
-                raise tether.StoreError("failpoint: the answer was lost")
-            return committed
+        answer_lost = _answer_lost_when_spending(app.store)
 
         with app.run(principal=world.bot, request="refund") as run:
             request_id = asked_id(run.step("pay.refund", refund(500)))
@@ -537,13 +531,7 @@ class TestGrantAndTheRestOfTheCallPath:
         run would make the call under the aborted run's approval, unasked.
         """
         app = world.app
-        commit = app.store.commit
-
-        def answer_lost(batch: Batch) -> Committed:
-            committed = commit(batch)
-            if batch.use_grant is not None:
-                raise tether.StoreError("failpoint: the answer was lost")
-            return committed
+        answer_lost = _answer_lost_when_spending(app.store)
 
         seen: dict[str, Any] = {}
 
@@ -575,6 +563,19 @@ class TestGrantAndTheRestOfTheCallPath:
         assert kinds(lost)[-1] == "failed"
         assert lost[-1]["stage"] == "intent"
         assert world.bank.refunds == []
+
+
+def _answer_lost_when_spending(store: Store) -> Callable[[Batch], Committed]:
+    """`store.commit` whose answer is lost when the batch spends a grant: it landed."""
+    commit = store.commit
+
+    def answer_lost(batch: Batch) -> Committed:
+        committed = commit(batch)
+        if batch.use_grant is not None:
+            raise tether.StoreError("failpoint: the answer was lost")
+        return committed
+
+    return answer_lost
 
 
 # -- 2. digest binding ---------------------------------------------------------------

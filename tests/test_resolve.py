@@ -233,18 +233,23 @@ def test_a_resolved_retry_replays_the_same(tmp_path: Path) -> None:
         db=db, config=resolvers(tmp_path), clock=FakeClock(), env={}
     ) as app:
         app.register(charge)
-        with app.run(principal=AGENT, request="charge") as run:
-            with pytest.raises(tether.InDoubt):
-                run.call("pay.charge", {"order": "o", "cents": 5}, idempotency_key="k")
-            app.resolve_in_doubt(run.id, 1, acted=False, by="alice", reason="none")
-            run.call("pay.charge", {"order": "o", "cents": 5}, idempotency_key="k")
-        recorded = RecordedRun.from_store(app.store, run.id)
+        recorded = _resolved_then_retried(app)
         hang_up.append(True)  # the replayed first call is in doubt again
 
         report = Replayer(app).replay(recorded)
 
     assert report.ok, report.to_json()
     assert report.notes == []
+
+
+def _resolved_then_retried(app: tether.Tether) -> RecordedRun:
+    """Leave a keyed charge in doubt, answer "not acted", retry it; return the run's record."""
+    with app.run(principal=AGENT, request="charge") as run:
+        with pytest.raises(tether.InDoubt):
+            run.call("pay.charge", {"order": "o", "cents": 5}, idempotency_key="k")
+        app.resolve_in_doubt(run.id, 1, acted=False, by="alice", reason="none")
+        run.call("pay.charge", {"order": "o", "cents": 5}, idempotency_key="k")
+    return RecordedRun.from_store(app.store, run.id)
 
 
 PAYAPP = """\
@@ -477,12 +482,7 @@ def test_a_recorded_answer_replays_whoever_the_replaying_app_names(
     charge = hanging_charge(hang_up, "ch_2")
     with tether.Tether(db=db, config=resolvers(tmp_path), env=KEY) as app:
         app.register(charge)
-        with app.run(principal=AGENT, request="charge") as run:
-            with pytest.raises(tether.InDoubt):
-                run.call("pay.charge", {"order": "o", "cents": 5}, idempotency_key="k")
-            app.resolve_in_doubt(run.id, 1, acted=False, by="alice", reason="none")
-            run.call("pay.charge", {"order": "o", "cents": 5}, idempotency_key="k")
-        recorded = RecordedRun.from_store(app.store, run.id)
+        recorded = _resolved_then_retried(app)
     (tmp_path / "tether.yaml").write_text("approvers: {}\n")  # nobody, now
 
     hang_up.append(True)

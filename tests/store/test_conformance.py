@@ -678,29 +678,41 @@ def test_of_two_answers_to_one_step_the_second_is_refused(store: Store) -> None:
 # -- grants given back ---------------------------------------------------------------
 
 
-def _approved_request(store: Store, run_id: str) -> str:
-    """Ask for approval in `run_id` and approve it; return the request's id."""
-    row = store.get_run(run_id)
-    request = ApprovalRow(
-        id=f"apr_{run_id}",
+def pending_request(
+    request_id: str,
+    run_id: str,
+    *,
+    principal_id: str = "pay-bot",
+    digest: bytes = b"\x07" * 32,
+    at: datetime = T0,
+) -> ApprovalRow:
+    """A pending approval request for a `pay.charge` step 1 of `run_id`, open an hour."""
+    return ApprovalRow(
+        id=request_id,
         run_id=run_id,
         step=1,
         tenant="acme",
-        principal_id="pay-bot",
+        principal_id=principal_id,
         on_behalf_of=None,
         capability="pay.charge",
         version="1",
         args=b"{}",
         preview=None,
-        digest=b"\x07" * 32,
+        digest=digest,
         policy_version="p1",
         rule_ids=("big",),
         reasons=("big charges need a human",),
         approvers=(),
         status=ApprovalStatus.PENDING,
-        created_at=T0,
-        expires_at=T0 + timedelta(hours=1),
+        created_at=at,
+        expires_at=at + timedelta(hours=1),
     )
+
+
+def _approved_request(store: Store, run_id: str) -> str:
+    """Ask for approval in `run_id` and approve it; return the request's id."""
+    row = store.get_run(run_id)
+    request = pending_request(f"apr_{run_id}", run_id)
     asked = store.commit(
         Batch(
             run_id=run_id,

@@ -38,6 +38,7 @@ from tether.store import (
 from tether.store.postgres import parse_url
 from tether.testing import FakeClock
 
+from .test_conformance import pending_request
 from .test_postgres import chain_ok, create_run
 from .test_postgres_lost_writes import cut_client_socket, until, waiters
 
@@ -66,26 +67,7 @@ def ask(store: Store) -> None:
                 )
             ],
             status="awaiting_approval",
-            approval=ApprovalRow(
-                id=REQUEST,
-                run_id=RUN,
-                step=1,
-                tenant="acme",
-                principal_id="bot",
-                on_behalf_of=None,
-                capability="pay.charge",
-                version="1",
-                args=b"{}",
-                preview=None,
-                digest=b"\x07" * 32,
-                policy_version="p1",
-                rule_ids=("big",),
-                reasons=("big charges need a human",),
-                approvers=(),
-                status=ApprovalStatus.PENDING,
-                created_at=T0,
-                expires_at=T0 + timedelta(hours=1),
-            ),
+            approval=pending_request(REQUEST, RUN, principal_id="bot", at=T0),
             at=T0,
         )
     )

@@ -28,6 +28,8 @@ from tether.store import (
     open_store,
 )
 
+from .test_conformance import pending_request
+
 T = TypeVar("T")
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -216,26 +218,7 @@ def test_racing_decisions_on_one_request_let_exactly_one_apply(
     """Eight people approve one request at once: one decision applies, seven are refused as closed, and all eight are recorded in one verifying chain."""
     create_run(stores[0], "run_a", status="awaiting_approval")
     row = stores[0].get_run("run_a")
-    request = ApprovalRow(
-        id="apr_race",
-        run_id="run_a",
-        step=1,
-        tenant="acme",
-        principal_id="pay-bot",
-        on_behalf_of=None,
-        capability="pay.charge",
-        version="1",
-        args=b"{}",
-        preview=None,
-        digest=b"\x03" * 32,
-        policy_version="p1",
-        rule_ids=("big",),
-        reasons=("big refunds need a human",),
-        approvers=(),
-        status=ApprovalStatus.PENDING,
-        created_at=T0,
-        expires_at=T0 + timedelta(hours=1),
-    )
+    request = pending_request("apr_race", "run_a", digest=b"\x03" * 32, at=T0)
     committed = stores[0].commit(
         Batch(
             run_id="run_a",
