@@ -17,6 +17,7 @@ from tether._effects import (
     GatewayEffect,
     StoreOp,
 )
+from tether._redact import redact_json
 from tether._stages import (
     RunPort,
     args_fingerprint,
@@ -270,6 +271,9 @@ def _preview(
         return {"error": exc.code, "message": exc.message}
     if cap.secret_output:
         return {"output": "the dry run's output holds secrets; not shown"}
+    secrets = call_secrets(cap, args)
+    if secrets:  # a plain text field may quote them (RELIABILITY H.53)
+        return {"output": redact_json(out_json, secrets)}
     return {"output": out_json}
 
 

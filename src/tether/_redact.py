@@ -14,7 +14,7 @@ from urllib.parse import quote, quote_plus
 import pydantic
 from pydantic import BaseModel, SecretBytes, SecretStr
 
-__all__ = ["SECRET_MASK", "Secret", "redact_text", "secret_values"]
+__all__ = ["SECRET_MASK", "Secret", "redact_json", "redact_text", "secret_values"]
 
 SECRET_MASK = "**********"  # noqa: S105  # a mask, not a password
 """What a secret field becomes in a record (the same mask pydantic's `SecretStr` uses)."""
@@ -121,3 +121,24 @@ def redact_text(text: str, secrets: Iterable[str]) -> str:
     for form in sorted(forms - {""}, key=len, reverse=True):
         text = text.replace(form, SECRET_MASK)
     return text
+
+
+def redact_json(value: object, secrets: Iterable[str], _depth: int = 0) -> object:
+    """Return JSON data `value` with `redact_text` applied to every string in it, keys too.
+
+    For data a handler made from the call's args (a dry run's preview): a
+    plain `str` field may quote a secret arg that its own type does not mark.
+    Past 64 levels the rest is masked whole (JSON that deep is not a preview).
+    """
+    if _depth > 64:
+        return SECRET_MASK
+    if isinstance(value, str):
+        return redact_text(value, secrets)
+    if isinstance(value, Mapping):
+        return {
+            redact_text(str(k), secrets): redact_json(v, secrets, _depth + 1)
+            for k, v in value.items()
+        }
+    if isinstance(value, list | tuple):
+        return [redact_json(v, secrets, _depth + 1) for v in value]
+    return value
