@@ -213,8 +213,28 @@ def login_parsed(args: LoginIn) -> LoginOut:
     return LoginOut(user=args.user, session="s")
 
 
+class EchoOut(BaseModel):
+    summary: str
+    """Plain text: its type marks nothing secret, whatever it quotes."""
+    lines: list[str]
+
+
+@tether.capability("acct.login_echo", effect="write", idempotency="keyed")
+def login_echo(args: LoginIn) -> EchoOut:
+    """Log in and echo the secret args into plain text, as a careless summary does."""
+    basic = base64.b64encode(args.password.get_secret_value().encode()).decode()
+    return EchoOut(
+        summary=_leaky_message(args),
+        lines=[
+            f"Authorization: Basic {basic}",
+            f"https://api.example.com/v1/me?key={urllib.parse.quote(args.api_key, safe='')}",
+        ],
+    )
+
+
 ALL = (
     login,
+    login_echo,
     login_fails,
     login_in_doubt,
     login_read,
@@ -245,6 +265,32 @@ def test_secret_fields_never_reach_the_record(
     assert isinstance(again.error, tether.IdempotencyConflict)
     assert "holds secrets" in again.error.message
     haystack.assert_clean(run.id, (*CANARIES, f"session-for-{API_KEY}"))
+
+
+def test_secret_args_echoed_in_a_plain_output_never_reach_the_record(
+    haystack: Haystack, principal: tether.Principal
+) -> None:
+    """A handler quoting its secret args in plain text fields: the record keeps them masked.
+
+    The caller gets the output as the handler made it. Stored masked, the
+    result is not the call's result any more: a retry under the key is refused
+    as one whose result holds secrets, not answered with the masked text.
+    """
+    app = haystack.app
+    app.register(*ALL)
+
+    with app.run(principal=principal, request="log in") as run:
+        first = run.call(login_echo, _login_args(), idempotency_key="echo-1")
+        again = run.step("acct.login_echo", _login_args(), idempotency_key="echo-1")
+
+    assert PASSWORD in first.summary  # the caller gets the real value
+    assert isinstance(again.error, tether.IdempotencyConflict)
+    assert "holds secrets" in again.error.message
+    executed = [
+        e.data() for e in app.store.events(run.id) if e.data()["kind"] == "executed"
+    ]
+    assert executed[0]["output"]["summary"].startswith("401 for alice: password=*")
+    haystack.assert_clean(run.id)
 
 
 def test_secret_args_as_json_text_never_reach_the_record(

@@ -405,9 +405,13 @@ def stored_result(
 ) -> tuple[BaseModel | None, TetherError | None]:
     """Return a key's stored result as the capability's output, or why it cannot be."""
     assert existing.output is not None
-    # A free-form field (Any) may have held a SecretStr no schema declares: its
+    # A free-form field (Any) may have held a SecretStr no schema declares, and
+    # a plain field may have quoted a secret arg (masked when recorded): its
     # stored form is the mask, which must not come back as the result.
-    if cap.secret_output or (cap.free_form_output and _MASK_BYTES in existing.output):
+    masked = _MASK_BYTES in existing.output
+    if cap.secret_output or (
+        masked and (cap.free_form_output or may_hold_secrets(cap, None))
+    ):
         return None, IdempotencyConflict(
             f"{cap.name}: the call under idempotency key {key!r:.80} completed (run "
             f"{existing.run_id}, step {existing.step}), but its result holds secrets, "

@@ -12,9 +12,9 @@ from __future__ import annotations
 import hashlib
 import logging
 from decimal import Decimal
-from typing import Any
+from typing import Any, cast
 
-from tether import _guards, record
+from tether import _canonical, _guards, record
 from tether._approval_stage import ask_approval
 from tether._effects import (
     Execute,
@@ -34,12 +34,14 @@ from tether._limit_stage import (
     reserve,
     take_room,
 )
+from tether._redact import redact_json
 from tether._stages import (
     RunPort,
     args_fingerprint,
     call_secrets,
     check_preconditions,
     handler_args,
+    may_hold_secrets,
     policy_error,
     refuse,
     settle_by_key,
@@ -359,6 +361,15 @@ def step(  # the design's list, in order
     )
     done, end, output, error = tried.done, tried.end, tried.output, tried.error
     out_json, out_bytes, outcome_cmd = tried.out_json, tried.out_bytes, tried.outcome
+    if output is not None and may_hold_secrets(cap, args_bytes):
+        # Plain text fields may quote the secret args: the record and the key
+        # keep them masked (the caller gets the output as it is; RELIABILITY H.53).
+        secrets = call_secrets(cap, args, args_bytes)
+        if secrets:
+            masked = redact_json(out_json, secrets)
+            if masked != out_json:
+                out_json = cast("dict[str, Any]", masked)
+                out_bytes = _canonical.dumps(out_json)
     events = tried.events
     if tried.retried:  # a retry's write recorded the checks: they are not repeated
         before = list(events) if room.after else []
