@@ -127,6 +127,11 @@ CASES: dict[str, Case] = {
     "lone-surrogate-in-key": Case({"meta": {"\udfff": 1}}, r"surrogate|UTF-8"),
     "lone-surrogate-escaped-text": Case('{"text": "\\ud800"}', r"surrogate|JSON"),
     "lone-surrogate-raw-text": Case('{"text": "\ud800"}', r"surrogate|UTF-8"),
+    # the caller's keys, quoted in the message: escaped and cut, one line
+    "extra-key-with-line-breaks": Case(
+        {"a\nb\u2028c": 1}, r"'a\\nb\\u2028c'.*[Ee]xtra"
+    ),
+    "1mb-extra-key": Case({"k" * MB: 1}, r"'kkkk.*'\.\.\..*[Ee]xtra"),
     # control: hostile-looking but valid, so accepted exactly
     "paired-surrogate-escape": Case(
         '{"text": "\\ud83d\\ude00"}', "", exact={"text": "\U0001f600"}

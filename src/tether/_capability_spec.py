@@ -402,10 +402,30 @@ class Capability(Generic[In, Out]):
 def one_line_error(name: str, what: str, exc: pydantic.ValidationError) -> str:
     """Return `exc` as one line: the capability, what broke, the first bad field."""
     first = exc.errors(include_url=False, include_input=False)[0]
-    where = ".".join(str(p) for p in first["loc"]) or "(root)"
+    where = ".".join(_loc_part(p) for p in first["loc"]) or "(root)"
     more = exc.error_count() - 1
     tail = f" (and {more} more)" if more else ""
-    return f"{name}: {what}: {where}: {first['msg']}{tail}"
+    # A validator's own message may quote the input: its line breaks go too.
+    msg = " ".join(str(first["msg"]).split())
+    return f"{name}: {what}: {where}: {msg}{tail}"
+
+
+_LOC_SHOWN = 80
+"""Characters of one part of a bad field's location the message quotes."""
+
+
+def _loc_part(part: object) -> str:
+    """One part of a bad field's location: a caller's key is shown escaped and cut.
+
+    An extra or free-form key is the caller's text: a line break or a control
+    character in it must not break the message's one line, nor a 1 MiB key
+    make a 1 MiB message.
+    """
+    text = str(part)
+    if text.isprintable() and len(text) <= _LOC_SHOWN:
+        return text
+    shown = repr(text[:_LOC_SHOWN])
+    return shown if len(text) <= _LOC_SHOWN else f"{shown}..."
 
 
 def _schema_is_free_form(schema: Mapping[str, object]) -> bool:
