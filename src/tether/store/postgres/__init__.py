@@ -18,13 +18,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 
 from tether import _chain
 from tether.errors import NotFound
-from tether.record import Event
 from tether.store import _limits
 from tether.store._base import (
     Batch,
@@ -63,6 +62,9 @@ __all__ = [
     "PostgresStore",
     "parse_url",
 ]
+
+if TYPE_CHECKING:
+    from tether.record import Event
 
 _us = _limits.to_us
 

@@ -17,10 +17,10 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Callable, Sequence
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 from tether import _chain
 from tether.errors import NotFound, StoreError
-from tether.record import Event
 from tether.store import _limits
 from tether.store._base import (
     Batch,
@@ -52,6 +52,9 @@ from tether.store.sqlite._tables import Tables
 from tether.store.sqlite._write import read_key
 
 __all__ = ["BUSY_TIMEOUT_MS", "PAGE_SIZE", "SQLiteStore", "Synchronous"]
+
+if TYPE_CHECKING:
+    from tether.record import Event
 
 _us = _limits.to_us
 
