@@ -104,7 +104,7 @@ class Creds(BaseModel, extra="forbid"):
     label: str = ""
 
 
-class ConnectIn(BaseModel, extra="forbid"):
+class VaultIn(BaseModel, extra="forbid"):
     user: str
     host: str
     password: SecretStr
@@ -126,7 +126,7 @@ class Summary(BaseModel):
     summary: str
 
 
-def _quoted(args: ConnectIn) -> str:
+def _quoted(args: VaultIn) -> str:
     """Every secret of the args, in clear and encoded, as careless code writes them."""
     password = args.password.get_secret_value()
     pin = args.creds.pin.get_secret_value()
@@ -140,10 +140,10 @@ def _quoted(args: ConnectIn) -> str:
 
 
 def _secret_field_capability() -> tether.Capability[Any, Any]:
-    def preview(args: ConnectIn) -> Session:
+    def preview(args: VaultIn) -> Session:
         return Session(user=args.user, session=f"would-be-{args.api_key}-{TOKEN}")
 
-    def connect(args: ConnectIn) -> Session:
+    def connect(args: VaultIn) -> Session:
         return Session(user=args.user, session=f"session-{args.api_key}")
 
     return tether.capability(
@@ -152,10 +152,10 @@ def _secret_field_capability() -> tether.Capability[Any, Any]:
 
 
 def _plain_text_capability() -> tether.Capability[Any, Any]:
-    def preview(args: ConnectIn) -> Summary:
+    def preview(args: VaultIn) -> Summary:
         return Summary(summary=f"would {_quoted(args)}")
 
-    def connect(args: ConnectIn) -> Summary:
+    def connect(args: VaultIn) -> Summary:
         return Summary(summary=f"connected {args.user}@{args.host}")
 
     return tether.capability(
@@ -164,10 +164,10 @@ def _plain_text_capability() -> tether.Capability[Any, Any]:
 
 
 def _raising_capability() -> tether.Capability[Any, Any]:
-    def preview(args: ConnectIn) -> Summary:
+    def preview(args: VaultIn) -> Summary:
         raise PermissionError(f"dry run refused: {_quoted(args)}")
 
-    def connect(args: ConnectIn) -> Summary:
+    def connect(args: VaultIn) -> Summary:
         return Summary(summary=f"connected {args.user}@{args.host}")
 
     return tether.capability(
