@@ -13,6 +13,7 @@ these from there.
 
 from __future__ import annotations
 
+import copy
 import inspect
 from collections.abc import Callable, Mapping, Sequence, Set
 from datetime import timedelta
@@ -377,6 +378,19 @@ class Capability(Generic[In, Out]):
         raise UsageError(
             f"unknown tool schema flavor {flavor!r}; use 'mcp' or 'openai'"
         )
+
+    def within(self, deadline: timedelta) -> Capability[In, Out]:
+        """Return this capability for one call whose caller waits at most `deadline`.
+
+        Its timeout is the shorter of its own and the caller's; itself when its
+        own is as short. Everything else is shared: the copy is the same
+        capability, called under a tighter limit.
+        """
+        if self.timeout is not None and self.timeout <= deadline:
+            return self
+        tighter = copy.copy(self)
+        tighter.timeout = deadline
+        return tighter
 
     def describe(self) -> dict[str, object]:
         """Return the capability's declaration as JSON-ready data (for records)."""

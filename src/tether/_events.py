@@ -176,6 +176,9 @@ class Validated:
     kind: Literal["validated"] = "validated"
     step: int | None = None
     """The step's number in the run, from 1; None for run-level events."""
+    timeout: float | None = None
+    """The caller's deadline for the call, in seconds, if it gave one (`Run.call`'s
+    `timeout`): the handler gets the shorter of it and the capability's own."""
     version: str
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from datetime import timedelta
 from decimal import Decimal
 from typing import Any, cast
 
@@ -98,6 +99,7 @@ def step(  # the design's list, in order
     *,
     key: str | None = None,
     dry_run: bool = False,
+    deadline: timedelta | None = None,
 ) -> Flow:
     """Take one step through the call path and return its outcome.
 
@@ -107,10 +109,14 @@ def step(  # the design's list, in order
         raw_args: the args as the caller gave them (a mapping, a model, JSON text).
         key: the caller's idempotency key, if any.
         dry_run: run the dry-run handler instead of the real one.
+        deadline: the most the caller waits for the handler; it shortens the
+            capability's own timeout for this call (RELIABILITY D.32).
     """
     number = run.next_step()
     now = run.clock.now()
     events: list[record.Event] = []
+    if deadline is not None:
+        cap = cap.within(deadline)
 
     # validate args against the input schema
     try:
@@ -134,6 +140,7 @@ def step(  # the design's list, in order
             args=args_json,
             key=key,
             dry_run=dry_run,
+            timeout=None if deadline is None else deadline.total_seconds(),
         )
     )
 

@@ -10,8 +10,9 @@ import asyncio
 import hashlib
 import itertools
 import logging
+import math
 from collections.abc import Mapping, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar, overload
@@ -608,12 +609,17 @@ class Run:
         *,
         idempotency_key: str | None = None,
         dry_run: bool = False,
+        timeout: float | timedelta | None = None,
     ) -> Outcome:
         """Take one step and return its `Outcome` (refusals and failures included).
 
+        `timeout` is the most, in seconds, the caller waits for the handler (as
+        for `call`).
+
         Raises:
-            UsageError: the run is not open, or the handler is async and this
-                thread runs an event loop (use `astep`).
+            UsageError: the run is not open, the timeout is not a positive
+                number of seconds, or the handler is async and this thread runs
+                an event loop (use `astep`).
             NotFound: no capability by that name.
             StoreError: the record could not be written; nothing ran after a failed
                 intent write.
@@ -640,6 +646,7 @@ class Run:
             {} if args is None else args,
             key=idempotency_key,
             dry_run=dry_run,
+            deadline=_deadline(timeout),
         )
         outcome = gateway.drive(flow)
         if outcome.error is not None:
@@ -653,6 +660,7 @@ class Run:
         *,
         idempotency_key: str | None = None,
         dry_run: bool = False,
+        timeout: float | timedelta | None = None,  # noqa: ASYNC109  # recorded with the step; a cancel scope cannot stop a handler thread
     ) -> Outcome:
         """Take one step without blocking the event loop; see `step`."""
         cap = self._resolve(capability)
@@ -662,6 +670,7 @@ class Run:
             {} if args is None else args,
             key=idempotency_key,
             dry_run=dry_run,
+            deadline=_deadline(timeout),
         )
         outcome = await gateway.adrive(flow)
         if outcome.error is not None:  # the store is only touched after a refusal
@@ -875,6 +884,7 @@ class Run:
         *,
         idempotency_key: str | None = None,
         dry_run: bool = False,
+        timeout: float | timedelta | None = None,
     ) -> Out: ...
     @overload
     def call(
@@ -884,6 +894,7 @@ class Run:
         *,
         idempotency_key: str | None = None,
         dry_run: bool = False,
+        timeout: float | timedelta | None = None,
     ) -> BaseModel: ...
     def call(
         self,
@@ -892,6 +903,7 @@ class Run:
         *,
         idempotency_key: str | None = None,
         dry_run: bool = False,
+        timeout: float | timedelta | None = None,
     ) -> BaseModel:
         """Call a capability through the gateway and return its output.
 
@@ -901,6 +913,11 @@ class Run:
             idempotency_key: a retry with the same key and args returns the stored
                 result without running again, from any process.
             dry_run: run the dry-run handler instead of the real one.
+            timeout: the most, in seconds, this caller waits for the handler
+                (its deadline): it shortens the capability's own timeout for
+                this call, never lengthens it, and is recorded with the step.
+                A call past it ends as one past the capability's timeout does
+                (`StepTimeout`, or `InDoubt` for a `none` write that started).
 
         Raises:
             ValidationFailed: the args do not match the input schema.
@@ -911,7 +928,11 @@ class Run:
             InDoubt: a `none` capability started and failed: a person must check.
         """
         return self.step(
-            capability, args, idempotency_key=idempotency_key, dry_run=dry_run
+            capability,
+            args,
+            idempotency_key=idempotency_key,
+            dry_run=dry_run,
+            timeout=timeout,
         ).unwrap()
 
     @overload
@@ -922,6 +943,7 @@ class Run:
         *,
         idempotency_key: str | None = None,
         dry_run: bool = False,
+        timeout: float | timedelta | None = None,  # noqa: ASYNC109  # recorded with the step; a cancel scope cannot stop a handler thread
     ) -> Out: ...
     @overload
     async def acall(
@@ -931,6 +953,7 @@ class Run:
         *,
         idempotency_key: str | None = None,
         dry_run: bool = False,
+        timeout: float | timedelta | None = None,  # noqa: ASYNC109  # recorded with the step; a cancel scope cannot stop a handler thread
     ) -> BaseModel: ...
     async def acall(
         self,
@@ -939,12 +962,41 @@ class Run:
         *,
         idempotency_key: str | None = None,
         dry_run: bool = False,
+        timeout: float | timedelta | None = None,  # noqa: ASYNC109  # recorded with the step; a cancel scope cannot stop a handler thread
     ) -> BaseModel:
         """Call a capability without blocking the event loop; see `call`."""
         outcome = await self.astep(
-            capability, args, idempotency_key=idempotency_key, dry_run=dry_run
+            capability,
+            args,
+            idempotency_key=idempotency_key,
+            dry_run=dry_run,
+            timeout=timeout,
         )
         return outcome.unwrap()
+
+
+def _deadline(timeout: float | timedelta | None) -> timedelta | None:
+    """Return a caller's `timeout` as a deadline, checked (None: none given).
+
+    Raises:
+        UsageError: not a positive, finite number of seconds (or timedelta).
+    """
+    if timeout is None:
+        return None
+    given: object = timeout  # typed, but called from untyped code too
+    if isinstance(given, timedelta):
+        seconds = given.total_seconds()
+    elif isinstance(given, int | float) and not isinstance(given, bool):
+        seconds = float(given)
+    else:
+        raise UsageError(
+            f"timeout must be a number of seconds (or a timedelta), got {timeout!r}"
+        )
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise UsageError(
+            f"timeout must be a positive, finite number of seconds, got {timeout!r}"
+        )
+    return timedelta(seconds=seconds)
 
 
 def _loop_running() -> bool:

@@ -10,7 +10,8 @@ from __future__ import annotations
 import contextlib
 import itertools
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -529,7 +530,9 @@ class _Walk:
             )
             if seed:
                 store.seed_breaker(spec, checked, at(recorded[0]))
-        flow = gateway.step(run, cap, args, key=key, dry_run=dry_run)
+        flow = gateway.step(
+            run, cap, args, key=key, dry_run=dry_run, deadline=_deadline_of(recorded)
+        )
         try:
             drive(
                 flow, cap, results, preview, self.clock, cut_off=_is_cut_off(recorded)
@@ -673,3 +676,12 @@ def _check_events(recorded: RecordedRun) -> None:
                 f"{recorded.source}: event {number} is not a record event of "
                 f"this tether ({why}); the record is damaged: export it again"
             ) from exc
+
+
+def _deadline_of(recorded: Sequence[Mapping[str, Any]]) -> timedelta | None:
+    """The caller's deadline a recorded step ran under (`validated.timeout`), if any."""
+    for event in recorded:
+        if event["kind"] == "validated":
+            seconds = event.get("timeout")  # absent from records older than the field
+            return None if seconds is None else timedelta(seconds=float(seconds))
+    return None
