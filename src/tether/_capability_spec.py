@@ -250,6 +250,16 @@ class Capability(Generic[In, Out]):
                 )
             else:
                 parsed = raw
+            if not isinstance(raw, (str, bytes, bytearray)) and _json_over(
+                parsed, limit
+            ):
+                # Before validating and encoding: orjson reserves a dozen bytes
+                # per character of a string it writes, so a 10 MB string would
+                # cost 120 MB to be refused after encoding (RELIABILITY G.50).
+                raise ValidationFailed(
+                    f"{self.name}: arguments are over the {limit}-byte limit as "
+                    "JSON; send less data"
+                )
             if self.free_form:
                 problem = _canonical.inexact(parsed)
                 if problem:
@@ -411,6 +421,36 @@ class Capability(Generic[In, Out]):
 
     def __repr__(self) -> str:
         return f"<Capability {self.name}@{self.version} {self.effect.value}>"
+
+
+def _json_over(value: object, limit: int) -> bool:
+    """Tell whether `value`'s JSON is surely over `limit` bytes, stopping once it is.
+
+    A lower bound, never more than the JSON: a text counts its characters, a
+    number or a literal one byte, a mapping its keys and two bytes per entry.
+    Walked with a stack (no recursion: any depth), and only until the bound
+    passes `limit`; args of a normal call are a few dozen items.
+    """
+    left = limit
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str | bytes | bytearray):
+            left -= len(item) + 2
+        elif isinstance(item, Mapping):
+            left -= 2 + 2 * len(item)
+            for key, inner in item.items():
+                if isinstance(key, str):
+                    left -= len(key)
+                stack.append(inner)
+        elif isinstance(item, list | tuple | Set):
+            left -= 2 + len(item)
+            stack.extend(item)
+        else:
+            left -= 1
+        if left < 0:
+            return True
+    return False
 
 
 def one_line_error(name: str, what: str, exc: pydantic.ValidationError) -> str:
