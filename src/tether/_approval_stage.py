@@ -17,7 +17,6 @@ from tether._effects import (
     GatewayEffect,
     StoreOp,
 )
-from tether._redact import redact_json
 from tether._stages import (
     RunPort,
     args_fingerprint,
@@ -26,6 +25,7 @@ from tether._stages import (
     failed_event,
     handler_args,
     policy_error,
+    quoted_secrets_masked,
     refuse,
     validate_output,
 )
@@ -271,10 +271,8 @@ def _preview(
         return {"error": exc.code, "message": exc.message}
     if cap.secret_output:
         return {"output": "the dry run's output holds secrets; not shown"}
-    secrets = call_secrets(cap, args)
-    if secrets:  # a plain text field may quote them (RELIABILITY H.53)
-        return {"output": redact_json(out_json, secrets)}
-    return {"output": out_json}
+    masked = quoted_secrets_masked(cap, args, out_json)
+    return {"output": out_json if masked is None else masked}
 
 
 def _approval_digest(

@@ -12,7 +12,7 @@ from collections.abc import Callable, Generator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from decimal import Decimal
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from pydantic import BaseModel, ValidationError
 from pydantic_core import PydanticSerializationError
@@ -25,6 +25,7 @@ from tether._effects import (
     StoreOp,
 )
 from tether._guards import FullCounters, Guards
+from tether._redact import redact_json
 from tether.capability import (
     CallContext,
     Capability,
@@ -274,6 +275,27 @@ def call_secrets(
     if may_hold_secrets(cap, args_bytes):
         return record.secret_values(args)
     return []
+
+
+def quoted_secrets_masked(
+    cap: Capability[Any, Any],
+    args: BaseModel,
+    data: dict[str, Any],
+    args_bytes: bytes | None = None,
+) -> dict[str, Any] | None:
+    """Return a handler's JSON `data` with the call's secret args masked, or None.
+
+    None when nothing in it quotes one. For what a handler made from its args
+    (an output, a dry run's preview): a plain text field may quote a secret arg
+    its own type does not mark (RELIABILITY H.53).
+    """
+    if not may_hold_secrets(cap, args_bytes):
+        return None
+    secrets = call_secrets(cap, args, args_bytes)
+    if not secrets:
+        return None
+    masked = redact_json(data, secrets)
+    return None if masked == data else cast("dict[str, Any]", masked)
 
 
 def may_hold_secrets(cap: Capability[Any, Any], args_bytes: bytes | None) -> bool:

@@ -13,7 +13,7 @@ import hashlib
 import logging
 from datetime import timedelta
 from decimal import Decimal
-from typing import Any, cast
+from typing import Any
 
 from tether import _canonical, _guards, record
 from tether._approval_stage import ask_approval
@@ -35,15 +35,14 @@ from tether._limit_stage import (
     reserve,
     take_room,
 )
-from tether._redact import redact_json
 from tether._stages import (
     RunPort,
     args_fingerprint,
     call_secrets,
     check_preconditions,
     handler_args,
-    may_hold_secrets,
     policy_error,
+    quoted_secrets_masked,
     refuse,
     settle_by_key,
 )
@@ -368,15 +367,12 @@ def step(  # the design's list, in order
     )
     done, end, output, error = tried.done, tried.end, tried.output, tried.error
     out_json, out_bytes, outcome_cmd = tried.out_json, tried.out_bytes, tried.outcome
-    if output is not None and may_hold_secrets(cap, args_bytes):
-        # Plain text fields may quote the secret args: the record and the key
-        # keep them masked (the caller gets the output as it is; RELIABILITY H.53).
-        secrets = call_secrets(cap, args, args_bytes)
-        if secrets:
-            masked = redact_json(out_json, secrets)
-            if masked != out_json:
-                out_json = cast("dict[str, Any]", masked)
-                out_bytes = _canonical.dumps(out_json)
+    if output is not None:
+        # The record and the key keep quoted secrets masked; the caller gets
+        # the output as the handler made it.
+        masked = quoted_secrets_masked(cap, args, out_json, args_bytes)
+        if masked is not None:
+            out_json, out_bytes = masked, _canonical.dumps(masked)
     events = tried.events
     if tried.retried:  # a retry's write recorded the checks: they are not repeated
         before = list(events) if room.after else []
