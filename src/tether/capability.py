@@ -37,6 +37,7 @@ from tether._capability_spec import (
 )
 from tether._handler import CallContext, Handler, HandlerFn
 from tether._registry import Registry
+from tether._units import parse_duration
 from tether.errors import UsageError
 
 __all__ = [
@@ -159,20 +160,14 @@ def capability(
     except ValueError as exc:
         raise UsageError(f"capability {name!r}: {exc}") from exc
     if timeout is not None:
-        if isinstance(timeout, bool) or not isinstance(
-            timeout, (int, float, timedelta)
-        ):
+        given = timeout
+        try:
+            timeout = parse_duration(timeout)
+        except ValueError as exc:
             raise UsageError(
-                f"capability {name!r}: timeout must be seconds or a timedelta, "
-                f"got {timeout!r}"
-            )
-        if isinstance(timeout, (int, float)):
-            timeout = timedelta(seconds=timeout)
-        if timeout <= timedelta(0):
-            raise UsageError(
-                f"capability {name!r}: timeout must be > 0, got {timeout!r}; leave it "
-                "out for no deadline"
-            )
+                f"capability {name!r}: timeout must be > 0 seconds or a timedelta, "
+                f"got {given!r} ({exc}); leave it out for no deadline"
+            ) from None
     return _Decorator(
         {
             "name": name,

@@ -10,7 +10,6 @@ import asyncio
 import hashlib
 import itertools
 import logging
-import math
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -26,6 +25,7 @@ from tether._chain import StoredEvent
 from tether._guards import after
 from tether._run_writer import RunWriter
 from tether._stages import call_secrets
+from tether._units import parse_duration
 from tether.capability import Capability, Effect, Idempotency
 from tether.errors import (
     ApprovalRequired,
@@ -983,20 +983,12 @@ def _deadline(timeout: float | timedelta | None) -> timedelta | None:
     """
     if timeout is None:
         return None
-    given: object = timeout  # typed, but called from untyped code too
-    if isinstance(given, timedelta):
-        seconds = given.total_seconds()
-    elif isinstance(given, int | float) and not isinstance(given, bool):
-        seconds = float(given)
-    else:
+    try:
+        return parse_duration(timeout)
+    except ValueError as exc:
         raise UsageError(
-            f"timeout must be a number of seconds (or a timedelta), got {timeout!r}"
-        )
-    if not math.isfinite(seconds) or seconds <= 0:
-        raise UsageError(
-            f"timeout must be a positive, finite number of seconds, got {timeout!r}"
-        )
-    return timedelta(seconds=seconds)
+            f"timeout must be a positive number of seconds or a timedelta ({exc})"
+        ) from None
 
 
 def _loop_running() -> bool:
