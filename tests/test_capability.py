@@ -266,6 +266,8 @@ def test_not_callable_is_refused() -> None:
         ({"idempotency": "maybe"}, "'maybe' is not a valid Idempotency"),
         ({"timeout": 0}, "timeout must be > 0"),
         ({"timeout": -1.5}, "timeout must be > 0"),
+        ({"timeout": float("nan")}, "timeout must be > 0"),
+        ({"timeout": float("inf")}, "timeout must be > 0"),
     ],
 )
 def test_bad_declaration_is_refused(kwargs: dict[str, Any], message: str) -> None:
