@@ -69,8 +69,10 @@ def create_run(
     epoch: int = 1,
     at: datetime = T0,
     claim: Claim | None = None,
+    status: str = "executing",
+    lease_until: datetime | None = None,
 ) -> Committed:
-    """Create a run with its first two events."""
+    """Create a run in `status` with its first two events (its lease, if given)."""
     return store.commit(
         Batch(
             run_id=run_id,
@@ -79,16 +81,17 @@ def create_run(
             base_hash=record.genesis(run_id),
             events=[
                 record.RunStarted(at=at, request="charge", principal={"id": "pay-bot"}),
-                record.RunStatus(at=at, previous="pending", status="executing"),
+                record.RunStatus(at=at, previous="pending", status=status),
             ],
             new_run=NewRun(
                 tenant="acme",
                 principal_id="pay-bot",
                 request="charge",
-                status="executing",
+                status=status,
                 created_at=at,
             ),
             claim=claim,
+            lease_until=lease_until,
             at=at,
         )
     )

@@ -20,7 +20,9 @@ import pytest
 
 import tether
 from tether import record
-from tether.store import Batch, Committed, NewRun, RunRow, Store, open_store
+from tether.store import Batch, Committed, RunRow, Store, open_store
+
+from .test_conformance import create_run
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 TTL = timedelta(minutes=5)
@@ -69,40 +71,6 @@ def opener(url: str, store: Store) -> Iterator[Callable[[], Store]]:
 
 
 # -- helpers ---------------------------------------------------------------------------
-
-
-def create_run(
-    store: Store,
-    run_id: str,
-    *,
-    status: str = "executing",
-    at: datetime = T0,
-    lease_until: datetime | None = None,
-) -> None:
-    """Create a run in `status` at epoch 1, its lease set by this first write."""
-    committed = store.commit(
-        Batch(
-            run_id=run_id,
-            epoch=1,
-            base_seq=0,
-            base_hash=record.genesis(run_id),
-            events=[
-                record.RunStarted(at=at, request="charge", principal={"id": "pay-bot"}),
-                record.RunStatus(at=at, previous="pending", status=status),
-            ],
-            new_run=NewRun(
-                tenant="acme",
-                principal_id="pay-bot",
-                request="charge",
-                status=status,
-                created_at=at,
-            ),
-            lease_until=lease_until,
-            at=at,
-        )
-    )
-    assert committed.conflict is None
-    assert committed.blocked is None
 
 
 def write(
