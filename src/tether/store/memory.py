@@ -63,6 +63,11 @@ class _Run:
     events: list[Event] = field(default_factory=list)
     lease_until: datetime | None = None
 
+    def extend_lease(self, until: datetime | None) -> None:
+        """Hold the run until `until` at least (a lease never moves back)."""
+        if until is not None and (self.lease_until is None or self.lease_until < until):
+            self.lease_until = until
+
 
 class MemoryStore(Store):
     """Runs, records and keys in a dict; thread-safe, not shared between processes."""
@@ -181,10 +186,7 @@ class MemoryStore(Store):
             run.events.extend(events)
             if batch.status is not None or batch.error_code is not None:
                 run.row = _replace_status(run.row, batch)
-            if batch.lease_until is not None and (
-                run.lease_until is None or run.lease_until < batch.lease_until
-            ):
-                run.lease_until = batch.lease_until
+            run.extend_lease(batch.lease_until)
             if batch.key_update is not None:
                 self._update_key(batch.key_update)
             return Committed(
@@ -225,8 +227,7 @@ class MemoryStore(Store):
             run = self._runs.get(run_id)
             if run is None or run.row.epoch != epoch:
                 return False
-            if run.lease_until is None or run.lease_until < until:
-                run.lease_until = until
+            run.extend_lease(until)
             if claim is not None:
                 key, step = claim
                 old = self._keys.get(key)
@@ -263,10 +264,7 @@ class MemoryStore(Store):
                     "parked run, or one whose writer's lease ran out, can be resumed"
                 )
             run.row = replace(row, epoch=row.epoch + 1)
-            if lease_until is not None and (
-                run.lease_until is None or run.lease_until < lease_until
-            ):
-                run.lease_until = lease_until
+            run.extend_lease(lease_until)
         return self.get_run(run_id)
 
     # -- approvals ----------------------------------------------------------------
