@@ -426,8 +426,10 @@ class Capability(Generic[In, Out]):
 def _json_over(value: object, limit: int) -> bool:
     """Tell whether `value`'s JSON is surely over `limit` bytes, stopping once it is.
 
-    A lower bound, never more than the JSON: a text counts its characters, a
+    A lower bound of the args' JSON as sent: a text counts its characters, a
     number or a literal one byte, a mapping its keys and two bytes per entry.
+    (A secret counts at its clear length, though the record keeps only its
+    mask: args over the limit as sent are refused either way.)
     Walked with a stack (no recursion: any depth), and only until the bound
     passes `limit`; args of a normal call are a few dozen items.
     """
