@@ -391,9 +391,9 @@ class TestWriteStep:
 
         assert outcome.status is OutcomeStatus.IN_DOUBT
         assert isinstance(outcome.error, tether.InDoubt)
-        # In doubt, the step says how its limits settled even with none to
-        # settle: records written so replay as they were recorded.
-        assert kinds(app, run.id, step=1)[-2:] == ["limit_settled", "in_doubt"]
+        # With no limits, no `limit_settled` (older records' empty one still
+        # replays: tests/test_in_doubt_record.py).
+        assert kinds(app, run.id, step=1)[-2:] == ["intent", "in_doubt"]
 
 
 class TestTimeout:
@@ -417,8 +417,9 @@ class TestTimeout:
 
         assert isinstance(outcome.error, tether.StepTimeout)
         assert isinstance(outcome.error, TimeoutError)
-        # Still running, it may still spend: its limits' settling is recorded.
-        assert kinds(app, run.id, step=1)[-2:] == ["limit_settled", "failed"]
+        # Still running, it may still spend; with no limits there is no
+        # settling to record.
+        assert kinds(app, run.id, step=1)[-2:] == ["decided", "failed"]
 
     def test_none_write_past_its_timeout_is_in_doubt(
         self, app: tether.Tether, principal: tether.Principal

@@ -387,6 +387,8 @@ def settlements(
     than its reservation (another actual cost, or released) or the call is in
     doubt: otherwise the record's `limit_reserved` and `executed` say it.
     """
+    if not reserved:  # most steps: nothing to settle, nothing to say
+        return [], []
     return _settle(
         run_id,
         [(r.reserve, r.own_cost) for r in reserved],
@@ -454,8 +456,9 @@ def _settle(
                 "actual": None if amount is None else str(amount),
             }
         )
-    if plain:
+    if plain or not lines:
         # Budgets settled at their reservation and leases given back at the end
         # of the step: `limit_reserved` and `executed` already say all of it.
+        # (A step in doubt that reserved nothing has nothing to say either.)
         return settles, []
     return settles, [record.LimitSettled(at=end, step=number, limits=tuple(lines))]

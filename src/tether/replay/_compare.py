@@ -42,7 +42,7 @@ class Comparison:
         run_level: bool = False,
     ) -> None:
         """Compare a step's (or a run-level event's) recorded events with the new ones."""
-        mine = [e for e in recorded if e["kind"] not in _NOT_COMPARED]
+        mine = [e for e in recorded if e["kind"] not in _NOT_COMPARED and not _empty(e)]
         theirs = [e for e in now if e["kind"] not in _NOT_COMPARED]
         if not run_level:
             # A step that finds its request lapsed records the expiry as a decision;
@@ -163,6 +163,15 @@ a new version alone is a note; what it changes shows in verdicts and rules."""
 
 _FIRST = ("verdict", "status", "admitted", "state", "rule_ids", "limit", "breaker")
 """Fields a reader wants named first when several differ: the outcome, then why."""
+
+
+def _empty(event: Mapping[str, Any]) -> bool:
+    """Tell whether a recorded event says nothing: today's code does not write it.
+
+    Records made before 2026-12-03 hold a `limit_settled` with no limits for a
+    step in doubt (or cut off) that reserved nothing.
+    """
+    return event["kind"] == "limit_settled" and not event.get("limits")
 
 
 def _weight(name: str) -> tuple[int, str]:
