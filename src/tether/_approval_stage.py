@@ -123,7 +123,11 @@ def ask_approval(
                     OutcomeStatus.REFUSED,
                 )
             )
-        if latest.status is ApprovalStatus.DENIED:
+        # A breaker's request asks about one outage: its denial lapses with the
+        # request, and the breaker's closing ends it (`store._breakers.
+        # closing_requests`), so a later outage asks a person anew. A rule's
+        # denial stands against the call for good.
+        if latest.status is ApprovalStatus.DENIED and (live or stage != "breaker"):
             why = f": {latest.note}" if latest.note else ""
             denied = Denied(
                 f"{cap.name}: {latest.decided_by} denied approval request {latest.id}{why}; "

@@ -45,6 +45,7 @@ from tether.store import (
     PendingExists,
 )
 from tether.store._breakers import (
+    BREAKER_RULE,
     BreakerAdmit,
     BreakerBlocked,
     BreakerOutcome,
@@ -259,7 +260,7 @@ def take_room(
             why = _guards.breaker_refused(cap, blocked, "escalate", events, now, number)
             escalated = Decision(
                 verdict=Verdict.REQUIRE_APPROVAL,
-                rule_ids=(f"breaker:{blocked.breaker_id}",),
+                rule_ids=(f"{BREAKER_RULE}{blocked.breaker_id}",),
                 reasons=(f"{why}: go ahead anyway?",),
                 policy_version=run.policy.version,
             )

@@ -30,7 +30,7 @@ from tether._approvals import as_of
 from tether._guards import Guards
 from tether.run import RunState
 from tether.store import ApprovalStatus, RunRow, Store
-from tether.store._breakers import BreakerState, breaker_view
+from tether.store._breakers import BREAKER_RULE, BreakerState, breaker_view
 from tether.store._limits import to_us
 
 __all__ = ["ORPHANABLE_STATES", "PARKED_STATES", "ReadyRuns"]
@@ -63,6 +63,9 @@ class _Gist:
     A decision on one is recorded in this run, which moves its head."""
     breaker: str | None
     """The breaker that stashed it last (`plan_stashed`), if one did."""
+    asked_breaker: bool
+    """One of its own pending requests is an escalating breaker's: the breaker's
+    closing closes it without a word in this run's record (its head stays)."""
 
 
 class ReadyRuns:
@@ -96,7 +99,14 @@ class ReadyRuns:
             if not gist.planned or not gist.asked:
                 return False
             if gist.own_pending_until is not None and gist.own_pending_until > now:
-                return False
+                # A breaker's closing closes its requests without moving this
+                # run's head: only then is the gist read past, and only the
+                # runs parked on such a request pay the read.
+                still = not gist.asked_breaker or store.list_approvals(
+                    run_id=row.run_id, status=ApprovalStatus.PENDING, now=now, limit=1
+                )
+                if still:
+                    return False
             for i in gist.awaited:
                 if i not in pending:
                     answer = as_of(store.get_approval(i), now)
@@ -169,7 +179,8 @@ class ReadyRuns:
                 elif data["kind"] == "plan_stashed":
                     breaker = str(data["breaker"])
         own = store.list_approvals(run_id=row.run_id, now=now, limit=1000)
-        pending = [a.expires_at for a in own if a.status is ApprovalStatus.PENDING]
+        still = [a for a in own if a.status is ApprovalStatus.PENDING]
+        pending = [a.expires_at for a in still]
         awaited -= {a.id for a in own}
         gist = _Gist(
             head=head,
@@ -178,6 +189,9 @@ class ReadyRuns:
             asked=bool(own or awaited),
             own_pending_until=max(pending, default=None),
             breaker=breaker,
+            asked_breaker=any(
+                rule.startswith(BREAKER_RULE) for a in still for rule in a.rule_ids
+            ),
         )
         if len(self._gists) >= _KEPT:
             self._gists.clear()  # parked runs come and go: start afresh

@@ -8,22 +8,29 @@ them in the same transaction as the batch's events (through
 step's limits), reading and writing the breaker's one row (`BreakerTables`).
 Time alone moves a breaker too (`breaker_view`): open turns half-open after
 its cool-down, and half-open reopens when a trial call does not answer.
+
+An `escalate` breaker's approval requests (rule id `breaker:ID`) ask whether a
+call may go past it during one outage: the write that closes the breaker
+closes them too (`closed_by`, `closing_requests`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from enum import StrEnum
 from typing import TYPE_CHECKING, Protocol
 
+from tether import _canonical
+from tether.store._rows import ApprovalRow, ApprovalStatus
 from tether.store._time import from_us, to_us
 
 if TYPE_CHECKING:
     from tether.record import Event
 
 __all__ = [
+    "BREAKER_RULE",
     "BreakerAdmit",
     "BreakerBlocked",
     "BreakerNote",
@@ -35,6 +42,9 @@ __all__ = [
     "BreakerTables",
     "admit_breaker",
     "breaker_view",
+    "closed_by",
+    "closed_request",
+    "closing_requests",
     "decode_admits",
     "encode_admits",
     "record_outcome",
@@ -395,3 +405,94 @@ def record_outcome(
     if changed:
         tables.set_breaker(spec.id, row)
     return _notes(spec.id, moves, outcome.note)
+
+
+# -- the requests an escalating breaker made ----------------------------------------------
+
+
+def closed_by(tables: BreakerTables, outcome: BreakerOutcome | None) -> str | None:
+    """Return the breaker a trial call's outcome left closed, if it did (after `record_outcome`).
+
+    Only a trial call closes a breaker (time alone never does), so only its
+    outcome is looked at: the hot path of a closed breaker reads nothing more.
+    A trial call answering late, to a breaker another one closed already,
+    names it too: nothing the breaker asked a person about is left open
+    then either, so closing its requests again changes nothing.
+    """
+    if outcome is None or not outcome.probe:
+        return None
+    if tables.breaker(outcome.spec.id).state is BreakerState.CLOSED:
+        return outcome.spec.id
+    return None
+
+
+def closing_requests(
+    mark: str, breaker_id: str, at: int
+) -> tuple[str, tuple[object, ...]]:
+    """Return the statement that closes a breaker's requests as the breaker closes at `at`, µs.
+
+    Each asked whether a call may go past the breaker during the outage that
+    is now over: the call goes through on its own again, and an answer given
+    for this outage must not decide the same call in the next one. So a
+    request still pending is closed `expired` (nobody can approve it after),
+    an approved one no step has spent is withdrawn (`expired` too: no later
+    outage lets the call past under it), and a denial lapses (its
+    `expires_at` moves to `at`: a later outage asks a person anew). Each is
+    closed in `tether`'s name, as an expired request is. `mark` is the
+    backend's placeholder (SQLite's `?`, psycopg's `%s`).
+    """
+    rules = _canonical.dumps([_rule(breaker_id)]).decode()  # as `_sql.text_list`
+    pending, approved = _closing_notes(breaker_id)
+    m = mark
+    return (
+        "UPDATE approvals SET "  # noqa: S608  # placeholders only
+        f"status=CASE WHEN status='denied' THEN status ELSE 'expired' END, "
+        f"decided_by=CASE WHEN status='denied' THEN decided_by ELSE 'tether' END, "
+        f"decided_at=CASE WHEN status='denied' THEN decided_at ELSE {m} END, "
+        f"note=CASE WHEN status='pending' THEN {m} WHEN status='approved' THEN {m} "
+        "ELSE note END, "
+        f"expires_at=CASE WHEN status='denied' THEN {m} ELSE expires_at END "
+        f"WHERE rule_ids={m} AND status IN ('pending','approved','denied') "
+        f"AND expires_at > {m}",
+        (at, pending, approved, at, rules, at),
+    )
+
+
+def closed_request(row: ApprovalRow, breaker_id: str, at: int) -> ApprovalRow | None:
+    """Return `row` as `closing_requests` leaves it (None: not one it changes)."""
+    when = from_us(at)
+    if row.rule_ids != (_rule(breaker_id),) or row.expires_at <= when:
+        return None
+    if row.status is ApprovalStatus.DENIED:
+        return replace(row, expires_at=when)
+    pending, approved = _closing_notes(breaker_id)
+    if row.status is ApprovalStatus.PENDING:
+        note = pending
+    elif row.status is ApprovalStatus.APPROVED:
+        note = approved
+    else:
+        return None
+    return replace(
+        row,
+        status=ApprovalStatus.EXPIRED,
+        decided_by="tether",
+        decided_at=when,
+        note=note,
+    )
+
+
+BREAKER_RULE = "breaker:"
+"""What the rule id of an escalating breaker's requests starts with."""
+
+
+def _rule(breaker_id: str) -> str:
+    """The rule id of the requests an escalating breaker makes (`_limit_stage.take_room`)."""
+    return f"{BREAKER_RULE}{breaker_id}"
+
+
+def _closing_notes(breaker_id: str) -> tuple[str, str]:
+    """The notes of a pending and of an approved request the breaker's closing closes."""
+    return (
+        f"closed undecided: breaker {breaker_id} closed; the call goes through it again",
+        f"approval withdrawn unspent: breaker {breaker_id} closed",
+    )

@@ -45,7 +45,7 @@ from tether.store._base import (
     not_abortable,
     resolved_meanwhile,
 )
-from tether.store._breakers import BreakerRow
+from tether.store._breakers import BreakerRow, closed_by, closed_request
 from tether.store._limits import to_us
 from tether.store._memory_tables import MemoryTables
 
@@ -134,6 +134,9 @@ class MemoryStore(Store):
                         blocked=admitted.blocked,
                     )
             # -- nothing below can fail --
+            closed = closed_by(self._tables, batch.breaker_outcome)
+            if closed is not None:
+                self._close_breaker_requests(closed, to_us(batch.at))
             if grant is not None:
                 self._approvals[grant.id] = replace(grant, status=ApprovalStatus.USED)
             spent = self._approvals.get(batch.return_grant or "")
@@ -328,6 +331,13 @@ class MemoryStore(Store):
             ]
         rows.sort(key=lambda a: (a.created_at, a.id), reverse=True)
         return rows[:limit]
+
+    def _close_breaker_requests(self, breaker_id: str, at: int) -> None:
+        """Close the requests of a breaker this write closed (`_breakers.closing_requests`)."""
+        for row in list(self._approvals.values()):
+            closed = closed_request(row, breaker_id, at)
+            if closed is not None:
+                self._approvals[row.id] = closed
 
     def expire_approval(self, approval_id: str, now: datetime) -> bool:
         """Mark a pending request past its expiry `expired` (see `Store.expire_approval`)."""

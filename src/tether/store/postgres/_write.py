@@ -46,6 +46,7 @@ from tether.store._base import (
     KeyState,
     apply_limits,
 )
+from tether.store._breakers import closed_by, closing_requests
 from tether.store._limits import LimitKind, Reserve
 from tether.store._sql import (
     RUN_COLUMNS,
@@ -205,6 +206,7 @@ class Writes(Connected):
             or (batch.claim is not None and batch.key_update is not None)
         )
         gate = ""
+        closed = None
         if locked:
             tables, took_over = locked_reads(w, batch, self._schema)
             if tables is not None:
@@ -212,6 +214,7 @@ class Writes(Connected):
                 if admitted.blocked is not None:
                     raise WriteBlocked(admitted.blocked)
                 tables.flush(q)
+                closed = closed_by(tables, batch.breaker_outcome)
         else:
             # One statement, in autocommit: atomic by itself, no BEGIN/COMMIT.
             if charges is not None:
@@ -259,6 +262,11 @@ class Writes(Connected):
             # locks a request's row, then its run's (`_approvals`), and the
             # other order could deadlock with it.
             gate += " AND (SELECT count(*) FROM rg) >= 0"
+        if closed is not None:
+            closing, closing_params = closing_requests("%s", closed, _us(batch.at))
+            q.add("bc", f"{closing} RETURNING 1", closing_params)
+            # Before the run's row is locked, as a given-back grant is (above).
+            gate += " AND (SELECT count(*) FROM bc) >= 0"
         seq, head = batch.base_seq, batch.base_hash
         rows: list[Any] = []
         for event in events:

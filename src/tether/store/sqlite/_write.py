@@ -26,6 +26,7 @@ from tether.store._base import (
     apply_limits,
     may_replace,
 )
+from tether.store._breakers import closed_by, closing_requests
 from tether.store._sql import (
     APPROVAL_COLUMNS,
     RUN_COLUMNS,
@@ -102,9 +103,13 @@ class Writes(Connected):
         events = batch.events
         admitted = None
         if batch.limited:
-            events, admitted = apply_limits(Tables(con), batch)
+            tables = Tables(con)
+            events, admitted = apply_limits(tables, batch)
             if admitted.blocked is not None:
                 raise WriteBlocked(admitted.blocked)
+            closed = closed_by(tables, batch.breaker_outcome)
+            if closed is not None:
+                con.execute(*closing_requests("?", closed, _us(batch.at)))
         # A run this store wrote has its key cached; a new run's comes with its insert.
         pk = 0 if batch.new_run is not None else self._pks.get(batch.run_id)
         if pk is None:
