@@ -499,7 +499,11 @@ class Tether:
 
         A step the holding process was running (or was cut off in when it
         died) may still finish upstream; its result is not recorded: the
-        abort records the step `in_doubt`, its outcome unknown.
+        abort records the step `in_doubt`, its outcome unknown. Its limit
+        holds end in the same transaction: what it reserved of a budget
+        counts as spent (it may have spent it), and its concurrency slot is
+        freed at once if the run's lease had run out (no live process can
+        still be in the call), else when the slot's own TTL lapses.
 
         Args:
             run_id: the run, or a unique prefix of 6+ characters.

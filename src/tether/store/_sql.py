@@ -6,8 +6,9 @@ both is here: the column lists; the values a row is written with, and the
 decoding of a row read back, from either driver (a limit amount is text in
 SQLite and `numeric` in PostgreSQL; a run's timestamps are ISO text in SQLite
 and `timestamptz` in PostgreSQL, and the caller decodes them); the listing
-queries, which differ only in their placeholder; and how a commit refuses a
-batch or reports a failed fence.
+queries, which differ only in their placeholder; how a commit refuses a
+batch or reports a failed fence; and what an abort does to its run's limit
+holds (`aborted_holds`, which the memory store applies too).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, TypeVar
 
 from tether import _canonical
 from tether.errors import HeadMoved, LeaseLost, NotFound, UsageError
@@ -41,6 +42,7 @@ __all__ = [
     "KeyConflict",
     "Refused",
     "WriteBlocked",
+    "aborted_holds",
     "answered_since",
     "approval_row",
     "approval_values",
@@ -74,6 +76,9 @@ APPROVAL_COLUMNS = (
     "expires_at, decided_by, decided_at, note"
 )
 _NOTHING = (Decimal(0), Decimal(0), 0)
+
+H = TypeVar("H")
+"""A hold's key in one backend's rows (its `holder` text, or the memory store's tuple)."""
 
 
 class Refused(Exception):  # control flow, never escapes a backend's commit: rolls back
@@ -119,6 +124,56 @@ def fence_error(batch: Batch, epoch: int, head_seq: int) -> LeaseLost | HeadMove
         f"run {batch.run_id}: the record moved to event {head_seq} while this "
         f"writer expected {batch.base_seq}; two writers hold the run"
     )
+
+
+def aborted_holds(
+    holds: Iterable[tuple[tuple[str, str, int], H, Decimal, int, bool]],
+    *,
+    lease_until: datetime | None,
+    at: datetime,
+) -> tuple[dict[tuple[str, str, int], Decimal], list[tuple[tuple[str, str, int], H]]]:
+    """Say what `Store.abort_run` does to its run's limit holds, in its transaction.
+
+    Args:
+        holds: each hold of the run as `(group, holder, amount, until,
+            charged)`, a group being `(limit_id, scope, window)`.
+        lease_until: the run's lease as the abort found it (None: never set).
+        at: when the run is aborted.
+
+    Returns:
+        What each group's counter gains, and the holds to drop.
+
+    Nothing of an aborted run settles any more (its writer is fenced), so its
+    holds end here rather than wait out their TTL. A hold is only ever written
+    together with its step's intent: it belongs to a call that started and
+    whose outcome the abort records as unknown (`in_doubt`), or to a timed-out
+    call whose thread may still run. So:
+
+    - A budget's hold (`charged`) is charged at its reservation, as the call
+      path settles a call in doubt and as a lapsed hold is charged: the call
+      may have spent it upstream, and giving it back could let the budget be
+      overspent. It leaves the holds at once, counted as spent.
+    - A concurrency lease is freed at once only if no live process can still
+      be in the call: the run's lease had run out (its holder stopped
+      renewing it; the same test a take-over, and `runs resolve --not-acted`
+      through the key claim, rely on). Else a live process may still be
+      running the handler: the abort fences its record, not its upstream, and
+      freeing the slot now would let `max` + 1 calls run there, which is what
+      the limit forbids. The lease then stays until its own TTL, which is
+      never shorter than the capability's timeout. This is the trade-off: a
+      stuck run's slot comes back within its TTL, not at once.
+    """
+    writer_gone = lease_until is None or lease_until <= at
+    now = _us(at)
+    charges: dict[tuple[str, str, int], Decimal] = {}
+    drops: list[tuple[tuple[str, str, int], H]] = []
+    for group, holder, amount, until, charged in holds:
+        if charged:
+            charges[group] = charges.get(group, Decimal(0)) + amount
+        elif not writer_gone and until > now:
+            continue  # its handler may still run: it keeps its slot (see above)
+        drops.append((group, holder))
+    return charges, drops
 
 
 def not_one(

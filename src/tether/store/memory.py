@@ -48,6 +48,7 @@ from tether.store._base import (
 from tether.store._breakers import BreakerRow, closed_by, closed_request
 from tether.store._limits import to_us
 from tether.store._memory_tables import MemoryTables
+from tether.store._sql import aborted_holds
 
 if TYPE_CHECKING:
     from tether.record import Event
@@ -401,6 +402,7 @@ class MemoryStore(Store):
             row = self._row(run_id, run, stored)
             if row.status not in abortable:
                 raise not_abortable(row)
+            self._end_holds(run_id, row, at)
             run.events.extend(end(row, stored))
             run.row = replace(
                 run.row,
@@ -410,6 +412,20 @@ class MemoryStore(Store):
                 updated_at=at,
             )
             return self._row(run_id, run, self._stored(run_id, run.events))
+
+    def _end_holds(self, run_id: str, row: RunRow, at: datetime) -> None:
+        """End an aborted run's limit holds (see `aborted_holds`), under the lock."""
+        tables = self._tables
+        holds = [
+            (key[:3], key, amount, until, charged)
+            for key, (amount, until, charged) in tables.holds_.items()
+            if key[3] == run_id
+        ]
+        charges, drops = aborted_holds(holds, lease_until=row.lease_until, at=at)
+        for (limit_id, scope, window), amount in charges.items():
+            tables.add_to_counter(limit_id, scope, window, amount, to_us(at))
+        for _group, key in drops:
+            del tables.holds_[key]
 
     def resolve_step(
         self,

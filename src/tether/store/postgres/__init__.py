@@ -36,6 +36,7 @@ from tether.store._base import (
 from tether.store._breakers import BreakerRow
 from tether.store._sql import (
     RUN_COLUMNS,
+    aborted_holds,
     breaker_row,
     events_of,
     limit_summary,
@@ -49,10 +50,15 @@ from tether.store.postgres._connection import (
     CONNECT_TIMEOUT_S,
     DEFAULT_POOL_SIZE,
     POOL_TIMEOUT_S,
+    lock_key,
     parse_url,
 )
 from tether.store.postgres._locked import read_key
-from tether.store.postgres._tables import BREAKER_COLUMNS, LIMIT_COLUMNS
+from tether.store.postgres._tables import (
+    BREAKER_COLUMNS,
+    LIMIT_COLUMNS,
+    OutOfOrder,
+)
 from tether.store.postgres._write import Writes
 
 __all__ = [
@@ -234,6 +240,10 @@ class PostgresStore(Writes, Approvals):
         at: datetime,
     ) -> RunRow:
         conn.execute("BEGIN")
+        # The limit groups the run holds room in are locked before its row: a
+        # writer of the run takes its advisory locks first and the row last,
+        # and the other order could deadlock with it.
+        locked = self._lock_holds(conn, run_id, set())
         found = conn.execute(
             f"SELECT {RUN_COLUMNS} FROM runs WHERE run_id=%s FOR UPDATE",  # noqa: S608  # constant column list
             (run_id,),
@@ -243,6 +253,7 @@ class PostgresStore(Writes, Approvals):
         row = run_row(found, _utc)
         if row.status not in abortable:
             raise not_abortable(row)
+        self._end_holds(conn, row, at, locked)
         stored = [
             _chain.StoredEvent(seq=s, body=b, hash=h)
             for s, b, h in conn.execute(events_of("%s"), (run_id,)).fetchall()
@@ -266,6 +277,75 @@ class PostgresStore(Writes, Approvals):
         assert ended is not None  # the row is locked: it is there
         conn.execute("COMMIT")
         return run_row(ended, _utc)
+
+    def _lock_holds(
+        self,
+        conn: psycopg.Connection[Any],
+        run_id: str,
+        locked: set[tuple[str, str, int]],
+    ) -> set[tuple[str, str, int]]:
+        """Lock the limit groups `run_id` holds room in, beyond `locked`; return them all.
+
+        Taken in the locked path's sorted order, so that no two transactions
+        wait for each other; a group found only once others are held (a step
+        of the run wrote a hold in between) cannot be waited for in order, so
+        the abort rolls back and is tried again (`OutOfOrder`).
+        """
+        # A scan of limit_state (no index leads with the holder): an abort is
+        # a person's act, rare beside the steps that use the table.
+        groups = {
+            (limit_id, scope, window)
+            for limit_id, scope, window in conn.execute(
+                'SELECT DISTINCT limit_id, scope, "window" FROM limit_state '
+                "WHERE starts_with(holder, %s)",
+                (f"{run_id}/",),
+            )
+        }
+        new = groups - locked
+        if new and locked:
+            raise OutOfOrder(
+                f"run {run_id} took room in a limit while it was being aborted; "
+                "rolled back to lock it in order"
+            )
+        for key in sorted(
+            lock_key(self._schema, "limit", lid, scope, str(window))
+            for lid, scope, window in new
+        ):
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (key,))
+        return groups | locked
+
+    def _end_holds(
+        self,
+        conn: psycopg.Connection[Any],
+        row: RunRow,
+        at: datetime,
+        locked: set[tuple[str, str, int]],
+    ) -> None:
+        """End an aborted run's limit holds (see `aborted_holds`), in its transaction."""
+        self._lock_holds(conn, row.run_id, locked)  # none new, or it rolls back
+        holds = [
+            ((limit_id, scope, window), holder, amount, until, charged)
+            for limit_id, scope, window, holder, amount, until, charged in conn.execute(
+                f"SELECT {LIMIT_COLUMNS} FROM limit_state "  # noqa: S608  # constant column list
+                "WHERE starts_with(holder, %s)",
+                (f"{row.run_id}/",),
+            )
+        ]
+        charges, drops = aborted_holds(holds, lease_until=row.lease_until, at=at)
+        with conn.cursor() as cur:
+            # Under the groups' locks: adding to the counter in place is exact.
+            cur.executemany(
+                f"INSERT INTO limit_state ({LIMIT_COLUMNS}) "  # noqa: S608  # constant column list
+                "VALUES (%s,%s,%s,'',%s,0,false) "
+                'ON CONFLICT (limit_id, scope, "window", holder) DO UPDATE SET '
+                "amount = limit_state.amount + EXCLUDED.amount",
+                [(*group, amount) for group, amount in charges.items()],
+            )
+            cur.executemany(
+                "DELETE FROM limit_state WHERE limit_id=%s AND scope=%s "
+                'AND "window"=%s AND holder=%s',
+                [(*group, holder) for group, holder in drops],
+            )
 
     def renew_lease(
         self,

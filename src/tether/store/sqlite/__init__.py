@@ -17,6 +17,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Callable, Sequence
 from datetime import datetime
+from decimal import Decimal
 from typing import TYPE_CHECKING
 
 from tether import _chain
@@ -33,6 +34,7 @@ from tether.store._base import (
 from tether.store._breakers import BreakerRow
 from tether.store._sql import (
     RUN_COLUMNS,
+    aborted_holds,
     breaker_row,
     events_of,
     limit_summary,
@@ -227,6 +229,7 @@ class SQLiteStore(Approvals):
             _chain.StoredEvent(seq=s, body=b, hash=h)
             for s, b, h in con.execute(events_of("?"), (run_id,))
         ]
+        _end_holds(con, row, at)
         con.execute("UPDATE runs SET epoch=epoch+1 WHERE run_id=?", (run_id,))
         self._commit(
             con,
@@ -303,6 +306,30 @@ class SQLiteStore(Approvals):
         """Return a run's events in order."""
         rows = self._read(lambda con: con.execute(events_of("?"), (run_id,)).fetchall())
         return [_chain.StoredEvent(seq=s, body=b, hash=h) for s, b, h in rows]
+
+
+def _end_holds(con: sqlite3.Connection, row: RunRow, at: datetime) -> None:
+    """End an aborted run's limit holds (see `aborted_holds`), in the caller's write."""
+    prefix = f"{row.run_id}/"  # a hold's holder is 'run_id/step'
+    # A scan of limit_state (no index leads with the holder): an abort is a
+    # person's act, rare beside the steps that use the table.
+    holds = [
+        ((limit_id, scope, window), holder, Decimal(amount), until, bool(charged))
+        for limit_id, scope, window, holder, amount, until, charged in con.execute(
+            "SELECT limit_id, scope, window, holder, amount, until, charged "
+            "FROM limit_state WHERE substr(holder, 1, ?) = ?",
+            (len(prefix), prefix),
+        )
+    ]
+    charges, drops = aborted_holds(holds, lease_until=row.lease_until, at=at)
+    tables = Tables(con)
+    for (limit_id, scope, window), amount in charges.items():
+        tables.add_to_counter(limit_id, scope, window, amount, _us(at))
+    con.executemany(
+        "DELETE FROM limit_state WHERE limit_id=? AND scope=? AND window=? "
+        "AND holder=?",
+        [(*group, holder) for group, holder in drops],
+    )
 
 
 def _dt(value: str) -> datetime:
