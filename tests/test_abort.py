@@ -32,7 +32,8 @@ CHECK = ("metrics.query", {"service": "checkout"})
 RESTART = ("service.restart", {"service": "payments", "reason": "pool exhausted"})
 """A write outside the incident's service: the scenario's rule asks a person."""
 
-APPROVERS = "approvers: {bob: [sre]}\n"
+APPROVERS = "approvers: {alice: [sre], bob: [sre]}\n"
+"""alice stops runs; bob decides requests (both may do either)."""
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -197,7 +198,7 @@ def test_abort_stops_a_degraded_run(tmp_path: Path, clock: FakeClock) -> None:
     config.write_text(
         "breakers:\n"
         "  - {id: up-br, resource: up, window: 2, min_calls: 2, failure_rate: 0.5,\n"
-        "     open_for: 1h, on_open: stash}\n"
+        "     open_for: 1h, on_open: stash}\n" + APPROVERS
     )
     db = f"sqlite:///{tmp_path / 'tether.db'}"
     with tether.Tether(db=db, config=config, env=KEY, clock=clock) as app:
@@ -390,6 +391,7 @@ HOLDER = textwrap.dedent(
 def test_a_holder_in_another_process_is_told_by_the_cli_abort(tmp_path: Path) -> None:
     """A live run in another process, aborted with `tether runs abort`: its next write says so."""
     (tmp_path / "holder.py").write_text(HOLDER)
+    (tmp_path / "tether.yaml").write_text(APPROVERS)  # the CLI's, in its folder
     db = f"sqlite:///{tmp_path / 'tether.db'}"
     holder = subprocess.Popen(  # our own interpreter and script
         [sys.executable, str(tmp_path / "holder.py"), db, str(tmp_path)],
@@ -518,6 +520,7 @@ def _cli_python(
 def parked_db(tmp_path: Path) -> tuple[str, str]:
     """A SQLite file holding a run parked on an approval; its URL and the run's id."""
     db = f"sqlite:///{tmp_path / 'tether.db'}"
+    (tmp_path / "tether.yaml").write_text(APPROVERS)  # the CLI's, in its folder
     with tether.Tether(db=db, env=KEY) as app:
         SCENARIO.setup(app)
         return db, _parked(app).id

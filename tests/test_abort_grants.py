@@ -397,7 +397,7 @@ def db(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 def app(db: str, clock: FakeClock, tmp_path: Path) -> Iterator[tether.Tether]:
     """An app with the cloud-ops scenario and bob as an approver."""
     config = tmp_path / "tether.yaml"
-    config.write_text("approvers: {bob: [sre]}\n")
+    config.write_text("approvers: {alice: [sre], bob: [sre]}\n")
     with tether.Tether(db=db, config=config, env=KEY, clock=clock) as opened:
         SCENARIO.setup(opened)
         opened.register_planner("ops", tether.ScriptedPlanner([CHECK, RESTART]))

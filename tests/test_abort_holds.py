@@ -36,7 +36,7 @@ CLAIM_TTL = timedelta(minutes=5)
 """`idempotency.claim_ttl` by default: a run's lease lasts that long after its last write."""
 
 
-class SendIn(BaseModel, extra="forbid"):
+class SendArgs(BaseModel, extra="forbid"):
     cents: int
 
 
@@ -70,7 +70,7 @@ def _send(app: tether.Tether, during: Callable[[str], object] | None = None) -> 
     calls: list[str] = []
 
     @tether.capability("pay.send", effect="write", idempotency="none")
-    def send(args: SendIn, ctx: tether.CallContext) -> SendOut:
+    def send(args: SendArgs, ctx: tether.CallContext) -> SendOut:
         calls.append(ctx.run_id)
         if during is not None and len(calls) == 1:
             during(ctx.run_id)
@@ -170,7 +170,7 @@ def test_an_abort_ends_only_its_own_runs_holds(
     """Another run's hold, taken while the aborted run is mid-call, is left as it is."""
 
     @tether.capability("pay.hold", effect="write", idempotency="none")
-    def hold(args: SendIn, ctx: tether.CallContext) -> SendOut:
+    def hold(args: SendArgs, ctx: tether.CallContext) -> SendOut:
         with app.run(principal=AGENT, request="aborted inside") as inner:
             inner_id = inner.id
             with pytest.raises(tether.RunAborted):

@@ -28,7 +28,7 @@ SCENARIO = SCENARIOS["cloud-ops"]
 KEY = {"TETHER_RECORD_KEY": "ab" * 32}
 CHECK = ("metrics.query", {"service": "checkout"})
 RESTART = ("service.restart", {"service": "payments", "reason": "pool exhausted"})
-APPROVERS = "approvers: {bob: [sre]}\n"
+APPROVERS = "approvers: {alice: [sre], bob: [sre]}\n"
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -286,6 +286,7 @@ def test_cli_abort_on_postgres_ends_the_run_and_closes_its_request(
         run = _start(app)
     reason = "looping\x1b[31m on\nrestarts"
 
+    (tmp_path / "tether.yaml").write_text(APPROVERS)  # the CLI's, in its folder
     done = _cli.run(
         tmp_path,
         "runs", "abort", run.id[:12], "--as", "alice", "--reason", reason,
@@ -354,6 +355,7 @@ def test_aborting_a_run_whose_process_died_mid_call_records_the_step_in_doubt(
         (row,) = app.store.list_runs(limit=1)
         assert row.status == "executing"
 
+    (tmp_path / "tether.yaml").write_text(APPROVERS)  # the CLI's, in its folder
     done = _cli.run(
         tmp_path,
         "runs", "abort", row.run_id, "--as", "alice",
@@ -444,6 +446,7 @@ def test_cli_abort_json_counts_every_event_and_names_no_step_in_doubt(
         app.register_planner("ops", tether.ScriptedPlanner([CHECK, RESTART]))
         run = _start(app)
 
+    (tmp_path / "tether.yaml").write_text(APPROVERS)  # the CLI's, in its folder
     done = _cli.run(
         tmp_path,
         "runs", "abort", run.id, "--as", "alice", "--reason", "wrong service",

@@ -546,7 +546,7 @@ class TestGrantAndTheRestOfTheCallPath:
                         with pytest.raises(tether.StoreError):
                             spending.step("pay.refund", refund(500))
                     seen["spent"] = app.approval(seen["request"]).status
-                    app.abort(asking.id, by="oncall", reason="stop the refunds")
+                    app.abort(asking.id, by="dave", reason="stop the refunds")
                 # Its next write (the run's end) gave the grant back.
 
         with pytest.raises(tether.RunAborted):

@@ -1,8 +1,9 @@
 """Who may decide an approval request, and how a request reads at a given time.
 
 The rules `Tether.approve` and `Tether.deny` apply before a decision is
-written (and `Tether.resolve_in_doubt` before a person's answer to a step in
-doubt); `Tether.approvals` and the worker read requests through `as_of`.
+written (`Tether.resolve_in_doubt` before a person's answer to a step in
+doubt, and `Tether.abort` before a run is stopped); `Tether.approvals` and the
+worker read requests through `as_of`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Protocol
 
 from tether.store import ApprovalRow, ApprovalStatus
 
-__all__ = ["Approver", "as_of", "why_not", "why_not_resolve"]
+__all__ = ["Approver", "as_of", "why_not", "why_not_abort", "why_not_resolve"]
 
 
 class Approver(Protocol):
@@ -77,6 +78,20 @@ def why_not_resolve(
             f"{by} made the call in run {run_id} (or it acts for them); nobody "
             "answers for their own call: a person under `approvers:` checks it"
         )
+    return _outside(by, approvers, tenant, f"run {run_id}")
+
+
+def why_not_abort(
+    by: str, approvers: Mapping[str, Approver], *, run_id: str, tenant: str
+) -> str | None:
+    """Say why `by` may not abort run `run_id` of `tenant`, or None when they may.
+
+    Whoever may decide approval requests for the run's tenant may stop its
+    runs. Unlike an answer to a step in doubt, the run's own principal and
+    whom it acts for are not refused as such: stopping a run can only keep a
+    call from happening, never make one. They may abort when they are
+    approvers for the tenant too.
+    """
     return _outside(by, approvers, tenant, f"run {run_id}")
 
 

@@ -19,7 +19,7 @@ from pydantic import BaseModel
 
 from tether import _canonical, record
 from tether import config as _config
-from tether._approvals import as_of, why_not
+from tether._approvals import as_of, why_not, why_not_abort
 from tether._chain import StoredEvent
 from tether._export import export_run, verify_run
 from tether._guards import FullCounters
@@ -507,7 +507,8 @@ class Tether:
 
         Args:
             run_id: the run, or a unique prefix of 6+ characters.
-            by: who stops it, for the record.
+            by: who stops it: a name under `approvers:` in tether.yaml that
+                decides for the run's tenant (as for approval requests).
             reason: why, for the record and whoever ran the run (required).
 
         Returns:
@@ -515,6 +516,8 @@ class Tether:
 
         Raises:
             NotFound: no such run.
+            NotAllowedToApprove: `by` may not stop this run (nothing is
+                written).
             UsageError: the run already ended, or `by` or `reason` is missing.
             StoreError: the store could not be written (nothing was; on
                 PostgreSQL, a connection lost after the write went out may
@@ -534,6 +537,11 @@ class Tether:
                 "ran the run"
             )
         row = self.store.get_run(run_id)  # a prefix names the run here
+        refused = why_not_abort(
+            by, self.settings.approvers, run_id=row.run_id, tenant=row.tenant
+        )
+        if refused is not None:
+            raise NotAllowedToApprove(refused)
         if row.status in FINAL_STATES:
             raise UsageError(
                 f"run {row.run_id} already ended {row.status}; nothing to abort"

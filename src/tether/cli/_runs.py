@@ -330,7 +330,8 @@ _RunConfig = Annotated[
         "--config",
         metavar="FILE",
         help="The tether.yaml to use (its approvers: may resolve a step in "
-        "doubt; an abort's closed requests reach its approvals webhook); "
+        "doubt or stop a run; an abort's closed requests reach its approvals "
+        "webhook); "
         "default: $TETHER_CONFIG, else ./tether.yaml.",
         dir_okay=False,
         show_default=False,
@@ -346,7 +347,8 @@ def _runs_abort(
         typer.Option(
             "--as",
             metavar="NAME",
-            help="Who stops the run, for the record.",
+            help="Who stops the run: a name under approvers: in tether.yaml "
+            "who decides for the run's tenant.",
             show_default=False,
         ),
     ],
@@ -372,7 +374,8 @@ def _runs_abort(
     event for a step cut off mid-call (its outcome is unknown); the run's
     pending approval requests are closed undecided (expired) in the same
     name, so the same call made again asks a person anew. A run that
-    already ended is an error (exit 2).
+    already ended is an error (exit 2); a NAME not under approvers: for the
+    run's tenant is refused (exit 1).
 
     Example: tether runs abort run_0190f3a2c4 --as alice --reason "looping on restarts"
     """
@@ -386,7 +389,7 @@ def _runs_abort(
             "for whoever ran it"
         )
     with _open(db, must_exist=True, config=config) as app:
-        row = app.abort(run, by=by, reason=reason)
+        row = _decided(lambda: app.abort(run, by=by, reason=reason))
         # A step the run was cut off in (recorded in doubt by the abort, in
         # its write, just before its run_status): whoever stops it must check.
         events = [e.data() for e in app.store.events(row.run_id)]
