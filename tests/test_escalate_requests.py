@@ -230,6 +230,10 @@ def test_a_denial_stands_for_its_outage_only(scene: Scene) -> None:
     assert isinstance(refused.error, tether.Denied), refused
 
     scene.close_breaker()
+    closed = scene.app.approval(asked)
+    assert (closed.status, closed.decided_by) == ("expired", "alice")
+    assert closed.note is not None
+    assert closed.note.startswith(f"denial lapsed: breaker {BREAKER} closed")
     scene.open_breaker()
     again = scene.call()
 

@@ -123,11 +123,10 @@ def ask_approval(
                     OutcomeStatus.REFUSED,
                 )
             )
-        # A breaker's request asks about one outage: its denial lapses with the
-        # request, and the breaker's closing ends it (`store._breakers.
-        # closing_requests`), so a later outage asks a person anew. A rule's
-        # denial stands against the call for good.
-        if latest.status is ApprovalStatus.DENIED and (live or stage != "breaker"):
+        # A denial stands against the call for good; a breaker's, for its
+        # outage: the breaker's closing closes it (`expired`, see
+        # `store._breakers.closing_requests`), so a later outage asks anew.
+        if latest.status is ApprovalStatus.DENIED:
             why = f": {latest.note}" if latest.note else ""
             denied = Denied(
                 f"{cap.name}: {latest.decided_by} denied approval request {latest.id}{why}; "

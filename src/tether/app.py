@@ -40,6 +40,7 @@ from tether.errors import (
 from tether.handle import ABORTED_CODE, Run, cut_off_step
 from tether.notify import Webhook
 from tether.policy import Policy, PolicySet
+from tether.policy.rules import RESERVED_PREFIXES
 from tether.principal import Principal, check_text
 from tether.run import ABORTABLE_STATES, FINAL_STATES, RunState, check_transition
 from tether.store import (
@@ -378,6 +379,13 @@ class Tether:
             raise UsageError(
                 f"{policy!r} is not a policy; give it an `id` and an "
                 "`evaluate(request) -> Decision | None` method"
+            )
+        if f"{policy.id}:".startswith(RESERVED_PREFIXES):
+            # Its rule ids are `ID:rule`: they would be tether's own.
+            raise UsageError(
+                f"policy id {policy.id!r} is tether's own (it names breakers, "
+                "capabilities and tether itself in rule ids); name the policy "
+                "otherwise"
             )
         with self._policy_lock:
             self.policy = self.policy.add(policy)

@@ -20,11 +20,15 @@ import pydantic
 from tether.policy._decision import Decision, DecisionRequest, Verdict, combine
 from tether.policy.cel import CelError, Condition, Scope, compile_condition
 
-__all__ = ["Defaults", "Match", "Rule", "RuleSet", "RulesConfig"]
+__all__ = ["RESERVED_PREFIXES", "Defaults", "Match", "Rule", "RuleSet", "RulesConfig"]
 
 EffectName = Literal["read", "write", "destructive"]
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 _GLOB = re.compile(r"^[a-z0-9_.*?\[\]!-]+$")
+RESERVED_PREFIXES = ("breaker:", "capability:", "tether:")
+"""Rule ids tether gives its own decisions (an escalating breaker's, a capability
+that always needs a person, missing scopes): a rule named so would share their
+approval requests (a breaker's closing closes its requests by rule id)."""
 
 
 def _as_tuple(value: object) -> object:
@@ -130,6 +134,12 @@ class Rule(pydantic.BaseModel, extra="forbid", frozen=True):
             raise ValueError(
                 f"rule id {value!r} is invalid: use letters, digits and . _ : - "
                 "(at most 128)"
+            )
+        if value.startswith(RESERVED_PREFIXES):
+            raise ValueError(
+                f"rule id {value!r} is tether's own kind of id (ids starting "
+                f"with {', '.join(RESERVED_PREFIXES)} name a breaker, a "
+                "capability or tether itself); name the rule otherwise"
             )
         return value
 

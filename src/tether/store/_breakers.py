@@ -433,28 +433,28 @@ def closing_requests(
 
     Each asked whether a call may go past the breaker during the outage that
     is now over: the call goes through on its own again, and an answer given
-    for this outage must not decide the same call in the next one. So a
-    request still pending is closed `expired` (nobody can approve it after),
-    an approved one no step has spent is withdrawn (`expired` too: no later
-    outage lets the call past under it), and a denial lapses (its
-    `expires_at` moves to `at`: a later outage asks a person anew). Each is
-    closed in `tether`'s name, as an expired request is. `mark` is the
-    backend's placeholder (SQLite's `?`, psycopg's `%s`).
+    for this outage must not decide the same call in the next one. So each
+    request still pending, approved but unspent, or denied is closed
+    `expired`: nobody can approve a pending one after, no later outage lets
+    the call past under an old grant, and none refuses it under an old
+    denial (a later outage asks a person anew). An undecided one is closed in
+    `tether`'s name; a decided one keeps who decided it and when, and its
+    decider's note after the closing's own. `mark` is
+    the backend's placeholder (SQLite's `?`, psycopg's `%s`).
     """
     rules = _canonical.dumps([_rule(breaker_id)]).decode()  # as `_sql.text_list`
-    pending, approved = _closing_notes(breaker_id)
+    pending, approved, denied = _closing_notes(breaker_id)
     m = mark
     return (
-        "UPDATE approvals SET "  # noqa: S608  # placeholders only
-        f"status=CASE WHEN status='denied' THEN status ELSE 'expired' END, "
-        f"decided_by=CASE WHEN status='denied' THEN decided_by ELSE 'tether' END, "
-        f"decided_at=CASE WHEN status='denied' THEN decided_at ELSE {m} END, "
+        "UPDATE approvals SET status='expired', "  # noqa: S608  # placeholders only
+        f"decided_by=CASE WHEN status='pending' THEN 'tether' ELSE decided_by END, "
+        f"decided_at=CASE WHEN status='pending' THEN {m} ELSE decided_at END, "
         f"note=CASE WHEN status='pending' THEN {m} WHEN status='approved' THEN {m} "
-        "ELSE note END, "
-        f"expires_at=CASE WHEN status='denied' THEN {m} ELSE expires_at END "
+        f"|| COALESCE(' (approved: ' || note || ')', '') "
+        f"ELSE {m} || COALESCE(' (denied: ' || note || ')', '') END "
         f"WHERE rule_ids={m} AND status IN ('pending','approved','denied') "
         f"AND expires_at > {m}",
-        (at, pending, approved, at, rules, at),
+        (at, pending, approved, denied, rules, at),
     )
 
 
@@ -463,22 +463,24 @@ def closed_request(row: ApprovalRow, breaker_id: str, at: int) -> ApprovalRow | 
     when = from_us(at)
     if row.rule_ids != (_rule(breaker_id),) or row.expires_at <= when:
         return None
-    if row.status is ApprovalStatus.DENIED:
-        return replace(row, expires_at=when)
-    pending, approved = _closing_notes(breaker_id)
+    pending, approved, denied = _closing_notes(breaker_id)
     if row.status is ApprovalStatus.PENDING:
-        note = pending
-    elif row.status is ApprovalStatus.APPROVED:
-        note = approved
-    else:
-        return None
-    return replace(
-        row,
-        status=ApprovalStatus.EXPIRED,
-        decided_by="tether",
-        decided_at=when,
-        note=note,
-    )
+        return replace(
+            row,
+            status=ApprovalStatus.EXPIRED,
+            decided_by="tether",
+            decided_at=when,
+            note=pending,
+        )
+    # A decided one keeps its decider's note after tether's (as `||` and
+    # COALESCE do in SQL: a missing note adds nothing).
+    if row.status is ApprovalStatus.APPROVED:
+        was = "" if row.note is None else f" (approved: {row.note})"
+        return replace(row, status=ApprovalStatus.EXPIRED, note=approved + was)
+    if row.status is ApprovalStatus.DENIED:
+        was = "" if row.note is None else f" (denied: {row.note})"
+        return replace(row, status=ApprovalStatus.EXPIRED, note=denied + was)
+    return None
 
 
 BREAKER_RULE = "breaker:"
@@ -490,9 +492,10 @@ def _rule(breaker_id: str) -> str:
     return f"{BREAKER_RULE}{breaker_id}"
 
 
-def _closing_notes(breaker_id: str) -> tuple[str, str]:
-    """The notes of a pending and of an approved request the breaker's closing closes."""
+def _closing_notes(breaker_id: str) -> tuple[str, str, str]:
+    """The notes of a pending, an approved and a denied request the breaker's closing closes."""
     return (
         f"closed undecided: breaker {breaker_id} closed; the call goes through it again",
         f"approval withdrawn unspent: breaker {breaker_id} closed",
+        f"denial lapsed: breaker {breaker_id} closed; a later outage asks anew",
     )

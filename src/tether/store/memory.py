@@ -45,7 +45,13 @@ from tether.store._base import (
     not_abortable,
     resolved_meanwhile,
 )
-from tether.store._breakers import BreakerRow, closed_by, closed_request
+from tether.store._breakers import (
+    BREAKER_RULE,
+    BreakerRow,
+    BreakerState,
+    closed_by,
+    closed_request,
+)
 from tether.store._limits import to_us
 from tether.store._memory_tables import MemoryTables
 from tether.store._sql import aborted_holds
@@ -142,12 +148,18 @@ class MemoryStore(Store):
                 self._approvals[grant.id] = replace(grant, status=ApprovalStatus.USED)
             spent = self._approvals.get(batch.return_grant or "")
             if spent is not None and spent.status is ApprovalStatus.USED:
+                # As `_sql.return_grant`: its run aborted, or its breaker closed.
                 asker = self._runs.get(spent.run_id)
                 aborted = asker is not None and asker.row.status == "aborted"
+                over = any(
+                    spent.rule_ids == (f"{BREAKER_RULE}{b}",)
+                    and row.state is BreakerState.CLOSED
+                    for b, row in self._tables.breakers.items()
+                )
                 self._approvals[spent.id] = replace(
                     spent,
                     status=ApprovalStatus.EXPIRED
-                    if aborted
+                    if aborted or over
                     else ApprovalStatus.APPROVED,
                 )
             if batch.approval is not None:
