@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import secrets
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import tether
@@ -44,6 +44,14 @@ class Backend:
         """Return the environment for a child process: ours, plus the backend's."""
         return {**os.environ, **self.env, **extra}
 
+    def tagged(self, tag: str) -> Backend:
+        """Return this PostgreSQL database, every connection to it carrying `tag`.
+
+        The tag is the connections' `application_name`, so a test can find (and
+        kill) exactly the sessions of the processes it gave this URL to.
+        """
+        return replace(self, db=with_options(self.db, application_name=tag))
+
 
 def sqlite_backend(tmp_path: Path) -> Backend:
     """A SQLite file in `tmp_path` (its record key: the key file beside it), 4 processes."""
@@ -51,15 +59,7 @@ def sqlite_backend(tmp_path: Path) -> Backend:
     return Backend(name="sqlite", db=db, processes=4)
 
 
-def postgres_backend(url: str, *, tag: str | None = None) -> Backend:
-    """A fresh PostgreSQL schema at `url` with one record key for all, 8 processes.
-
-    Args:
-        url: the schema's URL (from the `postgres_urls` fixture).
-        tag: an `application_name` every connection to it carries, so a test
-            can find (and kill) exactly its own workers' sessions.
-    """
-    if tag is not None:
-        url = with_options(url, application_name=tag)
+def postgres_backend(url: str) -> Backend:
+    """A fresh PostgreSQL schema at `url` (from the `postgres_urls` fixture) with one record key for all, 8 processes."""
     key = secrets.token_hex(32)
     return Backend(name="postgres", db=url, processes=8, env={RECORD_KEY_VAR: key})

@@ -171,10 +171,12 @@ def _signal(marker: str, path: Path) -> None:
         time.sleep(0.002)
 
 
-def spend(opts: argparse.Namespace) -> None:
-    """Call `meter.spend` `--calls` times in one run; costs 1, or random ones from `--seed`."""
-    app = tether.Tether(db=opts.db, config=opts.config, env=worker_env())
-    app.register(make_spend())
+def _plan(opts: argparse.Namespace) -> list[dict[str, int]]:
+    """Return the `meter.spend` arguments of each of `--calls` calls.
+
+    Each costs 1 and settles at 1; with `--random`, each is estimated at 1..10
+    and settles up to 3 below or above (at least 0), drawn from `--seed`.
+    """
     rng = random.Random(opts.seed)
     plan = []
     for _ in range(opts.calls):
@@ -183,6 +185,14 @@ def spend(opts: argparse.Namespace) -> None:
             plan.append({"cost": cost, "actual": max(0, cost + rng.randint(-3, 3))})
         else:
             plan.append({"cost": 1, "actual": 1})
+    return plan
+
+
+def spend(opts: argparse.Namespace) -> None:
+    """Call `meter.spend` `--calls` times in one run; costs 1, or random ones from `--seed`."""
+    app = tether.Tether(db=opts.db, config=opts.config, env=worker_env())
+    app.register(make_spend())
+    plan = _plan(opts)
     tally: Counter[str] = Counter()
     _go(opts)
     with app.run(principal=PRINCIPAL, request="spend") as run:
@@ -203,7 +213,9 @@ def _code(exc: tether.StoreError) -> str:
 
 
 def endure(opts: argparse.Namespace) -> None:
-    """Call `meter.spend` (cost 1) `--calls` times in one run while the parent kills our sessions.
+    """Call `meter.spend` `--calls` times in one run while the parent kills our sessions.
+
+    Costs are 1, or random ones from `--seed` with `--random`, as for `spend`.
 
     After the calls it prints `CALLED` and waits for the `--calm` file (the
     parent has stopped the chaos), then writes what it keeps and ends the run.
@@ -213,9 +225,10 @@ def endure(opts: argparse.Namespace) -> None:
     (the run keeps it and writes it first at its next write), and `late` when
     such a result landed; `flush:CODE` for each failed try to write it at the
     end; `unknown` for one still kept when the worker gave up on it; `handled`
-    for every call the handler took; `cut` for the operations whose connection
-    broke under them; `unfinished:CODE` when the run's end could not be
-    written. A `HeadMoved` the run wrapped counts under its own code,
+    for every call the handler took; `cost` for what the calls seen executed
+    reported they cost, and `cost:kept` for what the kept ones did; `cut` for
+    the operations whose connection broke under them; `unfinished:CODE` when
+    the run's end could not be written. A `HeadMoved` the run wrapped counts under its own code,
     `record_moved`, and a write the store cannot tell landed as
     `landed_unknown`.
     """
@@ -226,14 +239,15 @@ def endure(opts: argparse.Namespace) -> None:
 
     app = tether.Tether(db=opts.db, config=opts.config, env=worker_env())
     app.register(make_spend(count))
+    plan = _plan(opts)
     tally: Counter[str] = Counter()
     # The run opens before the chaos does: its first write is not what is tested.
     run = app.run(principal=PRINCIPAL, request="endure").__enter__()
     _go(opts)
-    for _ in range(opts.calls):
+    for args in plan:
         was_kept, before = run.has_pending(), handled[0]
         try:
-            outcome = run.step("meter.spend", {"cost": 1, "actual": 1})
+            outcome = run.step("meter.spend", args)
         except tether.LeaseLost:
             raise  # nobody else writes this run: a lost lease is a bug
         except tether.StoreError as exc:
@@ -243,10 +257,14 @@ def endure(opts: argparse.Namespace) -> None:
             # ran, or nothing is kept now, the earlier one landed.
             tally["late"] += was_kept and (ran or not run.has_pending())
             tally["kept"] += ran
+            if ran:
+                tally["cost:kept"] += args["actual"]
             assert not ran or run.has_pending(), "a step ran and its result is gone"
         else:
             tally[_tally(outcome)] += 1
             tally["late"] += was_kept
+            if isinstance(outcome.output, SpendOut):
+                tally["cost"] += outcome.output.actual
     _signal(CALLED, Path(opts.calm))  # the parent stops the chaos
     deadline = time.monotonic() + CALM_TIMEOUT_S
     while run.has_pending() and time.monotonic() < deadline:
@@ -320,7 +338,7 @@ def main(argv: Sequence[str]) -> None:
             cmd.add_argument("--calls", type=int, required=True)
         if name == "endure":
             cmd.add_argument("--calm", required=True)
-        if name == "spend":
+        if name in ("spend", "endure"):
             cmd.add_argument("--seed", type=int, default=0)
             cmd.add_argument("--random", action="store_true")
         if name == "hold":
