@@ -29,7 +29,9 @@ to compare two versions of the code. Writes `benchmarks/results/instructions.jso
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -90,6 +92,7 @@ def _child(case: str, calls: int) -> None:
 
     for _ in range(WARM_UP):
         one()
+    gc.collect()  # both runs of a case start their calls from the same heap
     for _ in range(calls):
         one()
 
@@ -106,9 +109,12 @@ def _callgrind(case: str, calls: int, out: Path | None) -> int:
         case,
         str(calls),
     ]
-    done = subprocess.run(
-        command, capture_output=True, text=True, check=False
-    )  # our own script
+    # One hash seed for every run: set and dict layouts (and so the
+    # collector's work) do not change between two runs of one build.
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    done = subprocess.run(  # our own script
+        command, capture_output=True, text=True, check=False, env=env
+    )
     found = re.search(r"Collected : (\d+)", done.stderr)
     if done.returncode != 0 or found is None:
         raise SystemExit(
