@@ -58,13 +58,6 @@ def locked_reads(
     claimed = None
     if batch.claim is not None:
         claimed = _claim_insert(w, batch.claim)
-    grant = None
-    if batch.use_grant is not None:
-        grant = w.execute(
-            "UPDATE approvals SET status='used' WHERE id=%s AND status='approved' "
-            "AND expires_at > %s RETURNING 1",
-            (batch.use_grant, _us(batch.at)),
-        )
     groups, breakers = limit_keys(batch) if batch.limited else ((), ())
     keys = [lock_key(schema, "limit", *map(str, g)) for g in groups]
     keys += [lock_key(schema, "breaker", b) for b in breakers]
@@ -80,6 +73,17 @@ def locked_reads(
     # two to three times more.)
     for key in sorted(set(keys)):
         w.execute("SELECT pg_advisory_xact_lock(%s)", (key,))
+    # The grant's row is locked after the advisory locks, in the order of every
+    # writer that takes both: a breaker's closing and an abort take their
+    # limit and breaker locks, then update requests (a grant row locked first
+    # could deadlock with them). Its answer is still read before the others'.
+    grant = None
+    if batch.use_grant is not None:
+        grant = w.execute(
+            "UPDATE approvals SET status='used' WHERE id=%s AND status='approved' "
+            "AND expires_at > %s RETURNING 1",
+            (batch.use_grant, _us(batch.at)),
+        )
     limit_rows = [w.execute(SELECT_GROUP, g) for g in groups]
     breaker_rows = [w.execute(SELECT_BREAKER, (b,)) for b in breakers]
     pending = None
