@@ -204,3 +204,53 @@ def test_a_run_aborted_holding_room_replays_the_same(
     assert "limit_settled" not in kinds
     assert report.divergences == [], report.divergences
     assert app.verify(run_id).ok
+
+
+@pytest.mark.postgres
+def test_a_postgres_abort_takes_again_the_locks_of_a_group_the_run_took_room_in_meanwhile(
+    postgres_url: str, clock: FakeClock, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The abort locks the run's limit groups before its row; a hold in a new group found after is retried in order, then ended."""
+    from tether.store.postgres import PostgresStore
+
+    config = tmp_path / "tether.yaml"
+    config.write_text(CONFIG)
+    ending = PostgresStore._end_holds
+    seen: list[set[tuple[str, str, int]]] = []
+
+    def racing(
+        self: PostgresStore,
+        conn: object,
+        row: object,
+        at: object,
+        locked: set[tuple[str, str, int]],
+    ) -> None:
+        seen.append(set(locked))
+        if len(seen) == 1:  # between the abort's locks and its reads: a hold elsewhere
+            with self._pool.connection() as other:
+                other.execute(
+                    'INSERT INTO limit_state (limit_id, scope, "window", holder, '
+                    "amount, until, charged) VALUES ('other', 'acme', 0, %s, 7, %s, true)",
+                    (f"{row.run_id}/9", 2**62),  # type: ignore[attr-defined]  # a RunRow
+                )
+        ending(self, conn, row, at, locked)  # type: ignore[arg-type]  # as the store passes them
+
+    monkeypatch.setattr(PostgresStore, "_end_holds", racing)
+    with tether.Tether(db=postgres_url, config=config, clock=clock, env={}) as app:
+        _send(app, lambda run_id: app.abort(run_id, by="alice", reason="stop"))
+        run_id = _cut_off(app, 40)
+        store = app.store
+        assert isinstance(store, PostgresStore)
+        with store._pool.connection() as conn:
+            other = conn.execute(
+                "SELECT holder, amount FROM limit_state WHERE limit_id='other'"
+            ).fetchall()
+        status = store.get_run(run_id).status
+
+    assert status == "aborted"
+    assert len(seen) == 2, (
+        seen
+    )  # the first try rolled back (OutOfOrder), the second went
+    assert ("other", "acme", 0) not in seen[0]
+    assert ("other", "acme", 0) in seen[1]
+    assert other == [("", Decimal(7))]  # charged as spent, its hold gone
