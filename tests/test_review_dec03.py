@@ -20,28 +20,15 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from pydantic import BaseModel
 
 import tether
+from test_escalate_requests import BOT, BREAKER, COOL_DOWN, UpIn, UpOut
 from tether import record
 from tether.policy import Decision, DecisionRequest
 from tether.replay import RecordedRun, Replayer
 from tether.store import Batch, NewRun
 from tether.store._breakers import BreakerState
 from tether.testing import FakeClock
-
-BOT = tether.Principal("ops-bot", roles=["agent"], tenant="acme")
-BREAKER = "up-br"
-COOL_DOWN = timedelta(seconds=31)
-
-
-class UpIn(BaseModel, extra="forbid"):
-    n: int
-    fail: bool = False
-
-
-class UpOut(BaseModel):
-    n: int
 
 
 @tether.capability("up.call", effect="write", idempotency="keyed", resource="up")

@@ -233,9 +233,9 @@ class Capability(Generic[In, Out]):
             text = False
             if type(raw) is dict:  # the common cases first: the call path is hot
                 parsed: object = raw
-            elif type(raw) is model:  # (isinstance against BaseModel's ABC costs more)
-                parsed = model.__pydantic_serializer__.to_python(raw, warnings=False)
-            elif isinstance(raw, BaseModel):
+            # The input model's own type first: isinstance against BaseModel's
+            # ABC costs more.
+            elif type(raw) is model or isinstance(raw, BaseModel):
                 # Revalidated, own model included: model_construct() and attribute
                 # assignment skip pydantic's checks. Python mode keeps secrets whole;
                 # the serializer itself is a third of model_dump()'s cost.

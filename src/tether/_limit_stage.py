@@ -45,11 +45,11 @@ from tether.store import (
     PendingExists,
 )
 from tether.store._breakers import (
-    BREAKER_RULE,
     BreakerAdmit,
     BreakerBlocked,
     BreakerOutcome,
     BreakerSpec,
+    breaker_rule,
     breaker_view,
 )
 from tether.store._limits import Throttled, to_us
@@ -260,7 +260,7 @@ def take_room(
             why = _guards.breaker_refused(cap, blocked, "escalate", events, now, number)
             escalated = Decision(
                 verdict=Verdict.REQUIRE_APPROVAL,
-                rule_ids=(f"{BREAKER_RULE}{blocked.breaker_id}",),
+                rule_ids=(breaker_rule(blocked.breaker_id),),
                 reasons=(f"{why}: go ahead anyway?",),
                 policy_version=run.policy.version,
             )

@@ -41,6 +41,7 @@ __all__ = [
     "BreakerState",
     "BreakerTables",
     "admit_breaker",
+    "breaker_rule",
     "breaker_view",
     "closed_by",
     "closed_request",
@@ -442,7 +443,7 @@ def closing_requests(
     decider's note after the closing's own. `mark` is
     the backend's placeholder (SQLite's `?`, psycopg's `%s`).
     """
-    rules = _canonical.dumps([_rule(breaker_id)]).decode()  # as `_sql.text_list`
+    rules = _canonical.dumps([breaker_rule(breaker_id)]).decode()  # as `_sql.text_list`
     pending, approved, denied = _closing_notes(breaker_id)
     m = mark
     return (
@@ -461,7 +462,7 @@ def closing_requests(
 def closed_request(row: ApprovalRow, breaker_id: str, at: int) -> ApprovalRow | None:
     """Return `row` as `closing_requests` leaves it (None: not one it changes)."""
     when = from_us(at)
-    if row.rule_ids != (_rule(breaker_id),) or row.expires_at <= when:
+    if row.rule_ids != (breaker_rule(breaker_id),) or row.expires_at <= when:
         return None
     pending, approved, denied = _closing_notes(breaker_id)
     if row.status is ApprovalStatus.PENDING:
@@ -487,7 +488,7 @@ BREAKER_RULE = "breaker:"
 """What the rule id of an escalating breaker's requests starts with."""
 
 
-def _rule(breaker_id: str) -> str:
+def breaker_rule(breaker_id: str) -> str:
     """The rule id of the requests an escalating breaker makes (`_limit_stage.take_room`)."""
     return f"{BREAKER_RULE}{breaker_id}"
 

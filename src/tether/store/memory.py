@@ -151,10 +151,13 @@ class MemoryStore(Store):
                 # As `_sql.return_grant`: its run aborted, or its breaker closed.
                 asker = self._runs.get(spent.run_id)
                 aborted = asker is not None and asker.row.status == "aborted"
-                over = any(
-                    spent.rule_ids == (f"{BREAKER_RULE}{b}",)
-                    and row.state is BreakerState.CLOSED
-                    for b, row in self._tables.breakers.items()
+                (rule, *more) = spent.rule_ids or ("",)
+                breaker = self._tables.breakers.get(rule.removeprefix(BREAKER_RULE))
+                over = (
+                    not more
+                    and rule.startswith(BREAKER_RULE)
+                    and breaker is not None
+                    and breaker.state is BreakerState.CLOSED
                 )
                 self._approvals[spent.id] = replace(
                     spent,
