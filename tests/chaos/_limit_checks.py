@@ -81,6 +81,7 @@ def fire(
     runs: Sequence[Sequence[str]],
     *,
     during: contextlib.AbstractContextManager[object] | None = None,
+    finish: float = FINISH_S,
 ) -> tuple[list[str], Counter[str]]:
     """Start one worker per argument list, release them together; return run ids and the summed tally.
 
@@ -91,6 +92,8 @@ def fire(
         during: entered just before the workers are released, and left once
             each has printed `CALLED` (a thread making chaos, say); the workers
             (`endure`) then get the `--calm` file and finish.
+        finish: how long the released workers get to finish (`FINISH_S`
+            unless a bigger test says more).
     """
     deadline = time.monotonic() + DEADLINE_S
     go, calm = tmp_path / "go", tmp_path / "calm"
@@ -101,7 +104,7 @@ def fire(
         worker.expect(READY, started_by)
     with during or contextlib.nullcontext():
         go.touch()
-        deadline = time.monotonic() + FINISH_S
+        deadline = time.monotonic() + finish
         if during is not None:
             for worker in workers:
                 worker.expect(CALLED, deadline)

@@ -291,7 +291,12 @@ def endure(opts: argparse.Namespace) -> None:
 
 
 def hold(opts: argparse.Namespace) -> None:
-    """Call `meter.hold` from `--threads` threads, `--calls` times each, one run per thread."""
+    """Call `meter.hold` from `--threads` threads, `--calls` times each, one run per thread.
+
+    Each call holds `--hold` seconds. The threads get `--within` seconds to
+    finish; a run still calling then is missing from the `RESULT` line, and its
+    calls from the tally, which the parent counts.
+    """
     app = tether.Tether(db=opts.db, config=opts.config, env=worker_env())
     app.register(make_hold(Path(opts.counter), opts.hold))
     tally: Counter[str] = Counter()
@@ -311,10 +316,12 @@ def hold(opts: argparse.Namespace) -> None:
     _go(opts)
     for t in threads:
         t.start()
+    within = time.monotonic() + opts.within
     for t in threads:
-        t.join(timeout=30)
+        t.join(timeout=max(0.0, within - time.monotonic()))
+    with lock:
+        print(RESULT + json.dumps({"runs": runs, "tally": tally}), flush=True)
     app.close()
-    print(RESULT + json.dumps({"runs": runs, "tally": tally}), flush=True)
 
 
 def hang(opts: argparse.Namespace) -> None:
@@ -345,6 +352,7 @@ def main(argv: Sequence[str]) -> None:
             cmd.add_argument("--counter", required=True)
             cmd.add_argument("--threads", type=int, default=3)
             cmd.add_argument("--hold", type=float, default=0.005)
+            cmd.add_argument("--within", type=float, default=30.0)
     opts = parser.parse_args(argv)
     commands = {"spend": spend, "endure": endure, "hold": hold, "hang": hang}
     commands[opts.command](opts)

@@ -113,8 +113,12 @@ def _wait_for(path: Path, timeout: float) -> None:
 
 
 def same_key(opts: argparse.Namespace) -> None:
-    """Fire the same key from several threads once the go file appears."""
-    app = tether.Tether(db=opts.db, env={})
+    """Fire the same key from several threads once the go file appears.
+
+    The threads get `--within` seconds to finish; one still calling then is
+    missing from the `RESULT` line, which the parent counts.
+    """
+    app = tether.Tether(db=opts.db, env=worker_env())
     app.register(make_charge(Path(opts.effects), hold=opts.hold))
     outcomes: list[dict[str, str | None]] = []
     lock = threading.Lock()
@@ -126,7 +130,12 @@ def same_key(opts: argparse.Namespace) -> None:
             with app.run(principal=PRINCIPAL, request="charge o-1") as run:
                 outcome = run.step("pay.charge", ARGS, idempotency_key=opts.key)
         except tether.TetherError as exc:  # reported to the parent, which fails
-            entry = {"status": "raised", "code": exc.code, "output": None}
+            entry = {
+                "status": "raised",
+                "code": exc.code,
+                "output": None,
+                "message": str(exc),
+            }
         else:
             entry = {
                 "status": outcome.status.value,
@@ -143,10 +152,12 @@ def same_key(opts: argparse.Namespace) -> None:
     _wait_for(Path(opts.go), timeout=START_S)
     for t in threads:
         t.start()
+    within = time.monotonic() + opts.within
     for t in threads:
-        t.join(timeout=20)
+        t.join(timeout=max(0.0, within - time.monotonic()))
+    with lock:
+        print(RESULT + json.dumps(outcomes), flush=True)
     app.close()
-    print(RESULT + json.dumps(outcomes), flush=True)
 
 
 def step_then_hang(opts: argparse.Namespace) -> None:
@@ -182,6 +193,7 @@ def main(argv: Sequence[str]) -> None:
             cmd.add_argument("--go", required=True)
             cmd.add_argument("--threads", type=int, default=8)
             cmd.add_argument("--hold", type=float, default=0.0)
+            cmd.add_argument("--within", type=float, default=20.0)
         if name == "die-in-handler":
             cmd.add_argument("--idempotency", default="keyed")
     opts = parser.parse_args(argv)
@@ -278,9 +290,13 @@ class Worker:
 W = TypeVar("W", bound=Worker)
 
 
-def spawner(cwd: Path) -> contextlib.AbstractContextManager[Callable[..., Worker]]:
-    """Yield a function that starts workers; kill any still running on exit."""
-    return spawning(cwd, Worker)
+def spawner(
+    cwd: Path, env: Mapping[str, str] | None = None
+) -> contextlib.AbstractContextManager[Callable[..., Worker]]:
+    """Yield a function that starts workers (with `env` added to ours); kill any still running on exit."""
+    if not env:
+        return spawning(cwd, Worker)
+    return spawning(cwd, functools.partial(Worker, env={**os.environ, **env}))
 
 
 def module_spawner(
