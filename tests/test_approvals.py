@@ -581,6 +581,15 @@ def _answer_lost_when_spending(store: Store) -> Callable[[Batch], Committed]:
 # -- 2. digest binding ---------------------------------------------------------------
 
 
+class Abstains:
+    """A Python policy with no opinion on any step."""
+
+    id = "abstains"
+
+    def evaluate(self, request: tether.DecisionRequest) -> tether.Decision | None:
+        return None
+
+
 def change_args(world: World) -> dict[str, object]:
     return refund(501)
 
@@ -600,9 +609,17 @@ def change_preview(world: World) -> dict[str, object]:
     return refund(500)
 
 
+def add_python_policy(world: World) -> dict[str, object]:
+    world.app.add_policy(
+        Abstains()
+    )  # decides nothing: the policy set changed all the same
+    return refund(500)
+
+
 CHANGES: dict[str, Callable[[World], dict[str, object]]] = {
     "args": change_args,
     "policy": change_policy,
+    "python-policy": add_python_policy,
     "version": change_version,
     "preview": change_preview,
 }
@@ -644,7 +661,7 @@ class TestDigestBinding:
         assert (
             ran[1]["policy_version"] == of_step(evs, new["step"])[1]["policy_version"]
         )
-        if change == "policy":
+        if change in ("policy", "python-policy"):
             assert ran[1]["policy_version"] != of_step(evs, 1)[1]["policy_version"]
         if change == "version":
             assert (old["version"], new["version"]) == ("1", "2")

@@ -122,8 +122,10 @@ class Recorded:
     verified: bool
     verify_error: str | None
     policy_version: str
-    """The app's policy version: `sha256:...` of its tether.yaml, or `none` without one."""
+    """The app's policy version: `sha256:...` of its tether.yaml and Python
+    policies, or `none` with neither."""
     has_config: bool
+    has_policies: bool
 
 
 def _collect(app: tether.Tether, source: str, run_id: str) -> Recorded:
@@ -133,6 +135,7 @@ def _collect(app: tether.Tether, source: str, run_id: str) -> Recorded:
         run_id=run_id,
         policy_version=app.policy.version,
         has_config=app.config_path is not None,
+        has_policies=bool(app.policy.policies),
         stored=[(e.seq, e.body, e.hash) for e in app.store.events(run_id)],
         export=[chunk.removesuffix(b"\n") for chunk in app.export(run_id)],
         verified=report.ok,
@@ -555,8 +558,9 @@ def test_decisions_and_executions_carry_what_an_auditor_needs(corpus: Corpus) ->
                     missing.append(f"{where}: no output")
 
     assert missing == []
-    for rec in corpus.records:  # a hash of the file; `none` (documented) without one
-        if rec.has_config:
+    # A hash of the file and of any Python policies; `none` (documented) with neither.
+    for rec in corpus.records:
+        if rec.has_config or rec.has_policies:
             assert rec.policy_version.startswith("sha256:"), rec.source
         else:
             assert rec.policy_version == "none", rec.source

@@ -20,6 +20,7 @@ from tether.policy._decision import (
     Policy,
     Verdict,
     combine,
+    content_hash,
 )
 from tether.policy.cedar import CedarPolicy
 from tether.policy.rules import Defaults, Match, Rule, RulesConfig, RuleSet
@@ -38,6 +39,7 @@ __all__ = [
     "RuleSet",
     "RulesConfig",
     "Verdict",
+    "combined_version",
 ]
 
 SCOPES_RULE = "tether:scopes"
@@ -62,10 +64,20 @@ class PolicySet:
         rules: the compiled `tether.yaml` rules, if any.
         defaults: the decision per effect when every policy abstains; without a
             policy file everything is allowed.
-        version: the policy version recorded with each decision.
+        version: the policy file's version (`none` without one). The version
+            recorded with each decision is this one when no Python policy is
+            added, else a hash of it and each policy's id and version (see
+            `combined_version`).
     """
 
-    __slots__ = ("_defaults", "_policies", "_rules", "trivial", "version")
+    __slots__ = (
+        "_defaults",
+        "_file_version",
+        "_policies",
+        "_rules",
+        "trivial",
+        "version",
+    )
 
     def __init__(
         self,
@@ -77,9 +89,12 @@ class PolicySet:
     ) -> None:
         self._policies = tuple(policies)
         self._rules = rules
-        self.version = version
+        self._file_version = version
+        self.version = combined_version(version, self._policies)
         self._defaults = {
-            effect: Decision(verdict=getattr(defaults, effect), policy_version=version)
+            effect: Decision(
+                verdict=getattr(defaults, effect), policy_version=self.version
+            )
             for effect in ("read", "write", "destructive")
         }
         self.trivial: frozenset[str] = frozenset(
@@ -106,13 +121,23 @@ class PolicySet:
             self._policies if policies is None else policies,
             rules=self._rules if isinstance(rules, _Keep) else rules,
             defaults=self.defaults if defaults is None else defaults,
-            version=self.version if version is None else version,
+            version=self._file_version if version is None else version,
         )
 
     @property
     def defaults(self) -> Defaults:
         """The decision per effect when every policy abstains."""
         return Defaults(**{e: d.verdict for e, d in self._defaults.items()})
+
+    @property
+    def policies(self) -> tuple[Policy, ...]:
+        """The Python policies, in the order they are asked."""
+        return self._policies
+
+    @property
+    def file_version(self) -> str:
+        """The policy file's version (`none` without one); `version` adds the policies'."""
+        return self._file_version
 
     @property
     def rules(self) -> RuleSet | None:
@@ -212,6 +237,31 @@ class PolicySet:
         if not answers:
             return self._defaults[request.effect]
         return combine(answers, policy_version=self.version)
+
+
+def combined_version(file_version: str, policies: Sequence[Policy]) -> str:
+    """Return the policy version decisions record: the file's, and the Python policies'.
+
+    With no Python policy it is the file's own (`sha256:` and 16 hex digits of
+    `tether.yaml`, or `none`), as before policies were counted. With some, it
+    is `sha256:` and 16 hex digits of a hash over the file's version and each
+    policy's id and `version`, in order: adding, removing or reordering a
+    policy, or a change to one that gives its version (a `RuleSet` and a
+    `CedarPolicy` hash their content), is a new version, so a grant given
+    under the old set no longer matches (its digest covers the version) and
+    replay notes the change. A policy without a `version` counts by its id
+    only: a change to its code is not seen; give it a `version` to count it.
+    """
+    if not policies:
+        return file_version
+    parts = [file_version, *([p.id, _version_of(p)] for p in policies)]
+    return "sha256:" + content_hash(parts)
+
+
+def _version_of(policy: Policy) -> str | None:
+    """Return what a policy says its version is (None: it says nothing)."""
+    version = getattr(policy, "version", None)
+    return None if version is None else str(version)
 
 
 def _zip_answers(

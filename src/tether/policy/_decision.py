@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -9,6 +10,7 @@ from decimal import Decimal
 from enum import StrEnum
 from typing import Any, Protocol, runtime_checkable
 
+from tether import _canonical
 from tether.principal import Principal
 
 __all__ = [
@@ -100,13 +102,24 @@ class DecisionRequest:
 
 @runtime_checkable
 class Policy(Protocol):
-    """A Python policy: return a `Decision`, or None to abstain."""
+    """A Python policy: return a `Decision`, or None to abstain.
+
+    A policy may also have a `version` (any text that changes when what it
+    decides changes): it is counted in the policy version every decision
+    records (`tether.policy.combined_version`), so replay and approval grants can
+    tell the policy changed. Without one, only its id counts.
+    """
 
     id: str
 
     def evaluate(self, request: DecisionRequest) -> Decision | None:
         """Decide `request`, or return None when this policy has no opinion."""
         ...
+
+
+def content_hash(value: object) -> str:
+    """Return the first 16 hex digits of the SHA-256 of `value`'s canonical JSON."""
+    return hashlib.sha256(_canonical.dumps(value)).hexdigest()[:16]
 
 
 def combine(

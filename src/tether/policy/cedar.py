@@ -34,7 +34,13 @@ from decimal import ROUND_CEILING, Decimal
 from typing import TYPE_CHECKING, Any, Literal
 
 from tether.errors import UsageError
-from tether.policy._decision import Decision, DecisionRequest, Verdict, combine
+from tether.policy._decision import (
+    Decision,
+    DecisionRequest,
+    Verdict,
+    combine,
+    content_hash,
+)
 
 if TYPE_CHECKING:
     import cedarpy
@@ -154,6 +160,7 @@ class CedarPolicy:
         "_set",
         "id",
         "no_permit",
+        "version",
     )
 
     def __init__(
@@ -172,6 +179,11 @@ class CedarPolicy:
             )
         self.id = id
         self.no_permit = no_permit
+        self.version = "sha256:" + content_hash(
+            [policies, entities if isinstance(entities, str) else list(entities),
+             schema, no_permit]
+        )  # fmt: skip
+        """A hash of what decides: counted in the policy version (`combined_version`)."""
         try:
             self._set: cedarpy.PolicySet = cedar.PolicySet.from_str(policies)
             est = json.loads(cedar.policies_to_json_str(policies))

@@ -17,7 +17,13 @@ from typing import Annotated, Any, Literal
 
 import pydantic
 
-from tether.policy._decision import Decision, DecisionRequest, Verdict, combine
+from tether.policy._decision import (
+    Decision,
+    DecisionRequest,
+    Verdict,
+    combine,
+    content_hash,
+)
 from tether.policy.cel import CelError, Condition, Scope, compile_condition
 
 __all__ = ["RESERVED_PREFIXES", "Defaults", "Match", "Rule", "RuleSet", "RulesConfig"]
@@ -197,13 +203,18 @@ class _Compiled:
 class RuleSet:
     """The rules of one policy version, compiled and indexed; a `Policy`."""
 
-    __slots__ = ("_any", "_exact", "_globs", "_memo", "id", "rules")
+    __slots__ = ("_any", "_exact", "_globs", "_memo", "id", "rules", "version")
 
     def __init__(
         self, rules: Sequence[Rule], *, id: str = "tether.yaml"
     ) -> None:  # the Policy protocol's field
         self.id = id
         self.rules = tuple(rules)
+        self.version = "sha256:" + content_hash(
+            [r.model_dump(mode="json") for r in self.rules]
+        )
+        """A hash of the rules: counted in the policy version when the set is
+        added as a Python policy (the file's own rules count by the file's hash)."""
         self._exact: dict[str, list[_Compiled]] = {}
         self._globs: list[tuple[re.Pattern[str], _Compiled]] = []
         self._any: list[_Compiled] = []
