@@ -201,10 +201,22 @@ approvers: {{alice: [sre]}}
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    ("meanwhile", "comes_back"),
+    [
+        ("closed", "expired"),
+        ("closed-and-opened-again", "expired"),
+        ("still-open", "approved"),
+    ],
+)
 def test_a_breaker_grant_given_back_after_the_breaker_closed_comes_back_withdrawn(
-    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+    backend: str,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+    meanwhile: str,
+    comes_back: str,
 ) -> None:
-    """A grant whose step gave it back (it never ran) once its breaker had closed is withdrawn, as an unspent one is at the closing."""
+    """A grant whose step gave it back (it never ran) once its outage was over is withdrawn, as an unspent one is at the closing, also when the breaker has opened again since (another outage); within its outage it comes back approved."""
     with _app(backend, tmp_path, request, ESCALATING) as (app, clock):
         _open_breaker(app)
         with app.run(principal=BOT, request="the call") as run:
@@ -243,7 +255,10 @@ def test_a_breaker_grant_given_back_after_the_breaker_closed_comes_back_withdraw
         )
         assert spent.blocked is None, spent
         assert app.approval(grant).status == "used"
-        _close_breaker(app, clock)  # the outage is over meanwhile
+        if meanwhile != "still-open":
+            _close_breaker(app, clock)  # the outage is over meanwhile
+        if meanwhile == "closed-and-opened-again":
+            _open_breaker(app)  # another outage: the grant was not given for it
 
         back = app.store.commit(
             Batch(
@@ -262,4 +277,4 @@ def test_a_breaker_grant_given_back_after_the_breaker_closed_comes_back_withdraw
         )
 
         assert back.blocked is None, back
-        assert app.approval(grant).status == "expired"
+        assert app.approval(grant).status == comes_back

@@ -27,7 +27,7 @@ from tether.testing import FakeClock
 
 pytestmark = pytest.mark.postgres
 
-LATEST = 7
+LATEST = 8
 """The newest migration's number."""
 
 

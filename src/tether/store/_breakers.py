@@ -101,6 +101,9 @@ class BreakerRow:
     """Half-open: when the oldest unanswered probe's time is up, µs."""
     probe_admits: tuple[int, ...] = ()
     """Half-open: when each unanswered probe was let through, µs, in that order."""
+    closed_at: int = 0
+    """When it last closed after being open, µs (0: never, or before this was kept):
+    a request it made before then belongs to an outage that is over."""
 
     def copy(self) -> BreakerRow:
         """Return a copy to change (`copy.copy` costs four times as much here)."""
@@ -112,6 +115,7 @@ class BreakerRow:
             probes=self.probes,
             probe_deadline=self.probe_deadline,
             probe_admits=self.probe_admits,
+            closed_at=self.closed_at,
         )
 
 
@@ -239,7 +243,10 @@ def breaker_view(
             at = cur.since + spec.open_us
             moves.append((cur.state, BreakerState.HALF_OPEN, at, "cool-down over"))
             cur = BreakerRow(
-                state=BreakerState.HALF_OPEN, since=at, generation=cur.generation + 1
+                state=BreakerState.HALF_OPEN,
+                since=at,
+                generation=cur.generation + 1,
+                closed_at=cur.closed_at,
             )
         elif (
             cur.state is BreakerState.HALF_OPEN
@@ -251,7 +258,10 @@ def breaker_view(
                 (cur.state, BreakerState.OPEN, at, "a probe did not answer in time")
             )
             cur = BreakerRow(
-                state=BreakerState.OPEN, since=at, generation=cur.generation + 1
+                state=BreakerState.OPEN,
+                since=at,
+                generation=cur.generation + 1,
+                closed_at=cur.closed_at,
             )
         else:
             break
@@ -389,7 +399,10 @@ def record_outcome(
         if why is not None:
             moves.append((row.state, BreakerState.OPEN, at, why))
             row = BreakerRow(
-                state=BreakerState.OPEN, since=at, generation=row.generation + 1
+                state=BreakerState.OPEN,
+                since=at,
+                generation=row.generation + 1,
+                closed_at=row.closed_at,
             )
     elif row.state is BreakerState.HALF_OPEN and outcome.probe:
         row.outcomes += code
@@ -400,7 +413,12 @@ def record_outcome(
             moves.append(
                 (row.state, target, at, why or f"{spec.probes} trial calls succeeded")
             )
-            row = BreakerRow(state=target, since=at, generation=row.generation + 1)
+            row = BreakerRow(
+                state=target,
+                since=at,
+                generation=row.generation + 1,
+                closed_at=at if target is BreakerState.CLOSED else row.closed_at,
+            )
         else:
             _answered(row, outcome.probe_at, spec)
     if changed:

@@ -287,15 +287,18 @@ def return_grant(mark: str, approval_id: str) -> tuple[str, tuple[object, ...]]:
     A request whose run was aborted comes back `expired`, not approved: the
     abort withdrew its run's unspent grants, and this one was only spared
     because a step was spending it then. So does an escalating breaker's
-    request once that breaker is closed: its closing withdrew the outage's
-    unspent grants (`_breakers.closing_requests`). (A breaker that closed and
-    opened again since is not told apart: rare, as a given-back grant is.)
+    request once the outage it was made in is over: the breaker's closing
+    withdrew that outage's unspent grants (`_breakers.closing_requests`). The
+    breaker has closed since the request was made, whether it is closed now
+    or open again in another outage (`closed_at`; a row from before that
+    column says only whether it is closed now).
     """
     return (
         "UPDATE approvals SET status=CASE WHEN EXISTS (SELECT 1 FROM runs WHERE "  # noqa: S608  # a placeholder only
         "runs.run_id=approvals.run_id AND runs.status='aborted') OR EXISTS "
-        "(SELECT 1 FROM breakers b WHERE b.state='closed' AND approvals.rule_ids="
-        f"'[\"{BREAKER_RULE}' || b.id || '\"]') THEN 'expired' "
+        "(SELECT 1 FROM breakers b WHERE (b.state='closed' OR b.closed_at > "
+        f"approvals.created_at) AND approvals.rule_ids='[\"{BREAKER_RULE}' || b.id "
+        "|| '\"]') THEN 'expired' "
         f"ELSE 'approved' END WHERE id={mark} AND status='used'",
         (approval_id,),
     )

@@ -157,7 +157,10 @@ class MemoryStore(Store):
                     not more
                     and rule.startswith(BREAKER_RULE)
                     and breaker is not None
-                    and breaker.state is BreakerState.CLOSED
+                    and (
+                        breaker.state is BreakerState.CLOSED
+                        or breaker.closed_at > to_us(spent.created_at)
+                    )
                 )
                 self._approvals[spent.id] = replace(
                     spent,

@@ -39,9 +39,10 @@ __all__ = [
 ]
 
 BREAKER_COLUMNS = "id, state, since, generation, outcomes, probes, probe_deadline"
-_RULE_COLUMNS = f"{BREAKER_COLUMNS}, probe_admits"
-"""What the rules read and write of a breaker: `BREAKER_COLUMNS` and its
-unanswered trial calls (which a store's plain reads of breakers leave out)."""
+_RULE_COLUMNS = f"{BREAKER_COLUMNS}, probe_admits, closed_at"
+"""What the rules read and write of a breaker: `BREAKER_COLUMNS`, its
+unanswered trial calls and when it last closed (which a store's plain reads of
+breakers leave out)."""
 LIMIT_COLUMNS = 'limit_id, scope, "window", holder, amount, until, charged'
 
 SELECT_GROUP = (
@@ -66,8 +67,9 @@ class OutOfOrder(pg_errors.SerializationFailure):
 
 def _rule_row(r: Sequence[Any]) -> BreakerRow:
     """Decode a row read by `SELECT_BREAKER` (its id first)."""
-    row = breaker_row(r[1:-1])
-    row.probe_admits = decode_admits(r[-1])
+    row = breaker_row(r[1:-2])
+    row.probe_admits = decode_admits(r[-2])
+    row.closed_at = r[-1]
     return row
 
 
@@ -271,12 +273,16 @@ class Tables:
             q.add(
                 f"b{i}",
                 f"INSERT INTO breakers ({_RULE_COLUMNS}) VALUES "  # noqa: S608  # constant column list
-                "(%s,%s,%s,%s,%s,%s,%s,%s) ON CONFLICT (id) DO UPDATE SET "
+                "(%s,%s,%s,%s,%s,%s,%s,%s,%s) ON CONFLICT (id) DO UPDATE SET "
                 "state=EXCLUDED.state, since=EXCLUDED.since, "
                 "generation=EXCLUDED.generation, outcomes=EXCLUDED.outcomes, "
                 "probes=EXCLUDED.probes, probe_deadline=EXCLUDED.probe_deadline, "
-                "probe_admits=EXCLUDED.probe_admits",
-                (*breaker_values(breaker_id, row), encode_admits(row.probe_admits)),
+                "probe_admits=EXCLUDED.probe_admits, closed_at=EXCLUDED.closed_at",
+                (
+                    *breaker_values(breaker_id, row),
+                    encode_admits(row.probe_admits),
+                    row.closed_at,
+                ),
             )
 
     # -- LimitTables ----------------------------------------------------------------

@@ -149,20 +149,26 @@ class Tables:
     def breaker(self, breaker_id: str) -> BreakerRow:
         row = self.con.execute(
             "SELECT state, since, generation, outcomes, probes, probe_deadline, "
-            "probe_admits FROM breakers WHERE id=?",
+            "probe_admits, closed_at FROM breakers WHERE id=?",
             (breaker_id,),
         ).fetchone()
         if row is None:
             return BreakerRow()
-        found = breaker_row(row[:-1])
-        found.probe_admits = decode_admits(row[-1])
+        found = breaker_row(row[:-2])
+        found.probe_admits = decode_admits(row[-2])
+        found.closed_at = row[-1]
         return found
 
     def set_breaker(self, breaker_id: str, row: BreakerRow) -> None:
         self.con.execute(
             "INSERT OR REPLACE INTO breakers (id, state, since, generation, outcomes, "
-            "probes, probe_deadline, probe_admits) VALUES (?,?,?,?,?,?,?,?)",
-            (*breaker_values(breaker_id, row), encode_admits(row.probe_admits)),
+            "probes, probe_deadline, probe_admits, closed_at) "
+            "VALUES (?,?,?,?,?,?,?,?,?)",
+            (
+                *breaker_values(breaker_id, row),
+                encode_admits(row.probe_admits),
+                row.closed_at,
+            ),
         )
 
     def push_sample(
