@@ -16,7 +16,7 @@ import pytest
 from pydantic import BaseModel
 
 import tether
-from tether.policy import PolicySet, RuleSet, combined_version
+from tether.policy import PolicySet, RuleSet, combined_version, file_part
 from tether.policy.rules import Rule
 from tether.record import OutcomeStatus
 from tether.replay import RecordedRun, Replayer
@@ -116,8 +116,9 @@ def test_the_version_is_the_files_alone_without_python_policies_and_changes_with
 
     assert base.version == base.file_version == "sha256:00112233aabbccdd"
     assert PolicySet().version == "none"
-    assert with_guard.version.startswith("sha256:")
-    assert with_guard.version != base.version
+    assert with_guard.version.startswith("sha256:00112233aabbccdd+policies:")
+    assert file_part(with_guard.version) == base.version
+    assert PolicySet().add(Guard()).version.startswith("none+policies:")
     assert with_guard.file_version == base.version
     # the same set, built twice: the same version (a record replays under it)
     assert base.add(Guard("1")).version == with_guard.version

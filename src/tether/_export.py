@@ -13,6 +13,7 @@ from datetime import datetime
 from tether import _canonical, record
 from tether.capability import Registry
 from tether.errors import NotFound
+from tether.policy import file_part
 from tether.store import Store
 
 __all__ = ["export_run", "verify_run"]
@@ -115,7 +116,9 @@ def export_run(
     names = sorted({str(d.get("capability")) for d in data} - {"None"})
     versions = {str(d["policy_version"]) for d in data if d.get("policy_version")}
     ran_under = next(iter(versions)) if len(versions) == 1 else None
-    same_policy = versions <= {policy_version}
+    # The file's part only: this process may lack the app's Python policies
+    # (`tether runs export` has none), which a replay takes from `--app`.
+    same_policy = {file_part(v) for v in versions} <= {file_part(policy_version)}
     caps: dict[str, dict[str, object] | None] = {}
     for name in names:
         try:

@@ -27,6 +27,7 @@ from tether.policy.rules import Defaults, Match, Rule, RulesConfig, RuleSet
 
 __all__ = [
     "DEFAULT_POLICY_VERSION",
+    "POLICIES_PART",
     "SCOPES_RULE",
     "CedarPolicy",
     "Decision",
@@ -40,6 +41,7 @@ __all__ = [
     "RulesConfig",
     "Verdict",
     "combined_version",
+    "file_part",
 ]
 
 SCOPES_RULE = "tether:scopes"
@@ -239,23 +241,35 @@ class PolicySet:
         return combine(answers, policy_version=self.version)
 
 
+POLICIES_PART = "+policies:"
+"""What joins a policy version's file part and its Python policies' hash."""
+
+
 def combined_version(file_version: str, policies: Sequence[Policy]) -> str:
     """Return the policy version decisions record: the file's, and the Python policies'.
 
     With no Python policy it is the file's own (`sha256:` and 16 hex digits of
     `tether.yaml`, or `none`), as before policies were counted. With some, it
-    is `sha256:` and 16 hex digits of a hash over the file's version and each
-    policy's id and `version`, in order: adding, removing or reordering a
-    policy, or a change to one that gives its version (a `RuleSet` and a
-    `CedarPolicy` hash their content), is a new version, so a grant given
-    under the old set no longer matches (its digest covers the version) and
-    replay notes the change. A policy without a `version` counts by its id
-    only: a change to its code is not seen; give it a `version` to count it.
+    is the file's, `+policies:` and 16 hex digits of a hash over the file's
+    version and each policy's id and `version`, in order: adding, removing or
+    reordering a policy, or a change to one that gives its version (a
+    `RuleSet` and a `CedarPolicy` hash their content), is a new version, so a
+    grant given under the old set no longer matches (its digest covers the
+    version) and replay notes the change. The file's part stays readable
+    (`file_part`): an export, made by a process without the app's Python
+    policies, still tells the file is the one the run ran under. A policy
+    without a `version` counts by its id only: a change to its code is not
+    seen; give it a `version` to count it.
     """
     if not policies:
         return file_version
     parts = [file_version, *([p.id, _version_of(p)] for p in policies)]
-    return "sha256:" + content_hash(parts)
+    return f"{file_version}{POLICIES_PART}{content_hash(parts)}"
+
+
+def file_part(version: str) -> str:
+    """Return the policy file's part of a policy version (all of it without Python policies)."""
+    return version.split(POLICIES_PART, 1)[0]
 
 
 def _version_of(policy: Policy) -> str | None:

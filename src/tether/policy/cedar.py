@@ -179,10 +179,9 @@ class CedarPolicy:
             )
         self.id = id
         self.no_permit = no_permit
-        self.version = "sha256:" + content_hash(
-            [policies, entities if isinstance(entities, str) else list(entities),
-             schema, no_permit]
-        )  # fmt: skip
+        if not isinstance(entities, str):
+            entities = list(entities)  # read once: an iterator is used up
+        self.version = "sha256:" + content_hash([policies, entities, schema, no_permit])
         """A hash of what decides: counted in the policy version (`combined_version`)."""
         try:
             self._set: cedarpy.PolicySet = cedar.PolicySet.from_str(policies)

@@ -29,7 +29,7 @@ from tether.config import Settings, guards_from, load_settings, policy_from
 from tether.errors import LimitExceeded, NotFound, TetherError
 from tether.handle import IN_DOUBT_RULE, Run
 from tether.plan import PlanStep
-from tether.policy import PolicySet
+from tether.policy import PolicySet, file_part
 from tether.principal import Principal
 from tether.replay._compare import Comparison
 from tether.replay._records import RecordedRun, at
@@ -315,11 +315,12 @@ class _Walk:
             not refused
             and new
             and self.recorded_version is not None
-            and self.recorded_version == self.scratch.policy.version
+            and file_part(self.recorded_version) == self.scratch.policy.file_version
         ):
             # The same settings refuse a turn the record took: the record was
             # made before tether checked a turn (its planner was asked past the
-            # budget then), not by another policy.
+            # budget then), not by another policy. (The budgets are the file's:
+            # Python policies, counted in the version since, have no say.)
             if not self.unchecked_turns:
                 self.unchecked_turns = True
                 self.report.notes.append(
