@@ -31,49 +31,14 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
-from pydantic import BaseModel
 
 import tether
 import tether.policy
+from test_policy_version import POLICY, Guard, refund
 from test_turn_review import LIMITS, _record_without_turn_checks, save
 from tether.cli import main
 from tether.replay import RecordedRun, Replayer
 from tether.testing import FakeClock
-
-POLICY = """\
-rules:
-  - id: big
-    match: {capability: pay.refund}
-    when: "args.cents > 100"
-    decision: require_approval
-    reason: big refund
-approvers:
-  alice: [admin]
-"""
-
-
-class RefundIn(BaseModel):
-    cents: int
-
-
-class RefundOut(BaseModel):
-    refunded: int
-
-
-@tether.capability("pay.refund", effect="write", idempotency="keyed")
-def refund(args: RefundIn) -> RefundOut:
-    return RefundOut(refunded=args.cents)
-
-
-class Guard:
-    """A Python policy that abstains, at a stated version."""
-
-    id = "guard"
-    version = "1"
-
-    def evaluate(self, request: tether.DecisionRequest) -> tether.Decision | None:
-        return None
-
 
 # -- `tether runs export` of a run made by an app with Python policies ------------------
 

@@ -291,7 +291,10 @@ def return_grant(mark: str, approval_id: str) -> tuple[str, tuple[object, ...]]:
     withdrew that outage's unspent grants (`_breakers.closing_requests`). The
     breaker has closed since the request was made, whether it is closed now
     or open again in another outage (`closed_at`; a row from before that
-    column says only whether it is closed now).
+    column says only whether it is closed now). On PostgreSQL, a closing that
+    commits while this statement runs is not seen by it (a statement reads as
+    of its start): the grant then comes back approved. Rare: it takes a
+    given-back grant and a trial call's closing in the same instant.
     """
     return (
         "UPDATE approvals SET status=CASE WHEN EXISTS (SELECT 1 FROM runs WHERE "  # noqa: S608  # a placeholder only
