@@ -156,6 +156,8 @@ class Tether:
             None if self.config_path is None else _config.ConfigFile(self.config_path)
         )
         self.settings, version = _config.load_settings(self.config_path)
+        if self._config_file is not None:
+            self._config_file.took(version)
         self._policy_lock = threading.Lock()
         self.clock: Clock = clock or SystemClock()
         self.ids: Ids = ids or RandomIds(self.clock)

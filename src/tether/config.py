@@ -14,6 +14,7 @@ work together, so an app and a replay build them alike.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tempfile
 import time
@@ -315,6 +316,12 @@ def _create_key_file(key_file: Path) -> None:
 SETTLE_NS = 50_000_000
 """How long (ns) a changed file must go unwritten before a hot reload takes it."""
 
+RACY_NS = 2_000_000_000
+"""The coarsest modification-time granularity allowed for (ns): FAT's 2 s
+(ext3, HFS+ and ext4 with small inodes keep whole seconds). A file taken
+within this of its last write may be rewritten in place at the same size and
+keep the same time, which its stamp cannot show (see `ConfigFile`)."""
+
 
 class ConfigFile:
     """A config file watched for changes, for hot reload.
@@ -324,15 +331,27 @@ class ConfigFile:
     `SETTLE_NS` (by its modification time), and only when nothing wrote it
     while it was read: a half-written file can parse (cut after a rule, say),
     and would decide steps without the rules still to come.
+
+    The stamp (modification time, size, inode) misses one change: an in-place
+    rewrite of the same size on a file system that keeps times coarser than
+    the settling wait, within one tick of the write taken. So, as git does for
+    its "racily clean" files, a file taken within `RACY_NS` of its last write
+    is read once more when that much time has passed (a read and a hash, once
+    per such load): if its content changed under the same stamp, it is
+    changed. After that a rewrite cannot keep the old time.
     """
 
-    __slots__ = ("_name", "_stamp", "path")
+    __slots__ = ("_name", "_recheck_at", "_stamp", "_taken", "path")
 
     def __init__(self, path: Path) -> None:
         self.path = path
         # os.stat of a str: Path.stat's own Python costs as much as the syscall.
         self._name = os.fspath(path)
         self._stamp = self._read_stamp()
+        self._taken: str | None = None
+        """The content hash (a policy version's form) of what was last taken."""
+        self._recheck_at: int | None = None
+        """When to read the file once more, in ns (None: no need)."""
 
     def _read_stamp(self) -> tuple[int, int, int] | None:
         try:
@@ -341,11 +360,39 @@ class ConfigFile:
             return None
         return (st.st_mtime_ns, st.st_size, st.st_ino)
 
+    def _digest(self) -> str | None:
+        """Return the file's content hash, as a policy version (None: unreadable)."""
+        try:
+            raw = self.path.read_bytes()
+        except OSError:
+            return None
+        return "sha256:" + hashlib.sha256(raw).hexdigest()[:16]
+
+    def took(self, version: str) -> None:
+        """Note that the file, as stamped when this watcher was made, loaded as `version`."""
+        self._note(self._stamp, version)
+
+    def _note(self, stamp: tuple[int, int, int] | None, taken: str | None) -> None:
+        self._stamp, self._taken, self._recheck_at = stamp, taken, None
+        if stamp is None:
+            return
+        now = time.time_ns()
+        if now - stamp[0] < RACY_NS:  # a time ahead of this host's is racy too
+            self._recheck_at = max(now, stamp[0]) + RACY_NS
+
     def changed(self) -> bool:
         """Tell whether the file changed since the last `load`, and has settled."""
         stamp = self._read_stamp()
-        if stamp == self._stamp:
+        if stamp != self._stamp:
+            return _settled(stamp)
+        if self._recheck_at is None or time.time_ns() < self._recheck_at:
             return False
+        self._recheck_at = None
+        if self._digest() == self._taken:
+            return False
+        # Rewritten under the same stamp: forget the stamp, so the file reads
+        # as changed until a load takes it (the caller asks twice, under a lock).
+        self._stamp = _UNSEEN
         return _settled(stamp)
 
     def load(self) -> tuple[Settings, str] | None:
@@ -363,17 +410,22 @@ class ConfigFile:
         stamp = self._read_stamp()
         if not _settled(stamp):
             return None  # written again since `changed()` said it had settled
+        before = self._digest()  # what a broken file held, for the recheck
         try:
             loaded = load_settings(self.path)
         except ConfigError:
             if self._read_stamp() != stamp:
                 return None  # cut off by a write, most likely: read it again
-            self._stamp = stamp
+            self._note(stamp, before)
             raise
         if self._read_stamp() != stamp:
             return None
-        self._stamp = stamp
+        self._note(stamp, loaded[1])
         return loaded
+
+
+_UNSEEN = (-1, -1, -1)
+"""A stamp no file has: the file's content changed under its stamp."""
 
 
 def _settled(stamp: tuple[int, int, int] | None) -> bool:
